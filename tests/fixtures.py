@@ -1,0 +1,60 @@
+"""Builders for tiny offline models and tokenizers, shared by tests and the tiny pipeline config."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CORPUS = [
+    "A: what causes the common cold? B: Rhinoviruses cause most colds in adults and children.",
+    "Predict whether passage B contains an answer to query A. Yes No",
+    "The mitochondria is the powerhouse of the cell; ATP synthesis happens in its inner membrane.",
+    "Vitamin D deficiency is associated with bone loss, and sunlight helps the skin make vitamin D.",
+    "Paris is the capital of France. Berlin is the capital of Germany. Rome is in Italy.",
+    "0-dimensional biomaterials lack inductive properties. Stem cells differentiate in vitro.",
+]
+
+
+def make_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in memory: offline, deterministic, covers any text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_config(arch: str, vocab_size: int, num_layers: int = 4):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, tokenizer, num_layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), num_layers))
+    return model.eval()

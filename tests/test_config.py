@@ -1,0 +1,61 @@
+"""params.yaml parsing: defaults, overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from matryoshka_reranker.config import Params, ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_parse():
+    params = load_params(REPO / "params.yaml")
+    assert params.export.exit_layers == [8, 16, 24, 30]
+    assert params.model.max_length == params.model.query_max_len + params.model.passage_max_len
+
+
+def test_overrides_are_dotted_and_yaml_typed():
+    params = load_params(REPO / "params.yaml", ["export.exit_layers=[4, 8]", "self_distill.max_steps=3",
+                                                "gate.max_drop_rel=null"])
+    assert params.export.exit_layers == [4, 8]
+    assert params.self_distill.max_steps == 3
+    assert params.gate.max_drop_rel is None
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"self_distill": {"max_stpes": 3}}, "self_distill.max_stpes: unknown key"),
+        ({"model": {"start_layer": 0}}, "model.start_layer"),
+        ({"compression": {"ratios": [0]}}, "compression.ratios"),
+        ({"self_distill": {"train_method": "magic"}}, "self_distill.train_method"),
+        ({"export": {"exit_layers": [2]}}, "export.exit_layers [2] have no score head"),
+        ({"export": {"ratios": [8]}}, "export.ratios [8] have no token adapter"),
+        ({"bogus": 1}, "bogus: unknown key"),
+    ],
+)
+def test_errors_name_the_key(raw, key):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert key in str(err.value)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({}))
+    with pytest.raises(ParamsError, match="dotted.key=value"):
+        load_params(good, ["no-equals-sign"])
+
+
+def test_fingerprint_changes_with_params():
+    assert Params().fingerprint() != parse_params({"self_distill": {"max_steps": 99}}).fingerprint()

@@ -1,0 +1,157 @@
+"""Model core: logit-lens equality, batch independence, compression, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matryoshka_reranker.inputs import PairEncoder, yes_token_id
+from matryoshka_reranker.modeling import MatryoshkaModel, attention_bias, last_token_attention, merge_passage_tokens
+
+PAIRS = [
+    ("what causes the common cold?", "Rhinoviruses cause most colds in adults and children, spread by hands."),
+    ("capital of France", "Paris is the capital of France."),
+    ("vitamin D", "Sunlight helps the skin make vitamin D; deficiency is associated with bone loss in adults."),
+    ("q", "x"),
+]
+
+
+def wrap(lm, tokenizer, start_layer=1):
+    yes = yes_token_id(tokenizer)
+    return MatryoshkaModel(lm.base_model, start_layer, 1, head_init=lm.lm_head.weight[yes].detach().clone()).eval()
+
+
+def batch(tokenizer, pairs, max_length=64):
+    encoder = PairEncoder(tokenizer, max_length=max_length)
+    return encoder.collate([encoder.encode(q, p) for q, p in pairs])
+
+
+@torch.no_grad()
+def test_scores_equal_logit_lens_yes_logit(tiny_lm, tokenizer):
+    model = wrap(tiny_lm, tokenizer)
+    inputs = batch(tokenizer, PAIRS)
+    scores = model(**inputs, cutoff_layers=[1, 2, 3, 4])
+    out = tiny_lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+    rows, last = torch.arange(len(PAIRS)), inputs["attention_mask"].sum(1) - 1
+    yes = yes_token_id(tokenizer)
+    for k in range(1, 4):  # hidden_states[k] before the final norm for k < num_layers
+        lens = tiny_lm.lm_head(tiny_lm.model.norm(out.hidden_states[k][rows, last]))[:, yes]
+        torch.testing.assert_close(scores[k - 1], lens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores[3], out.logits[rows, last, yes], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_early_exit_runs_only_needed_layers(tiny_lm, tokenizer):
+    model = wrap(tiny_lm, tokenizer)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: calls.append(n)) for n, layer in enumerate(model.decoder.layers)]
+    model(**batch(tokenizer, PAIRS[:1]), cutoff_layers=2)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("compress", [dict(), dict(compress_layers=[2], compress_ratio=2), dict(compress_layers=[1, 3], compress_ratio=3)])
+@torch.no_grad()
+def test_row_scores_do_not_depend_on_the_batch(tiny_lm, tokenizer, compress):
+    model = wrap(tiny_lm, tokenizer)
+    together = model(**batch(tokenizer, PAIRS), cutoff_layers=[2, 4], **compress)
+    for i, pair in enumerate(PAIRS):
+        alone = model(**batch(tokenizer, [pair]), cutoff_layers=[2, 4], **compress)
+        for layer_scores, alone_scores in zip(together, alone):
+            assert abs(layer_scores[i].item() - alone_scores[0].item()) < 1e-5
+
+
+@torch.no_grad()
+def test_compression_changes_only_later_layers(tiny_lm, tokenizer):
+    model = wrap(tiny_lm, tokenizer)
+    inputs = batch(tokenizer, PAIRS[:3])
+    full = model(**inputs, cutoff_layers=[2, 4])
+    compressed = model(**inputs, cutoff_layers=[2, 4], compress_layers=[2], compress_ratio=4)
+    torch.testing.assert_close(full[0], compressed[0])  # exit 2 runs before compression at 2
+    assert (full[1] - compressed[1]).abs().max() > 1e-6
+    ratio_one = model(**inputs, cutoff_layers=[4], compress_layers=[2], compress_ratio=1)
+    torch.testing.assert_close(full[1], ratio_one[0])
+
+
+def test_merge_passage_tokens_hand_example():
+    # Row 0: query 2 tokens, passage 5 tokens, prompt 1 token, no padding. Row 1: query 1,
+    # passage 2, prompt 2, then 3 padding tokens.
+    hidden = torch.arange(1, 9, dtype=torch.float32).view(1, 8, 1).repeat(2, 1, 2)  # value = position + 1
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    query_lengths, prompt_lengths = torch.tensor([2, 1]), torch.tensor([1, 2])
+    weights = torch.tensor([[9, 9, 1, 3, 2, 2, 5, 9], [9, 1, 1, 9, 9, 0, 0, 0]], dtype=torch.float32)
+    out, new_mask = merge_passage_tokens(hidden, mask, query_lengths, prompt_lengths, weights, ratio=2)
+    # Row 0 groups: (pos 3,4) weights 1,3 -> (3*1 + 4*3)/4 = 3.75; (5,6) 2,2 -> 5.5; (7) alone -> 7.
+    expected0 = torch.tensor([1, 2, 3.75, 5.5, 7, 8])
+    # Row 1 group: (pos 2,3) weights 1,1 -> 2.5; query 1, prompt 4, 5; then padding zeros.
+    expected1 = torch.tensor([1, 2.5, 4, 5, 0, 0])
+    assert out.shape == (2, 6, 2)
+    torch.testing.assert_close(out[0, :, 0], expected0)
+    torch.testing.assert_close(out[1, :, 1], expected1)
+    assert new_mask.tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+
+
+def test_merge_passage_tokens_zero_weights_average():
+    hidden = torch.tensor([[[1.0], [2.0], [4.0], [7.0]]])
+    out, _ = merge_passage_tokens(hidden, torch.ones(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([1]),
+                                  torch.zeros(1, 4), ratio=2)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([1.0, 3.0, 7.0]))
+
+
+@torch.no_grad()
+def test_last_token_attention_matches_eager_attention(tokenizer):
+    from tests.fixtures import make_tiny_model
+
+    lm = make_tiny_model("qwen2", tokenizer)
+    lm.config._attn_implementation = "eager"
+    inputs = batch(tokenizer, PAIRS[:3])
+    mask = inputs["attention_mask"]
+    out = lm(input_ids=inputs["input_ids"], attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    weights = last_token_attention(lm.model.layers[1], out.hidden_states[1], mask, lm.model.rotary_emb)
+    last = mask.sum(1) - 1
+    expected = out.attentions[1][torch.arange(3), :, last].sum(1)  # (B, T), summed over heads
+    torch.testing.assert_close(weights, expected * mask, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_bias_is_causal_and_masks_padding():
+    bias = attention_bias(torch.tensor([[1, 1, 0]]), torch.float32)[0, 0]
+    allowed = bias == 0
+    assert allowed.tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+
+
+@torch.no_grad()
+def test_save_load_round_trip_is_bit_identical(tiny_lm, tokenizer, tmp_path):
+    model = wrap(tiny_lm, tokenizer, start_layer=2)
+    with torch.no_grad():
+        model.score_heads["3"].weight.add_(0.5)  # heads differ from their init and must survive
+    inputs = batch(tokenizer, PAIRS)
+    before = model(**inputs, cutoff_layers=[2, 3, 4], compress_layers=[2], compress_ratio=2)
+    model.save_pretrained(tmp_path / "saved", tokenizer=tokenizer)
+    loaded = MatryoshkaModel.from_pretrained(tmp_path / "saved")
+    assert loaded.exit_layers == [2, 3, 4]
+    after = loaded(**inputs, cutoff_layers=[2, 3, 4], compress_layers=[2], compress_ratio=2)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="start_layer=2"):
+        MatryoshkaModel.from_pretrained(tmp_path / "saved", start_layer=3)
+
+
+def test_raw_checkpoint_heads_start_from_yes_row(tiny_lm_dir, tiny_lm, tokenizer):
+    model = MatryoshkaModel.from_pretrained(tiny_lm_dir, start_layer=2, layer_sep=2)
+    assert model.exit_layers == [2, 4]
+    yes = yes_token_id(tokenizer)
+    torch.testing.assert_close(model.score_heads["4"].weight[0], tiny_lm.lm_head.weight[yes])
+
+
+def test_invalid_arguments_are_rejected(tiny_lm, tokenizer):
+    model = wrap(tiny_lm, tokenizer, start_layer=2)
+    inputs = batch(tokenizer, PAIRS[:1])
+    with pytest.raises(ValueError, match="no score head"):
+        model(**inputs, cutoff_layers=[1])
+    with pytest.raises(ValueError, match="compress_ratio"):
+        model(**inputs, compress_layers=[2], compress_ratio=0)
+    with pytest.raises(ValueError, match="outside"):
+        model(**inputs, compress_layers=[4], compress_ratio=2)
+    with pytest.raises(ValueError, match="query_lengths"):
+        model(inputs["input_ids"], inputs["attention_mask"], compress_layers=[2], compress_ratio=2)

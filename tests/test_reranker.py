@@ -1,0 +1,104 @@
+"""The scoring API: shapes of results, ordering, validation, adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from matryoshka_reranker import MatryoshkaReranker
+from matryoshka_reranker.adapters import target_pattern
+from matryoshka_reranker.modeling import MatryoshkaModel
+
+PAIRS = [("what causes colds?", "Rhinoviruses cause most colds."), ("capital of France", "Paris is the capital."),
+         ("q", "a much longer passage about vitamin D and sunlight and bones " * 3)]
+
+
+@pytest.fixture
+def reranker(llama_dir):
+    return MatryoshkaReranker(llama_dir, start_layer=2, batch_size=2)
+
+
+def test_result_shapes(reranker):
+    one = reranker.compute_score(PAIRS, cutoff_layers=4)
+    assert isinstance(one, list) and len(one) == 3 and all(isinstance(x, float) for x in one)
+    two = reranker.compute_score(PAIRS, cutoff_layers=[4, 2])
+    assert len(two) == 2 and two[0] == pytest.approx(one, abs=1e-6)
+    single = reranker.compute_score(PAIRS[0], cutoff_layers=4)
+    assert single == pytest.approx(one[0], abs=1e-5)
+    assert reranker.compute_score(PAIRS[0], cutoff_layers=[2, 4]) == pytest.approx([two[1][0], two[0][0]], abs=1e-5)
+
+
+def test_order_restored_and_normalize(reranker):
+    forward = reranker.compute_score(PAIRS, cutoff_layers=[3])
+    backward = reranker.compute_score(PAIRS[::-1], cutoff_layers=[3])
+    assert backward == pytest.approx(forward[::-1], abs=1e-5)
+    probs = reranker.compute_score(PAIRS, cutoff_layers=3, normalize=True)
+    assert probs == pytest.approx(torch.sigmoid(torch.tensor(forward)).tolist(), abs=1e-6)
+
+
+def test_compression_option(reranker):
+    plain = reranker.compute_score(PAIRS, cutoff_layers=4)
+    compressed = reranker.compute_score(PAIRS, cutoff_layers=4, compress_layers=[2], compress_ratio=4)
+    assert compressed != pytest.approx(plain, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(pairs=[]), ValueError, "at least one"),
+        (dict(pairs=[("q", 3)]), TypeError, "strings"),
+        (dict(pairs=["just a string"]), TypeError, "tuple"),
+        (dict(pairs=PAIRS, cutoff_layers=[9]), ValueError, "no score head"),
+        (dict(pairs=PAIRS, compress_layers=[2], compress_ratio=0), ValueError, "compress_ratio"),
+    ],
+)
+def test_clear_errors(reranker, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        reranker.compute_score(**kwargs)
+
+
+def test_missing_model_folder_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MatryoshkaReranker(tmp_path / "nope")
+
+
+def test_peft_adapters_change_scores_and_reload(llama_dir, tmp_path):
+    base = MatryoshkaModel.from_pretrained(llama_dir, start_layer=2)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_pattern(["q_proj", "v_proj", "score_heads"]),
+                                                 init_lora_weights=False))
+    trained = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
+    assert any("score_heads.4" in n for n in trained) and any("q_proj" in n for n in trained)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    plain = MatryoshkaReranker(llama_dir, start_layer=2).compute_score(PAIRS, cutoff_layers=4)
+    adapted = MatryoshkaReranker(llama_dir, start_layer=2, peft_path=tmp_path / "adapter").compute_score(PAIRS, cutoff_layers=4)
+    assert adapted != pytest.approx(plain, abs=1e-4)
+    with torch.no_grad():
+        from matryoshka_reranker.inputs import PairEncoder
+        from transformers import AutoTokenizer
+
+        encoder = PairEncoder(AutoTokenizer.from_pretrained(llama_dir))
+        batch = encoder.collate([encoder.encode(q, p) for q, p in PAIRS])
+        expected = peft_model(**batch, cutoff_layers=4)[0]
+    assert adapted == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_cli_score(llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"query": q, "passage": p}) for q, p in PAIRS) + "\n")
+    result = CliRunner().invoke(app, ["score", "--model", str(llama_dir), "--pairs", str(pairs),
+                                      "--start-layer", "2", "--cutoff-layers", "2", "--cutoff-layers", "4"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    expected = MatryoshkaReranker(llama_dir, start_layer=2).compute_score(PAIRS, cutoff_layers=[2, 4])
+    assert [r["4"] for r in rows] == pytest.approx(expected[1], abs=1e-5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    result = CliRunner().invoke(app, ["score", "--model", str(llama_dir), "--pairs", str(bad)])
+    assert result.exit_code == 2 and "bad.jsonl:1" in result.output
