@@ -161,11 +161,11 @@ class ReleaseParams(Section):
 class PathParams(Section):
     """Where stages write. dvc.yaml reads the same values, so they are set once, here."""
 
-    train_groups: str = "data/derived/train_groups.jsonl"
-    eval_candidates: str = "data/derived/eval_candidates.jsonl"
+    train_groups: str = "derived/train_groups.jsonl"
+    eval_candidates: str = "derived/eval_candidates.jsonl"
     validation_report: str = "reports/validation"
-    teacher_scored: str = "data/derived/train_scored.jsonl"
-    teacher_shards: str = "data/derived/teacher_shards"  # resumable shards (DVC `persist`)
+    teacher_scored: str = "derived/train_scored.jsonl"
+    teacher_shards: str = "derived/teacher_shards"  # resumable shards (DVC `persist`)
     self_distill: str = "models/self_distill"  # LoRA adapter folder (incl. score heads)
     compensation: str = "models/compensation"  # layer/ and token-ratio-<r>/ adapter folders
     checkpoints: str = "checkpoints"  # Trainer checkpoints for resume (DVC `persist`)
