@@ -60,6 +60,11 @@ def test_clear_errors(reranker, kwargs, error, match):
         reranker.compute_score(**kwargs)
 
 
+def test_max_length_beyond_the_model_is_refused(llama_dir):
+    with pytest.raises(ValueError, match="exceeds"):
+        MatryoshkaReranker(llama_dir, max_length=4096)
+
+
 def test_missing_model_folder_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MatryoshkaReranker(tmp_path / "nope")

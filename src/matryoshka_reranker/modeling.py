@@ -87,6 +87,13 @@ class MatryoshkaModel(nn.Module):
     def config(self):
         return self.decoder.config
 
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest input our full causal mask handles exactly (sliding-window attention is not modelled)."""
+        window = getattr(self.config, "sliding_window", None)
+        limit = self.config.max_position_embeddings
+        return min(limit, window) if window else limit
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,

@@ -62,6 +62,10 @@ class MatryoshkaReranker:
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
         self.encoder = PairEncoder(self.tokenizer, prompt=prompt, max_length=max_length, query_max_len=query_max_len)
+        longest = max_length + len(self.encoder.sep) + len(self.encoder.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if longest > model.max_sequence_length:
+            raise ValueError(f"max_length={max_length} plus the prompt ({longest} tokens) exceeds what the model "
+                             f"attends to exactly ({model.max_sequence_length}: position limit or sliding window)")
         self.model_path = Path(path)
 
     @property
