@@ -83,6 +83,30 @@ def score(
         typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
 
 
+@app.command()
+def validate(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="training JSONL (default: paths.train_groups)")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="report folder (default: paths.validation_report)")] = None,
+    require_scores: Annotated[bool, typer.Option(help="teacher scores must be present (after teacher_score)")] = False,
+) -> None:
+    """Great Expectations suite over training data; exits 1 with a report when the data fail."""
+    cfg = _params(params, overrides)
+    from .validation import format_failures, validate_training_data
+
+    path = input or Path(cfg.paths.train_groups)
+    folder = report or Path(cfg.paths.validation_report)
+    try:
+        result = validate_training_data(path, folder, cfg.validation, require_scores=require_scores)
+    except FileNotFoundError as err:
+        _fail(err, 2)
+    if not result.success:
+        typer.echo(format_failures(result), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"validation passed: {result.rows} lines of {path}, {len(result.checks)} checks; report in {folder}")
+
+
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
     rows = []
     with open(path, encoding="utf-8") as handle:
