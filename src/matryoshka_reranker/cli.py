@@ -107,6 +107,21 @@ def validate(
     typer.echo(f"validation passed: {result.rows} lines of {path}, {len(result.checks)} checks; report in {folder}")
 
 
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Rerank the eval candidates with every exported model; writes paths.metrics and paths.plots."""
+    cfg = _params(params, overrides)
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import format_table
+
+    try:
+        per_layer_metrics = run_evaluation(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(format_table(per_layer_metrics))
+    typer.echo(f"metrics: {cfg.paths.metrics}; plots: {cfg.paths.plots}")
+
+
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
     rows = []
     with open(path, encoding="utf-8") as handle:
