@@ -149,3 +149,12 @@ def test_cli_exit_codes_and_report(tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output
     bad_params = runner.invoke(app, ["validate", "-p", str(params), "-S", "validation.min_query_chars=-1"])
     assert bad_params.exit_code == 2 and "validation.min_query_chars" in bad_params.output
+
+
+def test_bounds_are_checked_when_params_load():
+    from matryoshka_reranker.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match="min_query_chars .* > max_query_chars"):
+        parse_params({"validation": {"min_query_chars": 50, "max_query_chars": 10}})
+    with pytest.raises(ParamsError, match="validation.max_duplicate_fraction"):
+        parse_params({"validation": {"max_duplicate_fraction": 1.5}})

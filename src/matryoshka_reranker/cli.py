@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                     ("GX_ANALYTICS_ENABLED", "false"),
                      ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_var, _value)
 
