@@ -158,3 +158,11 @@ def test_bounds_are_checked_when_params_load():
         parse_params({"validation": {"min_query_chars": 50, "max_query_chars": 10}})
     with pytest.raises(ParamsError, match="validation.max_duplicate_fraction"):
         parse_params({"validation": {"max_duplicate_fraction": 1.5}})
+
+
+def test_an_expectation_that_crashes_is_a_failure_with_its_message(tmp_path):
+    from matryoshka_reranker.validation import Check, read_rows, run_suite
+
+    rows = read_rows(write_jsonl(tmp_path / "groups.jsonl", GOOD))
+    [result] = run_suite(rows, [Check("bogus", "ExpectColumnValuesToBeBetween", {"column": "nope", "min_value": 1}, "x")])
+    assert not result.success and "GX error" in result.observed_value and "nope" in result.observed_value

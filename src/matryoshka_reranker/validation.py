@@ -122,15 +122,14 @@ def derive_row(line: int, text: str) -> dict[str, Any]:
         row["json_error"] = f"a JSON {_json_type(obj)}, not an object"
         return row
 
-    get = lambda key: obj.get(key, _MISSING)  # noqa: E731
-    query = get("query")
+    query = obj.get("query", _MISSING)
     row["query_type"] = _type_tag(query)
     row["query_chars"] = len(query) if isinstance(query, str) else None
-    row["prompt_type"] = _type_tag(get("prompt"))
+    row["prompt_type"] = _type_tag(obj.get("prompt", _MISSING))
 
     passages: dict[str, list[str] | None] = {}
     for name in PASSAGE_FIELDS:
-        value = get(name)
+        value = obj.get(name, _MISSING)
         row[f"{name}_type"] = _type_tag(value, "str")
         passages[name] = value if row[f"{name}_type"] == "list[str]" else None
         row[f"n_{name}"] = None if passages[name] is None else len(passages[name])
@@ -139,7 +138,7 @@ def derive_row(line: int, text: str) -> dict[str, Any]:
     row["passage_chars_max"] = max(lengths) if lengths else None
 
     for name, passage_field in SCORE_FIELDS.items():
-        value = get(name)
+        value = obj.get(name, _MISSING)
         row[f"{name}_type"] = _type_tag(value, "number")
         scores = value if row[f"{name}_type"] == "list[number]" else None
         row[f"{name}_finite"] = None if scores is None else all(math.isfinite(s) for s in scores)
@@ -308,10 +307,20 @@ def _check_result(check: Check, result, sample_rows: int) -> CheckResult:
         unexpected_count=int(info.get("unexpected_count") or 0),
         element_count=int(info.get("element_count") or 0),
         unexpected_percent=round(float(info.get("unexpected_percent") or 0.0), 4),
-        observed_value=_plain(info.get("observed_value")),
+        observed_value=_plain(info.get("observed_value")) if _gx_error(result) is None else _gx_error(result),
         sample_lines=[int(i["line"]) for i in indices[:sample_rows]],
         sample_values=[_plain(v) for v in (info.get("partial_unexpected_list") or [])[:sample_rows]],
     )
+
+
+def _gx_error(result) -> str | None:
+    """GX reports an expectation that crashed as a failure with ``exception_info``: surface its message."""
+    info = result.exception_info or {}
+    entries = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    for entry in entries:
+        if entry.get("raised_exception"):
+            return f"GX error: {entry.get('exception_message')}"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -337,10 +346,13 @@ def _copy_data_docs(site: Path, dest: Path) -> None:
     shutil.copytree(site, dest, dirs_exist_ok=True)
     images = dest / "static" / "images"
     for page in [*dest.rglob("*.html"), *dest.rglob("*.css")]:
-        up = "../" * (len(page.relative_to(dest).parts) - 1)
-        local = lambda m: f"{up}static/images/{m[1] if (images / m[1]).exists() else 'logo-long.png'}"  # noqa: E731
-        text = page.read_text(encoding="utf-8")
-        page.write_text(_GX_ASSET.sub(local, text), encoding="utf-8")
+        up = "../" * (len(page.relative_to(dest).parts) - 1)  # from the page back to the site root
+
+        def local(match: re.Match, up: str = up) -> str:
+            name = match[1] if (images / match[1]).exists() else "logo-long.png"
+            return f"{up}static/images/{name}"
+
+        page.write_text(_GX_ASSET.sub(local, page.read_text(encoding="utf-8")), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------
