@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                     ("GX_ANALYTICS_ENABLED", "false"),
                      ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_var, _value)
 
@@ -81,6 +82,45 @@ def score(
     per_layer = [scores] if len(layers) == 1 else scores
     for i in range(len(rows)):
         typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
+
+
+@app.command()
+def validate(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="training JSONL (default: paths.train_groups)")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="report folder (default: paths.validation_report)")] = None,
+    require_scores: Annotated[bool, typer.Option(help="teacher scores must be present (after teacher_score)")] = False,
+) -> None:
+    """Great Expectations suite over training data; exits 1 with a report when the data fail."""
+    cfg = _params(params, overrides)
+    from .validation import format_failures, validate_training_data
+
+    path = input or Path(cfg.paths.train_groups)
+    folder = report or Path(cfg.paths.validation_report)
+    try:
+        result = validate_training_data(path, folder, cfg.validation, require_scores=require_scores)
+    except FileNotFoundError as err:
+        _fail(err, 2)
+    if not result.success:
+        typer.echo(format_failures(result), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"validation passed: {result.rows} lines of {path}, {len(result.checks)} checks; report in {folder}")
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Rerank the eval candidates with every exported model; writes paths.metrics and paths.plots."""
+    cfg = _params(params, overrides)
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import format_table
+
+    try:
+        per_layer_metrics = run_evaluation(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(format_table(per_layer_metrics))
+    typer.echo(f"metrics: {cfg.paths.metrics}; plots: {cfg.paths.plots}")
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:

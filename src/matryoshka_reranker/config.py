@@ -134,10 +134,33 @@ class ExportParams(Section):
     parity_tolerance: float = Field(1e-4, gt=0)  # max |ORT - PyTorch| on the validation batch (fp32)
 
 
+class ValidationParams(Section):
+    """Bounds of the Great Expectations suite over training data (lengths in characters)."""
+
+    min_rows: int = Field(1, ge=0)
+    min_query_chars: int = Field(3, ge=0)
+    max_query_chars: int = Field(1000, ge=1)
+    min_passage_chars: int = Field(10, ge=0)
+    max_passage_chars: int = Field(20000, ge=1)
+    max_duplicate_fraction: float = Field(0.01, ge=0, le=1)  # lines repeating an earlier (query, pos)
+    sample_rows: int = Field(5, ge=1, le=100)  # failing lines quoted per check in the report
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidationParams:
+        for name in ("query", "passage"):
+            low, high = getattr(self, f"min_{name}_chars"), getattr(self, f"max_{name}_chars")
+            if low > high:
+                raise ValueError(f"min_{name}_chars ({low}) > max_{name}_chars ({high})")
+        return self
+
+
 class EvaluationParams(Section):
     batch_size: int = Field(16, ge=1)
     measures: list[str] = ["nDCG@10", "RR@10", "R@10"]
-    pytorch_check: bool = True  # also score the deepest exported config with PyTorch and compare
+    # Compare ONNX Runtime with PyTorch: true = every exported exit at the largest exported ratio
+    # (one PyTorch forward gives all exits); a config name (exit-30_ratio-4) = that one; false = off.
+    pytorch_check: bool | str = True
+    pytorch_check_queries: int = Field(5, ge=0)  # eval queries the check scores (0 = all)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads (0 = its default)
 
 
@@ -183,6 +206,7 @@ class Params(Section):
     self_distill: TrainParams = TrainParams()
     compensation: CompensationParams = CompensationParams()
     export: ExportParams = ExportParams()
+    validation: ValidationParams = ValidationParams()
     evaluation: EvaluationParams = EvaluationParams()
     gate: GateParams = GateParams()
     release: ReleaseParams = ReleaseParams()
