@@ -2,14 +2,14 @@
 
 Prefect orchestrates DVC, never the reverse (a DVC stage that started Prefect would pay a server
 start in every stage). All logic lives in ``matryoshka_reranker`` (``repro``, ``gate``, ``release``);
-this file only wires it into tasks with retries, streamed logs, timings and artifacts.
+this file only wires it into tasks with retries, streamed logs, timings and artifacts. (No
+``from __future__ import annotations``: Prefect resolves the parameter model from the annotation when a
+scheduled run loads this file by path.)
 
 Run once:      python flows/release.py                     (ephemeral Prefect server, ~20 s to start)
 On a schedule: prefect server start  &&  export PREFECT_API_URL=http://127.0.0.1:4200/api
                matryoshka serve --cron "0 3 * * 0"         (long-lived; each run is a subprocess)
 """
-
-from __future__ import annotations
 
 import os
 from pathlib import Path

@@ -35,8 +35,10 @@ def serve_release(repo: str | Path = ".", params: str = "params.yaml", overrides
     if (cron is None) == (interval is None):
         raise ScheduleError("give exactly one of --cron or --interval")
     for var, value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                       ("PREFECT_LOGGING_EXTRA_LOGGERS", "matryoshka_reranker")):
+                       ("PREFECT_LOGGING_EXTRA_LOGGERS", "matryoshka_reranker"),
+                       ("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")):
         os.environ.setdefault(var, value)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
     from prefect.flows import load_flow_from_entrypoint
     from prefect.settings import get_current_settings
 
