@@ -220,7 +220,7 @@ def test_republishing_a_version_is_refused_even_if_the_local_tag_is_gone(tmp_pat
     assert publish(params, root).version == "v0.1.1"
 
 
-def test_publish_refuses_unclean_state_and_failed_gate(tmp_path, caplog):
+def test_publish_refuses_unclean_state_and_failed_gate(tmp_path):
     root, params = make_project(tmp_path, git_remote=False)
     (root / "README.md").write_text("project\n")
     git(root, "add", "README.md")

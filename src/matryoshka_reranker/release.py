@@ -107,6 +107,7 @@ def sync_artifacts(params: Params, root: str | Path = ".") -> bool:
         raise ReleaseError(f"{path}: no dvc.yaml to declare the exit models in")
     ryaml = YAML()  # round-trip: comments, order and quoting of the rest survive
     ryaml.preserve_quotes = True
+    ryaml.width = 4096
     doc = ryaml.load(path.read_text(encoding="utf-8")) or {}
     artifacts = doc.get("artifacts") or {}
     before = json.dumps(dict(artifacts), sort_keys=True, default=str)

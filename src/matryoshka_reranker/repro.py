@@ -122,6 +122,7 @@ def write_overrides(params_path: str | Path, overrides: list[str]) -> None:
     import json
 
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
 
     from .atomic import atomic_file
     from .config import apply_override, parse_params
@@ -130,9 +131,19 @@ def write_overrides(params_path: str | Path, overrides: list[str]) -> None:
         return
     path = Path(params_path)
     ryaml = YAML()
+    ryaml.width = 4096  # never re-wrap long lines
+    ryaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = ryaml.load(path.read_text(encoding="utf-8")) or {}
     for override in overrides:
         apply_override(doc, override)
+        *parents, leaf = override.partition("=")[0].strip().split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        if isinstance(node[leaf], list):  # keep lists on one line, like the rest of params.yaml
+            seq = CommentedSeq(node[leaf])
+            seq.fa.set_flow_style()
+            node[leaf] = seq
     parse_params(json.loads(json.dumps(doc, default=str)), source=f"{path} + overrides")  # raises ParamsError
     buffer = io.StringIO()
     ryaml.dump(doc, buffer)
