@@ -130,15 +130,28 @@ def set_knobs(root: Path, **changes) -> None:
     (root / "knobs.yaml").write_text(yaml.safe_dump(knobs))
 
 
-def make_project(base: Path, git_remote: bool = True, scheme: str = "semver") -> tuple[Path, Params]:
-    """``base/project`` (committed, not yet reproduced), ``base/origin.git`` (bare), remote at ``base/dvc-remote``."""
+def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
+                 per_config_outs: bool = False) -> tuple[Path, Params]:
+    """``base/project`` (committed, not yet reproduced), ``base/origin.git`` (bare), remote at ``base/dvc-remote``.
+
+    ``per_config_outs``: the export stage declares one DVC output per exit-model folder instead of
+    one output for the whole ``models/onnx``.
+    """
     root = base / "project"
     root.mkdir(parents=True)
     params = make_params(base / "dvc-remote", "origin" if git_remote else None, scheme)
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     (root / "knobs.yaml").write_text(yaml.safe_dump(KNOBS))
     (root / "fake_pipeline.py").write_text(FAKE_PIPELINE)
-    (root / "dvc.yaml").write_text(DVC_YAML)
+    dvc_yaml = DVC_YAML
+    if per_config_outs:
+        folders = [f"models/onnx/exit-{k:02d}_ratio-{r}" for k in params.export.exit_layers
+                   for r in params.export.ratios]
+        dvc_yaml = dvc_yaml.replace("    outs: [models/onnx]\n",
+                                    f"    outs: [{', '.join(folders)}, models/onnx/index.json]\n")
+        dvc_yaml = dvc_yaml.replace("deps: [fake_pipeline.py, models/onnx]",
+                                    f"deps: [fake_pipeline.py, {', '.join(folders)}]")
+    (root / "dvc.yaml").write_text(dvc_yaml)
     git(root, "init", "-q", "-b", "main")
     git(root, "config", "user.email", "release-test@example.com")
     git(root, "config", "user.name", "release test")

@@ -187,6 +187,15 @@ def test_nothing_changed_means_nothing_to_publish(published):
         publish(params, root, version="v0.2.0")
 
 
+def test_one_dvc_output_per_exit_model_is_published_whole(tmp_path):
+    root, params = make_project(tmp_path, per_config_outs=True)
+    assert "outs: [models/onnx/exit-04_ratio-1, models/onnx/exit-04_ratio-2," in (root / "dvc.yaml").read_text()
+    repro(root)
+    assert publish(params, root).status == "published"
+    dest = download("v0.1.0", 4, 2, repo=str(tmp_path / "origin.git"), out=tmp_path / "out")
+    assert (dest / "model.onnx").read_bytes() == (root / "models/onnx/exit-04_ratio-2/model.onnx").read_bytes()
+
+
 def test_tampered_remote_file_is_refused_and_nothing_is_written(tmp_path):
     root, params = make_project(tmp_path)
     repro(root)

@@ -41,9 +41,9 @@ from .atomic import atomic_dir, atomic_file
 from .config import Params
 from .gate import GateReport, config_name, read_metrics, run_gate
 from .revisions import (
-    RevisionError, absolute_remote_url, dirty_paths, git, list_tags, open_at, repo_root, rev_commit,
+    absolute_remote_url, dirty_paths, git, list_tags, open_at, repo_root, rev_commit,
 )
-from .versions import check_new_version, last_version, next_version, parse_version, release_versions
+from .versions import check_new_version, next_version, parse_version, release_versions
 
 logger = logging.getLogger(__name__)
 
@@ -240,10 +240,6 @@ def ensure_remote(root: Path, name: str, url: str) -> str:
     return url
 
 
-def _remote(repo, name: str):
-    return repo.cloud.get_remote(name)
-
-
 def recorded_versions(root: Path, remote_name: str) -> list[str]:
     """Versions with a record in the DVC remote (empty when the remote is not configured or empty)."""
     from dvc.config import NoRemoteError
@@ -253,7 +249,7 @@ def recorded_versions(root: Path, remote_name: str) -> list[str]:
         if remote_name not in repo.config["remote"]:
             return []
         try:
-            remote = _remote(repo, remote_name)
+            remote = repo.cloud.get_remote(remote_name)
         except NoRemoteError:
             return []
         folder = remote.fs.join(remote.path, RECORDS_DIR)
@@ -310,14 +306,22 @@ def push_release_data(root: Path, targets: list[str], remote: str, rev: str, bac
 
 
 def _release_targets(root: Path, params: Params) -> list[str]:
-    """What a release stores in the remote: the ONNX folders, and the metrics if DVC caches them."""
+    """The DVC outputs a release stores in the remote: whole outputs overlapping ``paths.onnx``
+    (one folder output, or one output per exit model), plus the metrics if DVC caches them."""
     from dvc.repo import Repo
 
-    targets = [params.paths.onnx]
+    def overlaps(a: PurePosixPath, b: PurePosixPath) -> bool:
+        return a == b or a in b.parents or b in a.parents
+
+    onnx, metrics = PurePosixPath(params.paths.onnx), PurePosixPath(params.paths.metrics)
     with contextlib.chdir(root), Repo(str(root)) as repo:
-        cached = {os.path.relpath(out.fs_path, root) for stage in repo.index.stages for out in stage.outs
-                  if out.use_cache}
-    return targets + ([params.paths.metrics] if params.paths.metrics in cached else [])
+        outs = [PurePosixPath(os.path.relpath(out.fs_path, root)) for stage in repo.index.stages
+                for out in stage.outs if out.use_cache]
+    models = [str(out) for out in outs if overlaps(out, onnx)]
+    if not models:
+        raise ReleaseError(f"no DVC-cached output holds {params.paths.onnx} (paths.onnx); the export stage "
+                           "must declare it under `outs:`")
+    return models + [str(out) for out in outs if overlaps(out, metrics)]
 
 
 def verify_exports(root: Path, params: Params) -> dict[str, Path]:
@@ -353,6 +357,7 @@ def publish(params: Params, repo: str | Path = ".", version: str | None = None, 
         logger.info("HEAD is already release %s and nothing changed: nothing to publish", head_releases[-1])
         return PublishResult("unchanged", head_releases[-1], head, remote_url)
     verify_exports(root, params)
+    targets = _release_targets(root, params)
     existing = existing_versions(root, params)
     version = check_new_version(version or next_version(existing, params.release.version_scheme), existing)
 
@@ -375,11 +380,12 @@ def publish(params: Params, repo: str | Path = ".", version: str | None = None, 
     commit = rev_commit(root, "HEAD")
 
     # 2. data into the remote, proven present for this commit (and back-filled for older releases)
-    targets = _release_targets(root, params)
     older = [t for t in release_versions(local_tags) if parse_version(t) < parse_version(version)]
     pushed = push_release_data(root, targets, remote_name, "HEAD", backfill=older)
 
-    # 3. tags: the release and one model-registry tag per exit model; undone if anything below fails
+    # 3. claim the version in the remote, then tag: the release and one model-registry tag per exit
+    #    model. Claim and tags are undone if anything below fails (pushed data is harmless).
+    record = _write_record(root, params, version, commit, report, skip_gate)
     tags = [version] + [f"{name}@{version}" for name in expected_artifacts(params)]
     message = f"Release {version}" + (" (gate skipped)" if skip_gate and not report.passed else "")
     created = []
@@ -395,8 +401,8 @@ def publish(params: Params, repo: str | Path = ".", version: str | None = None, 
     except Exception:
         for tag in created:
             git(root, "tag", "-d", tag, check=False)
+        _remove_record(root, params.release.remote_name, record)
         raise
-    _write_record(root, params, version, commit, report, skip_gate)
     logger.info("published %s (commit %s) to %s: %d objects pushed", version, commit[:12], remote_url, pushed)
     return PublishResult("published", version, commit, remote_url, tags=tags, pushed=pushed, gate=report)
 
@@ -408,8 +414,8 @@ def _commit_body(params: Params, report: GateReport) -> str:
 
 
 def _write_record(root: Path, params: Params, version: str, commit: str, report: GateReport,
-                  skip_gate: bool) -> None:
-    """``releases/<version>.json`` in the DVC remote: the remote's own list of used versions."""
+                  skip_gate: bool) -> str:
+    """Claims ``releases/<version>.json`` in the DVC remote (its own list of used versions); returns its path."""
     from dvc.repo import Repo
 
     record = {
@@ -421,13 +427,23 @@ def _write_record(root: Path, params: Params, version: str, commit: str, report:
         "metrics": read_metrics(root / params.paths.metrics).get("configs", {}),
     }
     with contextlib.chdir(root), Repo(str(root)) as repo:
-        remote = _remote(repo, params.release.remote_name)
+        remote = repo.cloud.get_remote(params.release.remote_name)
         folder = remote.fs.join(remote.path, RECORDS_DIR)
         path = remote.fs.join(folder, f"{version}.json")
         if remote.fs.exists(path):
             raise ReleaseError(f"remote already records {version}; released versions are immutable")
         remote.fs.makedirs(folder, exist_ok=True)
         remote.fs.pipe_file(path, (json.dumps(record, indent=2) + "\n").encode())
+    return path
+
+
+def _remove_record(root: Path, remote_name: str, path: str) -> None:
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        remote = repo.cloud.get_remote(remote_name)
+        if remote.fs.exists(path):
+            remote.fs.rm_file(path)
 
 
 # --- download and listing -----------------------------------------------------------------------
@@ -506,9 +522,3 @@ def releases_markdown(releases: list[dict]) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-__all__ = [
-    "ManifestError", "PublishResult", "ReleaseError", "RevisionError", "artifact_name", "artifacts_out_of_sync",
-    "download", "expected_artifacts", "last_version", "list_releases", "publish", "releases_markdown",
-    "sha256_file", "sync_artifacts", "verify_manifest",
-]
