@@ -83,6 +83,21 @@ def score(
         typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
 
 
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((obj["query"], obj["passage"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: expected {{\"query\": str, \"passage\": str}} ({err})") from None
+    return rows
+
+
+
 # --- release: gate, model registry, publish/download, scheduled flow ---------------------------
 
 RepoOpt = Annotated[Path, typer.Option("--repo", help="project checkout (git + DVC)")]
@@ -194,20 +209,6 @@ def serve(params: Annotated[str, typer.Option("--params", "-p", help="params fil
                       name=name, force=force, dry_run=dry_run)
     except ScheduleError as err:
         _fail(err, 2)
-
-
-def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((obj["query"], obj["passage"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected {{\"query\": str, \"passage\": str}} ({err})") from None
-    return rows
 
 
 if __name__ == "__main__":
