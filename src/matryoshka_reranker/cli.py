@@ -137,5 +137,119 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
+
+# --- release: gate, model registry, publish/download, scheduled flow ---------------------------
+
+RepoOpt = Annotated[Path, typer.Option("--repo", help="project checkout (git + DVC)")]
+
+
+@app.command()
+def gate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
+         baseline: Annotated[Optional[str], typer.Option(help="compare with this release tag")] = None) -> None:
+    """Compare metrics with the last release; exit 1 if any exit layer regressed (report in paths.gate_report)."""
+    from .gate import GateError, run_gate
+    from .revisions import RevisionError
+
+    p = _params(params, overrides)
+    try:
+        report = run_gate(p, repo, baseline=baseline)
+    except (GateError, RevisionError) as err:
+        _fail(err, 2)
+    typer.echo(report.to_markdown())
+    if not report.passed:
+        _fail(RuntimeError(f"gate failed: regressed {', '.join(report.regressions)}"), 1)
+
+
+@app.command()
+def artifacts(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
+              check: Annotated[bool, typer.Option(help="only check; exit 1 when out of sync")] = False) -> None:
+    """Write the exit models (export.exit_layers x export.ratios) into dvc.yaml `artifacts:` (type model)."""
+    from .release import ReleaseError, artifacts_out_of_sync, sync_artifacts
+
+    p = _params(params, overrides)
+    try:
+        if check:
+            problems = artifacts_out_of_sync(p, repo)
+            if problems:
+                _fail(ReleaseError("; ".join(problems)), 1)
+            typer.echo("dvc.yaml artifacts are in sync")
+            return
+        typer.echo("dvc.yaml artifacts updated" if sync_artifacts(p, repo) else "dvc.yaml artifacts already in sync")
+    except ReleaseError as err:
+        _fail(err, 2)
+
+
+@app.command()
+def publish(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
+            version: Annotated[Optional[str], typer.Option(help="explicit version, e.g. v1.2.0")] = None,
+            dry_run: Annotated[bool, typer.Option(help="check and gate only")] = False,
+            skip_gate: Annotated[bool, typer.Option(help="publish despite a failed gate (recorded)")] = False) -> None:
+    """Gate, commit the reproduced state, push the exit models to the DVC remote and tag the version."""
+    from .gate import GateError
+    from .release import ReleaseError, publish as do_publish
+    from .revisions import RevisionError
+    from .versions import VersionError
+
+    p = _params(params, overrides)
+    try:
+        result = do_publish(p, repo, version=version, dry_run=dry_run, skip_gate=skip_gate)
+    except (ReleaseError, GateError, RevisionError, VersionError) as err:
+        _fail(err, 1)
+    typer.echo(json.dumps({"status": result.status, "version": result.version, "commit": result.commit,
+                           "remote": result.remote_url, "tags": result.tags, "pushed": result.pushed}))
+
+
+@app.command()
+def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.1123.0")],
+             layer: Annotated[int, typer.Option(help="exit layer")],
+             ratio: Annotated[int, typer.Option(help="token compression ratio")] = 1,
+             repo: Annotated[str, typer.Option(help="git URL or path of the project")] = ".",
+             out: Annotated[Path, typer.Option(help="folder to put the model folder in")] = Path("downloads"),
+             remote: Annotated[Optional[str], typer.Option(help="DVC remote name (default: the release's)")] = None,
+             remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL, for tags made before "
+                                                                    "the remote existed")] = None) -> None:
+    """Download one released exit model and verify every file's sha256 against its manifest."""
+    from .release import ReleaseError, download as do_download
+    from .revisions import RevisionError
+
+    try:
+        dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url)
+    except (ReleaseError, RevisionError) as err:
+        _fail(err, 1)
+    typer.echo(str(dest))
+
+
+@app.command()
+def releases(repo: Annotated[str, typer.Option(help="git URL or path of the project")] = ".",
+             as_json: Annotated[bool, typer.Option("--json", help="JSON instead of markdown")] = False,
+             remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL override")] = None) -> None:
+    """List released versions with their per-layer metrics (read at each tag)."""
+    from .release import list_releases, releases_markdown
+    from .revisions import RevisionError
+
+    try:
+        found = list_releases(repo, remote_url=remote_url)
+    except RevisionError as err:
+        _fail(err, 1)
+    typer.echo(json.dumps(found, indent=2) if as_json else releases_markdown(found))
+
+
+@app.command()
+def serve(params: Annotated[str, typer.Option("--params", "-p", help="params file, relative to --repo")] = "params.yaml",
+          overrides: SetOpt = None, repo: RepoOpt = Path("."),
+          cron: Annotated[Optional[str], typer.Option(help='cron schedule, e.g. "0 3 * * 0"')] = None,
+          interval: Annotated[Optional[float], typer.Option(help="seconds between runs (instead of cron)")] = None,
+          name: Annotated[str, typer.Option(help="deployment name")] = "scheduled-release",
+          force: bool = False, dry_run: bool = False) -> None:
+    """Serve the release flow on a schedule (needs `prefect server start` and PREFECT_API_URL)."""
+    from .scheduling import ScheduleError, serve_release
+
+    try:
+        serve_release(repo=repo, params=params, overrides=overrides or [], cron=cron, interval=interval,
+                      name=name, force=force, dry_run=dry_run)
+    except ScheduleError as err:
+        _fail(err, 2)
+
+
 if __name__ == "__main__":
     app()

@@ -178,7 +178,8 @@ class GateParams(Section):
 class ReleaseParams(Section):
     remote_name: str = "releases"
     remote_url: str = "../matryoshka-releases"  # a local folder by default; s3://, gs://, ssh:// work too
-    version_scheme: Literal["date", "semver"] = "date"  # vYYYY.MM.DD[.N] or vMAJOR.MINOR.PATCH
+    version_scheme: Literal["date", "semver"] = "date"  # vYYYY.MMDD.N or vMAJOR.MINOR.PATCH (see versions.py)
+    git_remote: str | None = None  # push the release commit + tags here (e.g. origin); null: local tags only
 
 
 class PathParams(Section):
