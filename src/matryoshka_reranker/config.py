@@ -55,6 +55,7 @@ class TeacherParams(Section):
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(256, ge=8)
     shard_size: int = Field(64, ge=1)  # training lines per resumable shard
+    score_scale: float | None = Field(None, gt=0)  # scores x this; null: 20 for bi_encoder cosines, else 1
 
 
 class CompressionParams(Section):
