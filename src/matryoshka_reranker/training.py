@@ -271,6 +271,7 @@ def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dt
 def train_adapter(run: AdapterRun) -> dict:
     """Trains one LoRA adapter and saves it atomically to ``run.output_dir``; returns its log."""
     from peft import get_peft_model
+    from transformers import set_seed
 
     method = TrainMethod(run.train.train_method, run.train.fix_layer_every, run.train.temperature)
     if method.needs_teacher_scores and not all(e.has_scores for e in run.examples):
@@ -280,6 +281,7 @@ def train_adapter(run: AdapterRun) -> dict:
     model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size)
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+    set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
     model = get_peft_model(model, lora_config(run.train.lora))
     args = training_arguments(run.train, run.checkpoint_dir, dtype)
     fingerprint = {**run.fingerprint, "stage": run.stage, "world_size": args.world_size}
