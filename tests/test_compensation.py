@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from matryoshka_reranker.compensation import compensate
 from matryoshka_reranker.reranker import MatryoshkaReranker
 from matryoshka_reranker.training import self_distill
-from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl
+from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
 
 PAIRS = [("what causes the common cold", "Rhinoviruses cause most colds in adults and children, spread by hands."),
          ("capital of France", "Paris is the capital of France and its largest city by far.")]
@@ -23,8 +24,13 @@ def trained(tmp_path_factory, llama_dir):
     write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
     params = tiny_params(tmp_path, llama_dir, self_distill__max_steps=2, self_distill__save_steps=2,
                          compensation__token_ratios=[2, 3], compression__ratios=[1, 2, 3])
-    self_distill(params)
-    results = compensate(params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope runs before the autouse one_thread fixture
+    try:
+        self_distill(params)
+        results = compensate(params)
+    finally:
+        torch.set_num_threads(threads)
     return params, results
 
 

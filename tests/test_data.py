@@ -9,7 +9,7 @@ import torch
 
 from matryoshka_reranker.data import GroupCollator, GroupDataset, TrainingDataError, load_training_file
 from matryoshka_reranker.inputs import PairEncoder
-from tests.train_fixtures import TRAIN_ROWS, write_jsonl
+from tests.train_fixtures import TRAIN_ROWS, write_jsonl, one_thread  # noqa: F401  (autouse)
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
 

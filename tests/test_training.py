@@ -22,7 +22,7 @@ from matryoshka_reranker.losses import TrainMethod, matryoshka_loss
 from matryoshka_reranker.modeling import MatryoshkaModel
 from matryoshka_reranker.training import CompressionPlan, MatryoshkaTrainingModel, load_base, pair_encoder, self_distill
 from tests.fixtures import make_tiny_model
-from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl
+from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO1 = str(ROOT / "configs" / "deepspeed" / "zero1.json")

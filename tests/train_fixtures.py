@@ -6,7 +6,20 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from matryoshka_reranker.config import parse_params
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a busy machine OpenMP barriers make them
+    ~100x slower; import this fixture into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 TRAIN_ROWS = [
     {"query": "what causes the common cold", "pos": ["Rhinoviruses cause most colds in adults and children."],

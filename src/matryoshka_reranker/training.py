@@ -254,7 +254,7 @@ def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dt
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
-        save_total_limit=2,
+        save_total_limit=1,  # rotated only after the new checkpoint is complete
         seed=train.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
