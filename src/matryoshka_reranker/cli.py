@@ -48,7 +48,11 @@ def _fail(err: Exception, code: int = 1):
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
+                                                      help="set by the deepspeed launcher (also in $LOCAL_RANK)")] = None,
+) -> None:
     _setup_logging(verbose)
 
 
@@ -84,10 +88,6 @@ def score(
 
 
 # ------------------------------------------------------------------ training stages (issue 3)
-LocalRankOpt = Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
-                                                     help="set by the deepspeed launcher; read from the env")]
-
-
 @app.command()
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """BEIR data -> training groups (BM25 negatives) and eval candidates (BM25 top-k)."""
@@ -116,7 +116,7 @@ def teacher_score(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) 
 
 
 @app.command("self-distill")
-def self_distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, local_rank: LocalRankOpt = None) -> None:
+def self_distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Cascaded self-distillation: LoRA (+ score heads) -> paths.self_distill. Resumes from checkpoints."""
     p = _params(params, set_)
     from .training import self_distill as run
@@ -133,7 +133,6 @@ def compensate(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     only: Annotated[Optional[list[str]], typer.Option(help="train only these: layer, token-ratio-<r>")] = None,
-    local_rank: LocalRankOpt = None,
 ) -> None:
     """Factorized compensation: layer adapter + one token adapter per ratio -> paths.compensation."""
     p = _params(params, set_)

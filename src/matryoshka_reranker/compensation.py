@@ -27,7 +27,7 @@ from .adapters import merge_adapters
 from .config import Params
 from .data import load_training_file
 from .losses import TrainMethod
-from .training import AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, sha256_file, sha256_tree, train_adapter
+from .training import AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, sha256_file, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ def token_adapter_dir(params: Params, ratio: int) -> Path:
 
 
 def _check_adapter(path: Path, what: str) -> None:
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{what} adapter {path} is missing (no adapter_config.json); run the stage that makes it")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{what} adapter {path} is missing ({name}); run the stage that makes it")
 
 
 def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: Sequence[str] | None = None) -> dict:
@@ -74,7 +75,7 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
         model = merge_adapters(model, stack)
         fingerprint = {**base_fingerprint(params, path, data_file), "train": train.model_dump(),
                        "plan": [list(plan.layers), list(plan.ratios), plan.sample],
-                       "stack_sha256": [sha256_tree(a) for a in stack],
+                       "stack_sha256": [sha256_file(a / "adapter_model.safetensors") for a in stack],
                        "deepspeed_sha256": sha256_file(train.deepspeed) if train.deepspeed else None}
         log.info("compensation %s: training on top of %s", name, [str(a) for a in stack])
         results[name] = train_adapter(AdapterRun(

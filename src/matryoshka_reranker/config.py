@@ -113,8 +113,8 @@ class TrainParams(Section):
 class CompensationParams(Section):
     """Factorized compensation, trained on the merged self-distilled weights."""
 
-    layer: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=6, save_steps=3)
-    token: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=6, save_steps=3)
+    layer: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=4, save_steps=2)
+    token: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=4, save_steps=2)
     token_ratios: list[int] = [2, 4]  # one horizontal adapter per ratio, at compression.layers
 
     @field_validator("token_ratios")

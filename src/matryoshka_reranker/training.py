@@ -174,16 +174,6 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(path: str | Path) -> str:
-    """Digest of a folder's files (names and contents), for adapters and model folders."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
-
-
 def _step_of(checkpoint: Path) -> int:
     try:
         return int(checkpoint.name.rsplit("-", 1)[1])
