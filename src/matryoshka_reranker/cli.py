@@ -49,7 +49,11 @@ def _fail(err: Exception, code: int = 1):
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
+                                                      help="set by the deepspeed launcher (also in $LOCAL_RANK)")] = None,
+) -> None:
     _setup_logging(verbose)
 
 
@@ -84,6 +88,66 @@ def score(
         typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
 
 
+# ------------------------------------------------------------------ training stages (issue 3)
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """BEIR data -> training groups (BM25 negatives) and eval candidates (BM25 top-k)."""
+    p = _params(params, set_)
+    from .prepare import prepare as run
+
+    try:
+        summary = run(p)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(f"{summary.train_groups} training groups ({summary.source}) -> {p.paths.train_groups}; "
+               f"{summary.eval_queries} eval queries -> {p.paths.eval_candidates}")
+
+
+@app.command("teacher-score")
+def teacher_score(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Fill pos_scores/neg_scores of the training groups with the configured teacher (resumable)."""
+    p = _params(params, set_)
+    from .teacher import score_training_file
+
+    try:
+        out = score_training_file(p)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(f"teacher scores -> {out}")
+
+
+@app.command("self-distill")
+def self_distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Cascaded self-distillation: LoRA (+ score heads) -> paths.self_distill. Resumes from checkpoints."""
+    p = _params(params, set_)
+    from .training import self_distill as run
+
+    try:
+        summary = run(p)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(f"self-distillation: {summary['steps']} steps in {summary['wall_seconds']} s -> {p.paths.self_distill}")
+
+
+@app.command()
+def compensate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="train only these: layer, token-ratio-<r>")] = None,
+) -> None:
+    """Factorized compensation: layer adapter + one token adapter per ratio -> paths.compensation."""
+    p = _params(params, set_)
+    from .compensation import compensate as run
+
+    try:
+        results = run(p, only=only)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    for name, summary in results.items():
+        typer.echo(f"compensation {name}: {summary['steps']} steps in {summary['wall_seconds']} s")
+
+
+# ------------------------------------------------------------ validation and evaluation (issue 5)
 @app.command()
 def validate(
     params: ParamsOpt = Path("params.yaml"),

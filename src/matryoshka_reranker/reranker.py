@@ -68,6 +68,28 @@ class MatryoshkaReranker:
                              f"attends to exactly ({model.max_sequence_length}: position limit or sliding window)")
         self.model_path = Path(path)
 
+    @classmethod
+    def from_pipeline(cls, params="params.yaml", ratio: int = 1, **kwargs) -> MatryoshkaReranker:
+        """The pipeline's trained model for one width: base + ``params.adapter_stack(ratio)``.
+
+        ``params`` is a ``Params`` or a params.yaml path. The stack is [self_distill, layer] for
+        ratio 1 and adds ``token-ratio-<ratio>`` otherwise; score it with the same ratio
+        (``compute_score(..., compress_layers=params.compression.layers, compress_ratio=ratio)``).
+        """
+        from .config import Params, load_params
+
+        params = params if isinstance(params, Params) else load_params(params)
+        stack = params.adapter_stack(ratio)
+        missing = [str(p) for p in stack if not (Path(p) / "adapter_config.json").exists()]
+        if missing:
+            trained = sorted(p.name for p in Path(params.paths.compensation).glob("token-ratio-*"))
+            raise FileNotFoundError(f"no trained adapter at {', '.join(missing)} for ratio {ratio} "
+                                    f"(token adapters present: {trained or 'none'})")
+        m = params.model
+        options = dict(start_layer=m.start_layer, layer_sep=m.layer_sep, max_length=m.max_length,
+                       prompt=m.prompt, query_max_len=m.query_max_len, dtype=None if m.dtype == "auto" else m.dtype)
+        return cls(m.name_or_path, peft_path=stack, **{**options, **kwargs})
+
     @property
     def exit_layers(self) -> list[int]:
         return self.model.exit_layers

@@ -1,0 +1,135 @@
+"""BEIR dataset -> training groups (BM25 hard negatives) and eval candidates (BM25 top-k).
+
+Documents are indexed as "title. text" with bm25s (lower-cased words, English stopwords). A
+training group is a query of ``data.train_split`` with its judged positives and the BM25 top
+``data.negatives_per_query`` documents that are not judged positive. Eval candidates are the
+BM25 top ``data.eval_candidates`` of each ``data.eval_split`` query, in BM25 order, judged or not.
+Query subsets are seeded samples of the queries that have at least one positive judgement.
+With ``data.train_file`` set, that file (validated) becomes the training groups instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+
+from .atomic import atomic_file
+from .beir import load_corpus, load_qrels, load_queries
+from .config import Params
+from .data import load_training_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    train_groups: int
+    eval_queries: int
+    source: str  # "bm25" or the user's training file
+
+
+class BM25Index:
+    """bm25s over a corpus dict; ``search`` returns (doc id, score) lists, best first."""
+
+    def __init__(self, corpus: dict[str, str]):
+        import bm25s
+
+        self.doc_ids = list(corpus)
+        self._bm25s = bm25s
+        self.retriever = bm25s.BM25()
+        self.retriever.index(self._tokenize(list(corpus.values())), show_progress=False)
+
+    def _tokenize(self, texts: list[str]) -> list[list[str]]:
+        return self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+    def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
+        k = min(k, len(self.doc_ids))
+        docs, scores = self.retriever.retrieve(self._tokenize(queries), k=k, show_progress=False)
+        return [
+            [(self.doc_ids[int(d)], float(s)) for d, s in zip(row_docs, row_scores)]
+            for row_docs, row_scores in zip(docs, scores)
+        ]
+
+
+def sample_queries(qrels: dict[str, dict[str, int]], queries: dict[str, str], count: int, seed: int) -> list[str]:
+    """A seeded, sorted sample of query ids with a positive judgement and a text (0 = all)."""
+    candidates = sorted(q for q, docs in qrels.items() if q in queries and any(r > 0 for r in docs.values()))
+    if count and count < len(candidates):
+        candidates = sorted(random.Random(seed).sample(candidates, count))
+    return candidates
+
+
+def mine_training_groups(params: Params, corpus, queries, index: BM25Index) -> list[dict]:
+    data = params.data
+    qrels = load_qrels(data.beir_dir, data.train_split)
+    query_ids = sample_queries(qrels, queries, data.train_queries, data.seed)
+    groups = []
+    positives = {q: [d for d, r in qrels[q].items() if r > 0 and d in corpus] for q in query_ids}
+    query_ids = [q for q in query_ids if positives[q]]
+    # Ask for enough documents that skipping the judged ones still leaves negatives_per_query.
+    depth = data.negatives_per_query + max((len(qrels[q]) for q in query_ids), default=0)
+    hits = index.search([queries[q] for q in query_ids], depth)
+    for q, ranked in zip(query_ids, hits):
+        judged = set(qrels[q])  # any judgement, even 0, is not a safe negative
+        neg_ids = [d for d, _ in ranked if d not in judged][: data.negatives_per_query]
+        if not neg_ids:
+            log.warning("query %s: no BM25 negative left after skipping judged documents; dropped", q)
+            continue
+        groups.append({
+            "query_id": q, "query": queries[q],
+            "pos": [corpus[d] for d in positives[q]], "pos_ids": positives[q],
+            "neg": [corpus[d] for d in neg_ids], "neg_ids": neg_ids,
+        })
+    return groups
+
+
+def eval_candidates(params: Params, corpus, queries, index: BM25Index) -> list[dict]:
+    data = params.data
+    qrels = load_qrels(data.beir_dir, data.eval_split)
+    query_ids = sample_queries(qrels, queries, data.eval_queries, data.seed)
+    hits = index.search([queries[q] for q in query_ids], data.eval_candidates)
+    return [
+        {"query_id": q, "query": queries[q],
+         "candidates": [{"doc_id": d, "text": corpus[d], "bm25": score} for d, score in ranked]}
+        for q, ranked in zip(query_ids, hits)
+    ]
+
+
+def _write_jsonl(path, rows: list[dict]) -> None:
+    with atomic_file(path, encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def prepare(params: Params) -> PrepareSummary:
+    """Writes ``paths.train_groups`` and ``paths.eval_candidates`` (each atomically)."""
+    data, paths = params.data, params.paths
+    if data.train_split == data.eval_split and data.train_file is None:
+        raise ValueError(f"train_split and eval_split are both {data.train_split!r}: evaluation would leak")
+    corpus = load_corpus(data.beir_dir)
+    queries = load_queries(data.beir_dir)
+    log.info("indexing %d documents with BM25", len(corpus))
+    index = BM25Index(corpus)
+
+    candidates = eval_candidates(params, corpus, queries, index)
+    if data.train_file:
+        examples = load_training_file(data.train_file)  # fails with file:line before anything is written
+        _copy_atomic(data.train_file, paths.train_groups)
+        count, source = len(examples), data.train_file
+    else:
+        groups = mine_training_groups(params, corpus, queries, index)
+        if not groups:
+            raise ValueError(f"no training groups could be built from {data.beir_dir} split {data.train_split!r}")
+        _write_jsonl(paths.train_groups, groups)
+        count, source = len(groups), "bm25"
+    _write_jsonl(paths.eval_candidates, candidates)
+    log.info("wrote %d training groups (%s) and %d eval queries", count, source, len(candidates))
+    return PrepareSummary(count, len(candidates), source)
+
+
+def _copy_atomic(src, dst) -> None:
+    with open(src, "rb") as source, atomic_file(dst, "wb") as target:
+        shutil.copyfileobj(source, target)

@@ -1,0 +1,386 @@
+"""Training a LoRA adapter on a Matryoshka model: the self-distillation stage and its machinery.
+
+One step (``MatryoshkaTrainingModel.forward``):
+
+1. sample compression for this step: each of ``compression.layers`` on or off, one ratio from
+   ``compression.ratios`` (as upstream), deterministic in (seed, global step) so a resumed run
+   replays the same choices;
+2. run the layers before the first active compression layer ONCE; their exits are identical for
+   the compressed student and the full-width teacher;
+3. branch: the full-width continuation runs without autograd (it only provides detached
+   targets), the compressed continuation with it; upstream ran two complete forward passes;
+4. ``losses.matryoshka_loss`` over all exits.
+
+The HF ``Trainer`` runs the loop: PEFT LoRA from ``lora_config`` (score heads included),
+DeepSpeed through ``TrainingArguments(deepspeed=...)`` (ZeRO configs in ``configs/deepspeed/``),
+bf16 on GPU, fp32 on CPU, checkpoints every ``save_steps`` under ``paths.checkpoints/<stage>``.
+A run resumes from the last complete checkpoint (optimizer, scheduler, RNG, data position) only
+if a fingerprint of everything that shapes training matches; otherwise it starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .adapters import lora_config
+from .assets import resolve_model_path
+from .atomic import atomic_dir, write_json
+from .config import Params, TrainParams
+from .data import GroupCollator, GroupDataset, TrainingExample, load_training_file
+from .hardware import pick_device, pick_dtype
+from .inputs import PairEncoder
+from .losses import TrainMethod, matryoshka_loss
+from .modeling import MatryoshkaModel
+
+log = logging.getLogger(__name__)
+
+TRAINING_LOG = "training_log.json"
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+# ------------------------------------------------------------------------------ the training step
+class MatryoshkaTrainingModel(MatryoshkaModel):
+    """A Matryoshka model whose ``forward`` is one training step's loss.
+
+    It is the model class itself (not a wrapper) so that PEFT names the adapter weights exactly
+    as on a plain ``MatryoshkaModel`` and the saved adapter loads for inference unchanged.
+    """
+
+    method: TrainMethod
+    group_size: int
+
+    @classmethod
+    def from_model(cls, model: MatryoshkaModel, method: TrainMethod, group_size: int) -> MatryoshkaTrainingModel:
+        """Shares ``model``'s decoder and heads (no copy)."""
+        new = cls(model.decoder, model.start_layer, model.layer_sep)
+        new.score_heads = model.score_heads
+        new.method, new.group_size = method, group_size
+        return new
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B*G, T) group-major, positive first
+        attention_mask: torch.Tensor,  # (B*G, T)
+        query_lengths: torch.Tensor,  # (B*G,)
+        prompt_lengths: torch.Tensor,  # (B*G,)
+        teacher_scores: torch.Tensor | None = None,  # (B, G)
+        compress_layers: Sequence[int] = (),
+        compress_ratio: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        """{"loss": scalar, "per_layer_loss": (L,) detached, deepest exit last}."""
+        compress_layers = self.check_compression(compress_layers, compress_ratio)
+        exits, depth = set(self.exit_layers), self.num_layers
+        state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
+        if compress_layers:
+            # Shared prefix: layers 1..c (c = first compression layer) run once for both branches.
+            state, prefix = self.advance(state, compress_layers[0], exits)
+            full = None
+            if self.method.needs_full_width:
+                with torch.no_grad():  # the full-width branch only supplies detached targets
+                    _, full = self.advance(state, depth, exits)
+                full = {**{k: v.detach() for k, v in prefix.items()}, **full}
+            _, student = self.advance(state, depth, exits, compress_layers, compress_ratio)
+            student = {**prefix, **student}
+        else:
+            _, student = self.advance(state, depth, exits)
+            full = None  # identical to the student: matryoshka_loss detaches it
+        loss, per_layer = matryoshka_loss(
+            self._grouped(student), self.method, self._grouped(full) if full else None, teacher_scores
+        )
+        return {"loss": loss, "per_layer_loss": per_layer}
+
+    def _grouped(self, scores: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """{exit: (B*G,)} -> [(B, G)] in exit order, deepest last."""
+        return [scores[k].view(-1, self.group_size) for k in self.exit_layers]
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """Which compression a step uses. ``sample``: each layer on/off with p = 1/2 (upstream)."""
+
+    layers: tuple[int, ...] = ()
+    ratios: tuple[int, ...] = (1,)
+    sample: bool = True
+
+    def draw(self, seed: int, step: int, micro: int = 0) -> tuple[list[int], int]:
+        rng = random.Random(f"{seed}/{step}/{micro}")
+        layers = [c for c in self.layers if not self.sample or rng.random() < 0.5]
+        ratio = rng.choice(self.ratios)
+        return (layers, ratio) if ratio > 1 else ([], 1)
+
+
+class MatryoshkaTrainer(Trainer):
+    """HF Trainer drawing the step's compression and logging the loss of every exit layer."""
+
+    def __init__(self, *args, plan: CompressionPlan, exit_layers: Sequence[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan, self.exit_layers = plan, list(exit_layers)
+        self._per_layer: list[torch.Tensor] = []
+        self._draw_step, self._draws = -1, 0
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean; the Trainer scales for accumulation
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step = self.state.global_step
+        if step != self._draw_step:
+            self._draw_step, self._draws = step, 0
+        layers, ratio = self.plan.draw(self.args.seed, step, self._draws)
+        self._draws += 1
+        outputs = model(**inputs, compress_layers=layers, compress_ratio=ratio)
+        if model.training:
+            self._per_layer.append(outputs["per_layer_loss"].float().cpu())
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._per_layer:  # this process's mean since the last log
+            mean = torch.stack(self._per_layer).mean(0).tolist()
+            logs.update({f"loss_exit_{k:02d}": round(v, 6) for k, v in zip(self.exit_layers, mean)})
+            self._per_layer.clear()
+        super().log(logs, start_time)
+
+
+# --------------------------------------------------------------------------- environment, resume
+def ensure_distributed_env() -> None:
+    """Without a launcher, DeepSpeed would try MPI discovery (mpi4py): declare a 1-process world."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _step_of(checkpoint: Path) -> int:
+    try:
+        return int(checkpoint.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | None:
+    """The last complete checkpoint of this exact run, or None.
+
+    Called by the main process first (``main_process_first``): it removes checkpoints of a run
+    with another fingerprint and incomplete ones (no ``trainer_state.json``, written last).
+    """
+    marker = checkpoint_dir / FINGERPRINT_FILE
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=_step_of)
+    recorded = json.loads(marker.read_text()) if marker.exists() else None
+    main = int(os.environ.get("RANK", "0")) == 0
+    if recorded != fingerprint and checkpoints:
+        log.warning("checkpoints in %s are from a different configuration; starting over", checkpoint_dir)
+        if main:
+            for stale in checkpoints:
+                shutil.rmtree(stale, ignore_errors=True)
+        checkpoints = []
+    if main:
+        for partial in [c for c in checkpoints if not (c / "trainer_state.json").exists()]:
+            log.warning("removing incomplete checkpoint %s", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+        write_json(marker, fingerprint)
+    complete = [c for c in checkpoints if (c / "trainer_state.json").exists()]
+    return complete[-1] if complete else None
+
+
+# --------------------------------------------------------------------------------- one LoRA run
+@dataclass
+class AdapterRun:
+    """Everything one adapter training needs; ``fingerprint`` guards resume."""
+
+    stage: str
+    model: MatryoshkaModel
+    tokenizer: object
+    encoder: PairEncoder
+    examples: list[TrainingExample]
+    train: TrainParams
+    plan: CompressionPlan
+    output_dir: Path
+    checkpoint_dir: Path
+    fingerprint: dict
+    base_name: str = ""  # recorded in adapter_config.json
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+
+
+def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    deepspeed = None
+    if train.deepspeed:
+        deepspeed = str(Path(train.deepspeed))
+        if not Path(deepspeed).exists():
+            raise FileNotFoundError(f"DeepSpeed config {deepspeed} does not exist")
+        ensure_distributed_env()
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        warmup_steps=round(train.warmup_ratio * train.max_steps),
+        weight_decay=train.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=1,  # rotated only after the new checkpoint is complete
+        seed=train.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        save_only_model=False,
+        disable_tqdm=None,
+    )
+
+
+def train_adapter(run: AdapterRun) -> dict:
+    """Trains one LoRA adapter and saves it atomically to ``run.output_dir``; returns its log."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    method = TrainMethod(run.train.train_method, run.train.fix_layer_every, run.train.temperature)
+    if method.needs_teacher_scores and not all(e.has_scores for e in run.examples):
+        raise ValueError(f"train_method {method.name!r} needs teacher scores; the training data has none "
+                         "(run `matryoshka teacher-score`)")
+    dtype = next(run.model.parameters()).dtype
+    model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size)
+    if run.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
+    model = get_peft_model(model, lora_config(run.train.lora))
+    args = training_arguments(run.train, run.checkpoint_dir, dtype)
+    fingerprint = {**run.fingerprint, "stage": run.stage, "world_size": args.world_size}
+    with args.main_process_first(desc="checkpoint check"):
+        resume = find_resume_checkpoint(run.checkpoint_dir, fingerprint)
+    if resume:
+        log.info("%s: resuming from %s", run.stage, resume)
+    trainer = MatryoshkaTrainer(
+        model=model, args=args, train_dataset=GroupDataset(run.examples, run.train.train_group_size, run.train.seed),
+        data_collator=GroupCollator(run.encoder), callbacks=run.callbacks,
+        plan=run.plan, exit_layers=run.model.exit_layers,
+    )
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if trainer.state.global_step < run.train.max_steps:
+            raise RuntimeError(f"{run.stage}: training stopped at step {trainer.state.global_step} of "
+                               f"{run.train.max_steps}; run again to resume")
+        history = trainer.state.log_history
+        summary = {
+            "stage": run.stage, "train_method": method.name, "steps": trainer.state.global_step,
+            "resumed_from": str(resume) if resume else None, "wall_seconds": round(time.perf_counter() - started, 2),
+            "exit_layers": run.model.exit_layers, "world_size": args.world_size,
+            "deepspeed": run.train.deepspeed, "dtype": str(dtype).removeprefix("torch."),
+            "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
+            "log_history": history,
+        }
+        _save_adapter(trainer, run.output_dir, summary, run.base_name)
+    finally:
+        _release_trainer_state(trainer)
+    return summary
+
+
+def _save_adapter(trainer: Trainer, output_dir: Path, summary: dict, base_name: str) -> None:
+    """Every rank joins (ZeRO-3 gathers the weights); the main process writes atomically."""
+    if trainer.is_world_process_zero():
+        with atomic_dir(output_dir) as tmp:
+            trainer.save_model(str(tmp))
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the log below says it all
+            _describe_adapter(tmp / "adapter_config.json", base_name)
+            write_json(tmp / TRAINING_LOG, summary)
+        log.info("%s: adapter saved to %s", summary["stage"], output_dir)
+    else:
+        trainer.save_model(str(output_dir))  # joins collectives only; non-main ranks write nothing
+    trainer.accelerator.wait_for_everyone()  # the next stage may read the adapter on any rank
+
+
+def _describe_adapter(config_file: Path, base_name: str) -> None:
+    """Names the inference class (not the training subclass) and the base model in the config."""
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_name
+    config["auto_mapping"] = {"base_model_class": "MatryoshkaModel", "parent_library": "matryoshka_reranker.modeling"}
+    write_json(config_file, config)
+
+
+def _release_trainer_state(trainer: Trainer) -> None:
+    """Lets a later training in the same process start clean (DeepSpeed/accelerate singletons)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    trainer.accelerator.free_memory()
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+# -------------------------------------------------------------------------- the pipeline stage
+def load_base(params: Params, tokenizer=None) -> tuple[MatryoshkaModel, object, Path]:
+    """The base Matryoshka model (fp32 on CPU, bf16 on GPU), its tokenizer and folder."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(params.model.name_or_path)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    dtype = pick_dtype(params.model.dtype, pick_device())
+    model = MatryoshkaModel.from_pretrained(path, start_layer=params.model.start_layer,
+                                            layer_sep=params.model.layer_sep, dtype=dtype, tokenizer=tokenizer)
+    return model, tokenizer, path
+
+
+def pair_encoder(params: Params, tokenizer) -> PairEncoder:
+    m = params.model
+    return PairEncoder(tokenizer, prompt=m.prompt, max_length=m.max_length, query_max_len=m.query_max_len,
+                       passage_max_len=m.passage_max_len)
+
+
+def base_fingerprint(params: Params, model_path: Path, data_file: Path) -> dict:
+    """What every adapter run of this pipeline depends on (besides its own TrainParams)."""
+    config = model_path / "config.json"
+    return {
+        "model": params.model.model_dump(),
+        "model_config_sha256": sha256_file(config) if config.exists() else None,
+        "data_sha256": sha256_file(data_file),
+    }
+
+
+def self_distill(params: Params, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """The self-distillation stage: ``paths.teacher_scored`` -> LoRA adapter at ``paths.self_distill``."""
+    train = params.self_distill
+    data_file = Path(params.paths.teacher_scored)
+    method = TrainMethod(train.train_method, train.fix_layer_every, train.temperature)
+    examples = load_training_file(data_file, require_scores=method.needs_teacher_scores)
+    model, tokenizer, path = load_base(params)
+    plan = CompressionPlan(tuple(params.compression.layers), tuple(params.compression.ratios), sample=True)
+    fingerprint = {**base_fingerprint(params, path, data_file), "train": train.model_dump(),
+                   "compression": params.compression.model_dump(),
+                   "deepspeed_sha256": sha256_file(train.deepspeed) if train.deepspeed else None}
+    return train_adapter(AdapterRun(
+        stage="self_distill", model=model, tokenizer=tokenizer, encoder=pair_encoder(params, tokenizer),
+        examples=examples, train=train, plan=plan, output_dir=Path(params.paths.self_distill),
+        checkpoint_dir=Path(params.paths.checkpoints) / "self_distill", fingerprint=fingerprint,
+        base_name=params.model.name_or_path, callbacks=list(callbacks),
+    ))

@@ -1,0 +1,87 @@
+"""Factorized compensation: layer and token adapters train on the right stack and combine at inference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from matryoshka_reranker.compensation import compensate
+from matryoshka_reranker.reranker import MatryoshkaReranker
+from matryoshka_reranker.training import self_distill
+from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
+
+PAIRS = [("what causes the common cold", "Rhinoviruses cause most colds in adults and children, spread by hands."),
+         ("capital of France", "Paris is the capital of France and its largest city by far.")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, llama_dir):
+    tmp_path = tmp_path_factory.mktemp("compensation")
+    write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
+    params = tiny_params(tmp_path, llama_dir, self_distill__max_steps=2, self_distill__save_steps=2,
+                         compensation__token_ratios=[2, 3], compression__ratios=[1, 2, 3])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope runs before the autouse one_thread fixture
+    try:
+        self_distill(params)
+        results = compensate(params)
+    finally:
+        torch.set_num_threads(threads)
+    return params, results
+
+
+def scores(reranker, ratio) -> list[float]:
+    """Exit-2 then exit-4 scores of PAIRS, flattened."""
+    compress = dict(compress_layers=[2], compress_ratio=ratio) if ratio > 1 else {}
+    return [s for layer in reranker.compute_score(PAIRS, cutoff_layers=[2, 4], **compress) for s in layer]
+
+
+def test_adapters_train_on_the_stack_they_are_merged_onto(trained):
+    params, results = trained
+    assert set(results) == {"layer", "token-ratio-2", "token-ratio-3"}
+    root = Path(params.paths.compensation)
+    for name in results:
+        assert (root / name / "adapter_model.safetensors").exists()
+        log = json.loads((root / name / "training_log.json").read_text())
+        assert log["steps"] == 2 and log["stage"] == f"compensation_{name}"
+
+
+def test_pipeline_api_picks_the_token_adapter_for_the_ratio(trained):
+    params, _ = trained
+    root = Path(params.paths.compensation)
+    for ratio in (1, 2, 3):
+        pipeline = MatryoshkaReranker.from_pipeline(params, ratio=ratio, max_length=64)
+        stack = [params.paths.self_distill, root / "layer"] + ([root / f"token-ratio-{ratio}"] if ratio > 1 else [])
+        explicit = MatryoshkaReranker(params.model.name_or_path, peft_path=stack, start_layer=1, max_length=64,
+                                      prompt=params.model.prompt, query_max_len=params.model.query_max_len)
+        assert scores(pipeline, ratio) == pytest.approx(scores(explicit, ratio), abs=1e-6)
+    # Each adapter changes the model: dropping the token adapter changes compressed scores.
+    without_token = MatryoshkaReranker.from_pipeline(params, ratio=1, max_length=64)
+    with_token = MatryoshkaReranker.from_pipeline(params, ratio=2, max_length=64)
+    assert scores(with_token, 2)[2:] != pytest.approx(scores(without_token, 2)[2:], abs=1e-6)  # exit 4
+    with pytest.raises(FileNotFoundError, match=r"token-ratio-4.*token-ratio-2"):
+        MatryoshkaReranker.from_pipeline(params, ratio=4)
+
+
+def test_a_ratio_dropped_from_the_config_loses_its_adapter(trained, tmp_path):
+    params, _ = trained
+    shutil.copytree(Path(params.paths.compensation).parent, tmp_path / "copy")
+    paths = {k: v.replace(str(Path(params.paths.compensation).parent), str(tmp_path / "copy"))
+             for k, v in params.paths.model_dump().items()}
+    fewer = params.model_copy(update={
+        "compensation": params.compensation.model_copy(update={"token_ratios": [2]}),
+        "paths": params.paths.model_copy(update=paths)})
+    compensate(fewer, only=["token-ratio-2"])
+    assert sorted(p.name for p in Path(fewer.paths.compensation).iterdir()) == ["layer", "token-ratio-2"]
+    with pytest.raises(ValueError, match="unknown compensation adapter"):
+        compensate(fewer, only=["token-ratio-9"])
+
+
+def test_compensation_needs_the_self_distillation_adapter(tmp_path, llama_dir):
+    write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
+    with pytest.raises(FileNotFoundError, match="self-distillation adapter"):
+        compensate(tiny_params(tmp_path, llama_dir))

@@ -1,0 +1,68 @@
+"""prepare: BM25 negatives skip judged documents, eval candidates, determinism, user files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from matryoshka_reranker.data import TrainingDataError
+from matryoshka_reranker.prepare import prepare
+from tests.train_fixtures import one_thread  # noqa: F401  (autouse)
+from tests.train_fixtures import CORPUS, TRAIN_ROWS, tiny_params, write_beir, write_jsonl
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_bm25_groups_skip_judged_documents_and_are_deterministic(tmp_path):
+    write_beir(tmp_path / "beir")
+    params = tiny_params(tmp_path, tmp_path)
+    summary = prepare(params)
+    assert (summary.train_groups, summary.eval_queries, summary.source) == (3, 2, "bm25")
+    groups = {g["query_id"]: g for g in read(params.paths.train_groups)}
+    q1 = groups["q1"]
+    assert sorted(q1["pos_ids"]) == ["d1", "d2"]
+    assert len(q1["neg_ids"]) == 2 and not {"d1", "d2", "d7"} & set(q1["neg_ids"])  # d7 judged 0: not a negative
+    assert q1["pos"] == [f"{CORPUS[d][0]}. {CORPUS[d][1]}" if CORPUS[d][0] else CORPUS[d][1] for d in q1["pos_ids"]]
+    assert groups["q2"]["neg_ids"][0] == "d4"  # "capital of" ranks Berlin right after the judged Paris
+    first = open(params.paths.train_groups).read(), open(params.paths.eval_candidates).read()
+    prepare(params)
+    assert (open(params.paths.train_groups).read(), open(params.paths.eval_candidates).read()) == first
+
+
+def test_eval_candidates_are_bm25_top_k_of_test_queries(tmp_path):
+    write_beir(tmp_path / "beir")
+    params = tiny_params(tmp_path, tmp_path)
+    prepare(params)
+    rows = {r["query_id"]: r for r in read(params.paths.eval_candidates)}
+    assert set(rows) == {"q4", "q5"}  # test split only
+    q4 = rows["q4"]
+    assert q4["query"] == "cold rhinoviruses winter" and len(q4["candidates"]) == 3
+    assert q4["candidates"][0]["doc_id"] == "d7"
+    scores = [c["bm25"] for c in q4["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(set(c) == {"doc_id", "text", "bm25"} for c in q4["candidates"])
+
+
+def test_query_subsets_are_seeded(tmp_path):
+    write_beir(tmp_path / "beir")
+    params = tiny_params(tmp_path, tmp_path, data__train_queries=2, data__eval_queries=1)
+    prepare(params)
+    ids = [g["query_id"] for g in read(params.paths.train_groups)]
+    assert len(ids) == 2
+    prepare(params)
+    assert [g["query_id"] for g in read(params.paths.train_groups)] == ids
+
+
+def test_user_training_file_is_validated_and_used(tmp_path):
+    write_beir(tmp_path / "beir")
+    own = write_jsonl(tmp_path / "own.jsonl", TRAIN_ROWS)
+    params = tiny_params(tmp_path, tmp_path, data__train_file=str(own))
+    assert prepare(params).source == str(own)
+    assert open(params.paths.train_groups).read() == own.read_text()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [TRAIN_ROWS[0], {"query": "q", "pos": ["p"], "neg": []}])
+    with pytest.raises(TrainingDataError, match=r"bad\.jsonl:2: 'neg' is empty"):
+        prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(bad)))
+    assert open(params.paths.train_groups).read() == own.read_text()  # the last good output stays

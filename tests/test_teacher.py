@@ -1,0 +1,122 @@
+"""Teacher scoring: every kind scores, output records the teacher, runs resume shard by shard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from matryoshka_reranker.teacher import BiEncoderTeacher, load_teacher, score_training_file
+from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
+
+UNSCORED = [{k: v for k, v in row.items() if not k.endswith("_scores")} for row in TRAIN_ROWS]
+ROWS = UNSCORED + [dict(UNSCORED[0], query="why do people catch colds"), dict(UNSCORED[1], query="French capital")]
+
+
+def bert_dir(tmp_path, tokenizer, head: bool):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                        num_labels=1)
+    model = BertForSequenceClassification(config) if head else BertModel(config)
+    path = tmp_path / ("cross" if head else "bi")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class Counting:
+    """A real teacher that counts its calls and can fail on the n-th (an interrupted run)."""
+
+    def __init__(self, teacher, fail_on=None):
+        self.teacher, self.fail_on, self.calls = teacher, fail_on, 0
+
+    def work(self, *args):
+        return self.teacher.work(*args)
+
+    def score_pairs(self, queries, passages, progress):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt("simulated kill")
+        return self.teacher.score_pairs(queries, passages, progress)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.parametrize("kind", ["bi_encoder", "cross_encoder", "matryoshka"])
+def test_every_teacher_kind_fills_aligned_scores(tmp_path, tokenizer, llama_dir, kind):
+    model = {"bi_encoder": lambda: bert_dir(tmp_path, tokenizer, False),
+             "cross_encoder": lambda: bert_dir(tmp_path, tokenizer, True), "matryoshka": lambda: llama_dir}[kind]()
+    params = tiny_params(tmp_path, llama_dir, teacher__kind=kind, teacher__name_or_path=str(model))
+    write_jsonl(tmp_path / "groups.jsonl", ROWS)
+    rows = read(score_training_file(params))
+    assert len(rows) == len(ROWS)
+    for row, source in zip(rows, ROWS):
+        assert row["query"] == source["query"] and row["neg"] == source["neg"]
+        assert len(row["pos_scores"]) == len(row["pos"]) and len(row["neg_scores"]) == len(row["neg"])
+        assert all(math.isfinite(s) for s in row["pos_scores"] + row["neg_scores"])
+        assert row["teacher"]["kind"] == kind and row["teacher"]["name_or_path"] == str(model)
+    if kind == "bi_encoder":  # cosine x 20
+        assert all(abs(s) <= 20 + 1e-4 for r in rows for s in r["pos_scores"] + r["neg_scores"])
+    if kind == "matryoshka":  # the full-depth score of the model
+        from matryoshka_reranker.reranker import MatryoshkaReranker
+
+        expected = MatryoshkaReranker(llama_dir, max_length=32).compute_score([(ROWS[0]["query"], ROWS[0]["pos"][0])])
+        assert rows[0]["pos_scores"][0] == pytest.approx(expected[0], abs=1e-5)
+
+
+def test_bi_encoder_embeds_each_distinct_text_once(tmp_path, tokenizer, llama_dir):
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="bi_encoder",
+                         teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, False)))
+    teacher = BiEncoderTeacher(params.teacher)
+    seen = []
+    teacher.embed = lambda texts, progress, embed=teacher.embed: seen.extend(texts) or embed(texts, progress)
+    scores = teacher.score_pairs(["q", "q", "r"], ["a", "b", "a"], lambda n: None)
+    assert sorted(seen) == ["a", "b", "q", "r"] and len(scores) == 3
+    same = teacher.score_pairs(["a"], ["a"], lambda n: None)
+    assert same[0] == pytest.approx(1.0, abs=1e-5)  # cosine of a text with itself
+
+
+def test_interrupted_scoring_resumes_and_skips_finished_shards(tmp_path, tokenizer, llama_dir):
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="cross_encoder",
+                         teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, True)))  # shard_size 2: 3 shards
+    write_jsonl(tmp_path / "groups.jsonl", ROWS)
+    real = load_teacher(params)
+    with pytest.raises(KeyboardInterrupt):
+        score_training_file(params, teacher=Counting(real, fail_on=2))
+    assert not (tmp_path / "scored.jsonl").exists()  # no partial output
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000.json", "shard-00000.jsonl"]
+    resumed = Counting(real)
+    score_training_file(params, teacher=resumed)
+    assert resumed.calls == 2  # shards 1 and 2 only
+    again = Counting(real)
+    score_training_file(params, teacher=again)
+    assert again.calls == 0
+    fresh = tiny_params(tmp_path / "fresh", llama_dir, teacher__kind="cross_encoder",
+                        teacher__name_or_path=params.teacher.name_or_path)
+    (tmp_path / "fresh").mkdir()
+    write_jsonl(tmp_path / "fresh" / "groups.jsonl", ROWS)
+    assert read(score_training_file(fresh, teacher=real)) == read(tmp_path / "scored.jsonl")
+    # A changed input line or a changed teacher setting invalidates exactly the affected shards.
+    write_jsonl(tmp_path / "groups.jsonl", ROWS[:4] + [dict(ROWS[4], query="edited")])
+    edited = Counting(real)
+    score_training_file(params, teacher=edited)
+    assert edited.calls == 1
+    changed = Counting(real)
+    score_training_file(params.model_copy(update={"teacher": params.teacher.model_copy(update={"max_length": 24})}),
+                        teacher=changed)
+    assert changed.calls == 3
+
+
+@pytest.mark.slow
+def test_embedded_minilm_prefers_the_relevant_passage(tmp_path, llama_dir):
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="bi_encoder", teacher__name_or_path="embedded:all-minilm-l6-v2")
+    write_jsonl(tmp_path / "groups.jsonl", UNSCORED[:2])
+    rows = read(score_training_file(params))
+    for row in rows:
+        assert row["pos_scores"][0] > max(row["neg_scores"])

@@ -1,0 +1,248 @@
+"""Self-distillation: the shared-prefix step, DeepSpeed + LoRA training, resume, 2 processes, pinned losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from matryoshka_reranker.adapters import merge_adapters
+from matryoshka_reranker.data import GroupCollator, GroupDataset, load_training_file
+from matryoshka_reranker.losses import TrainMethod, matryoshka_loss
+from matryoshka_reranker.modeling import MatryoshkaModel
+from matryoshka_reranker.training import CompressionPlan, MatryoshkaTrainingModel, load_base, pair_encoder, self_distill
+from tests.fixtures import make_tiny_model
+from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO1 = str(ROOT / "configs" / "deepspeed" / "zero1.json")
+PINNED = ROOT / "tests" / "data" / "pinned_self_distill_losses.json"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+
+
+def fixed_batch(params, tokenizer):
+    """All training groups of epoch 0, collated once: a fixed yardstick for loss and scores."""
+    examples = load_training_file(params.paths.teacher_scored)
+    dataset = GroupDataset(examples, params.self_distill.train_group_size, params.self_distill.seed)
+    return GroupCollator(pair_encoder(params, tokenizer))([dataset[i] for i in range(len(dataset))])
+
+
+def exit_scores(model: MatryoshkaModel, batch) -> list[torch.Tensor]:
+    inputs = {k: v for k, v in batch.items() if k != "teacher_scores"}
+    with torch.no_grad():
+        return MatryoshkaModel.forward(model, **inputs, cutoff_layers=model.exit_layers)
+
+
+def ranking_loss(model: MatryoshkaModel, params, batch) -> float:
+    """Listwise cross-entropy summed over exits (the part of the loss that can reach zero)."""
+    step = MatryoshkaTrainingModel.from_model(model, TrainMethod("normal"), params.self_distill.train_group_size).eval()
+    with torch.no_grad():
+        return step(**batch)["loss"].item()
+
+
+@pytest.fixture
+def scored(tmp_path):
+    write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
+    return tmp_path / "scored.jsonl"
+
+
+# ----------------------------------------------------------------------------- the training step
+@pytest.mark.parametrize("method", ["distill_fix_layer_teacher", "distill_last_layer", "teacher", "normal"])
+def test_shared_prefix_step_equals_two_full_passes(tmp_path, scored, llama_dir, tokenizer, method):
+    params = tiny_params(tmp_path, llama_dir, self_distill__train_method=method, self_distill__fix_layer_every=2)
+    batch = fixed_batch(params, tokenizer)
+    model, _, _ = load_base(params)
+    step = MatryoshkaTrainingModel.from_model(model, TrainMethod(method, 2), 3).train()
+    ours = step(**batch, compress_layers=[2], compress_ratio=2)
+    ours["loss"].backward()
+    ours_grads = [p.grad.clone() for p in step.parameters() if p.grad is not None]
+    step.zero_grad()
+
+    inputs = {k: v for k, v in batch.items() if k != "teacher_scores"}
+    exits = step.exit_layers
+    student = MatryoshkaModel.forward(step, **inputs, cutoff_layers=exits, compress_layers=[2], compress_ratio=2)
+    full = MatryoshkaModel.forward(step, **inputs, cutoff_layers=exits)  # upstream's second full pass
+    grouped = lambda scores: [s.view(-1, 3) for s in scores]  # noqa: E731
+    naive, per_layer = matryoshka_loss(grouped(student), TrainMethod(method, 2), grouped(full), batch["teacher_scores"])
+    naive.backward()
+    naive_grads = [p.grad for p in step.parameters() if p.grad is not None]
+    assert ours["loss"].item() == pytest.approx(naive.item(), rel=1e-6)
+    torch.testing.assert_close(ours["per_layer_loss"], per_layer)
+    assert len(ours_grads) == len(naive_grads) > 0
+    for a, b in zip(ours_grads, naive_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, scored, llama_dir, tokenizer):
+    params = tiny_params(tmp_path, llama_dir)
+    batch = fixed_batch(params, tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        model, _, _ = load_base(params)
+        step = MatryoshkaTrainingModel.from_model(model, TrainMethod("distill_last_layer_teacher"), 3).train()
+        if checkpointing:
+            step.gradient_checkpointing_enable({"use_reentrant": False})
+        step(**batch, compress_layers=[2], compress_ratio=2)["loss"].backward()
+        grads.append([p.grad for p in step.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_compression_plan_is_deterministic_per_step():
+    plan = CompressionPlan((8, 16), (1, 2, 4))
+    draws = [plan.draw(42, step) for step in range(64)]
+    assert draws == [plan.draw(42, step) for step in range(64)]
+    assert {tuple(layers) for layers, ratio in draws if ratio > 1} == {(), (8,), (16,), (8, 16)}
+    assert all(layers == [] for layers, ratio in draws if ratio == 1)
+    assert CompressionPlan((8,), (2,), sample=False).draw(0, 5) == ([8], 2)
+
+
+# --------------------------------------------------------------------------------- real training
+class CaptureScores(TrainerCallback):
+    """Scores of the in-memory trained model at the end of training (before it is saved)."""
+
+    def __init__(self, batch):
+        self.batch, self.scores = batch, None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.scores = exit_scores(model.get_base_model(), self.batch)
+
+
+class CrashAfterSave(TrainerCallback):
+    """Simulates a kill right after the checkpoint at ``step`` is on disk."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated kill after step {self.step}")
+
+
+@pytest.mark.slow
+def test_deepspeed_lora_run_learns_and_adapter_reloads_exactly(tmp_path, scored, llama_dir, tokenizer):
+    params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=ZERO1, self_distill__max_steps=6,
+                         self_distill__save_steps=6, self_distill__learning_rate=0.05,
+                         self_distill__per_device_batch_size=3)
+    batch = fixed_batch(params, tokenizer)
+    base, _, _ = load_base(params)
+    before = ranking_loss(base, params, batch)
+    capture = CaptureScores(batch)
+    summary = self_distill(params, callbacks=[capture])
+    assert summary["steps"] == 6 and summary["deepspeed"] == ZERO1 and summary["world_size"] == 1
+
+    reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])
+    for trained, again in zip(capture.scores, exit_scores(reloaded, batch)):
+        torch.testing.assert_close(trained, again, atol=1e-6, rtol=0)
+    assert ranking_loss(reloaded, params, batch) < 0.8 * before
+
+    adapter = load_file(Path(params.paths.self_distill) / "adapter_model.safetensors")
+    assert any("score_heads.4" in k for k in adapter)  # the heads are adapted too
+    log = json.loads((Path(params.paths.self_distill) / "training_log.json").read_text())
+    steps = [h for h in log["log_history"] if "loss" in h]
+    assert len(steps) == 6 and all(f"loss_exit_{k:02d}" in h for h in steps for k in (1, 2, 3, 4))
+    assert not (Path(params.paths.self_distill) / "training_args.bin").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_deepspeed_training_resumes_to_the_same_result(tmp_path, llama_dir):
+    results = {}
+    for name in ("interrupted", "straight"):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_jsonl(folder / "scored.jsonl", TRAIN_ROWS)
+        params = tiny_params(folder, llama_dir, self_distill__deepspeed=ZERO1)  # 4 steps, checkpoint every 2
+        if name == "interrupted":
+            with pytest.raises(KeyboardInterrupt):
+                self_distill(params, callbacks=[CrashAfterSave(2)])
+            assert not Path(params.paths.self_distill).exists()
+            assert (folder / "checkpoints" / "self_distill" / "checkpoint-2" / "trainer_state.json").exists()
+        summary = self_distill(params)
+        assert summary["steps"] == 4
+        assert (summary["resumed_from"] or "").endswith("checkpoint-2") == (name == "interrupted")
+        results[name] = load_file(Path(params.paths.self_distill) / "adapter_model.safetensors")
+    assert results["interrupted"].keys() == results["straight"].keys()
+    for key in results["straight"]:
+        torch.testing.assert_close(results["interrupted"][key], results["straight"][key], atol=1e-6, rtol=1e-5)
+
+
+def test_changed_config_never_resumes_a_stale_checkpoint(tmp_path, scored, llama_dir):
+    params = tiny_params(tmp_path, llama_dir, self_distill__max_steps=2)
+    assert self_distill(params)["resumed_from"] is None
+    assert self_distill(params)["resumed_from"].endswith("checkpoint-2")  # same config: resumes (0 steps left)
+    changed = tiny_params(tmp_path, llama_dir, self_distill__max_steps=2, self_distill__learning_rate=0.005)
+    assert self_distill(changed)["resumed_from"] is None
+    write_jsonl(scored, TRAIN_ROWS[:2])  # changed data
+    assert self_distill(changed)["resumed_from"] is None
+
+
+def test_pinned_per_layer_losses(tmp_path, scored, tokenizer):
+    """A short run's logged per-exit losses must match the stored ones (torchtune style).
+
+    Regenerate after an intended change: ``MATRYOSHKA_PIN_LOSSES=1 pytest tests/test_training.py -k pinned``.
+    """
+    model_dir = tmp_path / "pinned-llama"
+    make_tiny_model("llama", tokenizer, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    params = tiny_params(tmp_path, model_dir, self_distill__max_steps=3, self_distill__save_steps=3)
+    history = self_distill(params)["log_history"]
+    logged = [{k: v for k, v in h.items() if k.startswith("loss")} for h in history if "loss" in h]
+    if os.environ.get("MATRYOSHKA_PIN_LOSSES"):
+        PINNED.parent.mkdir(exist_ok=True)
+        PINNED.write_text(json.dumps(logged, indent=2) + "\n")
+    expected = json.loads(PINNED.read_text())
+    assert len(logged) == len(expected) == 3
+    for got, want in zip(logged, expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+
+
+def test_bad_training_data_fails_naming_the_line(tmp_path, llama_dir):
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    write_jsonl(tmp_path / "scored.jsonl", [TRAIN_ROWS[0], {**TRAIN_ROWS[1], "neg_scores": [1.0]}])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params(tmp_path, llama_dir).model_dump()))
+    result = CliRunner().invoke(app, ["self-distill", "-p", str(params_file)])
+    assert result.exit_code == 2
+    assert "scored.jsonl:2: 'neg_scores' has 1 scores but 'neg' has 2 passages" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_deepspeed_run_completes(tmp_path, scored, llama_dir):
+    params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=ZERO1, self_distill__max_steps=2,
+                         self_distill__save_steps=2)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # set by earlier in-process DeepSpeed runs; torchrun sets its own
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "matryoshka_reranker.cli", "self-distill", "-p", str(params_file)]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = process.communicate()
+    assert process.returncode == 0, output[-4000:]
+    log = json.loads((Path(params.paths.self_distill) / "training_log.json").read_text())
+    assert log["world_size"] == 2 and log["steps"] == 2
+    assert (Path(params.paths.self_distill) / "adapter_model.safetensors").exists()
