@@ -10,16 +10,25 @@ pairs, timed round-robin in one run (``benchmarks.common.interleaved_timing``):
 1. pairs/s of ``OnnxReranker`` and of ``MatryoshkaReranker`` (PyTorch eager mode, sdpa attention,
    its default) for every configuration, the ORT/PyTorch speed-up, and latency(exit k) /
    latency(exit 30) against the ideal k / 30 (ratio 1);
-2. unless ``--quick``, variants at exit 30 ratio 1: ORT graph-optimisation levels and thread
-   counts, an sdpa-attention export, onnxscript's ORT transformer fusions, and our PyTorch path
-   with eager attention.
+2. unless ``--quick``, variants at exit 30 ratio 1: 1 vs N threads for both, ORT graph-optimisation
+   level and spin-waiting, an sdpa-attention export, onnxscript's ORT transformer fusions, and our
+   PyTorch path with eager attention.
+
+``OMP_WAIT_POLICY`` defaults to PASSIVE here, as in the ``matryoshka`` CLI: with OpenMP's default
+spin-waiting, PyTorch with 2 threads ran 2-6x slower on a shared 2-core machine, which would
+flatter ONNX Runtime. Set ``OMP_WAIT_POLICY=ACTIVE`` to measure that case.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
 import argparse
 import logging
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -72,9 +81,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="skip the exit-30 variants")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary exports (~6 GB)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    try:
+        measure(args, work)
+    finally:
+        print(f"\n(load average at the end: {os.getloadavg()[0]:.1f}; exports in {work})" if args.keep else "")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> None:
+    torch.set_num_threads(args.threads)
     onnx_dir = args.onnx or work / "onnx"
     if args.onnx is None:
         export(onnx_dir)
@@ -93,7 +112,8 @@ def main() -> None:
         return lambda: reranker.compute_score(pairs, cutoff_layers=[k], compress_layers=COMPRESS, compress_ratio=r)
 
     print(f"# {MODEL}: {len(pairs)} SciFact pairs, mean {tokens:.0f} tokens, batch {args.batch_size}, "
-          f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     diffs = {c: float(np.abs(np.array(ort[c].compute_score(pairs)) - run_torch(*c)()).max()) for c in configs}
     systems = {("ort", c): run_ort(ort[c]) for c in configs} | {("torch", c): run_torch(*c) for c in configs}
     seconds = interleaved_timing(systems, args.rounds)
@@ -114,12 +134,15 @@ def main() -> None:
         return
     print("\n## variants at exit 30, ratio 1 (round-robin among themselves)")
     full = onnx_dir / config_name(30, 1) / "model.onnx"
+    reranker = ort[(30, 1)]
     variants = {}
-    for level in ("basic", "extended", "all"):
-        for threads in sorted({1, args.threads}):
+    for threads in sorted({1, args.threads}):
+        for level in ("basic", "all"):
             session = create_session(full, ["CPUExecutionProvider"], threads, optimization=level)
-            variants[f"ORT eager export, opt {level}, {threads} thread(s)"] = _session_runner(
-                session, ort[(30, 1)], pairs, args.batch_size)
+            variants[f"ORT eager export, opt {level}, {threads} thread(s)"] = _session_runner(session, reranker, pairs,
+                                                                                            args.batch_size)
+    variants[f"ORT eager export, no spin-wait, {args.threads} thread(s)"] = _session_runner(
+        _no_spin_session(full, args.threads), reranker, pairs, args.batch_size)
     start = time.perf_counter()
     sdpa_dir = work / "sdpa"
     export(sdpa_dir, attn="sdpa", exits=[30], ratios=[1])
@@ -127,18 +150,40 @@ def main() -> None:
     fused = _ort_fusions(full, work / "fused")
     if fused is not None:
         session = create_session(fused, ["CPUExecutionProvider"], args.threads)
-        variants["ORT eager export + onnxscript ORT fusions"] = _session_runner(session, ort[(30, 1)], pairs,
+        variants["ORT eager export + onnxscript ORT fusions"] = _session_runner(session, reranker, pairs,
                                                                                 args.batch_size)
     print(f"(variant exports took {time.perf_counter() - start:.0f} s)")
-    variants["torch, sdpa attention (default)"] = run_torch(30, 1)
+    for threads in sorted({1, args.threads}):
+        variants[f"torch, sdpa attention, {threads} thread(s)"] = _with_threads(run_torch(30, 1), threads)
     eager = MatryoshkaReranker(MODEL, batch_size=args.batch_size, max_length=SETTINGS.max_length)
     eager.encoder = torch_reranker.encoder
     eager.model.decoder.config._attn_implementation = "eager"
-    variants["torch, eager attention"] = run_torch(30, 1, eager)
+    variants[f"torch, eager attention, {args.threads} thread(s)"] = run_torch(30, 1, eager)
     seconds = interleaved_timing(variants, args.rounds)
-    base = seconds["torch, sdpa attention (default)"]
+    base = seconds[f"torch, sdpa attention, {args.threads} thread(s)"]
     for name, s in seconds.items():
-        print(f"{name:48s} {len(pairs) / s:7.2f} pairs/s {base / s:6.2f}x torch (sdpa)")
+        print(f"{name:48s} {len(pairs) / s:7.2f} pairs/s {base / s:6.2f}x torch (sdpa, {args.threads} threads)")
+
+
+def _with_threads(fn, threads: int):
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def _no_spin_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _session_runner(session, reranker: OnnxReranker, pairs, batch_size):

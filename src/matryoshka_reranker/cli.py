@@ -16,8 +16,11 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+# OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads otherwise spin at every barrier; on a shared
+# 2-core machine that made a 2-thread SmolLM2 forward 6x slower (benchmarks/bench_onnx.py).
 for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+                     ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                     ("OMP_WAIT_POLICY", "PASSIVE")):
     os.environ.setdefault(_var, _value)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

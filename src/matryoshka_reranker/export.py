@@ -322,7 +322,7 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     stage.mkdir()
     weights = f"weights-ratio-{ratio}.bin" if options.share_weights else None
     started = time.perf_counter()
-    wrapper = _AllExits(model if options.dtype == "float32" else copy.deepcopy(model).half(), exits, compress, ratio)
+    wrapper = _AllExits(model if options.dtype == "float32" else copy.deepcopy(model).half(), exits, compress, ratio).eval()
     with _attention(wrapper.model, options.attn_implementation):
         graph = _torch_export(wrapper, batches[0], inputs, [f"{SCORES}_{k}" for k in exits] + [HIDDEN], stage, options)
     _optimize(graph)
