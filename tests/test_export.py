@@ -87,10 +87,12 @@ def test_index_lists_every_config(release):
     assert index == release["index"]
     assert index["format_version"] == 1
     assert [m["name"] for m in index["models"]] == [
-        "exit-02_ratio-1", "exit-03_ratio-1", "exit-04_ratio-1", "exit-02_ratio-2", "exit-03_ratio-2", "exit-04_ratio-2"]
+        "exit-02_ratio-1", "exit-03_ratio-1", "exit-04_ratio-1",
+        "exit-02_ratio-2", "exit-03_ratio-2", "exit-04_ratio-2"]
     assert index["models"][0] == {"name": "exit-02_ratio-1", "exit_layer": 2, "ratio": 1, "compress_layers": [2],
                                   "path": "exit-02_ratio-1"}
-    assert sorted(p.name for p in release["out"].iterdir()) == sorted([m["path"] for m in index["models"]] + ["index.json"])
+    folders = sorted(p.name for p in release["out"].iterdir())
+    assert folders == sorted([m["path"] for m in index["models"]] + ["index.json"])
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
@@ -118,7 +120,8 @@ def test_manifest_describes_the_folder(release):
         compressed = ratio > 1 and entry["exit_layer"] > 2  # compression at 2 changes exits 3 and 4 only
         assert manifest["format_version"] == 1 and manifest["name"] == entry["name"]
         assert manifest["exit_layer"] == entry["exit_layer"] and manifest["num_layers"] == 4
-        assert manifest["compression"] == {"layers": COMPRESS, "ratio": ratio, "applied_layers": [2] if compressed else []}
+        applied = [2] if compressed else []
+        assert manifest["compression"] == {"layers": COMPRESS, "ratio": ratio, "applied_layers": applied}
         assert [a["path"] for a in manifest["adapters"]] == [str(p) for p in release["stacks"][ratio]]
         assert all(len(a["sha256"]) == 64 for a in manifest["adapters"])
         assert manifest["opset"] >= 18 and manifest["dtype"] == "float32" and manifest["exporter"] == "dynamo"
@@ -222,7 +225,8 @@ def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch
 
     monkeypatch.setattr(export_module, "_reference", shifted)
     with pytest.raises(ExportError, match=r"differ from PyTorch by 0\.001"):
-        export_models(llama_model, tmp_path / "out", [2], [1], options=ExportOptions(start_layer=1, tokenization=SETTINGS))
+        export_models(llama_model, tmp_path / "out", [2], [1],
+                      options=ExportOptions(start_layer=1, tokenization=SETTINGS))
     assert not (tmp_path / "out").exists()
 
 

@@ -26,7 +26,8 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, llama_dir):
     out = tmp_path_factory.mktemp("ort") / "onnx"
-    export_models(llama_dir, out, [3], [1], options=ExportOptions(start_layer=1, tokenization=TokenizationSettings(max_length=48)))
+    options = ExportOptions(start_layer=1, tokenization=TokenizationSettings(max_length=48))
+    export_models(llama_dir, out, [3], [1], options=options)
     return out / "exit-03_ratio-1"
 
 

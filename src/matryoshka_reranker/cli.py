@@ -109,7 +109,7 @@ def export(
                                                    "the default when --model is not given)")] = None,
     overrides: SetOpt = None,
     model: Annotated[Optional[str], typer.Option(help="explicit form: model folder or embedded:...")] = None,
-    peft_path: Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order (all ratios)")] = None,
+    peft_path: Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order")] = None,
     layers: Annotated[Optional[list[int]], typer.Option(help="exit layers, e.g. --layers 8 16 30")] = None,
     ratios: Annotated[Optional[list[int]], typer.Option(help="compression ratios (default 1)")] = None,
     compress_layers: Annotated[Optional[list[int]], typer.Option(help="compression layers (ratios > 1)")] = None,
@@ -145,10 +145,10 @@ def export(
                 raise ValueError("--model (explicit form) cannot be combined with --params/-S")
             if not layers or out is None:
                 raise ValueError("the explicit form needs --layers and --out")
-            options = ExportOptions(
-                dtype=dtype, dynamo=dynamo, attn_implementation=attn_implementation, start_layer=start_layer,
-                layer_sep=layer_sep, tokenization=TokenizationSettings(max_length=max_length, query_max_len=query_max_len,
-                                                                       passage_max_len=passage_max_len))
+            tokenization = TokenizationSettings(max_length=max_length, query_max_len=query_max_len,
+                                                passage_max_len=passage_max_len)
+            options = ExportOptions(dtype=dtype, dynamo=dynamo, attn_implementation=attn_implementation,
+                                    start_layer=start_layer, layer_sep=layer_sep, tokenization=tokenization)
             index = export_models(model, out, layers, ratios or [1], compress_layers or [],
                                   adapters=lambda ratio: peft_path or [], options=options)
     except (ValueError, FileNotFoundError, ExportError) as err:

@@ -322,7 +322,8 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     stage.mkdir()
     weights = f"weights-ratio-{ratio}.bin" if options.share_weights else None
     started = time.perf_counter()
-    wrapper = _AllExits(model if options.dtype == "float32" else copy.deepcopy(model).half(), exits, compress, ratio).eval()
+    exported = model if options.dtype == "float32" else copy.deepcopy(model).half()
+    wrapper = _AllExits(exported, exits, compress, ratio).eval()
     with _attention(wrapper.model, options.attn_implementation):
         graph = _torch_export(wrapper, batches[0], inputs, [f"{SCORES}_{k}" for k in exits] + [HIDDEN], stage, options)
     _optimize(graph)
@@ -458,8 +459,13 @@ def _session(path: Path, options: ExportOptions):
     return create_session(path, providers=providers, threads=torch.get_num_threads())
 
 
-def _feed(batch, names: list[str]) -> dict[str, np.ndarray]:
-    return {name: batch[name].numpy().astype(np.int64) for name in names}
+def _run(session, output: str, batch, names: list[str], what: str) -> np.ndarray:
+    feed = {name: batch[name].numpy().astype(np.int64) for name in names}
+    try:
+        return session.run([output], feed)[0]
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ExportError(f"{what}: ONNX Runtime cannot run the exported graph on "
+                          f"{session.get_providers()[0]}: {err}") from err
 
 
 def _check_scores(path: Path, batches, reference: list[np.ndarray], config: ExportConfig,
@@ -468,7 +474,7 @@ def _check_scores(path: Path, batches, reference: list[np.ndarray], config: Expo
     names = [i.name for i in session.get_inputs()]
     diff = 0.0
     for batch, expected in zip(batches, reference):
-        (scores,) = session.run([SCORES], _feed(batch, names))
+        scores = _run(session, SCORES, batch, names, config.name)
         if scores.shape != expected.shape:
             raise ExportError(f"{config.name}: ORT scores shape {scores.shape} != PyTorch {expected.shape}")
         diff = max(diff, float(np.abs(scores.astype(np.float64) - expected).max()))
@@ -489,7 +495,7 @@ def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str
     session = _session(shared, options)
     diff = scale = 0.0
     for batch, expected in zip(batches, reference):
-        (hidden,) = session.run([HIDDEN], _feed(batch, inputs))
+        hidden = _run(session, HIDDEN, batch, inputs, "hidden-state check")
         if hidden.shape != expected["hidden"].shape:
             raise ExportError(f"hidden-state check: ORT shape {hidden.shape} != PyTorch {expected['hidden'].shape}")
         diff = max(diff, float(np.abs(hidden.astype(np.float64) - expected["hidden"]).max()))
@@ -498,7 +504,8 @@ def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str
     if not relative <= options.tolerance:
         raise ExportError(f"hidden-state check: ORT differs from PyTorch by {diff:.3g} ({relative:.3g} relative, "
                           f"> tolerance {options.tolerance:g}); the exported attention mask is suspect")
-    return {"max_abs_diff": diff, "relative": relative, "max_abs_value": scale, "exit_layer": max(reference[0]["scores"]),
+    return {"max_abs_diff": diff, "relative": relative, "max_abs_value": scale,
+            "exit_layer": max(reference[0]["scores"]),
             "note": "every real token's final-norm'd hidden state at this exit, shared graph of the ratio"}
 
 
