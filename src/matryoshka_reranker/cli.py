@@ -16,12 +16,13 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
-# OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads otherwise spin at every barrier; on a shared
-# 2-core machine that made a 2-thread SmolLM2 forward 6x slower (benchmarks/bench_onnx.py).
 for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                     ("OMP_WAIT_POLICY", "PASSIVE")):
+                     ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_var, _value)
+
+# PyTorch's OpenMP threads otherwise spin at every barrier: on a shared 2-core machine that made a
+# 2-thread SmolLM2 forward 6x slower (docs/export.md). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, export and release Matryoshka re-rankers.")
@@ -54,37 +55,6 @@ def _fail(err: Exception, code: int = 1):
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     _setup_logging(verbose)
-
-
-@app.command()
-def score(
-    model: Annotated[str, typer.Option(help="model folder or embedded:smollm2-135m-instruct")],
-    pairs: Annotated[Path, typer.Option(help='JSONL of {"query": ..., "passage": ...}')],
-    peft_path: Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order")] = None,
-    cutoff_layers: IntList = None,
-    compress_layers: IntList = None,
-    compress_ratio: int = 1,
-    start_layer: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 4)")] = None,
-    layer_sep: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 1)")] = None,
-    batch_size: int = 32,
-    max_length: int = 512,
-    normalize: bool = False,
-) -> None:
-    """Score query-passage pairs; prints one JSON line per pair ({"layer": score, ...})."""
-    from .reranker import MatryoshkaReranker
-
-    try:
-        rows = _read_pairs(pairs)
-        reranker = MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
-                                      batch_size=batch_size, max_length=max_length)
-        layers = cutoff_layers or [reranker.exit_layers[-1]]
-        scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
-                                        compress_ratio=compress_ratio, normalize=normalize)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        _fail(err, 2)
-    per_layer = [scores] if len(layers) == 1 else scores
-    for i in range(len(rows)):
-        typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
 
 
 class _ListOptionsCommand(TyperCommand):
@@ -155,6 +125,37 @@ def export(
         _fail(err, 2 if not isinstance(err, ExportError) else 1)
     for entry in index["models"]:
         typer.echo(f"{entry['name']}\t{out / entry['path']}")
+
+
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="model folder or embedded:smollm2-135m-instruct")],
+    pairs: Annotated[Path, typer.Option(help='JSONL of {"query": ..., "passage": ...}')],
+    peft_path: Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order")] = None,
+    cutoff_layers: IntList = None,
+    compress_layers: IntList = None,
+    compress_ratio: int = 1,
+    start_layer: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 4)")] = None,
+    layer_sep: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 1)")] = None,
+    batch_size: int = 32,
+    max_length: int = 512,
+    normalize: bool = False,
+) -> None:
+    """Score query-passage pairs; prints one JSON line per pair ({"layer": score, ...})."""
+    from .reranker import MatryoshkaReranker
+
+    try:
+        rows = _read_pairs(pairs)
+        reranker = MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
+                                      batch_size=batch_size, max_length=max_length)
+        layers = cutoff_layers or [reranker.exit_layers[-1]]
+        scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
+                                        compress_ratio=compress_ratio, normalize=normalize)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(err, 2)
+    per_layer = [scores] if len(layers) == 1 else scores
+    for i in range(len(rows)):
+        typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
