@@ -133,6 +133,9 @@ class ExportParams(Section):
     dtype: Literal["float32", "float16"] = "float32"
     dynamo: bool = True  # torch.onnx's dynamo exporter; False: TorchScript exporter (documented fallback)
     parity_tolerance: float = Field(1e-4, gt=0)  # max |ORT - PyTorch| on the validation batch (fp32)
+    fp16_tolerance: float = Field(5e-2, gt=0)  # dtype float16: max |ORT fp16 - PyTorch fp32| (see export.py)
+    attn_implementation: Literal["eager", "sdpa"] = "eager"  # attention in the exported graph (bench_onnx.py)
+    share_weights: bool = True  # one weights-ratio-<r>.bin per ratio (copied per exit); false: per-exit files
 
 
 class ValidationParams(Section):

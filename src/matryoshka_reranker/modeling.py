@@ -348,13 +348,14 @@ def merge_passage_tokens(
     merged = torch.where(token_sum > 0, w / token_sum.clamp_min(1e-30), 1.0 / token_size.clamp_min(1.0))
     coef = torch.where(in_passage, merged, is_real.float())  # query/prompt 1, padding 0
 
-    out = torch.zeros(batch, width + 1, dim, dtype=hidden.dtype, device=hidden.device)
-    out = out.scatter_add(1, target[..., None].expand(-1, -1, dim), hidden * coef[..., None].to(hidden.dtype))
+    # Sums in float32 (half-precision sums lose bits; ONNX Runtime's CPU provider has no float16 scatter-add).
+    out = torch.zeros(batch, width + 1, dim, dtype=torch.float32, device=hidden.device)
+    out = out.scatter_add(1, target[..., None].expand(-1, -1, dim), hidden.float() * coef[..., None])
     new_width = new_lengths.max()
     keep = torch.arange(width, device=hidden.device) < new_width  # (T,), at least T' slots exist
     index = torch.nonzero(keep).squeeze(1)  # (T',) data-dependent length, export friendly
     if not torch.jit.is_tracing():  # tells torch.export T' != 1 (query and prompt keep >= 2 tokens)
         torch._check(index.shape[0] >= 2)
-    out = out.index_select(1, index)  # (B, T', D)
+    out = out.index_select(1, index).to(hidden.dtype)  # (B, T', D)
     new_mask = (index[None] < new_lengths[:, None]).to(mask.dtype)  # (B, T')
     return out, new_mask

@@ -1,0 +1,574 @@
+"""ONNX export: one standalone model per (exit layer, compression ratio), checked against PyTorch.
+
+Each configuration ``exit-{k:02d}_ratio-{r}`` runs decoder layers 1..k (compressing passage tokens
+at the configured layers when r > 1) with the adapters of ratio r merged, and outputs one score
+per row. How it is built, and why:
+
+* **One torch export per ratio, not per exit.** A dynamo export of SmolLM2 costs ~30-60 s on two
+  cores, so we export once per ratio a graph that outputs the scores of *every* exit (and, for the
+  checks below, the deepest exit's hidden states) and cut one model per exit out of it: exit k's
+  model is the part of the graph its ``scores`` output depends on, i.e. layers 1..k and head k.
+  Every cut model is then checked against PyTorch on its own.
+* **Shared weights.** The graph's initializers go to one external-data file per ratio,
+  ``weights-ratio-<r>.bin``; each exit's ``model.onnx`` references the tensors it uses in it (a
+  shallow exit reads only its layers). Every config folder of the ratio holds a byte-identical
+  copy, so a folder stays self-contained (one download gets everything) while a release costs
+  about one full model per ratio where it is stored: DVC's cache and remotes keep files by
+  content, so the copies are stored once. Not hard links or symlinks: onnx >= 1.17 refuses
+  external data with several hard links ("potential hardlink attack") or behind a symlink, and
+  ONNX Runtime refuses external data outside the model's folder. ``share_weights=False`` writes
+  a per-exit ``model.onnx.data`` with only that exit's tensors instead (less disk in the working
+  tree and smaller single downloads for shallow exits, but no sharing in the DVC store).
+* **Parity.** Each model is scored by ONNX Runtime on a fixed validation batch (5 ragged pairs at
+  batch size 5, and each pair alone) and compared with the PyTorch model; export fails if the max
+  abs difference exceeds the tolerance (1e-4 for float32). With right padding and causal
+  attention the last real token never attends to padding, so scores alone cannot show that the
+  graph kept its *causal* mask at exit 1 or the mask-dependent positions after compression: the
+  shared graph also outputs the deepest exit's final-norm'd hidden state of *every* real token,
+  which must match PyTorch too (a token that could see its right neighbours would differ).
+* **Attention.** The exported copy uses transformers' ``eager`` attention (explicit matmul +
+  additive mask + softmax, which ``MatryoshkaModel`` always feeds a causal mask); see
+  ``benchmarks/bench_onnx.py`` for the eager-vs-sdpa measurement. PyTorch references keep the
+  model's own attention.
+
+Configurations where compression cannot apply (ratio r > 1 and exit k <= every compression layer:
+compressing "at c" only changes the layers after c) are still exported, without the length inputs
+and with ``compression.applied_layers: []`` in the manifest: ratio r's adapters change the scores
+at every exit, so ``exit-08_ratio-2`` is a model of its own (what a user who picked ratio 2 gets
+at exit 8), the evaluation, gate and release expect the full ``exit_layers x ratios`` grid, and
+cutting it from the ratio's shared graph costs ~1 s.
+
+fp16 (``dtype="float16"``, for GPU serving): the model is exported in half precision (scores
+output stays float32) and compared with the float32 PyTorch scores under ``fp16_tolerance``. The
+check runs on the CUDA provider when it works here, else on ONNX Runtime's CPU provider, which
+runs float16 graphs by inserting casts to float32 around ops it has no float16 kernel for (so on
+CPU the check measures the half-precision weights and activations at those ops, not every op).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_dir, write_json
+from .inputs import DEFAULT_PROMPT, PairEncoder
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.json"
+MODEL_FILE = "model.onnx"
+SCORES = "scores"
+HIDDEN = "hidden"  # debug output of the shared graph only: (B, T', D) final-norm'd, padding zeroed
+TOKEN_INPUTS = ["input_ids", "attention_mask"]
+LENGTH_INPUTS = ["query_lengths", "prompt_lengths"]
+WEIGHTS_ALIGNMENT = 65536  # large tensors start on 64 KiB offsets (memory-mappable)
+
+# Fixed validation pairs: ragged lengths, a passage cut by max_length, a one-word passage.
+VALIDATION_PAIRS = [
+    ("what causes the common cold?",
+     "Rhinoviruses cause most colds in adults and children; they spread by hands and droplets."),
+    ("capital of France", "Paris is the capital of France."),
+    ("vitamin D and bone health",
+     "Sunlight helps the skin make vitamin D. Deficiency is associated with bone loss in older adults, "
+     "and supplements reduce fracture risk in some trials but not in others. " * 12),
+    ("q", "x"),
+    ("Do stem cells differentiate in vitro on 0-dimensional biomaterials?",
+     "0-dimensional biomaterials lack inductive properties, yet stem cells differentiate in vitro."),
+]
+
+
+class ExportError(RuntimeError):
+    """An export could not be produced or failed its checks; nothing was written."""
+
+
+@dataclass(frozen=True)
+class TokenizationSettings:
+    """What ``PairEncoder`` needs to reproduce the exported model's input format."""
+
+    prompt: str = DEFAULT_PROMPT
+    max_length: int = 512
+    query_max_len: int | None = None
+    passage_max_len: int | None = None
+
+    def encoder(self, tokenizer) -> PairEncoder:
+        return PairEncoder(tokenizer, prompt=self.prompt, max_length=self.max_length,
+                           query_max_len=self.query_max_len, passage_max_len=self.passage_max_len)
+
+    def to_manifest(self) -> dict:
+        return {"prompt": self.prompt, "max_length": self.max_length, "query_max_len": self.query_max_len,
+                "passage_max_len": self.passage_max_len, "padding_side": "right"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    exit_layer: int
+    ratio: int
+    compress_layers: tuple[int, ...]  # the configured layers (ratio 1: none applies)
+
+    @property
+    def name(self) -> str:
+        return config_name(self.exit_layer, self.ratio)
+
+    @property
+    def applied_layers(self) -> tuple[int, ...]:
+        """Compression layers that change this exit's score: c < k, and only when r > 1."""
+        return tuple(c for c in self.compress_layers if c < self.exit_layer) if self.ratio > 1 else ()
+
+    @property
+    def input_names(self) -> list[str]:
+        return TOKEN_INPUTS + (LENGTH_INPUTS if self.applied_layers else [])
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 18
+    dtype: str = "float32"  # or "float16" (GPU serving)
+    dynamo: bool = True
+    attn_implementation: str = "eager"
+    parity_tolerance: float = 1e-4  # float32
+    fp16_tolerance: float = 5e-2
+    share_weights: bool = True
+    start_layer: int | None = None  # raw checkpoints only
+    layer_sep: int | None = None
+    tokenization: TokenizationSettings = field(default_factory=TokenizationSettings)
+    source_model: str = ""
+    params_fingerprint: str | None = None
+
+    @property
+    def tolerance(self) -> float:
+        return self.fp16_tolerance if self.dtype == "float16" else self.parity_tolerance
+
+
+def config_name(exit_layer: int, ratio: int) -> str:
+    return f"exit-{exit_layer:02d}_ratio-{ratio}"
+
+
+def plan_configs(exit_layers: Sequence[int], ratios: Sequence[int], compress_layers: Sequence[int]
+                 ) -> list[ExportConfig]:
+    """Every (exit, ratio) configuration, ratio-major, shallow exits first."""
+    layers = tuple(sorted(set(compress_layers)))
+    configs = [ExportConfig(k, r, layers) for r in sorted(set(ratios)) for k in sorted(set(exit_layers))]
+    for config in configs:
+        if config.ratio > 1 and not config.applied_layers:
+            log.info("%s: compression at layers %s comes after exit %d, so this config runs uncompressed "
+                     "(with ratio %d's adapters)", config.name, list(layers), config.exit_layer, config.ratio)
+    return configs
+
+
+# ------------------------------------------------------------------ the whole release
+def export_models(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    exit_layers: Sequence[int],
+    ratios: Sequence[int] = (1,),
+    compress_layers: Sequence[int] = (),
+    adapters: Mapping[int, Sequence[str | os.PathLike]] | Callable[[int], Sequence] | None = None,
+    options: ExportOptions | None = None,
+) -> dict:
+    """Exports every configuration into ``out`` (replaced atomically) and returns ``index.json``.
+
+    ``adapters`` gives the adapter stack merged for each ratio (a mapping or ``ratio -> paths``);
+    the stacks' common prefix is merged once and the rest per ratio.
+    """
+    from transformers import AutoTokenizer
+
+    from .assets import resolve_model_path
+
+    options = options or ExportOptions()
+    if options.dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {options.dtype!r}")
+    if options.attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation must be eager or sdpa, got {options.attn_implementation!r}")
+    if options.opset < 18:
+        raise ValueError(f"opset must be >= 18, got {options.opset}")
+    if not exit_layers or not ratios:
+        raise ValueError("nothing to export: exit_layers and ratios must not be empty")
+    configs = plan_configs(exit_layers, ratios, compress_layers)
+    stacks = {r: [Path(p) for p in _stack(adapters, r)] for r in sorted({c.ratio for c in configs})}
+    missing = sorted({str(p) for stack in stacks.values() for p in stack if not (p / "adapter_config.json").exists()})
+    if missing:
+        raise FileNotFoundError("adapter folder(s) missing (no adapter_config.json): " + ", ".join(missing))
+
+    path = resolve_model_path(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    source = options.source_model or str(model_path)
+    started = time.perf_counter()
+    index = {"format_version": FORMAT_VERSION, "models": []}
+    with atomic_dir(out) as tmp, torch.no_grad():
+        common = _common_prefix(list(stacks.values()))
+        base = _load_merged(path, tokenizer, common, options)
+        base.check_cutoff_layers(sorted(set(exit_layers)))  # clear errors before the slow part
+        base.check_compression(compress_layers, max(ratios))
+        _save_tokenizer(tokenizer, tmp / ".tokenizer")
+        for ratio, stack in stacks.items():
+            rest = stack[len(common):]
+            model = _merge(copy.deepcopy(base), rest) if rest else base
+            ratio_configs = [c for c in configs if c.ratio == ratio]
+            _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
+            del model
+        shutil.rmtree(tmp / ".tokenizer")
+        for config in configs:
+            index["models"].append({"name": config.name, "exit_layer": config.exit_layer, "ratio": config.ratio,
+                                    "compress_layers": list(config.compress_layers), "path": config.name})
+        write_json(tmp / INDEX, index)
+    log.info("exported %d configurations to %s in %.1f s", len(configs), out, time.perf_counter() - started)
+    return index
+
+
+def export_from_params(params) -> dict:
+    """The pipeline stage: ``params.yaml`` -> ``paths.onnx`` (adapters from ``params.adapter_stack``)."""
+    ex, m = params.export, params.model
+    options = ExportOptions(
+        opset=ex.opset, dtype=ex.dtype, dynamo=ex.dynamo, attn_implementation=ex.attn_implementation,
+        parity_tolerance=ex.parity_tolerance, fp16_tolerance=ex.fp16_tolerance, share_weights=ex.share_weights,
+        start_layer=m.start_layer, layer_sep=m.layer_sep,
+        tokenization=TokenizationSettings(m.prompt, m.max_length, m.query_max_len, m.passage_max_len),
+        source_model=m.name_or_path, params_fingerprint=params.fingerprint(),
+    )
+    return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
+                         adapters=params.adapter_stack, options=options)
+
+
+def _stack(adapters, ratio: int) -> Sequence:
+    if adapters is None:
+        return []
+    return adapters(ratio) if callable(adapters) else adapters.get(ratio, [])
+
+
+def _common_prefix(stacks: list[list[Path]]) -> list[Path]:
+    prefix = []
+    for items in zip(*stacks):
+        if any(p != items[0] for p in items):
+            break
+        prefix.append(items[0])
+    return prefix
+
+
+def _load_merged(path: Path, tokenizer, adapters: Sequence[Path], options: ExportOptions):
+    from .modeling import MatryoshkaModel
+
+    model = MatryoshkaModel.from_pretrained(path, start_layer=options.start_layer, layer_sep=options.layer_sep,
+                                            dtype=torch.float32, tokenizer=tokenizer)
+    return _merge(model, adapters)
+
+
+def _merge(model, adapters: Sequence[Path]):
+    from .adapters import merge_adapters
+
+    return merge_adapters(model, adapters).eval() if adapters else model
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    folder.mkdir()
+    tokenizer.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------ one ratio
+class _AllExits(nn.Module):
+    """What is exported once per ratio: scores at every exit, and the deepest exit's hidden states."""
+
+    def __init__(self, model, exits: Sequence[int], compress_layers: Sequence[int], ratio: int):
+        super().__init__()
+        self.model, self.exits = model, sorted(exits)
+        self.compress_layers, self.ratio = tuple(compress_layers), ratio
+
+    def forward(self, input_ids, attention_mask, query_lengths=None, prompt_lengths=None):
+        state = self.model.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
+        state, scores = self.model.advance(state, self.exits[-1], set(self.exits), self.compress_layers, self.ratio)
+        mask = state.attention_mask[..., None].to(state.hidden.dtype)  # (B, T', 1)
+        hidden = self.model.decoder.norm(state.hidden).float() * mask  # (B, T', D), padding zeroed
+        return (*[scores[k] for k in self.exits], hidden)
+
+
+@contextmanager
+def _attention(model, implementation: str):
+    config = model.decoder.config
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], tokenizer, out: Path,
+                  options: ExportOptions, source: str) -> None:
+    import onnx_ir as ir
+
+    ratio = configs[0].ratio
+    exits = [c.exit_layer for c in configs]
+    compress = configs[0].compress_layers if ratio > 1 else ()
+    inputs = TOKEN_INPUTS + (LENGTH_INPUTS if any(c.applied_layers for c in configs) else [])
+    encoder = options.tokenization.encoder(tokenizer)
+    batches = validation_batches(encoder)
+    reference = [_reference(model, b, exits, compress, ratio) for b in batches]  # PyTorch float32
+
+    stage = out / f".stage-ratio-{ratio}"
+    stage.mkdir()
+    weights = f"weights-ratio-{ratio}.bin" if options.share_weights else None
+    started = time.perf_counter()
+    exported = model if options.dtype == "float32" else copy.deepcopy(model).half()
+    wrapper = _AllExits(exported, exits, compress, ratio).eval()
+    with _attention(wrapper.model, options.attn_implementation):
+        graph = _torch_export(wrapper, batches[0], inputs, [f"{SCORES}_{k}" for k in exits] + [HIDDEN], stage, options)
+    _optimize(graph)
+    shared = stage / "all-exits.onnx"
+    ir.save(graph, shared, external_data=weights or "all-exits.onnx.data", size_threshold_bytes=1024,
+            alignment=WEIGHTS_ALIGNMENT)
+    del graph, wrapper
+    export_seconds = time.perf_counter() - started
+    log.info("ratio %d: exported exits %s in %.1f s", ratio, exits, export_seconds)
+
+    hidden_diff = _check_hidden(shared, batches, reference, inputs, options)
+    for config in configs:
+        started = time.perf_counter()
+        folder = out / config.name
+        folder.mkdir()
+        _cut_exit(shared, config, folder / MODEL_FILE, weights)
+        if weights:
+            shutil.copyfile(stage / weights, folder / weights)
+        for item in (out / ".tokenizer").iterdir():
+            shutil.copyfile(item, folder / item.name)
+        _check_file(folder / MODEL_FILE)
+        parity = _check_scores(folder / MODEL_FILE, batches, [r["scores"][config.exit_layer] for r in reference],
+                               config, options)
+        parity["hidden_states"] = hidden_diff
+        manifest = _manifest(config, folder, adapters, parity, options, source, model)
+        write_json(folder / MANIFEST, manifest)
+        log.info("%s: parity %.2e (hidden %.2e), cut + checks %.1f s", config.name, parity["max_abs_diff"],
+                 hidden_diff["max_abs_diff"], time.perf_counter() - started)
+    shutil.rmtree(stage)
+
+
+def validation_batches(encoder: PairEncoder) -> list[dict[str, torch.Tensor]]:
+    """The fixed parity batch: all pairs together (ragged, batch 5), then each pair alone (batch 1)."""
+    encoded = [encoder.encode(q, p) for q, p in VALIDATION_PAIRS]
+    return [encoder.collate(encoded)] + [encoder.collate([e]) for e in encoded]
+
+
+def _reference(model, batch, exits, compress, ratio) -> dict:
+    state = model.embed(batch["input_ids"], batch["attention_mask"], batch["query_lengths"], batch["prompt_lengths"])
+    state, scores = model.advance(state, max(exits), set(exits), compress, ratio)
+    hidden = model.decoder.norm(state.hidden).float() * state.attention_mask[..., None]
+    return {"scores": {k: v.float().numpy() for k, v in scores.items()}, "hidden": hidden.numpy()}
+
+
+def _torch_export(wrapper, batch, inputs: list[str], outputs: list[str], stage: Path, options: ExportOptions):
+    """torch.onnx.export -> onnx_ir model (dynamo by default; TorchScript only when asked)."""
+    import onnx_ir as ir
+
+    args = tuple(batch[name] for name in inputs)
+    try:
+        if options.dynamo:
+            batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            shapes = {name: ({0: batch_dim, 1: seq_dim} if name in TOKEN_INPUTS else {0: batch_dim}) for name in inputs}
+            program = torch.onnx.export(wrapper, args, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
+                                        opset_version=options.opset, dynamo=True, optimize=False, verbose=False)
+            return program.model
+        # Documented fallback: the TorchScript exporter (deprecated upstream, warns on mask code).
+        axes = {name: ({0: "batch", 1: "sequence"} if name in TOKEN_INPUTS else {0: "batch"}) for name in inputs}
+        axes.update({name: {0: "batch"} for name in outputs[:-1]} | {outputs[-1]: {0: "batch", 1: "sequence"}})
+        raw = stage / "torchscript.onnx"
+        torch.onnx.export(wrapper, args, str(raw), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=options.opset, dynamo=False, external_data=True)
+        return ir.load(raw)
+    except Exception as err:  # the exporters raise many types; keep the cause
+        raise ExportError(f"torch.onnx.export ({'dynamo' if options.dynamo else 'torchscript'}) failed: {err}") from err
+
+
+def _optimize(graph) -> None:
+    """Constant folding + dead-code removal: ~1 s on SmolLM2 and as fast in ONNX Runtime as the
+    exporter's full optimizer (``optimize=True``), whose rewrite rules take ~30 s per export on
+    two cores. Node metadata (stack traces with local paths) is dropped: smaller, reproducible."""
+    import onnx_ir.passes.common as passes
+    import onnxscript.optimizer
+
+    with _quiet("onnxscript", "onnx_ir"):  # they log every skipped fold at INFO
+        onnxscript.optimizer.fold_constants(graph)
+        passes.RemoveUnusedNodesPass()(graph)
+        passes.DeduplicateInitializersPass()(graph)
+        passes.ClearMetadataAndDocStringPass()(graph)
+
+
+@contextmanager
+def _quiet(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _cut_exit(shared: Path, config: ExportConfig, target: Path, weights: str | None) -> None:
+    """Exit k's model: the part of the shared graph that ``scores_k`` depends on."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as passes
+
+    graph = ir.load(shared)
+    scores = next(v for v in graph.graph.outputs if v.name == f"{SCORES}_{config.exit_layer}")
+    graph.graph.outputs.clear()
+    graph.graph.outputs.append(scores)
+    passes.RemoveUnusedNodesPass()(graph)
+    for value in [v for v in graph.graph.inputs if not v.uses()]:
+        graph.graph.inputs.remove(value)
+    scores.name = SCORES
+    graph.graph.name = config.name
+    names = [v.name for v in graph.graph.inputs]
+    if names != config.input_names:
+        raise ExportError(f"{config.name}: graph inputs {names} != expected {config.input_names}")
+    if weights:  # keep the references into the shared file (same folder layout)
+        ir.save(graph, target)
+    else:
+        ir.save(graph, target, external_data=target.name + ".data", size_threshold_bytes=1024,
+                alignment=WEIGHTS_ALIGNMENT)
+
+
+def _check_file(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))  # path-based: works with external data and > 2 GB
+    except Exception as err:
+        raise ExportError(f"{path}: ONNX checker failed: {err}") from err
+
+
+# ------------------------------------------------------------------ parity
+def _session(path: Path, options: ExportOptions):
+    from .onnx_runtime import create_session
+
+    providers = None if options.dtype == "float16" else ["CPUExecutionProvider"]
+    return create_session(path, providers=providers, threads=torch.get_num_threads())
+
+
+def _run(session, output: str, batch, names: list[str], what: str) -> np.ndarray:
+    feed = {name: batch[name].numpy().astype(np.int64) for name in names}
+    try:
+        return session.run([output], feed)[0]
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ExportError(f"{what}: ONNX Runtime cannot run the exported graph on "
+                          f"{session.get_providers()[0]}: {err}") from err
+
+
+def _check_scores(path: Path, batches, reference: list[np.ndarray], config: ExportConfig,
+                  options: ExportOptions) -> dict:
+    session = _session(path, options)
+    names = [i.name for i in session.get_inputs()]
+    diff = 0.0
+    for batch, expected in zip(batches, reference):
+        scores = _run(session, SCORES, batch, names, config.name)
+        if scores.shape != expected.shape:
+            raise ExportError(f"{config.name}: ORT scores shape {scores.shape} != PyTorch {expected.shape}")
+        diff = max(diff, float(np.abs(scores.astype(np.float64) - expected).max()))
+    result = {"max_abs_diff": diff, "tolerance": options.tolerance, "reference": "PyTorch float32",
+              "provider": session.get_providers()[0], "batch_sizes": sorted({len(b["input_ids"]) for b in batches}),
+              "pairs": len(VALIDATION_PAIRS)}
+    if not diff <= options.tolerance:  # also catches NaN
+        raise ExportError(f"{config.name}: ONNX Runtime scores differ from PyTorch by {diff:.3g} "
+                          f"(> tolerance {options.tolerance:g})")
+    return result
+
+
+def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str], options: ExportOptions) -> dict:
+    """Every real token's hidden state at the deepest exit (shared graph) vs PyTorch.
+
+    Compared relative to the largest hidden value (final-norm'd states reach ~10^2 on real models).
+    """
+    session = _session(shared, options)
+    diff = scale = 0.0
+    for batch, expected in zip(batches, reference):
+        hidden = _run(session, HIDDEN, batch, inputs, "hidden-state check")
+        if hidden.shape != expected["hidden"].shape:
+            raise ExportError(f"hidden-state check: ORT shape {hidden.shape} != PyTorch {expected['hidden'].shape}")
+        diff = max(diff, float(np.abs(hidden.astype(np.float64) - expected["hidden"]).max()))
+        scale = max(scale, float(np.abs(expected["hidden"]).max()))
+    relative = diff / max(scale, 1.0)
+    if not relative <= options.tolerance:
+        raise ExportError(f"hidden-state check: ORT differs from PyTorch by {diff:.3g} ({relative:.3g} relative, "
+                          f"> tolerance {options.tolerance:g}); the exported attention mask is suspect")
+    return {"max_abs_diff": diff, "relative": relative, "max_abs_value": scale,
+            "exit_layer": max(reference[0]["scores"]),
+            "note": "every real token's final-norm'd hidden state at this exit, shared graph of the ratio"}
+
+
+# ------------------------------------------------------------------ manifest
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: dict, options: ExportOptions,
+              source: str, model) -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from . import __version__
+
+    proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    files = {path.relative_to(folder).as_posix(): sha256_file(path)
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    int64 = lambda name, shape: {"name": name, "dtype": "int64", "shape": shape}  # noqa: E731
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": config.name,
+        "exit_layer": config.exit_layer,
+        "num_layers": model.num_layers,
+        "compression": {"layers": list(config.compress_layers), "ratio": config.ratio,
+                        "applied_layers": list(config.applied_layers)},
+        "adapters": [{"path": str(p), "sha256": _adapter_hash(p)} for p in adapters],
+        "model_file": MODEL_FILE,
+        "weights_file": f"weights-ratio-{config.ratio}.bin" if options.share_weights else MODEL_FILE + ".data",
+        "shared_weights": options.share_weights,
+        "opset": opset,
+        "dtype": options.dtype,
+        "exporter": "dynamo" if options.dynamo else "torchscript",
+        "attn_implementation": options.attn_implementation,
+        "inputs": [int64(n, ["batch", "sequence"]) for n in TOKEN_INPUTS]
+                  + [int64(n, ["batch"]) for n in config.input_names[len(TOKEN_INPUTS):]],
+        "outputs": [{"name": SCORES, "dtype": "float32", "shape": ["batch"]}],
+        "tokenization": options.tokenization.to_manifest(),
+        "source_model": source,
+        "model_type": model.config.model_type,
+        "params_fingerprint": options.params_fingerprint,
+        "parity": parity,
+        "versions": {"matryoshka_reranker": __version__, "torch": torch.__version__.split("+")[0],
+                     "transformers": transformers.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "files": files,
+    }
+
+
+def _adapter_hash(path: Path) -> str | None:
+    weights = path / "adapter_model.safetensors"
+    return sha256_file(weights) if weights.exists() else None
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / INDEX
+    index = json.loads(path.read_text())
+    if index.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} is from a newer format (version {index['format_version']})")
+    return index

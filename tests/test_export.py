@@ -1,0 +1,312 @@
+"""ONNX export: ORT == PyTorch per (exit, ratio) with adapters merged, layout, manifest, checks, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from typer.testing import CliRunner
+
+from matryoshka_reranker import OnnxReranker, modeling
+from matryoshka_reranker.adapters import target_pattern
+from matryoshka_reranker.cli import app
+from matryoshka_reranker.export import (
+    ExportError,
+    ExportOptions,
+    TokenizationSettings,
+    export_models,
+    plan_configs,
+    sha256_file,
+)
+from matryoshka_reranker.modeling import MatryoshkaModel
+from matryoshka_reranker.onnx_runtime import read_manifest
+from matryoshka_reranker.reranker import MatryoshkaReranker
+from tests.fixtures import make_tiny_model, make_tokenizer
+
+pytestmark = pytest.mark.slow  # every module fixture runs torch.onnx.export (~5-10 s each)
+
+PAIRS = [
+    ("what causes the common cold?", "Rhinoviruses cause most colds in adults and children, spread by hands."),
+    ("capital of France", "Paris is the capital of France."),
+    ("vitamin D", "Sunlight helps the skin make vitamin D; deficiency is associated with bone loss in adults. " * 3),
+    ("q", "x"),
+    ("mitochondria", "The mitochondria is the powerhouse of the cell; ATP synthesis happens in its inner membrane."),
+]
+MAX_LENGTH = 48
+SETTINGS = TokenizationSettings(max_length=MAX_LENGTH)
+EXITS, RATIOS, COMPRESS = [2, 3, 4], [1, 2], [2]
+
+
+def make_adapter(model_dir: Path, path: Path, seed: int) -> Path:
+    """A random (init_lora_weights=False) LoRA on every projection and score head, saved with PEFT."""
+    model = MatryoshkaModel.from_pretrained(model_dir, start_layer=1)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, bias="none",
+                        target_modules=target_pattern(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj", "score_heads"]))
+    get_peft_model(model, config).save_pretrained(path)
+    return path
+
+
+def save_tiny(arch: str, path: Path) -> Path:
+    tokenizer = make_tokenizer()
+    make_tiny_model(arch, tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def release(request, tmp_path_factory):
+    """A tiny model, two adapters (ratio 1) + a token adapter (ratio 2), exported at exits 2-4, ratios 1-2."""
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    model_dir = save_tiny(request.param, root / "model")
+    base = [make_adapter(model_dir, root / "self_distill", 1), make_adapter(model_dir, root / "layer", 2)]
+    stacks = {1: base, 2: base + [make_adapter(model_dir, root / "token-ratio-2", 3)]}
+    index = export_models(model_dir, root / "onnx", EXITS, RATIOS, COMPRESS, adapters=stacks,
+                          options=ExportOptions(start_layer=1, tokenization=SETTINGS, params_fingerprint="abc"))
+    return {"root": root, "model": model_dir, "stacks": stacks, "index": index, "out": root / "onnx"}
+
+
+def pytorch_scores(release, ratio, exit_layer, pairs, batch_size, adapters=True):
+    cache = release.setdefault("rerankers", {})
+    if (ratio, adapters) not in cache:
+        cache[(ratio, adapters)] = MatryoshkaReranker(release["model"], start_layer=1, max_length=MAX_LENGTH,
+                                                      peft_path=release["stacks"][ratio] if adapters else None)
+    return cache[(ratio, adapters)].compute_score(pairs, cutoff_layers=[exit_layer], compress_layers=COMPRESS,
+                                                  compress_ratio=ratio, batch_size=batch_size)
+
+
+def test_index_lists_every_config(release):
+    index = json.loads((release["out"] / "index.json").read_text())
+    assert index == release["index"]
+    assert index["format_version"] == 1
+    assert [m["name"] for m in index["models"]] == [
+        "exit-02_ratio-1", "exit-03_ratio-1", "exit-04_ratio-1",
+        "exit-02_ratio-2", "exit-03_ratio-2", "exit-04_ratio-2"]
+    assert index["models"][0] == {"name": "exit-02_ratio-1", "exit_layer": 2, "ratio": 1, "compress_layers": [2],
+                                  "path": "exit-02_ratio-1"}
+    folders = sorted(p.name for p in release["out"].iterdir())
+    assert folders == sorted([m["path"] for m in index["models"]] + ["index.json"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_ort_scores_equal_pytorch_with_adapters(release, batch_size):
+    for entry in release["index"]["models"]:
+        ort_scores = OnnxReranker(release["out"] / entry["path"]).compute_score(PAIRS, batch_size=batch_size)
+        expected = pytorch_scores(release, entry["ratio"], entry["exit_layer"], PAIRS, batch_size)
+        np.testing.assert_allclose(ort_scores, expected, atol=1e-4, rtol=0, err_msg=entry["name"])
+
+
+def test_adapters_and_compression_are_in_the_graph(release):
+    """A forgotten merge or a ratio-1 graph under a ratio-2 name would pass a loose check: not this one."""
+    with_adapters = OnnxReranker(release["out"] / "exit-04_ratio-1").compute_score(PAIRS)
+    without = pytorch_scores(release, 1, 4, PAIRS, 5, adapters=False)
+    assert np.abs(np.array(with_adapters) - without).max() > 1e-3
+    ratio_2 = OnnxReranker(release["out"] / "exit-04_ratio-2").compute_score(PAIRS)
+    assert np.abs(np.array(ratio_2) - with_adapters).max() > 1e-3
+
+
+def test_manifest_describes_the_folder(release):
+    for entry in release["index"]["models"]:
+        folder = release["out"] / entry["path"]
+        manifest = read_manifest(folder)
+        ratio = entry["ratio"]
+        compressed = ratio > 1 and entry["exit_layer"] > 2  # compression at 2 changes exits 3 and 4 only
+        assert manifest["format_version"] == 1 and manifest["name"] == entry["name"]
+        assert manifest["exit_layer"] == entry["exit_layer"] and manifest["num_layers"] == 4
+        applied = [2] if compressed else []
+        assert manifest["compression"] == {"layers": COMPRESS, "ratio": ratio, "applied_layers": applied}
+        assert [a["path"] for a in manifest["adapters"]] == [str(p) for p in release["stacks"][ratio]]
+        assert all(len(a["sha256"]) == 64 for a in manifest["adapters"])
+        assert manifest["opset"] >= 18 and manifest["dtype"] == "float32" and manifest["exporter"] == "dynamo"
+        inputs = ["input_ids", "attention_mask"] + (["query_lengths", "prompt_lengths"] if compressed else [])
+        assert [i["name"] for i in manifest["inputs"]] == inputs
+        assert manifest["outputs"] == [{"name": "scores", "dtype": "float32", "shape": ["batch"]}]
+        assert manifest["tokenization"]["max_length"] == MAX_LENGTH
+        assert manifest["source_model"] == str(release["model"]) and manifest["params_fingerprint"] == "abc"
+        parity = manifest["parity"]
+        assert 0 <= parity["max_abs_diff"] <= parity["tolerance"] == 1e-4 and parity["batch_sizes"] == [1, 5]
+        assert parity["hidden_states"]["relative"] <= 1e-4
+        on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
+        assert set(manifest["files"]) == on_disk
+        assert {"model.onnx", f"weights-ratio-{ratio}.bin", "tokenizer.json"} <= on_disk
+        for name, digest in manifest["files"].items():
+            assert sha256_file(folder / name) == digest
+        onnx.checker.check_model(str(folder / "model.onnx"))  # users' tooling accepts the folder as is
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        assert [o.name for o in graph.output] == ["scores"] and [i.name for i in graph.input] == inputs
+
+
+def external_bytes(model_file: Path) -> tuple[set[str], int]:
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    locations, total = set(), 0
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            locations.add(info["location"])
+            total += int(info["length"])
+    return locations, total
+
+
+def test_exits_of_a_ratio_share_one_weights_file_and_read_only_their_layers(release):
+    out = release["out"]
+    digests = {sha256_file(out / f"exit-0{k}_ratio-1" / "weights-ratio-1.bin") for k in EXITS}
+    assert len(digests) == 1
+    used = []
+    for k in EXITS:
+        locations, total = external_bytes(out / f"exit-0{k}_ratio-1" / "model.onnx")
+        assert locations == {"weights-ratio-1.bin"}
+        used.append(total)
+    assert used[0] < used[1] < used[2]  # exit 2 reads fewer tensors than exit 3 than exit 4
+
+
+def test_plan_applies_compression_only_before_the_exit():
+    configs = plan_configs([8, 16], [1, 2], [8, 12])
+    assert [(c.name, c.applied_layers, c.input_names[2:]) for c in configs] == [
+        ("exit-08_ratio-1", (), []), ("exit-16_ratio-1", (), []),
+        ("exit-08_ratio-2", (), []), ("exit-16_ratio-2", (8, 12), ["query_lengths", "prompt_lengths"])]
+
+
+# ------------------------------------------------------------ failures and options
+@pytest.fixture(scope="module")
+def llama_model(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+def test_missing_adapters_fail_before_any_work(llama_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter folder"):
+        export_models(llama_model, tmp_path / "out", [2], [1], adapters={1: [tmp_path / "nope"]},
+                      options=ExportOptions(start_layer=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_layers_fail_clearly(llama_model, tmp_path):
+    with pytest.raises(ValueError, match="no score head"):
+        export_models(llama_model, tmp_path / "out", [5], [1], options=ExportOptions(start_layer=1))
+    with pytest.raises(ValueError, match="compress layer"):
+        export_models(llama_model, tmp_path / "out", [3], [2], [4], options=ExportOptions(start_layer=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_dropped_causal_mask_is_caught_where_scores_cannot_see_it(llama_model, tmp_path, monkeypatch):
+    """At exit 1 the last real token's score is the same with or without the causal mask (it sees
+    every real token either way): only the every-token hidden-state check can catch the bad graph."""
+    real_bias = modeling.attention_bias
+
+    def padding_only_when_exporting(mask, dtype):
+        if not torch.compiler.is_exporting():
+            return real_bias(mask, dtype)
+        bias = torch.zeros(mask.shape[0], 1, mask.shape[1], mask.shape[1], dtype=dtype)
+        return bias.masked_fill(~mask[:, None, None, :].bool(), torch.finfo(dtype).min)
+
+    monkeypatch.setattr(modeling, "attention_bias", padding_only_when_exporting)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last-good").write_text("kept")
+    with pytest.raises(ExportError, match="hidden-state check"):
+        export_models(llama_model, out, [1], [1], options=ExportOptions(start_layer=1, tokenization=SETTINGS))
+    assert (out / "last-good").read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch):
+    from matryoshka_reranker import export as export_module
+
+    real_reference = export_module._reference
+
+    def shifted(*args):
+        result = real_reference(*args)
+        return {**result, "scores": {k: v + 1e-3 for k, v in result["scores"].items()}}
+
+    monkeypatch.setattr(export_module, "_reference", shifted)
+    with pytest.raises(ExportError, match=r"differ from PyTorch by 0\.001"):
+        export_models(llama_model, tmp_path / "out", [2], [1],
+                      options=ExportOptions(start_layer=1, tokenization=SETTINGS))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options", [dict(dynamo=False), dict(dtype="float16"), dict(share_weights=False)],
+                         ids=["torchscript", "float16", "per-exit-weights"])
+def test_export_options(llama_model, tmp_path, options):
+    export_models(llama_model, tmp_path / "out", [3], [2], [2],
+                  options=ExportOptions(start_layer=1, tokenization=SETTINGS, **options))
+    folder = tmp_path / "out" / "exit-03_ratio-2"
+    manifest = read_manifest(folder)
+    ort_scores = OnnxReranker(folder).compute_score(PAIRS)
+    expected = MatryoshkaReranker(llama_model, start_layer=1, max_length=MAX_LENGTH).compute_score(
+        PAIRS, cutoff_layers=[3], compress_layers=COMPRESS, compress_ratio=2)
+    tolerance = 5e-2 if options.get("dtype") == "float16" else 1e-4
+    assert manifest["parity"]["tolerance"] == tolerance
+    np.testing.assert_allclose(ort_scores, expected, atol=tolerance, rtol=0)
+    if "dynamo" in options:
+        assert manifest["exporter"] == "torchscript"
+    if "dtype" in options:
+        assert manifest["dtype"] == "float16"
+        types = {t.data_type for t in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in types
+    if "share_weights" in options:
+        assert external_bytes(folder / "model.onnx")[0] == {"model.onnx.data"}
+        assert not manifest["shared_weights"] and "model.onnx.data" in manifest["files"]
+
+
+# ------------------------------------------------------------ CLI
+def test_cli_explicit_form(llama_model, tmp_path):
+    adapter = make_adapter(llama_model, tmp_path / "adapter", 5)
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(app, ["export", "--model", str(llama_model), "--peft-path", str(adapter),
+                                      "--layers", "2", "4", "--start-layer", "1", "--max-length", str(MAX_LENGTH),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == ["exit-02_ratio-1", str(out / "exit-02_ratio-1"),
+                                     "exit-04_ratio-1", str(out / "exit-04_ratio-1")]
+    manifest = read_manifest(out / "exit-04_ratio-1")
+    assert [a["path"] for a in manifest["adapters"]] == [str(adapter)]
+    expected = MatryoshkaReranker(llama_model, peft_path=adapter, start_layer=1, max_length=MAX_LENGTH).compute_score(
+        PAIRS, cutoff_layers=[4])
+    np.testing.assert_allclose(OnnxReranker(out / "exit-04_ratio-1").compute_score(PAIRS), expected, atol=1e-4, rtol=0)
+
+
+def write_params(tmp_path, model_dir, **export) -> Path:
+    params = {
+        "model": {"name_or_path": str(model_dir), "start_layer": 1, "query_max_len": 16, "passage_max_len": 32},
+        "compression": {"layers": [2]},
+        "compensation": {"token_ratios": [2]},
+        "export": {"exit_layers": [3], "ratios": [1], "compress_layers": [2], **export},
+        "paths": {"self_distill": str(tmp_path / "sd"), "compensation": str(tmp_path / "comp"),
+                  "onnx": str(tmp_path / "onnx")},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_cli_params_form_merges_the_adapter_stack(llama_model, tmp_path):
+    params = write_params(tmp_path, llama_model)
+    result = CliRunner().invoke(app, ["export", "--params", str(params)])
+    assert result.exit_code == 2 and "adapter folder(s) missing" in result.output
+    assert str(tmp_path / "sd") in result.output and str(tmp_path / "comp" / "layer") in result.output
+
+    stack = [make_adapter(llama_model, tmp_path / "sd", 6), make_adapter(llama_model, tmp_path / "comp" / "layer", 7)]
+    result = CliRunner().invoke(app, ["export", "-p", str(params), "-S", "export.exit_layers=[2]"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "onnx" / "exit-02_ratio-1"
+    manifest = read_manifest(folder)
+    assert [a["path"] for a in manifest["adapters"]] == [str(p) for p in stack]
+    assert manifest["tokenization"] == {"prompt": manifest["tokenization"]["prompt"], "max_length": 48,
+                                        "query_max_len": 16, "passage_max_len": 32, "padding_side": "right"}
+    from matryoshka_reranker.config import load_params
+
+    assert manifest["params_fingerprint"] == load_params(params, ["export.exit_layers=[2]"]).fingerprint()
+
+
+def test_cli_rejects_mixed_forms(llama_model, tmp_path):
+    result = CliRunner().invoke(app, ["export", "--layers", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--layers, --out need --model" in result.output
+    result = CliRunner().invoke(app, ["export", "--model", str(llama_model), "--layers", "2", "--out", str(tmp_path),
+                                      "-S", "export.opset=18"])
+    assert result.exit_code == 2 and "cannot be combined" in result.output

@@ -1,0 +1,122 @@
+"""OnnxReranker: the compute_score contract, provider choice, and refusing folders that do not match."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from matryoshka_reranker import OnnxReranker, onnx_runtime
+from matryoshka_reranker.export import ExportOptions, TokenizationSettings, export_models, sha256_file
+from matryoshka_reranker.onnx_runtime import ModelIntegrityError, pick_providers, read_manifest
+from matryoshka_reranker.reranker import MatryoshkaReranker
+
+pytestmark = pytest.mark.slow  # the module fixture runs one torch.onnx.export
+
+PAIRS = [
+    ("capital of France", "Paris is the capital of France."),
+    ("what causes the common cold?", "Rhinoviruses cause most colds in adults and children, spread by hands."),
+    ("q", "x"),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, llama_dir):
+    out = tmp_path_factory.mktemp("ort") / "onnx"
+    options = ExportOptions(start_layer=1, tokenization=TokenizationSettings(max_length=48))
+    export_models(llama_dir, out, [3], [1], options=options)
+    return out / "exit-03_ratio-1"
+
+
+@pytest.fixture
+def folder(exported, tmp_path):
+    """A private copy to corrupt."""
+    return shutil.copytree(exported, tmp_path / "model")
+
+
+def test_compute_score_matches_pytorch_and_restores_order(exported, llama_dir):
+    reranker = OnnxReranker(exported, threads=1)
+    assert reranker.exit_layer == 3 and reranker.compress_ratio == 1
+    assert reranker.providers == ["CPUExecutionProvider"]
+    assert reranker.session.get_session_options().intra_op_num_threads == 1
+    scores = reranker.compute_score(PAIRS, batch_size=2)
+    expected = MatryoshkaReranker(llama_dir, start_layer=1, max_length=48).compute_score(PAIRS, cutoff_layers=[3])
+    np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
+    assert reranker.compute_score(PAIRS[::-1], batch_size=1) == pytest.approx(scores[::-1], abs=1e-5)
+    single = reranker.compute_score(PAIRS[1])
+    assert isinstance(single, float) and single == pytest.approx(scores[1], abs=1e-5)
+    normalized = reranker.compute_score(PAIRS, normalize=True)
+    assert normalized == pytest.approx([1 / (1 + math.exp(-s)) for s in scores], abs=1e-6)
+
+
+def test_compute_score_rejects_bad_input(exported):
+    reranker = OnnxReranker(exported)
+    with pytest.raises(ValueError, match="at least one"):
+        reranker.compute_score([])
+    with pytest.raises(TypeError, match="pair 1"):
+        reranker.compute_score([PAIRS[0], ("only one",)])
+    with pytest.raises(ValueError, match="batch_size"):
+        reranker.compute_score(PAIRS, batch_size=0)
+
+
+def test_truncated_onnx_is_refused(folder):
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelIntegrityError, match=r"model\.onnx: sha256 .* does not match the manifest"):
+        OnnxReranker(folder)
+    # Even with a manifest rewritten to the truncated file's hash, ORT's load error is reported clearly.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match="ONNX Runtime cannot load the model"):
+        OnnxReranker(folder)
+
+
+def test_changed_weights_are_refused(folder):
+    weights = folder / "weights-ratio-1.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match=r"weights-ratio-1\.bin: sha256"):
+        OnnxReranker(folder)
+    OnnxReranker(folder, verify=False)  # loads (wrong weights): verification is what catches it
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(format_version=2), "format_version 2; .* reads up to 1"),
+        (lambda m: m.pop("format_version"), "missing or invalid format_version"),
+        (lambda m: m["files"].pop("model.onnx"), "must list every file"),
+        (lambda m: m["files"].update({"extra.bin": "0" * 64}), r"extra\.bin is listed in the manifest but missing"),
+        (lambda m: m["files"].update({"../escape": "0" * 64}), "outside"),
+    ],
+)
+def test_bad_manifests_are_refused(folder, edit, message):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match=message):
+        read_manifest(folder)
+
+
+def test_missing_manifest_is_refused(folder):
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ModelIntegrityError, match="no manifest.json"):
+        OnnxReranker(folder)
+
+
+def test_provider_choice(monkeypatch):
+    monkeypatch.setattr(onnx_runtime, "cuda_works", lambda: False)
+    assert pick_providers() == ["CPUExecutionProvider"]  # the CUDA provider is listed without a GPU
+    monkeypatch.setattr(onnx_runtime, "cuda_works", lambda: True)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert pick_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="not available"):
+        pick_providers(["NoSuchExecutionProvider"])
