@@ -8,6 +8,8 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
+# DVC stages call `matryoshka ...`: find it in the venv without activating it.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup repro test bench clean
 
@@ -22,8 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 repro: setup
-	$(BIN)/matryoshka --help >/dev/null
-	$(BIN)/python -c "from matryoshka_reranker.assets import resolve_model_path as r; r('embedded:smollm2-135m-instruct')"
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
 
 test: setup
 	$(BIN)/python -m pytest

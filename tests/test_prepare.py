@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from matryoshka_reranker.data import TrainingDataError
 from matryoshka_reranker.prepare import prepare
 from tests.train_fixtures import one_thread  # noqa: F401  (autouse)
 from tests.train_fixtures import CORPUS, TRAIN_ROWS, tiny_params, write_beir, write_jsonl
@@ -56,13 +55,15 @@ def test_query_subsets_are_seeded(tmp_path):
     assert [g["query_id"] for g in read(params.paths.train_groups)] == ids
 
 
-def test_user_training_file_is_validated_and_used(tmp_path):
+def test_user_training_file_is_copied_as_the_training_groups(tmp_path):
     write_beir(tmp_path / "beir")
     own = write_jsonl(tmp_path / "own.jsonl", TRAIN_ROWS)
     params = tiny_params(tmp_path, tmp_path, data__train_file=str(own))
     assert prepare(params).source == str(own)
     assert open(params.paths.train_groups).read() == own.read_text()
+    # A bad file is copied as is: the validate stage reports every bad line at once (tests/test_pipeline.py).
     bad = write_jsonl(tmp_path / "bad.jsonl", [TRAIN_ROWS[0], {"query": "q", "pos": ["p"], "neg": []}])
-    with pytest.raises(TrainingDataError, match=r"bad\.jsonl:2: 'neg' is empty"):
-        prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(bad)))
-    assert open(params.paths.train_groups).read() == own.read_text()  # the last good output stays
+    assert prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(bad))).train_groups == 2
+    with pytest.raises(FileNotFoundError, match="data.train_file"):
+        prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(tmp_path / "missing.jsonl")))
+    assert open(params.paths.train_groups).read() == bad.read_text()  # the last output stays

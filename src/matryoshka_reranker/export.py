@@ -12,11 +12,12 @@ per row. How it is built, and why:
 * **Shared weights.** The graph's initializers go to one external-data file per ratio,
   ``weights-ratio-<r>.bin``; each exit's ``model.onnx`` references the tensors it uses in it (a
   shallow exit reads only its layers). Every config folder of the ratio holds a byte-identical
-  copy, so a folder stays self-contained (one download gets everything) while a release costs
-  about one full model per ratio where it is stored: DVC's cache and remotes keep files by
-  content, so the copies are stored once. Not hard links or symlinks: onnx >= 1.17 refuses
-  external data with several hard links ("potential hardlink attack") or behind a symlink, and
-  ONNX Runtime refuses external data outside the model's folder. ``share_weights=False`` writes
+  file (a hard link where the file system allows), so a folder stays self-contained (one download
+  gets everything) while the working tree and a release cost about one full model per ratio:
+  DVC's cache (``cache.type = hardlink``) and remotes keep files by content, so the copies are
+  stored once. Models are checked before the links are made, because onnx >= 1.17 refuses external
+  data with several hard links ("potential hardlink attack"); no symlinks: ONNX Runtime refuses
+  external data outside the model's folder. ``share_weights=False`` writes
   a per-exit ``model.onnx.data`` with only that exit's tensors instead (less disk in the working
   tree and smaller single downloads for shallow exits, but no sharing in the DVC store).
 * **Parity.** Each model is scored by ONNX Runtime on a fixed validation batch (5 ragged pairs at
@@ -335,24 +336,41 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     log.info("ratio %d: exported exits %s in %.1f s", ratio, exits, export_seconds)
 
     hidden_diff = _check_hidden(shared, batches, reference, inputs, options)
-    for config in configs:
+    checked = []
+    for config in configs:  # cut and check beside the single weights file (see _place_weights)
         started = time.perf_counter()
-        folder = out / config.name
-        folder.mkdir()
-        _cut_exit(shared, config, folder / MODEL_FILE, weights)
-        if weights:
-            shutil.copyfile(stage / weights, folder / weights)
-        for item in (out / ".tokenizer").iterdir():
-            shutil.copyfile(item, folder / item.name)
-        _check_file(folder / MODEL_FILE)
-        parity = _check_scores(folder / MODEL_FILE, batches, [r["scores"][config.exit_layer] for r in reference],
-                               config, options)
+        cut = stage / f"{config.name}.onnx" if weights else out / config.name / MODEL_FILE
+        cut.parent.mkdir(exist_ok=True)
+        _cut_exit(shared, config, cut, weights)
+        _check_file(cut)
+        parity = _check_scores(cut, batches, [r["scores"][config.exit_layer] for r in reference], config, options)
         parity["hidden_states"] = hidden_diff
-        manifest = _manifest(config, folder, adapters, parity, options, source, model)
-        write_json(folder / MANIFEST, manifest)
+        checked.append((config, cut, parity))
         log.info("%s: parity %.2e (hidden %.2e), cut + checks %.1f s", config.name, parity["max_abs_diff"],
                  hidden_diff["max_abs_diff"], time.perf_counter() - started)
+    hashes: dict[tuple[int, int], str] = {}  # (device, inode) -> sha256: a linked file is hashed once
+    for config, cut, parity in checked:
+        folder = out / config.name
+        folder.mkdir(exist_ok=True)
+        if weights:
+            os.replace(cut, folder / MODEL_FILE)
+            _place_weights(stage / weights, folder / weights)
+        for item in (out / ".tokenizer").iterdir():
+            shutil.copyfile(item, folder / item.name)
+        write_json(folder / MANIFEST, _manifest(config, folder, adapters, parity, options, source, model, hashes))
     shutil.rmtree(stage)
+
+
+def _place_weights(source: Path, target: Path) -> None:
+    """A hard link to the ratio's one weights file (a copy where links are impossible).
+
+    Checks run before linking: onnx's checker refuses external data with several hard links. ONNX
+    Runtime reads linked files fine, and DVC (``cache.type = hardlink``) keeps one copy on disk.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def validation_batches(encoder: PairEncoder) -> list[dict[str, torch.Tensor]]:
@@ -519,7 +537,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: dict, options: ExportOptions,
-              source: str, model) -> dict:
+              source: str, model, hashes: dict[tuple[int, int], str] | None = None) -> dict:
     import onnx
     import onnxruntime
     import transformers
@@ -528,8 +546,15 @@ def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: 
 
     proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    files = {path.relative_to(folder).as_posix(): sha256_file(path)
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    hashes = {} if hashes is None else hashes
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            stat = path.stat()
+            key = (stat.st_dev, stat.st_ino)
+            if key not in hashes:
+                hashes[key] = sha256_file(path)
+            files[path.relative_to(folder).as_posix()] = hashes[key]
     int64 = lambda name, shape: {"name": name, "dtype": "int64", "shape": shape}  # noqa: E731
     return {
         "format_version": FORMAT_VERSION,

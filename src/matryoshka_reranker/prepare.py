@@ -5,7 +5,8 @@ training group is a query of ``data.train_split`` with its judged positives and 
 ``data.negatives_per_query`` documents that are not judged positive. Eval candidates are the
 BM25 top ``data.eval_candidates`` of each ``data.eval_split`` query, in BM25 order, judged or not.
 Query subsets are seeded samples of the queries that have at least one positive judgement.
-With ``data.train_file`` set, that file (validated) becomes the training groups instead.
+With ``data.train_file`` set, that file is copied unchanged as the training groups instead; the
+``validate`` stage checks it (one report for every kind of bad line, before any training).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import logging
 import random
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from .atomic import atomic_file
 from .beir import load_corpus, load_qrels, load_queries
 from .config import Params
-from .data import load_training_file
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,11 @@ def prepare(params: Params) -> PrepareSummary:
 
     candidates = eval_candidates(params, corpus, queries, index)
     if data.train_file:
-        examples = load_training_file(data.train_file)  # fails with file:line before anything is written
+        if not Path(data.train_file).is_file():
+            raise FileNotFoundError(f"data.train_file: {data.train_file} does not exist")
         _copy_atomic(data.train_file, paths.train_groups)
-        count, source = len(examples), data.train_file
+        with open(paths.train_groups, "rb") as handle:
+            count, source = sum(1 for line in handle if line.strip()), data.train_file
     else:
         groups = mine_training_groups(params, corpus, queries, index)
         if not groups:
