@@ -29,8 +29,8 @@ class DataParams(Section):
     eval_split: str = "test"
     train_queries: int = Field(64, ge=0)  # 0 = every query of the split
     negatives_per_query: int = Field(7, ge=1)  # BM25-mined, judged documents skipped
-    eval_queries: int = Field(20, ge=0)  # 0 = every query of the split
-    eval_candidates: int = Field(10, ge=1)  # BM25 top-k re-ranked per eval query
+    eval_queries: int = Field(16, ge=0)  # 0 = every query of the split
+    eval_candidates: int = Field(16, ge=1)  # BM25 top-k re-ranked per eval query
     seed: int = 42
     train_file: str | None = None  # bring your own FlagEmbedding-format JSONL instead of BEIR mining
 
