@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +221,7 @@ def test_bad_training_data_fails_naming_the_line(tmp_path, llama_dir):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_deepspeed_run_completes(tmp_path, scored, llama_dir):
+def test_two_process_run_under_torchrun_with_deepspeed_completes(tmp_path, scored, llama_dir):
     params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=ZERO1, self_distill__max_steps=2,
                          self_distill__save_steps=2)
     params_file = tmp_path / "params.yaml"
@@ -230,11 +229,9 @@ def test_two_process_torchrun_deepspeed_run_completes(tmp_path, scored, llama_di
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # set by earlier in-process DeepSpeed runs; torchrun sets its own
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "matryoshka_reranker.cli", "self-distill", "-p", str(params_file)]
+    # distributed.processes=2: the one-line stage command starts itself under torch.distributed.run
+    command = [sys.executable, "-m", "matryoshka_reranker.cli", "self-distill", "-p", str(params_file),
+               "-S", "distributed.processes=2"]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
@@ -245,4 +242,18 @@ def test_two_process_torchrun_deepspeed_run_completes(tmp_path, scored, llama_di
     assert process.returncode == 0, output[-4000:]
     log = json.loads((Path(params.paths.self_distill) / "training_log.json").read_text())
     assert log["world_size"] == 2 and log["steps"] == 2
+    assert "starting 2 worker processes" in output
     assert (Path(params.paths.self_distill) / "adapter_model.safetensors").exists()
+
+
+def test_worker_processes_auto_is_one_without_cuda_and_launchers_are_respected(monkeypatch):
+    from matryoshka_reranker.config import ParamsError, parse_params
+    from matryoshka_reranker.training import relaunch_distributed, worker_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_processes("auto") == 1 and worker_processes(3) == 3
+    assert relaunch_distributed(1, ["self-distill"]) is None  # nothing to start
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert relaunch_distributed(4, ["self-distill"]) is None  # already a launcher's worker
+    with pytest.raises(ParamsError, match="distributed.processes"):
+        parse_params({"distributed": {"processes": 0}})

@@ -195,6 +195,7 @@ def teacher_score(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) 
 def self_distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Cascaded self-distillation: LoRA (+ score heads) -> paths.self_distill. Resumes from checkpoints."""
     p = _params(params, set_)
+    _maybe_relaunch(p, ["self-distill", "-p", str(params), *_set_args(set_)])
     from .training import self_distill as run
 
     try:
@@ -202,6 +203,19 @@ def self_distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
     except (ValueError, FileNotFoundError) as err:
         _fail(err, 2)
     typer.echo(f"self-distillation: {summary['steps']} steps in {summary['wall_seconds']} s -> {p.paths.self_distill}")
+
+
+def _set_args(overrides: list[str] | None) -> list[str]:
+    return [arg for item in overrides or [] for arg in ("-S", item)]
+
+
+def _maybe_relaunch(p, cli_args: list[str]) -> None:
+    """With ``distributed.processes`` > 1, re-run this command as that many workers and exit."""
+    from .training import relaunch_distributed, worker_processes
+
+    code = relaunch_distributed(worker_processes(p.distributed.processes), cli_args)
+    if code is not None:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -212,6 +226,7 @@ def compensate(
 ) -> None:
     """Factorized compensation: layer adapter + one token adapter per ratio -> paths.compensation."""
     p = _params(params, set_)
+    _maybe_relaunch(p, ["compensate", "-p", str(params), *_set_args(set_), *[a for o in only or [] for a in ("--only", o)]])
     from .compensation import compensate as run
 
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -125,6 +125,14 @@ class CompensationParams(Section):
         return value
 
 
+class DistributedParams(Section):
+    """How many worker processes the training stages run (data parallel, one per GPU)."""
+
+    # auto: one per visible CUDA device, 1 without CUDA. Above 1, `matryoshka self-distill` /
+    # `compensate` start themselves under torch.distributed.run unless a launcher already did.
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+
+
 class ExportParams(Section):
     exit_layers: list[int] = [8, 16, 24, 30]
     ratios: list[int] = [1, 2, 4]
@@ -210,6 +218,7 @@ class Params(Section):
     compression: CompressionParams = CompressionParams()
     self_distill: TrainParams = TrainParams()
     compensation: CompensationParams = CompensationParams()
+    distributed: DistributedParams = DistributedParams()
     export: ExportParams = ExportParams()
     validation: ValidationParams = ValidationParams()
     evaluation: EvaluationParams = EvaluationParams()

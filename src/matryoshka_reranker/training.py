@@ -162,6 +162,35 @@ def ensure_distributed_env() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
+def worker_processes(setting: int | str) -> int:
+    """``distributed.processes`` as a number: ``auto`` is one per visible CUDA device (1 on CPU)."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def relaunch_distributed(processes: int, cli_args: Sequence[str]) -> int | None:
+    """Runs this CLI command as ``processes`` workers under torch.distributed.run; returns its exit code.
+
+    None when no relaunch is needed: one process, or already started by a launcher (torchrun and
+    DeepSpeed's launcher set LOCAL_RANK). Lets a one-line DVC stage use every GPU of the machine.
+    """
+    if processes <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "matryoshka_reranker.cli", *cli_args]
+    log.info("starting %d worker processes: %s", processes, " ".join(command))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run(command, env=env).returncode
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
