@@ -98,7 +98,7 @@ def test_cli_score(llama_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"query": q, "passage": p}) for q, p in PAIRS) + "\n")
     result = CliRunner().invoke(app, ["score", "--model", str(llama_dir), "--pairs", str(pairs),
-                                      "--start-layer", "2", "--cutoff-layers", "2", "--cutoff-layers", "4"])
+                                      "--start-layer", "2", "--cutoff-layers", "2", "4"])  # as documented
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     expected = MatryoshkaReranker(llama_dir, start_layer=2).compute_score(PAIRS, cutoff_layers=[2, 4])

@@ -132,7 +132,7 @@ def export(
         typer.echo(f"{entry['name']}\t{out / entry['path']}")
 
 
-@app.command()
+@app.command(cls=_ListOptionsCommand)
 def score(
     model: Annotated[str, typer.Option(help="model folder or embedded:smollm2-135m-instruct")],
     pairs: Annotated[Path, typer.Option(help='JSONL of {"query": ..., "passage": ...}')],
