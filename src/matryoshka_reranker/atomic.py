@@ -1,8 +1,9 @@
-"""Atomic writes: a failed stage must leave the last good artifact in place."""
+"""Artifact files: atomic writes (a failed stage must leave the last good artifact in place), hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -63,3 +64,12 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path, encoding="utf-8") as handle:
         handle.write(text)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -49,7 +49,6 @@ CPU the check measures the half-precision weights and activations at those ops, 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -64,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, sha256_file, write_json
 from .inputs import DEFAULT_PROMPT, PairEncoder
 
 log = logging.getLogger(__name__)
@@ -528,14 +527,6 @@ def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str
 
 
 # ------------------------------------------------------------------ manifest
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: dict, options: ExportOptions,
               source: str, model, hashes: dict[tuple[int, int], str] | None = None) -> dict:
     import onnx

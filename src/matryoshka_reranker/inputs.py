@@ -95,6 +95,18 @@ class PairEncoder:
         }
 
 
+def as_pair_list(pairs) -> tuple[list, bool]:
+    """``compute_score``'s input as a list of pairs, and whether one bare ``(query, passage)`` was given."""
+    single = isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
+    pairs = [pairs] if single else list(pairs)
+    if not pairs:
+        raise ValueError("compute_score needs at least one (query, passage) pair")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"pair {i} must be a (query, passage) tuple, got {pair!r:.80}")
+    return pairs, single
+
+
 def yes_token_id(tokenizer) -> int:
     """The token whose LM-head row initialises the score heads (first piece of "Yes")."""
     ids = tokenizer("Yes", add_special_tokens=False)["input_ids"]

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import FORMAT_VERSION, MANIFEST, SCORES, TokenizationSettings, sha256_file
+from .atomic import sha256_file
+from .export import FORMAT_VERSION, MANIFEST, SCORES, TokenizationSettings
+from .inputs import as_pair_list
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +178,7 @@ class OnnxReranker:
         ``normalize=True`` applies a sigmoid. Pairs are batched longest first (less padding) and
         the scores returned in the order given.
         """
-        single = isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
-        pairs = [pairs] if single else list(pairs)
-        if not pairs:
-            raise ValueError("compute_score needs at least one (query, passage) pair")
-        for i, pair in enumerate(pairs):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"pair {i} must be a (query, passage) tuple, got {pair!r:.80}")
+        pairs, single = as_pair_list(pairs)
         size = self.batch_size if batch_size is None else batch_size
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")

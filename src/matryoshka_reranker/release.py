@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -37,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, sha256_file
 from .config import Params
 from .gate import GateReport, config_name, read_metrics, run_gate
 from .revisions import (
@@ -131,14 +130,6 @@ def _load_dvc_yaml(path: Path) -> dict:
 
 
 # --- manifests ----------------------------------------------------------------------------------
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def verify_manifest(folder: str | Path) -> dict:
     """Checks every file of ``folder`` against ``manifest.json``; raises ``ManifestError`` on any mismatch.

@@ -15,7 +15,7 @@ import torch
 
 from .assets import resolve_model_path
 from .hardware import pick_device, pick_dtype
-from .inputs import DEFAULT_PROMPT, PairEncoder
+from .inputs import DEFAULT_PROMPT, PairEncoder, as_pair_list
 
 Pair = tuple[str, str]
 
@@ -110,13 +110,7 @@ class MatryoshkaReranker:
         layer in the order given. A single ``(query, passage)`` tuple gives a float (or one float
         per layer). ``normalize=True`` applies a sigmoid.
         """
-        single = _is_single_pair(pairs)
-        pairs = [pairs] if single else list(pairs)
-        if not pairs:
-            raise ValueError("compute_score needs at least one (query, passage) pair")
-        for i, pair in enumerate(pairs):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"pair {i} must be a (query, passage) tuple, got {pair!r:.80}")
+        pairs, single = as_pair_list(pairs)
         layers = self.model.check_cutoff_layers(cutoff_layers)
         self.model.check_compression(compress_layers or (), compress_ratio)
         encoded = [self.encoder.encode(q, p) for q, p in pairs]
@@ -137,10 +131,6 @@ class MatryoshkaReranker:
             result = [row[0] for row in result]
             return result[0] if _one_layer(cutoff_layers) else result
         return result[0] if _one_layer(cutoff_layers) else result
-
-
-def _is_single_pair(pairs) -> bool:
-    return isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
 
 
 def _one_layer(cutoff_layers) -> bool:

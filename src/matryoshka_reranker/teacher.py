@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .assets import resolve_model_path
-from .atomic import atomic_file, write_json
+from .atomic import atomic_file, sha256_file, write_json
 from .config import Params, TeacherParams
 from .data import iter_jsonl, parse_example
 from .hardware import pick_device, pick_dtype
@@ -163,10 +163,6 @@ def _fingerprint(identity: dict, lines: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _shard_done(shard: Path, meta: Path, fingerprint: str) -> bool:
     if not (shard.exists() and meta.exists()):
         return False
@@ -174,7 +170,7 @@ def _shard_done(shard: Path, meta: Path, fingerprint: str) -> bool:
         recorded = json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return recorded.get("fingerprint") == fingerprint and recorded.get("sha256") == _sha256_file(shard)
+    return recorded.get("fingerprint") == fingerprint and recorded.get("sha256") == sha256_file(shard)
 
 
 def _score_shard(teacher, lines: list[tuple[int, dict]], identity: dict, scale: float, progress: Progress) -> list[dict]:
@@ -229,7 +225,7 @@ def score_training_file(params: Params, teacher=None) -> Path:
                 with atomic_file(path, encoding="utf-8") as handle:
                     for row in rows:
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                write_json(meta, {"format": SHARD_FORMAT, "fingerprint": fingerprint, "sha256": _sha256_file(path),
+                write_json(meta, {"format": SHARD_FORMAT, "fingerprint": fingerprint, "sha256": sha256_file(path),
                                   "lines": len(rows), "first_line": shard[0][0], "teacher": identity})
     for stale in sorted(shard_dir.glob("shard-*.json*")):  # shards of an older, longer input
         if int(stale.name[6:11]) >= len(plan):

@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .adapters import lora_config
 from .assets import resolve_model_path
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, sha256_file, write_json
 from .config import Params, TrainParams
 from .data import GroupCollator, GroupDataset, TrainingExample, load_training_file
 from .hardware import pick_device, pick_dtype
@@ -193,14 +193,6 @@ def relaunch_distributed(processes: int, cli_args: Sequence[str]) -> int | None:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _step_of(checkpoint: Path) -> int:
