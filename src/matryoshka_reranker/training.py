@@ -152,13 +152,17 @@ class MatryoshkaTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------- environment, resume
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def ensure_distributed_env() -> None:
     """Without a launcher, DeepSpeed would try MPI discovery (mpi4py): declare a 1-process world."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
@@ -180,9 +184,7 @@ def relaunch_distributed(processes: int, cli_args: Sequence[str]) -> int | None:
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(port),
                "-m", "matryoshka_reranker.cli", *cli_args]
