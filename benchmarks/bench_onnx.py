@@ -39,8 +39,8 @@ import torch
 
 from benchmarks.common import interleaved_timing, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker, OnnxReranker
-from matryoshka_reranker.export import ExportOptions, TokenizationSettings, config_name, export_models
-from matryoshka_reranker.onnx_runtime import create_session
+from matryoshka_reranker.pipeline.export import ExportOptions, TokenizationSettings, config_name, export_models
+from matryoshka_reranker.serving.onnx_runtime import create_session
 
 MODEL = "embedded:smollm2-135m-instruct"
 EXITS, RATIOS, COMPRESS = [8, 16, 24, 30], [1, 2, 4], [8]
@@ -58,7 +58,7 @@ class _Records(logging.Handler):
 
 def export(out: Path, attn: str = "eager", exits=EXITS, ratios=RATIOS) -> float:
     records = _Records()
-    logger = logging.getLogger("matryoshka_reranker.export")
+    logger = logging.getLogger("matryoshka_reranker.pipeline.export")
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     start = time.perf_counter()

@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures for --model tiny
 
-from matryoshka_reranker.adapters import lora_config  # noqa: E402
+from matryoshka_reranker.model.adapters import lora_config  # noqa: E402
 from matryoshka_reranker.config import LoraParams  # noqa: E402
-from matryoshka_reranker.inputs import PairEncoder  # noqa: E402
-from matryoshka_reranker.losses import TrainMethod, matryoshka_loss  # noqa: E402
-from matryoshka_reranker.modeling import MatryoshkaModel  # noqa: E402
-from matryoshka_reranker.training import MatryoshkaTrainingModel, load_base  # noqa: E402
+from matryoshka_reranker.model.inputs import PairEncoder  # noqa: E402
+from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss  # noqa: E402
+from matryoshka_reranker.model.modeling import MatryoshkaModel  # noqa: E402
+from matryoshka_reranker.training.trainer import MatryoshkaTrainingModel, load_base  # noqa: E402
 
 QUERY = "Vitamin D deficiency is associated with a higher risk of bone fractures in older adults."
 PASSAGE = ("Low serum 25-hydroxyvitamin D concentrations were associated with lower bone mineral density "

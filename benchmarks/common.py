@@ -7,7 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
-from matryoshka_reranker.beir import load_corpus, load_qrels, load_queries
+from matryoshka_reranker.pipeline.beir import load_corpus, load_qrels, load_queries
 
 SCIFACT = Path(__file__).resolve().parents[1] / "data" / "scifact"
 

@@ -19,10 +19,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from matryoshka_reranker import repro
+from matryoshka_reranker.pipeline import repro
 from matryoshka_reranker.config import load_params
-from matryoshka_reranker.gate import read_metrics, run_gate
-from matryoshka_reranker.release import ReleaseError, artifacts_out_of_sync, publish
+from matryoshka_reranker.release.gate import read_metrics, run_gate
+from matryoshka_reranker.release.registry import ReleaseError, artifacts_out_of_sync, publish
 
 for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
     os.environ.setdefault(_var, _value)

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from matryoshka_reranker.config import Params, parse_params
-from matryoshka_reranker.release import sync_artifacts
+from matryoshka_reranker.release.registry import sync_artifacts
 
 # DVC keeps remote indexes in a site cache (default /var/tmp/dvc): keep the tests' own apart
 os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="dvc-site-"))
@@ -101,7 +101,7 @@ KNOBS = {"quality": 0.5, "delta": {}, "drop": [], "model_seed": 0, "data_version
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    from matryoshka_reranker.repro import tool_env
+    from matryoshka_reranker.pipeline.repro import tool_env
 
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=tool_env())
     if check and proc.returncode != 0:

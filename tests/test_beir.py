@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from matryoshka_reranker.beir import load_corpus, load_qrels, load_queries
+from matryoshka_reranker.pipeline.beir import load_corpus, load_qrels, load_queries
 
 SCIFACT = Path(__file__).resolve().parents[1] / "data" / "scifact"
 

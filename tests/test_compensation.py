@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from matryoshka_reranker.compensation import compensate
-from matryoshka_reranker.reranker import MatryoshkaReranker
-from matryoshka_reranker.training import self_distill
+from matryoshka_reranker.training.compensation import compensate
+from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+from matryoshka_reranker.training.trainer import self_distill
 from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
 
 PAIRS = [("what causes the common cold", "Rhinoviruses cause most colds in adults and children, spread by hands."),

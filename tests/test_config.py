@@ -36,6 +36,15 @@ def test_overrides_are_dotted_and_yaml_typed():
         ({"export": {"exit_layers": [2]}}, "export.exit_layers [2] have no score head"),
         ({"export": {"ratios": [8]}}, "export.ratios [8] have no token adapter"),
         ({"bogus": 1}, "bogus: unknown key"),
+        # settings that must agree: each error names both keys
+        ({"export": {"compress_layers": [12]}}, "export.compress_layers [12] differ from compression.layers [8]"),
+        ({"compression": {"ratios": [1, 2]}}, "compensation.token_ratios [4] are not in compression.ratios"),
+        ({"compression": {"layers": []}, "export": {"ratios": [1], "compress_layers": []}},
+         "compensation.token_ratios [2, 4] need compression.layers"),
+        ({"model": {"query_max_len": 2}}, "model.query_max_len"),
+        ({"model": {"prompt": ""}}, "model.prompt"),
+        ({"teacher": {"kind": "oracle"}}, "teacher.kind"),
+        ({"self_distill": {"head_init": "magic"}}, "self_distill.head_init"),
     ],
 )
 def test_errors_name_the_key(raw, key):
@@ -55,6 +64,18 @@ def test_bad_files_and_overrides(tmp_path):
     good.write_text(yaml.safe_dump({}))
     with pytest.raises(ParamsError, match="dotted.key=value"):
         load_params(good, ["no-equals-sign"])
+
+
+def test_ratio_one_only_export_needs_no_matching_compress_layers():
+    params = parse_params({"export": {"ratios": [1], "compress_layers": [12]}})
+    assert params.export.compress_layers == [12]  # nothing is compressed, so nothing to disagree with
+
+
+def test_input_format_is_built_once_from_model_params():
+    params = parse_params({"model": {"prompt": "Relevant?", "query_max_len": 16, "passage_max_len": 48}})
+    fmt = params.model.input_format
+    assert (fmt.prompt, fmt.query_max_len, fmt.passage_max_len, fmt.max_length) == ("Relevant?", 16, 48, 64)
+    assert params.model.max_length == 64
 
 
 def test_fingerprint_changes_with_params():

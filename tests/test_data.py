@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from matryoshka_reranker.data import GroupCollator, GroupDataset, TrainingDataError, load_training_file
-from matryoshka_reranker.inputs import PairEncoder
+from matryoshka_reranker.core.errors import InputError
+from matryoshka_reranker.training.data import GroupCollator, GroupDataset, TrainingDataError, load_training_file
+from matryoshka_reranker.model.inputs import DEFAULT_PROMPT, InputFormat, PairEncoder
 from tests.train_fixtures import TRAIN_ROWS, write_jsonl, one_thread  # noqa: F401  (autouse)
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
@@ -36,7 +37,7 @@ def test_bad_lines_name_file_and_line(tmp_path, bad, message):
 def test_invalid_json_and_missing_scores_name_the_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{oops\n")
-    with pytest.raises(TrainingDataError, match=r"train\.jsonl:2: not valid JSON"):
+    with pytest.raises(InputError, match=r"train\.jsonl:2: not valid JSON"):
         load_training_file(path)
     path.write_text(json.dumps(GOOD) + "\n")
     with pytest.raises(TrainingDataError, match=r"train\.jsonl:1: no 'pos_scores'.*teacher-score"):
@@ -44,6 +45,14 @@ def test_invalid_json_and_missing_scores_name_the_line(tmp_path):
     path.write_text("\n")
     with pytest.raises(TrainingDataError, match="no training examples"):
         load_training_file(path)
+
+
+def test_per_line_prompt_must_be_the_model_prompt(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({**GOOD, "prompt": DEFAULT_PROMPT}) + "\n" + json.dumps({**GOOD, "prompt": "Relevant?"}) + "\n")
+    with pytest.raises(TrainingDataError, match=r"train\.jsonl:2: per-line prompt 'Relevant\?' differs from model.prompt"):
+        load_training_file(path, prompt=DEFAULT_PROMPT)
+    assert len(load_training_file(path)) == 2  # without a format to enforce, lines load as they are
 
 
 def test_groups_put_the_positive_first_with_aligned_scores(tmp_path):
@@ -68,7 +77,7 @@ def test_groups_put_the_positive_first_with_aligned_scores(tmp_path):
 def test_collator_shapes_and_right_padding(tmp_path, tokenizer):
     examples = load_training_file(write_jsonl(tmp_path / "t.jsonl", TRAIN_ROWS))
     dataset = GroupDataset(examples, group_size=3)
-    encoder = PairEncoder(tokenizer, max_length=40, query_max_len=12)
+    encoder = PairEncoder(tokenizer, InputFormat(query_max_len=12, passage_max_len=28))
     batch = GroupCollator(encoder)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 6 and batch["attention_mask"].shape == batch["input_ids"].shape
     assert batch["teacher_scores"].shape == (2, 3) and batch["teacher_scores"].dtype == torch.float32

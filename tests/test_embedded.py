@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matryoshka_reranker.assets import resolve_model_path
+from matryoshka_reranker.core.assets import resolve_model_path
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Per-layer evaluation: ir-measures on a hand-checkable fixture, the PyTorch check, files and errors."""
+"""Per-layer evaluation: ir-measures on a hand-checkable fixture, intervals, per-query files, the
+PyTorch check (which fails the stage), the untrained baseline and the learning curve."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
-from matryoshka_reranker.adapters import target_pattern
 from matryoshka_reranker.cli import app
 from matryoshka_reranker.config import parse_params
-from matryoshka_reranker.evaluation import evaluate, pytorch_scorer, read_candidates, read_index
-from matryoshka_reranker.modeling import MatryoshkaModel
+from matryoshka_reranker.model.adapters import target_pattern
+from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.model.modeling import MatryoshkaModel
+from matryoshka_reranker.pipeline.evaluation import (
+    EvaluationCheckFailed, evaluate, learning_curve, pytorch_scorer, ratio_models, read_candidates, untrained_baseline,
+)
 
 # Two queries x three candidates, BM25 order. Relevant: q1 -> d3; q2 -> d5 and d6 (all relevance 1).
 CANDIDATES = [
@@ -28,6 +32,7 @@ CANDIDATES = [
         {"doc_id": "d6", "text": "Sunlight helps the skin make vitamin D for bones.", "bm25": 3.0}]},
 ]
 QRELS = [("q1", "d3", 1), ("q2", "d5", 1), ("q2", "d6", 1), ("q9", "d1", 1)]  # q9: not an eval query
+TEXTS = {c["doc_id"]: c["text"] for row in CANDIDATES for c in row["candidates"]}
 
 
 def write_fixture(root, configs, extra=()):
@@ -37,62 +42,90 @@ def write_fixture(root, configs, extra=()):
         "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS))
     (root / "candidates.jsonl").write_text("".join(json.dumps(row) + "\n" for row in CANDIDATES))
     (root / "onnx").mkdir()
-    models = [{"name": f"exit-{k:02d}_ratio-{r}", "exit_layer": k, "ratio": r, "compress_layers": c,
-               "path": f"exit-{k:02d}_ratio-{r}"} for k, r, c in configs]
-    (root / "onnx" / "index.json").write_text(json.dumps({"format_version": 1, "models": models}))
+    models = [{"name": f"exit-{k:02d}-ratio-{r}", "exit_layer": k, "ratio": r, "compress_layers": c,
+               "path": f"exit-{k:02d}-ratio-{r}"} for k, r, c in configs]
+    all_exits = [{"ratio": r, "path": f"all-exits-ratio-{r}", "exit_layers": sorted(k for k, rr, _ in configs if rr == r)}
+                 for r in sorted({r for _, r, _ in configs})]
+    (root / "onnx" / "index.json").write_text(json.dumps({"format_version": 2, "models": models,
+                                                           "all_exits": all_exits}))
+    metrics = root / "metrics"
     raw = {"data": {"beir_dir": str(root / "beir"), "eval_split": "test"},
            "paths": {"onnx": str(root / "onnx"), "eval_candidates": str(root / "candidates.jsonl"),
-                     "metrics": str(root / "metrics" / "per_layer.json"), "plots": str(root / "metrics" / "plots"),
+                     "metrics": str(metrics / "per_layer.json"), "plots": str(metrics / "plots"),
+                     "per_query": str(metrics / "per_query.json"), "summary": str(metrics / "summary.json"),
+                     "baselines": str(metrics / "baselines.json"),
+                     "learning_curve": str(metrics / "learning_curve.json"),
                      "self_distill": str(root / "adapters" / "self_distill"),
                      "compensation": str(root / "adapters" / "compensation")},
-           "evaluation": {"pytorch_check": False}}
+           "evaluation": {"pytorch_check": False, "bootstrap_resamples": 500, "latency_queries": 2}}
     for key, value in extra:
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
     return parse_params(raw)
 
 
-def lookup_scorer(table):
-    """Backend stand-in: a fixed score per (config, passage)."""
-    return lambda config: (lambda pairs: [table[config.name][p] for _, p in pairs])
+def lookup_backends(table):
+    """Stand-ins for ONNX Runtime: a fixed score per (config, passage); quality and latency agree."""
+    def quality(models):
+        return lambda pairs: {k: [table[f"exit-{k:02d}-ratio-{models.ratio}"][p] for _, p in pairs]
+                              for k in models.exit_layers}
+
+    def latency(config):
+        return lambda pairs: [table[config.name][p] for _, p in pairs]
+
+    return quality, latency
+
+
+TABLE = {
+    # q1 ranks d3 first; q2 ranks d4, d6, d5 (relevant at ranks 2 and 3)
+    "exit-08-ratio-1": {TEXTS["d1"]: 0.1, TEXTS["d2"]: 0.5, TEXTS["d3"]: 0.9,
+                        TEXTS["d4"]: 0.9, TEXTS["d5"]: 0.2, TEXTS["d6"]: 0.5},
+    # perfect: relevant first everywhere
+    "exit-16-ratio-1": {TEXTS["d1"]: 0.0, TEXTS["d2"]: 0.1, TEXTS["d3"]: 2.0,
+                        TEXTS["d4"]: -1.0, TEXTS["d5"]: 1.5, TEXTS["d6"]: 1.0},
+}
 
 
 def test_metrics_on_a_hand_checkable_fixture(tmp_path):
     params = write_fixture(tmp_path, [(8, 1, [8]), (16, 1, [8])])
-    texts = {c["doc_id"]: c["text"] for row in CANDIDATES for c in row["candidates"]}
-    table = {
-        # q1 ranks d3 first; q2 ranks d4, d6, d5 (relevant at ranks 2 and 3)
-        "exit-08_ratio-1": {texts["d1"]: 0.1, texts["d2"]: 0.5, texts["d3"]: 0.9,
-                            texts["d4"]: 0.9, texts["d5"]: 0.2, texts["d6"]: 0.5},
-        # perfect: relevant first everywhere
-        "exit-16_ratio-1": {texts["d1"]: 0.0, texts["d2"]: 0.1, texts["d3"]: 2.0,
-                            texts["d4"]: -1.0, texts["d5"]: 1.5, texts["d6"]: 1.0},
-    }
-    metrics = evaluate(params, scorer_factory=lookup_scorer(table))
+    quality, latency = lookup_backends(TABLE)
+    metrics = evaluate(params, scorer_factory=quality, latency_factory=latency)
 
     # By hand (trec_eval: gain = relevance, discount 1/log2(rank + 1)):
     # exit 8:  q1 nDCG = 1, RR = 1.  q2 DCG = 1/log2(3) + 1/log2(4) = 1.130930, IDCG = 1 + 1/log2(3) = 1.630930,
     #          nDCG = 0.693426, RR = 1/2.  Means: nDCG 0.846713, RR 0.75, R@10 1.
     # BM25:    q1 relevant at rank 3: nDCG = 1/log2(4) = 0.5, RR = 1/3.  q2 as exit 8.
-    #          Means: nDCG 0.596713, RR 0.416667, R@10 1.
     q2 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
-    assert metrics["configs"]["exit-08_ratio-1"]["nDCG@10"] == pytest.approx((1 + q2) / 2, abs=1e-6)
-    assert metrics["configs"]["exit-08_ratio-1"]["nDCG@10"] == pytest.approx(0.846713, abs=1e-6)
-    assert metrics["configs"]["exit-08_ratio-1"]["RR@10"] == pytest.approx(0.75, abs=1e-6)
-    assert metrics["configs"]["exit-16_ratio-1"]["nDCG@10"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["baseline"]["bm25"] == pytest.approx({"nDCG@10": 0.596713, "RR@10": 0.416667, "R@10": 1.0},
-                                                        abs=1e-6)
-    assert metrics["eval"] == {"queries": 2, "candidates": 3, "pairs": 6}
-    assert metrics["pytorch_check"] == {"enabled": False}
-    config = metrics["configs"]["exit-08_ratio-1"]
-    assert list(config) == ["exit_layer", "ratio", "nDCG@10", "RR@10", "R@10", "latency_ms_per_query", "pairs_per_s"]
-    assert config["exit_layer"] == 8 and config["latency_ms_per_query"] > 0 and config["pairs_per_s"] > 0
+    exit8 = metrics["configs"]["exit-08-ratio-1"]
+    assert exit8["nDCG@10"] == pytest.approx((1 + q2) / 2, abs=1e-6) == pytest.approx(0.846713, abs=1e-6)
+    assert exit8["RR@10"] == pytest.approx(0.75, abs=1e-6)
+    assert metrics["configs"]["exit-16-ratio-1"]["nDCG@10"] == pytest.approx(1.0, abs=1e-6)
+    bm25 = metrics["baselines"]["bm25"]
+    assert (bm25["nDCG@10"], bm25["RR@10"], bm25["R@10"]) == pytest.approx((0.596713, 0.416667, 1.0), abs=1e-6)
+    # Intervals over the two queries bracket the mean; the paired difference to BM25 is exit 8's minus BM25's.
+    low, high = exit8["nDCG@10_ci"]
+    assert low <= exit8["nDCG@10"] <= high and low >= q2 - 1e-6 and high <= 1 + 1e-6
+    assert exit8["vs_bm25"]["nDCG@10"]["mean"] == pytest.approx(exit8["nDCG@10"] - bm25["nDCG@10"], abs=1e-6)
+    assert exit8["vs_bm25"]["nDCG@10"]["n"] == 2 and 0 <= exit8["vs_bm25"]["nDCG@10"]["p_value"] <= 1
+    # A random order of 3 candidates with one relevant: E[nDCG] = (1 + 1/log2(3) + 1/2) / 3 for q1.
+    per_query = json.loads((tmp_path / "metrics" / "per_query.json").read_text())["systems"]
+    expected_q1 = (1 + 1 / math.log2(3) + 0.5) / 3
+    assert per_query["random"]["nDCG@10"]["q1"] == pytest.approx(expected_q1, abs=0.06)
+    assert per_query["exit-08-ratio-1"]["nDCG@10"] == pytest.approx({"q1": 1.0, "q2": q2}, abs=1e-6)
+    assert set(per_query) == {"bm25", "random", "exit-08-ratio-1", "exit-16-ratio-1"}
 
-    written = json.loads((tmp_path / "metrics" / "per_layer.json").read_text())
-    assert written == metrics
+    assert metrics["eval"]["queries"] == 2 and metrics["eval"]["candidates"] == 3 and metrics["eval"]["pairs"] == 6
+    identity = metrics["eval"]["identity"]
+    assert identity["queries"] == 2 and identity["split"] == "test" and len(identity["qrels_sha256"]) == 64
+    assert metrics["pytorch_check"] == {"enabled": False}
+    assert exit8["exit_layer"] == 8 and exit8["latency_ms_per_query"] > 0 and exit8["latency_queries"] == 2
+
+    assert json.loads((tmp_path / "metrics" / "per_layer.json").read_text()) == metrics
+    summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
+    assert summary["exit-08-ratio-1_nDCG@10"] == exit8["nDCG@10"] and summary["eval_queries"] == 2
+    assert all(not isinstance(v, (dict, list)) for v in summary.values())  # flat, for `dvc exp show`
     plot_rows = json.loads((tmp_path / "metrics" / "plots" / "per_config.json").read_text())
-    assert [r["config"] for r in plot_rows] == ["exit-08_ratio-1", "exit-16_ratio-1"]
-    assert plot_rows[0]["nDCG@10"] == config["nDCG@10"] and plot_rows[0]["ratio"] == 1
+    assert [r["config"] for r in plot_rows] == ["exit-08-ratio-1", "exit-16-ratio-1"]
     for png in ("quality_vs_exit_layer.png", "quality_vs_latency.png"):
         assert (tmp_path / "metrics" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -102,10 +135,18 @@ def test_failed_scoring_leaves_last_metrics_in_place(tmp_path):
     metrics_file = tmp_path / "metrics" / "per_layer.json"
     metrics_file.parent.mkdir()
     metrics_file.write_text('{"last": "good"}\n')
-    with pytest.raises(ValueError, match="finite scores"):
-        evaluate(params, scorer_factory=lambda config: (lambda pairs: [math.nan] * len(pairs)))
+    nan = lambda models: (lambda pairs: {k: [math.nan] * len(pairs) for k in models.exit_layers})  # noqa: E731
+    with pytest.raises(EvaluationCheckFailed, match="finite scores"):
+        evaluate(params, scorer_factory=nan, latency_factory=lambda c: (lambda pairs: [0.0] * len(pairs)))
     assert metrics_file.read_text() == '{"last": "good"}\n'
-    assert not (tmp_path / "metrics" / "plots").exists()
+    assert not (tmp_path / "metrics" / "plots").exists() and not (tmp_path / "metrics" / "per_query.json").exists()
+
+
+def test_an_exit_model_that_disagrees_with_the_all_exits_pass_fails(tmp_path):
+    params = write_fixture(tmp_path, [(8, 1, [8])])
+    quality, _ = lookup_backends(TABLE)
+    with pytest.raises(EvaluationCheckFailed, match="differs from the all-exits pass"):
+        evaluate(params, scorer_factory=quality, latency_factory=lambda c: (lambda pairs: [9.0] * len(pairs)))
 
 
 def test_input_errors_are_clear(tmp_path):
@@ -114,7 +155,7 @@ def test_input_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
         read_candidates(bad)
     with pytest.raises(FileNotFoundError, match="run the export stage first"):
-        read_index(tmp_path)
+        ratio_models(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(f"paths:\n  onnx: {tmp_path / 'none'}\n")
     result = CliRunner().invoke(app, ["evaluate", "-p", str(params)])
@@ -124,6 +165,7 @@ def test_input_errors_are_clear(tmp_path):
 # ------------------------------------------------------------------ the PyTorch path on a tiny saved model
 
 EXITS = [(3, 1, [2]), (4, 1, [2]), (3, 2, [2]), (4, 2, [2])]
+FORMAT = InputFormat(query_max_len=16, passage_max_len=24)
 
 
 @pytest.fixture
@@ -132,54 +174,85 @@ def tiny_pipeline(tmp_path, llama_dir):
     params = write_fixture(tmp_path, EXITS, extra=[
         ("model.name_or_path", str(llama_dir)), ("model.start_layer", 2), ("model.query_max_len", 16),
         ("model.passage_max_len", 24), ("export.exit_layers", [3, 4]), ("export.ratios", [1, 2]),
-        ("export.compress_layers", [2]), ("compensation.token_ratios", [2]), ("evaluation.batch_size", 4)])
+        ("export.compress_layers", [2]), ("compression.layers", [2]), ("compensation.token_ratios", [2]),
+        ("evaluation.batch_size", 4)])
     for seed, folder in enumerate(params.adapter_stack(2)):
         torch.manual_seed(seed)
         model = MatryoshkaModel.from_pretrained(llama_dir, start_layer=2)
         lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                           target_modules=target_pattern(["q_proj", "v_proj", "down_proj", "score_heads"]))
         get_peft_model(model, lora).save_pretrained(folder)
+        FORMAT.save(folder)
     return params
 
 
-def pytorch_backend(params, shift_exit=0):
-    """Stands in for ONNX Runtime: the PyTorch model at each config (optionally at the wrong exit)."""
+def pytorch_backends(params, shift_exit=0):
+    """Stand in for ONNX Runtime: the PyTorch model at each config (optionally scoring the wrong exit)."""
     models = {}
 
-    def make(config):
-        if config.ratio not in models:  # one model load per width, as the real backend loads one per file
-            models[config.ratio] = pytorch_scorer(params, config.ratio)
-        score = models[config.ratio]
-        return lambda pairs: score(pairs, [config.exit_layer - shift_exit], config.compress_layers)[0]
-    return make
+    def scorer(ratio):
+        if ratio not in models:  # one model load per width, as the real backend loads one file per ratio
+            models[ratio] = pytorch_scorer(params, ratio)
+        return models[ratio]
+
+    def quality(group):
+        exits = [k - shift_exit for k in group.exit_layers]
+        return lambda pairs: dict(zip(group.exit_layers, scorer(group.ratio)(pairs, exits, group.compress_layers)))
+
+    def latency(config):
+        return lambda pairs: scorer(config.ratio)(pairs, [config.exit_layer - shift_exit], config.compress_layers)[0]
+
+    return quality, latency
+
+
+def with_evaluation(params, **changes):
+    return params.model_copy(update={"evaluation": params.evaluation.model_copy(update=changes)})
 
 
 def test_pytorch_check_agrees_with_a_faithful_backend(tiny_pipeline):
-    params = tiny_pipeline.model_copy(update={"evaluation": tiny_pipeline.evaluation.model_copy(
-        update={"pytorch_check": True, "pytorch_check_queries": 0})})
-    metrics = evaluate(params, scorer_factory=pytorch_backend(params))
+    params = with_evaluation(tiny_pipeline, pytorch_check=True, pytorch_check_queries=0)
+    quality, latency = pytorch_backends(params)
+    metrics = evaluate(params, scorer_factory=quality, latency_factory=latency)
     check = metrics["pytorch_check"]
     assert check["enabled"] and check["ratio"] == 2 and check["queries"] == 2 and check["pairs"] == 6
-    assert set(check["configs"]) == {"exit-03_ratio-2", "exit-04_ratio-2"}
+    assert set(check["configs"]) == {"exit-03-ratio-2", "exit-04-ratio-2"} and check["dtype"] == "float32"
     assert check["max_abs_diff"] < 1e-5 and check["passed"] and check["rankings_agree"]
-    assert set(metrics["configs"]) == {"exit-03_ratio-1", "exit-04_ratio-1", "exit-03_ratio-2", "exit-04_ratio-2"}
+    assert set(metrics["configs"]) == {"exit-03-ratio-1", "exit-04-ratio-1", "exit-03-ratio-2", "exit-04-ratio-2"}
     # Ratio 2 merges the token adapter and compresses: its scores are not ratio 1's relabelled.
     pairs = [(row["query"], c["text"]) for row in CANDIDATES for c in row["candidates"]]
     wide = pytorch_scorer(params, 1)(pairs, [4], (2,))[0]
     narrow = pytorch_scorer(params, 2)(pairs, [4], (2,))[0]
     assert max(abs(a - b) for a, b in zip(wide, narrow)) > 1e-3
-    for values in metrics["configs"].values():
-        assert all(0.0 <= values[m] <= 1.0 for m in ("nDCG@10", "RR@10", "R@10"))
 
 
-def test_pytorch_check_catches_a_wrong_backend(tiny_pipeline):
-    params = tiny_pipeline.model_copy(update={"evaluation": tiny_pipeline.evaluation.model_copy(
-        update={"pytorch_check": "exit-04_ratio-1"})})
-    metrics = evaluate(params, scorer_factory=pytorch_backend(params, shift_exit=1))  # scores exit 3 as "exit 4"
-    check = metrics["pytorch_check"]
-    assert list(check["configs"]) == ["exit-04_ratio-1"] and check["ratio"] == 1
-    assert check["max_abs_diff"] > 1e-3 and not check["passed"]
-
-    bad = params.model_copy(update={"evaluation": params.evaluation.model_copy(update={"pytorch_check": "exit-30_ratio-9"})})
+def test_pytorch_check_failure_fails_the_stage_and_writes_nothing(tiny_pipeline, tmp_path):
+    params = with_evaluation(tiny_pipeline, pytorch_check="exit-04-ratio-1")
+    quality, latency = pytorch_backends(params, shift_exit=1)  # scores exit 3 as "exit 4"
+    with pytest.raises(EvaluationCheckFailed, match=r"differs from PyTorch .* on \['exit-04-ratio-1'\]"):
+        evaluate(params, scorer_factory=quality, latency_factory=latency)
+    assert not (tmp_path / "metrics" / "per_layer.json").exists()
+    bad = with_evaluation(params, pytorch_check="exit-30-ratio-9")
     with pytest.raises(ValueError, match="names no exported model"):
-        evaluate(bad, scorer_factory=pytorch_backend(bad))
+        evaluate(bad, scorer_factory=quality, latency_factory=latency)
+
+
+def test_untrained_baseline_and_learning_curve(tiny_pipeline, llama_dir):
+    params = with_evaluation(tiny_pipeline, untrained_baseline=True)
+    baselines = untrained_baseline(params)
+    assert set(baselines["per_query"]) == {"exit-03-ratio-1", "exit-04-ratio-1"}
+    assert baselines["input_format"] == FORMAT.to_dict()
+    quality, latency = pytorch_backends(params)
+    metrics = evaluate(params, scorer_factory=quality, latency_factory=latency)
+    versus = metrics["configs"]["exit-04-ratio-2"]["vs_untrained"]["nDCG@10"]  # against exit 4 untrained
+    expected = metrics["configs"]["exit-04-ratio-2"]["nDCG@10"] - baselines["summary"]["exit-04-ratio-1"]["nDCG@10"]
+    assert versus["mean"] == pytest.approx(expected, abs=1e-6)
+    assert "untrained" in metrics["baselines"]
+
+    curve = learning_curve(params)  # step 0 (the untrained model) and the final adapter
+    final_step = params.self_distill.max_steps  # no training log in the fixture: the configured steps
+    assert sorted((p["step"], p["exit_layer"]) for p in curve["points"]) == [(0, 3), (0, 4), (final_step, 3),
+                                                                              (final_step, 4)]
+    final = next(p for p in curve["points"] if p["step"] == final_step and p["exit_layer"] == 4)
+    assert final["nDCG@10_ci"][0] <= final["nDCG@10"] <= final["nDCG@10_ci"][1]
+    with open(params.paths.learning_curve.replace(".json", ".png"), "rb") as png:
+        assert png.read(4) == b"\x89PNG"

@@ -14,20 +14,21 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
-from matryoshka_reranker import OnnxReranker, modeling
-from matryoshka_reranker.adapters import target_pattern
+from matryoshka_reranker import OnnxReranker
+from matryoshka_reranker.model import modeling
+from matryoshka_reranker.model.adapters import target_pattern
 from matryoshka_reranker.cli import app
-from matryoshka_reranker.export import (
+from matryoshka_reranker.pipeline.export import (
     ExportError,
     ExportOptions,
-    TokenizationSettings,
     export_models,
     plan_configs,
     sha256_file,
 )
-from matryoshka_reranker.modeling import MatryoshkaModel
-from matryoshka_reranker.onnx_runtime import read_manifest
-from matryoshka_reranker.reranker import MatryoshkaReranker
+from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.model.modeling import MatryoshkaModel
+from matryoshka_reranker.serving.onnx_runtime import read_manifest
+from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 from tests.fixtures import make_tiny_model, make_tokenizer
 
 pytestmark = pytest.mark.slow  # every module fixture runs torch.onnx.export (~5-10 s each)
@@ -39,8 +40,7 @@ PAIRS = [
     ("q", "x"),
     ("mitochondria", "The mitochondria is the powerhouse of the cell; ATP synthesis happens in its inner membrane."),
 ]
-MAX_LENGTH = 48
-SETTINGS = TokenizationSettings(max_length=MAX_LENGTH)
+FORMAT = InputFormat(query_max_len=24, passage_max_len=24)
 EXITS, RATIOS, COMPRESS = [2, 3, 4], [1, 2], [2]
 
 
@@ -70,14 +70,14 @@ def release(request, tmp_path_factory):
     base = [make_adapter(model_dir, root / "self_distill", 1), make_adapter(model_dir, root / "layer", 2)]
     stacks = {1: base, 2: base + [make_adapter(model_dir, root / "token-ratio-2", 3)]}
     index = export_models(model_dir, root / "onnx", EXITS, RATIOS, COMPRESS, adapters=stacks,
-                          options=ExportOptions(start_layer=1, tokenization=SETTINGS, params_fingerprint="abc"))
+                          options=ExportOptions(start_layer=1, input_format=FORMAT, params_fingerprint="abc"))
     return {"root": root, "model": model_dir, "stacks": stacks, "index": index, "out": root / "onnx"}
 
 
 def pytorch_scores(release, ratio, exit_layer, pairs, batch_size, adapters=True):
     cache = release.setdefault("rerankers", {})
     if (ratio, adapters) not in cache:
-        cache[(ratio, adapters)] = MatryoshkaReranker(release["model"], start_layer=1, max_length=MAX_LENGTH,
+        cache[(ratio, adapters)] = MatryoshkaReranker(release["model"], start_layer=1, input_format=FORMAT,
                                                       peft_path=release["stacks"][ratio] if adapters else None)
     return cache[(ratio, adapters)].compute_score(pairs, cutoff_layers=[exit_layer], compress_layers=COMPRESS,
                                                   compress_ratio=ratio, batch_size=batch_size)
@@ -86,14 +86,27 @@ def pytorch_scores(release, ratio, exit_layer, pairs, batch_size, adapters=True)
 def test_index_lists_every_config(release):
     index = json.loads((release["out"] / "index.json").read_text())
     assert index == release["index"]
-    assert index["format_version"] == 1
+    assert index["format_version"] == 2
+    assert index["input_format"] == FORMAT.to_dict()
+    assert [(e["ratio"], e["path"], e["exit_layers"]) for e in index["all_exits"]] == [
+        (1, "all-exits-ratio-1", EXITS), (2, "all-exits-ratio-2", EXITS)]
     assert [m["name"] for m in index["models"]] == [
-        "exit-02_ratio-1", "exit-03_ratio-1", "exit-04_ratio-1",
-        "exit-02_ratio-2", "exit-03_ratio-2", "exit-04_ratio-2"]
-    assert index["models"][0] == {"name": "exit-02_ratio-1", "exit_layer": 2, "ratio": 1, "compress_layers": [2],
-                                  "path": "exit-02_ratio-1"}
+        "exit-02-ratio-1", "exit-03-ratio-1", "exit-04-ratio-1",
+        "exit-02-ratio-2", "exit-03-ratio-2", "exit-04-ratio-2"]
+    assert index["models"][0] == {"name": "exit-02-ratio-1", "exit_layer": 2, "ratio": 1, "compress_layers": [2],
+                                  "variant": None, "path": "exit-02-ratio-1"}
     folders = sorted(p.name for p in release["out"].iterdir())
-    assert folders == sorted([m["path"] for m in index["models"]] + ["index.json"])
+    assert folders == sorted([m["path"] for m in index["models"]] + [e["path"] for e in index["all_exits"]]
+                             + ["index.json"])
+
+
+def test_all_exits_model_gives_every_exit_in_one_pass(release):
+    for entry in release["index"]["all_exits"]:
+        both = OnnxReranker(release["out"] / entry["path"]).score_exits(PAIRS)
+        assert sorted(both) == EXITS
+        for k in EXITS:
+            single = OnnxReranker(release["out"] / f"exit-0{k}-ratio-{entry['ratio']}").compute_score(PAIRS)
+            np.testing.assert_allclose(both[k], single, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
@@ -106,10 +119,10 @@ def test_ort_scores_equal_pytorch_with_adapters(release, batch_size):
 
 def test_adapters_and_compression_are_in_the_graph(release):
     """A forgotten merge or a ratio-1 graph under a ratio-2 name would pass a loose check: not this one."""
-    with_adapters = OnnxReranker(release["out"] / "exit-04_ratio-1").compute_score(PAIRS)
+    with_adapters = OnnxReranker(release["out"] / "exit-04-ratio-1").compute_score(PAIRS)
     without = pytorch_scores(release, 1, 4, PAIRS, 5, adapters=False)
     assert np.abs(np.array(with_adapters) - without).max() > 1e-3
-    ratio_2 = OnnxReranker(release["out"] / "exit-04_ratio-2").compute_score(PAIRS)
+    ratio_2 = OnnxReranker(release["out"] / "exit-04-ratio-2").compute_score(PAIRS)
     assert np.abs(np.array(ratio_2) - with_adapters).max() > 1e-3
 
 
@@ -119,7 +132,7 @@ def test_manifest_describes_the_folder(release):
         manifest = read_manifest(folder)
         ratio = entry["ratio"]
         compressed = ratio > 1 and entry["exit_layer"] > 2  # compression at 2 changes exits 3 and 4 only
-        assert manifest["format_version"] == 1 and manifest["name"] == entry["name"]
+        assert manifest["format_version"] == 2 and manifest["name"] == entry["name"] and manifest["kind"] == "exit"
         assert manifest["exit_layer"] == entry["exit_layer"] and manifest["num_layers"] == 4
         applied = [2] if compressed else []
         assert manifest["compression"] == {"layers": COMPRESS, "ratio": ratio, "applied_layers": applied}
@@ -129,7 +142,8 @@ def test_manifest_describes_the_folder(release):
         inputs = ["input_ids", "attention_mask"] + (["query_lengths", "prompt_lengths"] if compressed else [])
         assert [i["name"] for i in manifest["inputs"]] == inputs
         assert manifest["outputs"] == [{"name": "scores", "dtype": "float32", "shape": ["batch"]}]
-        assert manifest["tokenization"]["max_length"] == MAX_LENGTH
+        assert manifest["input_format"] == FORMAT.to_dict()
+        assert manifest["tokenizer"]["file"] == "tokenizer.json" and manifest["tokenizer"]["bos_token_id"] == 0
         assert manifest["source_model"] == str(release["model"]) and manifest["params_fingerprint"] == "abc"
         parity = manifest["parity"]
         assert 0 <= parity["max_abs_diff"] <= parity["tolerance"] == 1e-4 and parity["batch_sizes"] == [1, 5]
@@ -160,12 +174,12 @@ def external_bytes(model_file: Path) -> tuple[set[str], int]:
 
 def test_exits_of_a_ratio_share_one_weights_file_and_read_only_their_layers(release):
     out = release["out"]
-    weights = [out / f"exit-0{k}_ratio-1" / "weights-ratio-1.bin" for k in EXITS]
+    weights = [out / f"exit-0{k}-ratio-1" / "weights-ratio-1.bin" for k in EXITS]
     assert len({sha256_file(w) for w in weights}) == 1
     assert len({w.stat().st_ino for w in weights}) == 1  # one file on disk, hard-linked into each folder
     used = []
     for k in EXITS:
-        locations, total = external_bytes(out / f"exit-0{k}_ratio-1" / "model.onnx")
+        locations, total = external_bytes(out / f"exit-0{k}-ratio-1" / "model.onnx")
         assert locations == {"weights-ratio-1.bin"}
         used.append(total)
     assert used[0] < used[1] < used[2]  # exit 2 reads fewer tensors than exit 3 than exit 4
@@ -174,8 +188,8 @@ def test_exits_of_a_ratio_share_one_weights_file_and_read_only_their_layers(rele
 def test_plan_applies_compression_only_before_the_exit():
     configs = plan_configs([8, 16], [1, 2], [8, 12])
     assert [(c.name, c.applied_layers, c.input_names[2:]) for c in configs] == [
-        ("exit-08_ratio-1", (), []), ("exit-16_ratio-1", (), []),
-        ("exit-08_ratio-2", (), []), ("exit-16_ratio-2", (8, 12), ["query_lengths", "prompt_lengths"])]
+        ("exit-08-ratio-1", (), []), ("exit-16-ratio-1", (), []),
+        ("exit-08-ratio-2", (), []), ("exit-16-ratio-2", (8, 12), ["query_lengths", "prompt_lengths"])]
 
 
 # ------------------------------------------------------------ failures and options
@@ -215,12 +229,12 @@ def test_dropped_causal_mask_is_caught_where_scores_cannot_see_it(llama_model, t
     out.mkdir()
     (out / "last-good").write_text("kept")
     with pytest.raises(ExportError, match="hidden-state check"):
-        export_models(llama_model, out, [1], [1], options=ExportOptions(start_layer=1, tokenization=SETTINGS))
+        export_models(llama_model, out, [1], [1], options=ExportOptions(start_layer=1, input_format=FORMAT))
     assert (out / "last-good").read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch):
-    from matryoshka_reranker import export as export_module
+    from matryoshka_reranker.pipeline import export as export_module
 
     real_reference = export_module._reference
 
@@ -231,7 +245,7 @@ def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch
     monkeypatch.setattr(export_module, "_reference", shifted)
     with pytest.raises(ExportError, match=r"differ from PyTorch by 0\.001"):
         export_models(llama_model, tmp_path / "out", [2], [1],
-                      options=ExportOptions(start_layer=1, tokenization=SETTINGS))
+                      options=ExportOptions(start_layer=1, input_format=FORMAT))
     assert not (tmp_path / "out").exists()
 
 
@@ -239,11 +253,11 @@ def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch
                          ids=["torchscript", "float16", "per-exit-weights"])
 def test_export_options(llama_model, tmp_path, options):
     export_models(llama_model, tmp_path / "out", [3], [2], [2],
-                  options=ExportOptions(start_layer=1, tokenization=SETTINGS, **options))
-    folder = tmp_path / "out" / "exit-03_ratio-2"
+                  options=ExportOptions(start_layer=1, input_format=FORMAT, **options))
+    folder = tmp_path / "out" / "exit-03-ratio-2"
     manifest = read_manifest(folder)
     ort_scores = OnnxReranker(folder).compute_score(PAIRS)
-    expected = MatryoshkaReranker(llama_model, start_layer=1, max_length=MAX_LENGTH).compute_score(
+    expected = MatryoshkaReranker(llama_model, start_layer=1, input_format=FORMAT).compute_score(
         PAIRS, cutoff_layers=[3], compress_layers=COMPRESS, compress_ratio=2)
     tolerance = 5e-2 if options.get("dtype") == "float16" else 1e-4
     assert manifest["parity"]["tolerance"] == tolerance
@@ -264,16 +278,17 @@ def test_cli_explicit_form(llama_model, tmp_path):
     adapter = make_adapter(llama_model, tmp_path / "adapter", 5)
     out = tmp_path / "onnx"
     result = CliRunner().invoke(app, ["export", "--model", str(llama_model), "--peft-path", str(adapter),
-                                      "--layers", "2", "4", "--start-layer", "1", "--max-length", str(MAX_LENGTH),
+                                      "--layers", "2", "4", "--start-layer", "1", "--query-max-len", "24", "--passage-max-len", "24",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.split() == ["exit-02_ratio-1", str(out / "exit-02_ratio-1"),
-                                     "exit-04_ratio-1", str(out / "exit-04_ratio-1")]
-    manifest = read_manifest(out / "exit-04_ratio-1")
+    assert result.stdout.split() == ["exit-02-ratio-1", str(out / "exit-02-ratio-1"),
+                                     "exit-04-ratio-1", str(out / "exit-04-ratio-1")]
+    assert read_manifest(out / "exit-02-ratio-1")["input_format"] == FORMAT.to_dict()
+    manifest = read_manifest(out / "exit-04-ratio-1")
     assert [a["path"] for a in manifest["adapters"]] == [str(adapter)]
-    expected = MatryoshkaReranker(llama_model, peft_path=adapter, start_layer=1, max_length=MAX_LENGTH).compute_score(
+    expected = MatryoshkaReranker(llama_model, peft_path=adapter, start_layer=1, input_format=FORMAT).compute_score(
         PAIRS, cutoff_layers=[4])
-    np.testing.assert_allclose(OnnxReranker(out / "exit-04_ratio-1").compute_score(PAIRS), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(OnnxReranker(out / "exit-04-ratio-1").compute_score(PAIRS), expected, atol=1e-4, rtol=0)
 
 
 def write_params(tmp_path, model_dir, **export) -> Path:
@@ -299,11 +314,10 @@ def test_cli_params_form_merges_the_adapter_stack(llama_model, tmp_path):
     stack = [make_adapter(llama_model, tmp_path / "sd", 6), make_adapter(llama_model, tmp_path / "comp" / "layer", 7)]
     result = CliRunner().invoke(app, ["export", "-p", str(params), "-S", "export.exit_layers=[2]"])
     assert result.exit_code == 0, result.output
-    folder = tmp_path / "onnx" / "exit-02_ratio-1"
+    folder = tmp_path / "onnx" / "exit-02-ratio-1"
     manifest = read_manifest(folder)
     assert [a["path"] for a in manifest["adapters"]] == [str(p) for p in stack]
-    assert manifest["tokenization"] == {"prompt": manifest["tokenization"]["prompt"], "max_length": 48,
-                                        "query_max_len": 16, "passage_max_len": 32, "padding_side": "right"}
+    assert manifest["input_format"] == InputFormat(query_max_len=16, passage_max_len=32).to_dict()
     from matryoshka_reranker.config import load_params
 
     assert manifest["params_fingerprint"] == load_params(params, ["export.exit_layers=[2]"]).fingerprint()

@@ -26,7 +26,7 @@ from prefect.exceptions import ParameterTypeError  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.release import ReleaseRequest, release, reproduce_stage  # noqa: E402
-from matryoshka_reranker import repro  # noqa: E402
+from matryoshka_reranker.pipeline import repro  # noqa: E402
 from tests.dvc_project import dvc, git, make_project, set_knobs  # noqa: E402
 
 WORKTREE = Path(__file__).resolve().parents[1]

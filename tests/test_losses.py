@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from matryoshka_reranker.losses import TrainMethod, matryoshka_loss
+from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss
 
 
 def ce(a, b):

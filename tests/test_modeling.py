@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matryoshka_reranker.inputs import PairEncoder, yes_token_id
-from matryoshka_reranker.modeling import MatryoshkaModel, attention_bias, last_token_attention, merge_passage_tokens
+from matryoshka_reranker.model.inputs import InputFormat, PairEncoder, yes_token_id
+from matryoshka_reranker.model.modeling import MatryoshkaModel, attention_bias, last_token_attention, merge_passage_tokens
 
 PAIRS = [
     ("what causes the common cold?", "Rhinoviruses cause most colds in adults and children, spread by hands."),
@@ -22,7 +22,7 @@ def wrap(lm, tokenizer, start_layer=1):
 
 
 def batch(tokenizer, pairs, max_length=64):
-    encoder = PairEncoder(tokenizer, max_length=max_length)
+    encoder = PairEncoder(tokenizer, InputFormat(query_max_len=max_length // 2, passage_max_len=max_length // 2))
     return encoder.collate([encoder.encode(q, p) for q, p in pairs])
 
 

@@ -9,13 +9,18 @@ import shutil
 import numpy as np
 import pytest
 
-from matryoshka_reranker import OnnxReranker, onnx_runtime
-from matryoshka_reranker.export import ExportOptions, TokenizationSettings, export_models, sha256_file
-from matryoshka_reranker.onnx_runtime import ModelIntegrityError, pick_providers, read_manifest
-from matryoshka_reranker.reranker import MatryoshkaReranker
+from matryoshka_reranker import OnnxReranker
+from matryoshka_reranker.serving import onnx_runtime
+from matryoshka_reranker.core.atomic import sha256_file
+from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.pipeline.export import ExportOptions, export_models
+from matryoshka_reranker.serving.artifacts import ModelIntegrityError, read_manifest
+from matryoshka_reranker.serving.onnx_runtime import pick_providers
+from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 
 pytestmark = pytest.mark.slow  # the module fixture runs one torch.onnx.export
 
+FORMAT = InputFormat(query_max_len=24, passage_max_len=24)
 PAIRS = [
     ("capital of France", "Paris is the capital of France."),
     ("what causes the common cold?", "Rhinoviruses cause most colds in adults and children, spread by hands."),
@@ -26,9 +31,9 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, llama_dir):
     out = tmp_path_factory.mktemp("ort") / "onnx"
-    options = ExportOptions(start_layer=1, tokenization=TokenizationSettings(max_length=48))
+    options = ExportOptions(start_layer=1, input_format=FORMAT)
     export_models(llama_dir, out, [3], [1], options=options)
-    return out / "exit-03_ratio-1"
+    return out / "exit-03-ratio-1"
 
 
 @pytest.fixture
@@ -43,7 +48,7 @@ def test_compute_score_matches_pytorch_and_restores_order(exported, llama_dir):
     assert reranker.providers == ["CPUExecutionProvider"]
     assert reranker.session.get_session_options().intra_op_num_threads == 1
     scores = reranker.compute_score(PAIRS, batch_size=2)
-    expected = MatryoshkaReranker(llama_dir, start_layer=1, max_length=48).compute_score(PAIRS, cutoff_layers=[3])
+    expected = MatryoshkaReranker(llama_dir, start_layer=1, input_format=FORMAT).compute_score(PAIRS, cutoff_layers=[3])
     np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
     assert reranker.compute_score(PAIRS[::-1], batch_size=1) == pytest.approx(scores[::-1], abs=1e-5)
     single = reranker.compute_score(PAIRS[1])
@@ -67,6 +72,9 @@ def test_truncated_onnx_is_refused(folder):
     (folder / "model.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelIntegrityError, match=r"model\.onnx: sha256 .* does not match the manifest"):
         OnnxReranker(folder)
+    import os
+
+    os.utime(folder / "model.onnx", ns=(1, 1))  # a new mtime: the hash cache must not hide the change
     # Even with a manifest rewritten to the truncated file's hash, ORT's load error is reported clearly.
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = sha256_file(folder / "model.onnx")
@@ -88,10 +96,11 @@ def test_changed_weights_are_refused(folder):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m.update(format_version=2), "format_version 2; .* reads up to 1"),
+        (lambda m: m.update(format_version=3), "format_version 3; .* reads up to 2"),
+        (lambda m: m.update(format_version=1), "older matryoshka-reranker"),
         (lambda m: m.pop("format_version"), "missing or invalid format_version"),
         (lambda m: m["files"].pop("model.onnx"), "must list every file"),
-        (lambda m: m["files"].update({"extra.bin": "0" * 64}), r"extra\.bin is listed in the manifest but missing"),
+        (lambda m: m["files"].update({"extra.bin": "0" * 64}), r"extra\.bin is listed but missing"),
         (lambda m: m["files"].update({"../escape": "0" * 64}), "outside"),
     ],
 )
@@ -101,6 +110,46 @@ def test_bad_manifests_are_refused(folder, edit, message):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelIntegrityError, match=message):
         read_manifest(folder)
+
+
+def test_files_the_manifest_does_not_list_are_refused(folder):
+    """A dropped-in tokenizer file would change how text is tokenized: refused, naming the file."""
+    (folder / "special_tokens_map.json").write_text('{"bos_token": "<pad>"}')
+    with pytest.raises(ModelIntegrityError, match=r"special_tokens_map\.json is not listed in the manifest"):
+        OnnxReranker(folder)
+
+
+def test_rank_and_flagembedding_pair(exported):
+    reranker = OnnxReranker(exported)
+    documents = [p for _, p in PAIRS]
+    scores = reranker.compute_score([("capital of France", d) for d in documents])
+    ranked = reranker.rank("capital of France", documents, top_k=2, return_documents=True)
+    assert [r["corpus_id"] for r in ranked] == sorted(range(3), key=lambda i: -scores[i])[:2]
+    assert ranked[0]["text"] == documents[ranked[0]["corpus_id"]]
+    assert reranker.compute_score(["capital of France", documents[0]]) == pytest.approx(scores[0], abs=1e-5)
+
+
+def test_serving_needs_neither_torch_nor_transformers(exported):
+    """A serving box installs onnxruntime + tokenizers + numpy: OnnxReranker must work with torch unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from matryoshka_reranker import OnnxReranker\n"
+        f"r = OnnxReranker({str(exported)!r})\n"
+        "print(r.compute_score([('capital of France', 'Paris is the capital of France.')])[0])\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = OnnxReranker(exported).compute_score([PAIRS[0]])[0]
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
 
 
 def test_missing_manifest_is_refused(folder):

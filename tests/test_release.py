@@ -15,11 +15,11 @@ import yaml
 from typer.testing import CliRunner
 
 from matryoshka_reranker.cli import app
-from matryoshka_reranker.release import (
+from matryoshka_reranker.release.registry import (
     ManifestError, ReleaseError, _missing_objects, artifacts_out_of_sync, download, ensure_remote, expected_artifacts,
     list_releases, publish, sync_artifacts, verify_manifest,
 )
-from matryoshka_reranker.versions import VersionError, check_new_version, next_version
+from matryoshka_reranker.release.versions import VersionError, check_new_version, next_version
 from tests.dvc_project import dvc, git, make_params, make_project, repro, run, set_knobs
 
 # --- version names ------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from matryoshka_reranker import MatryoshkaReranker
-from matryoshka_reranker.adapters import target_pattern
-from matryoshka_reranker.modeling import MatryoshkaModel
+from matryoshka_reranker.model.adapters import target_pattern
+from matryoshka_reranker.model.inputs import InputFormat, InputFormatError
+from matryoshka_reranker.model.modeling import MatryoshkaModel
 
 PAIRS = [("what causes colds?", "Rhinoviruses cause most colds."), ("capital of France", "Paris is the capital."),
          ("q", "a much longer passage about vitamin D and sunlight and bones " * 3)]
@@ -60,9 +61,54 @@ def test_clear_errors(reranker, kwargs, error, match):
         reranker.compute_score(**kwargs)
 
 
-def test_max_length_beyond_the_model_is_refused(llama_dir):
-    with pytest.raises(ValueError, match="exceeds"):
-        MatryoshkaReranker(llama_dir, max_length=4096)
+def test_format_beyond_the_model_is_refused(llama_dir):
+    with pytest.raises(ValueError, match="more than the model attends to"):
+        MatryoshkaReranker(llama_dir, input_format=InputFormat(query_max_len=64, passage_max_len=4000))
+
+
+def test_flagembedding_call_shapes(reranker):
+    one = reranker.compute_score(PAIRS, cutoff_layers=4)
+    assert reranker.compute_score(list(PAIRS[0]), cutoff_layers=4) == pytest.approx(one[0], abs=1e-5)  # ["q", "p"]
+    aliased = reranker.compute_score(PAIRS, cutoff_layers=4, compress_layer=[2], compress_ratio=2)
+    named = reranker.compute_score(PAIRS, cutoff_layers=4, compress_layers=[2], compress_ratio=2)
+    assert aliased == pytest.approx(named, abs=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        reranker.compute_score(PAIRS, compress_layer=[2], compress_layers=[2], compress_ratio=2)
+
+
+def test_rank_returns_sentence_transformers_shape(reranker):
+    documents = [p for _, p in PAIRS]
+    scores = reranker.compute_score([("what causes colds?", d) for d in documents], cutoff_layers=4)
+    ranked = reranker.rank("what causes colds?", documents, return_documents=True)
+    assert [r["corpus_id"] for r in ranked] == sorted(range(3), key=lambda i: -scores[i])
+    assert [r["score"] for r in ranked] == pytest.approx(sorted(scores, reverse=True), abs=1e-5)
+    assert all(r["text"] == documents[r["corpus_id"]] for r in ranked)
+    top = reranker.rank("what causes colds?", documents, top_k=1)
+    assert top == [{"corpus_id": ranked[0]["corpus_id"], "score": pytest.approx(ranked[0]["score"], abs=1e-5)}]
+    with pytest.raises(ValueError, match="at least one document"):
+        reranker.rank("q", [])
+    with pytest.raises(TypeError, match="documents\\[1\\]"):
+        reranker.rank("q", ["a", 3])
+
+
+def test_default_width_applies_to_every_call(llama_dir):
+    compressed = MatryoshkaReranker(llama_dir, start_layer=2, compress_layers=[2], compress_ratio=4)
+    plain = MatryoshkaReranker(llama_dir, start_layer=2)
+    assert compressed.compute_score(PAIRS, cutoff_layers=4) == pytest.approx(
+        plain.compute_score(PAIRS, cutoff_layers=4, compress_layers=[2], compress_ratio=4), abs=1e-6)
+    assert compressed.compute_score(PAIRS, cutoff_layers=4, compress_ratio=1) == pytest.approx(
+        plain.compute_score(PAIRS, cutoff_layers=4), abs=1e-6)
+
+
+def test_saved_format_is_used_and_a_different_one_refused(llama_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    base = MatryoshkaModel.from_pretrained(llama_dir, start_layer=2)
+    get_peft_model(base, LoraConfig(r=2, target_modules=target_pattern(["q_proj"]))).save_pretrained(adapter)
+    InputFormat("Is B relevant to A?", 8, 24).save(adapter)
+    reranker = MatryoshkaReranker(llama_dir, start_layer=2, peft_path=adapter)
+    assert reranker.input_format == InputFormat("Is B relevant to A?", 8, 24)
+    with pytest.raises(InputFormatError, match="different input format"):
+        MatryoshkaReranker(llama_dir, start_layer=2, peft_path=adapter, input_format=InputFormat())
 
 
 def test_missing_model_folder_is_clear(tmp_path):
@@ -81,7 +127,7 @@ def test_peft_adapters_change_scores_and_reload(llama_dir, tmp_path):
     adapted = MatryoshkaReranker(llama_dir, start_layer=2, peft_path=tmp_path / "adapter").compute_score(PAIRS, cutoff_layers=4)
     assert adapted != pytest.approx(plain, abs=1e-4)
     with torch.no_grad():
-        from matryoshka_reranker.inputs import PairEncoder
+        from matryoshka_reranker.model.inputs import PairEncoder
         from transformers import AutoTokenizer
 
         encoder = PairEncoder(AutoTokenizer.from_pretrained(llama_dir))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-from matryoshka_reranker.teacher import BiEncoderTeacher, load_teacher, score_training_file
+from matryoshka_reranker.training.teacher import BiEncoderTeacher, load_teacher, score_training_file
 from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
 
 UNSCORED = [{k: v for k, v in row.items() if not k.endswith("_scores")} for row in TRAIN_ROWS]
@@ -48,9 +48,10 @@ def read(path):
     return [json.loads(line) for line in open(path)]
 
 
-@pytest.mark.parametrize("kind", ["bi_encoder", "cross_encoder", "matryoshka"])
+@pytest.mark.parametrize("kind", ["bi_encoder", "cross_encoder", "matryoshka", "hybrid"])
 def test_every_teacher_kind_fills_aligned_scores(tmp_path, tokenizer, llama_dir, kind):
     model = {"bi_encoder": lambda: bert_dir(tmp_path, tokenizer, False),
+             "hybrid": lambda: bert_dir(tmp_path, tokenizer, False),
              "cross_encoder": lambda: bert_dir(tmp_path, tokenizer, True), "matryoshka": lambda: llama_dir}[kind]()
     params = tiny_params(tmp_path, llama_dir, teacher__kind=kind, teacher__name_or_path=str(model))
     write_jsonl(tmp_path / "groups.jsonl", ROWS)
@@ -63,11 +64,48 @@ def test_every_teacher_kind_fills_aligned_scores(tmp_path, tokenizer, llama_dir,
         assert row["teacher"]["kind"] == kind and row["teacher"]["name_or_path"] == str(model)
     if kind == "bi_encoder":  # cosine x 20
         assert all(abs(s) <= 20 + 1e-4 for r in rows for s in r["pos_scores"] + r["neg_scores"])
-    if kind == "matryoshka":  # the full-depth score of the model
-        from matryoshka_reranker.reranker import MatryoshkaReranker
+    if kind == "hybrid":  # per line, min-max fused into [0, 1], x 10: the best passage 10, the worst 0
+        for r in rows:
+            scores = r["pos_scores"] + r["neg_scores"]
+            assert min(scores) >= 0 and max(scores) <= 10 + 1e-9
+            assert max(scores) > min(scores)
+        assert rows[0]["teacher"]["hybrid_weight"] == 0.5 and "bm25_corpus_sha256" in rows[0]["teacher"]
+    if kind == "matryoshka":  # the full-depth score of a raw model, in the pipeline's input format
+        from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 
-        expected = MatryoshkaReranker(llama_dir, max_length=32).compute_score([(ROWS[0]["query"], ROWS[0]["pos"][0])])
+        expected = MatryoshkaReranker(llama_dir, input_format=params.model.input_format).compute_score(
+            [(ROWS[0]["query"], ROWS[0]["pos"][0])])
         assert rows[0]["pos_scores"][0] == pytest.approx(expected[0], abs=1e-5)
+
+
+def test_hybrid_fusion_follows_its_weight(tmp_path, tokenizer, llama_dir):
+    """weight 1 = BM25 alone: a passage sharing the query's words outranks one that shares none."""
+    bi = bert_dir(tmp_path, tokenizer, False)
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="hybrid", teacher__name_or_path=str(bi),
+                         teacher__hybrid_weight=1.0)
+    row = {"query": "vitamin D bone loss", "pos": ["Vitamin D deficiency is linked to bone loss."],
+           "neg": ["Paris is the capital of France.", "Rhinoviruses cause most colds."]}
+    write_jsonl(tmp_path / "groups.jsonl", [row, dict(row, query="capital of France")])
+    rows = read(score_training_file(params))
+    assert rows[0]["pos_scores"][0] == pytest.approx(10.0) and rows[1]["neg_scores"][0] == pytest.approx(10.0)
+
+
+def test_non_finite_teacher_scores_fail_their_shard(tmp_path, tokenizer, llama_dir):
+    from matryoshka_reranker.training.teacher import TeacherScoreError
+
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="cross_encoder",
+                         teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, True)))
+    write_jsonl(tmp_path / "groups.jsonl", ROWS)
+
+    class NaNTeacher(Counting):
+        def score_pairs(self, queries, passages, progress):
+            scores = super().score_pairs(queries, passages, progress)
+            return [float("nan")] + scores[1:] if self.calls == 2 else scores
+
+    with pytest.raises(TeacherScoreError, match="non-finite"):
+        score_training_file(params, teacher=NaNTeacher(load_teacher(params)))
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000.json", "shard-00000.jsonl"]
+    assert not (tmp_path / "scored.jsonl").exists()
 
 
 def test_bi_encoder_embeds_each_distinct_text_once(tmp_path, tokenizer, llama_dir):

@@ -15,11 +15,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from matryoshka_reranker.adapters import merge_adapters
-from matryoshka_reranker.data import GroupCollator, GroupDataset, load_training_file
-from matryoshka_reranker.losses import TrainMethod, matryoshka_loss
-from matryoshka_reranker.modeling import MatryoshkaModel
-from matryoshka_reranker.training import CompressionPlan, MatryoshkaTrainingModel, load_base, pair_encoder, self_distill
+from matryoshka_reranker.model.adapters import merge_adapters
+from matryoshka_reranker.training.data import GroupCollator, GroupDataset, load_training_file
+from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss
+from matryoshka_reranker.model.modeling import MatryoshkaModel
+from matryoshka_reranker.training.trainer import CompressionPlan, MatryoshkaTrainingModel, load_base, pair_encoder, self_distill
 from tests.fixtures import make_tiny_model
 from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
 
@@ -248,7 +248,7 @@ def test_two_process_run_under_torchrun_with_deepspeed_completes(tmp_path, score
 
 def test_worker_processes_auto_is_one_without_cuda_and_launchers_are_respected(monkeypatch):
     from matryoshka_reranker.config import ParamsError, parse_params
-    from matryoshka_reranker.training import relaunch_distributed, worker_processes
+    from matryoshka_reranker.training.trainer import relaunch_distributed, worker_processes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert worker_processes("auto") == 1 and worker_processes(3) == 3

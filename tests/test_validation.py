@@ -8,9 +8,10 @@ import math
 import pytest
 from typer.testing import CliRunner
 
+from matryoshka_reranker.model.inputs import DEFAULT_PROMPT
 from matryoshka_reranker.cli import app
 from matryoshka_reranker.config import ValidationParams
-from matryoshka_reranker.validation import validate_training_data
+from matryoshka_reranker.pipeline.validation import validate_training_data
 
 GOOD = [
     {"query": "what causes the common cold?", "pos": ["Rhinoviruses cause most colds in adults."],
@@ -18,7 +19,7 @@ GOOD = [
     {"query": "capital of France", "pos": ["Paris is the capital of France."],
      "neg": ["Berlin is the capital of Germany.", "Rome is in Italy, not in France."]},
     {"query": "where is ATP made?", "pos": ["ATP synthesis happens in the inner mitochondrial membrane."],
-     "neg": ["Stem cells differentiate in vitro.", "Sunlight helps the skin make vitamin D."], "prompt": "Relevant?"},
+     "neg": ["Stem cells differentiate in vitro.", "Sunlight helps the skin make vitamin D."], "prompt": DEFAULT_PROMPT},
     {"query": "vitamin D and bones", "pos": ["Vitamin D deficiency is linked to bone loss."],
      "neg": ["Rhinoviruses cause most colds in adults.", "Paris is the capital of France."]},
 ]
@@ -80,6 +81,7 @@ def test_scored_data_pass_when_scores_are_required(tmp_path):
         (edit(3, neg=["too short", "Paris is the capital of France."]), "passage_min_length",
          "expect_column_values_to_be_between", 4),
         (edit(0, prompt=["not", "a", "string"]), "prompt_is_string", "expect_column_values_to_be_in_set", 1),
+        (edit(1, prompt="Relevant?"), "prompt_matches_model", "expect_column_values_to_be_in_set", 2),
         (edit(2, pos_scores="high"), "pos_scores_type", "expect_column_values_to_be_in_set", 3),
         (scored(GOOD)[:2] + ['{"query": "broken", "pos": [\n'] + scored(GOOD)[2:], "json_object",
          "expect_column_values_to_be_null", 3),
@@ -88,11 +90,11 @@ def test_scored_data_pass_when_scores_are_required(tmp_path):
     ],
     ids=["empty-neg", "empty-pos", "misaligned-scores", "nan-score", "positive-in-negatives", "missing-neg",
          "missing-query", "query-not-string", "pos-mixed-types", "query-too-long", "passage-too-short",
-         "prompt-not-string", "scores-not-list", "malformed-json", "not-an-object", "duplicates"],
+         "prompt-not-string", "prompt-not-model-prompt", "scores-not-list", "malformed-json", "not-an-object", "duplicates"],
 )
 def test_each_kind_of_bad_data_fails_its_check(tmp_path, rows, failed, expectation, bad_line):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    report = validate_training_data(data, bounds=ValidationParams(max_duplicate_fraction=0.1))
+    report = validate_training_data(data, bounds=ValidationParams(max_duplicate_fraction=0.1), prompt=DEFAULT_PROMPT)
     assert not report.success
     assert [c.name for c in report.failed] == [failed]  # exactly that check: a bad row is reported once
     check = report.failed[0]
@@ -161,7 +163,7 @@ def test_bounds_are_checked_when_params_load():
 
 
 def test_an_expectation_that_crashes_is_a_failure_with_its_message(tmp_path):
-    from matryoshka_reranker.validation import Check, read_rows, run_suite
+    from matryoshka_reranker.pipeline.validation import Check, read_rows, run_suite
 
     rows = read_rows(write_jsonl(tmp_path / "groups.jsonl", GOOD))
     [result] = run_suite(rows, [Check("bogus", "ExpectColumnValuesToBeBetween", {"column": "nope", "min_value": 1}, "x")])

@@ -1,6 +1,6 @@
 """Matryoshka re-rankers: LLM cross-encoders whose exit depth and token width are chosen at run time."""
 
-from .inputs import DEFAULT_PROMPT, PairEncoder  # torch-free at import time
+from .model.inputs import DEFAULT_PROMPT, PairEncoder  # torch-free at import time
 
 __all__ = ["DEFAULT_PROMPT", "MatryoshkaModel", "MatryoshkaReranker", "OnnxReranker", "PairEncoder"]
 __version__ = "0.1.0"
@@ -9,15 +9,15 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: importing the package (the CLI's start-up path) must not import torch/onnxruntime.
     if name == "MatryoshkaReranker":
-        from .reranker import MatryoshkaReranker
+        from .serving.reranker import MatryoshkaReranker
 
         return MatryoshkaReranker
     if name == "MatryoshkaModel":
-        from .modeling import MatryoshkaModel
+        from .model.modeling import MatryoshkaModel
 
         return MatryoshkaModel
     if name == "OnnxReranker":
-        from .onnx_runtime import OnnxReranker
+        from .serving.onnx_runtime import OnnxReranker
 
         return OnnxReranker
     raise AttributeError(name)

@@ -94,9 +94,9 @@ def export(
     attn_implementation: Annotated[str, typer.Option(help="eager or sdpa attention in the graph")] = "eager",
     start_layer: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 4)")] = None,
     layer_sep: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 1)")] = None,
-    max_length: int = 512,
-    query_max_len: Optional[int] = None,
-    passage_max_len: Optional[int] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="input format of a raw checkpoint (adapters carry theirs)")] = None,
+    query_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
+    passage_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
 ) -> None:
     """Export ONNX models, one folder per (exit layer, ratio), plus index.json.
 
@@ -104,7 +104,7 @@ def export(
     --out DIR. Pipeline form: --params params.yaml [-S export.exit_layers=[8,16]] (adapters from
     params.adapter_stack(ratio), output in paths.onnx).
     """
-    from .export import ExportError, ExportOptions, TokenizationSettings, export_from_params, export_models
+    from .pipeline.export import ExportError, ExportOptions, export_from_params, export_models
 
     try:
         if model is None:
@@ -120,10 +120,9 @@ def export(
                 raise ValueError("--model (explicit form) cannot be combined with --params/-S")
             if not layers or out is None:
                 raise ValueError("the explicit form needs --layers and --out")
-            tokenization = TokenizationSettings(max_length=max_length, query_max_len=query_max_len,
-                                                passage_max_len=passage_max_len)
             options = ExportOptions(dtype=dtype, dynamo=dynamo, attn_implementation=attn_implementation,
-                                    start_layer=start_layer, layer_sep=layer_sep, tokenization=tokenization)
+                                    start_layer=start_layer, layer_sep=layer_sep,
+                                    input_format=_input_format(prompt, query_max_len, passage_max_len))
             index = export_models(model, out, layers, ratios or [1], compress_layers or [],
                                   adapters=lambda ratio: peft_path or [], options=options)
     except (ValueError, FileNotFoundError, ExportError) as err:
@@ -132,35 +131,106 @@ def export(
         typer.echo(f"{entry['name']}\t{out / entry['path']}")
 
 
+def _input_format(prompt, query_max_len, passage_max_len):
+    """An explicit input format from CLI options (None when none is given: the model's own is used)."""
+    from .model.inputs import InputFormat
+
+    if prompt is None and query_max_len is None and passage_max_len is None:
+        return None
+    default = InputFormat()
+    return InputFormat(prompt or default.prompt, query_max_len or default.query_max_len,
+                       passage_max_len or default.passage_max_len)
+
+
+def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, input_format, compress_layers=(),
+                   compress_ratio=1):
+    """An exported ONNX folder (has manifest.json) -> OnnxReranker; anything else -> MatryoshkaReranker."""
+    if (Path(model) / "manifest.json").is_file():
+        from .serving.onnx_runtime import OnnxReranker
+
+        if peft_path or start_layer or layer_sep or input_format:
+            raise ValueError(f"{model} is an exported ONNX model: adapters, layers and input format are fixed in it")
+        return OnnxReranker(model, batch_size=batch_size)
+    from .serving.reranker import MatryoshkaReranker
+
+    return MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
+                              batch_size=batch_size, input_format=input_format, compress_layers=compress_layers or (),
+                              compress_ratio=compress_ratio)
+
+
+ModelOpt = Annotated[str, typer.Option(help="model folder, embedded:smollm2-135m-instruct, or an exported ONNX folder")]
+PeftOpt = Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order (PyTorch models)")]
+
+
 @app.command(cls=_ListOptionsCommand)
 def score(
-    model: Annotated[str, typer.Option(help="model folder or embedded:smollm2-135m-instruct")],
+    model: ModelOpt,
     pairs: Annotated[Path, typer.Option(help='JSONL of {"query": ..., "passage": ...}')],
-    peft_path: Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order")] = None,
+    peft_path: PeftOpt = None,
     cutoff_layers: IntList = None,
     compress_layers: IntList = None,
     compress_ratio: int = 1,
     start_layer: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 4)")] = None,
     layer_sep: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 1)")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="input format of a raw checkpoint (adapters carry theirs)")] = None,
+    query_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
+    passage_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
     batch_size: int = 32,
-    max_length: int = 512,
     normalize: bool = False,
 ) -> None:
     """Score query-passage pairs; prints one JSON line per pair ({"layer": score, ...})."""
-    from .reranker import MatryoshkaReranker
-
     try:
         rows = _read_pairs(pairs)
-        reranker = MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
-                                      batch_size=batch_size, max_length=max_length)
-        layers = cutoff_layers or [reranker.exit_layers[-1]]
-        scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
-                                        compress_ratio=compress_ratio, normalize=normalize)
+        reranker = _load_reranker(model, peft_path, start_layer, layer_sep, batch_size,
+                                  _input_format(prompt, query_max_len, passage_max_len))
+        if hasattr(reranker, "exit_layer"):  # ONNX: one fixed exit
+            if cutoff_layers and cutoff_layers != [reranker.exit_layer]:
+                raise ValueError(f"{model} is exported at exit {reranker.exit_layer}; --cutoff-layers cannot change it")
+            layers = [reranker.exit_layer]
+            per_layer = [reranker.compute_score(rows, normalize=normalize)]
+        else:
+            layers = cutoff_layers or [reranker.exit_layers[-1]]
+            scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
+                                            compress_ratio=compress_ratio, normalize=normalize)
+            per_layer = [scores] if len(layers) == 1 else scores
     except (ValueError, TypeError, FileNotFoundError) as err:
         _fail(err, 2)
-    per_layer = [scores] if len(layers) == 1 else scores
     for i in range(len(rows)):
         typer.echo(json.dumps({str(k): per_layer[j][i] for j, k in enumerate(layers)}))
+
+
+@app.command(cls=_ListOptionsCommand)
+def rank(
+    model: ModelOpt,
+    query: Annotated[str, typer.Option(help="the query")],
+    documents: Annotated[Path, typer.Option(help="one document per line (text), or JSONL with a \"text\" field")],
+    top_k: Annotated[Optional[int], typer.Option(help="keep the best k")] = None,
+    peft_path: PeftOpt = None,
+    cutoff_layer: Annotated[Optional[int], typer.Option(help="exit layer (PyTorch models; default the deepest)")] = None,
+    compress_layers: IntList = None,
+    compress_ratio: int = 1,
+    batch_size: int = 32,
+    return_documents: Annotated[bool, typer.Option(help="include each document's text")] = False,
+) -> None:
+    """Rank documents for one query, best first; prints [{"corpus_id", "score"(, "text")}] as JSON."""
+    try:
+        docs = _read_documents(documents)
+        reranker = _load_reranker(model, peft_path, None, None, batch_size, None, compress_layers, compress_ratio)
+        options = {} if hasattr(reranker, "exit_layer") else {"cutoff_layer": cutoff_layer}
+        ranked = reranker.rank(query, docs, top_k=top_k, return_documents=return_documents, **options)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(json.dumps(ranked, ensure_ascii=False, indent=1))
+
+
+def _read_documents(path: Path) -> list[str]:
+    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and all(line.lstrip().startswith("{") for line in lines):
+        try:
+            return [json.loads(line)["text"] for line in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: JSONL documents need a \"text\" field ({err})") from None
+    return lines
 
 
 # ------------------------------------------------------------------ training stages (issue 3)
@@ -168,7 +238,7 @@ def score(
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """BEIR data -> training groups (BM25 negatives) and eval candidates (BM25 top-k)."""
     p = _params(params, set_)
-    from .prepare import prepare as run
+    from .pipeline.prepare import prepare as run
 
     try:
         summary = run(p)
@@ -182,7 +252,7 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 def teacher_score(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Fill pos_scores/neg_scores of the training groups with the configured teacher (resumable)."""
     p = _params(params, set_)
-    from .teacher import score_training_file
+    from .training.teacher import score_training_file
 
     try:
         out = score_training_file(p)
@@ -196,7 +266,7 @@ def self_distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
     """Cascaded self-distillation: LoRA (+ score heads) -> paths.self_distill. Resumes from checkpoints."""
     p = _params(params, set_)
     _maybe_relaunch(p, ["self-distill", "-p", str(params), *_set_args(set_)])
-    from .training import self_distill as run
+    from .training.trainer import self_distill as run
 
     try:
         summary = run(p)
@@ -211,7 +281,7 @@ def _set_args(overrides: list[str] | None) -> list[str]:
 
 def _maybe_relaunch(p, cli_args: list[str]) -> None:
     """With ``distributed.processes`` > 1, re-run this command as that many workers and exit."""
-    from .training import relaunch_distributed, worker_processes
+    from .training.trainer import relaunch_distributed, worker_processes
 
     code = relaunch_distributed(worker_processes(p.distributed.processes), cli_args)
     if code is not None:
@@ -227,7 +297,7 @@ def compensate(
     """Factorized compensation: layer adapter + one token adapter per ratio -> paths.compensation."""
     p = _params(params, set_)
     _maybe_relaunch(p, ["compensate", "-p", str(params), *_set_args(set_), *[a for o in only or [] for a in ("--only", o)]])
-    from .compensation import compensate as run
+    from .training.compensation import compensate as run
 
     try:
         results = run(p, only=only)
@@ -248,12 +318,13 @@ def validate(
 ) -> None:
     """Great Expectations suite over training data; exits 1 with a report when the data fail."""
     cfg = _params(params, overrides)
-    from .validation import format_failures, validate_training_data
+    from .pipeline.validation import format_failures, validate_training_data
 
     path = input or Path(cfg.paths.train_groups)
     folder = report or Path(cfg.paths.validation_report)
     try:
-        result = validate_training_data(path, folder, cfg.validation, require_scores=require_scores)
+        result = validate_training_data(path, folder, cfg.validation, require_scores=require_scores,
+                                        prompt=cfg.model.prompt)
     except FileNotFoundError as err:
         _fail(err, 2)
     if not result.success:
@@ -263,14 +334,46 @@ def validate(
 
 
 @app.command()
+def baselines(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """The untrained model on the eval set (when evaluation.untrained_baseline) -> paths.baselines."""
+    cfg = _params(params, overrides)
+    from .pipeline.evaluation import untrained_baseline
+
+    try:
+        result = untrained_baseline(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    typer.echo(f"baselines ({len(result['per_query'])} untrained exits) -> {cfg.paths.baselines}")
+
+
+@app.command("learning-curve")
+def learning_curve_command(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Quality of every self-distillation snapshot (self_distill.snapshot_steps) -> paths.learning_curve."""
+    cfg = _params(params, overrides)
+    from .pipeline.evaluation import learning_curve
+
+    try:
+        curve = learning_curve(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    measure = cfg.evaluation.measures[0]
+    for point in curve["points"]:
+        typer.echo(f"step {point['step']:>6}  exit {point['exit_layer']:>3}  {measure} {point[measure]:.4f} "
+                   f"[{point[measure + '_ci'][0]:.4f}, {point[measure + '_ci'][1]:.4f}]")
+
+
+@app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Rerank the eval candidates with every exported model; writes paths.metrics and paths.plots."""
     cfg = _params(params, overrides)
-    from .evaluation import evaluate as run_evaluation
-    from .evaluation import format_table
+    from .core.errors import CheckFailed
+    from .pipeline.evaluation import evaluate as run_evaluation
+    from .pipeline.evaluation import format_table
 
     try:
         per_layer_metrics = run_evaluation(cfg)
+    except CheckFailed as err:
+        _fail(err, 1)
     except (ValueError, FileNotFoundError) as err:
         _fail(err, 2)
     typer.echo(format_table(per_layer_metrics))
@@ -278,18 +381,15 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((obj["query"], obj["passage"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected {{\"query\": str, \"passage\": str}} ({err})") from None
-    return rows
+    from .core.jsonl import read_jsonl
 
+    rows = []
+    for where, obj in read_jsonl(path, what="pairs file"):
+        try:
+            rows.append((obj["query"], obj["passage"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: expected {{\"query\": str, \"passage\": str}} ({err})") from None
+    return rows
 
 
 # --- release: gate, model registry, publish/download, scheduled flow ---------------------------
@@ -301,8 +401,8 @@ RepoOpt = Annotated[Path, typer.Option("--repo", help="project checkout (git + D
 def gate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
          baseline: Annotated[Optional[str], typer.Option(help="compare with this release tag")] = None) -> None:
     """Compare metrics with the last release; exit 1 if any exit layer regressed (report in paths.gate_report)."""
-    from .gate import GateError, run_gate
-    from .revisions import RevisionError
+    from .release.gate import GateError, run_gate
+    from .release.revisions import RevisionError
 
     p = _params(params, overrides)
     try:
@@ -318,7 +418,7 @@ def gate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo
 def artifacts(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
               check: Annotated[bool, typer.Option(help="only check; exit 1 when out of sync")] = False) -> None:
     """Write the exit models (export.exit_layers x export.ratios) into dvc.yaml `artifacts:` (type model)."""
-    from .release import ReleaseError, artifacts_out_of_sync, sync_artifacts
+    from .release.registry import ReleaseError, artifacts_out_of_sync, sync_artifacts
 
     p = _params(params, overrides)
     try:
@@ -339,10 +439,10 @@ def publish(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, r
             dry_run: Annotated[bool, typer.Option(help="check and gate only")] = False,
             skip_gate: Annotated[bool, typer.Option(help="publish despite a failed gate (recorded)")] = False) -> None:
     """Gate, commit the reproduced state, push the exit models to the DVC remote and tag the version."""
-    from .gate import GateError
-    from .release import ReleaseError, publish as do_publish
-    from .revisions import RevisionError
-    from .versions import VersionError
+    from .release.gate import GateError
+    from .release.registry import ReleaseError, publish as do_publish
+    from .release.revisions import RevisionError
+    from .release.versions import VersionError
 
     p = _params(params, overrides)
     try:
@@ -363,8 +463,8 @@ def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.
              remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL, for tags made before "
                                                                     "the remote existed")] = None) -> None:
     """Download one released exit model and verify every file's sha256 against its manifest."""
-    from .release import ReleaseError, download as do_download
-    from .revisions import RevisionError
+    from .release.registry import ReleaseError, download as do_download
+    from .release.revisions import RevisionError
 
     try:
         dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url)
@@ -378,8 +478,8 @@ def releases(repo: Annotated[str, typer.Option(help="git URL or path of the proj
              as_json: Annotated[bool, typer.Option("--json", help="JSON instead of markdown")] = False,
              remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL override")] = None) -> None:
     """List released versions with their per-layer metrics (read at each tag)."""
-    from .release import list_releases, releases_markdown
-    from .revisions import RevisionError
+    from .release.registry import list_releases, releases_markdown
+    from .release.revisions import RevisionError
 
     try:
         found = list_releases(repo, remote_url=remote_url)
@@ -396,7 +496,7 @@ def serve(params: Annotated[str, typer.Option("--params", "-p", help="params fil
           name: Annotated[str, typer.Option(help="deployment name")] = "scheduled-release",
           force: bool = False, dry_run: bool = False) -> None:
     """Serve the release flow on a schedule (needs `prefect server start` and PREFECT_API_URL)."""
-    from .scheduling import ScheduleError, serve_release
+    from .release.scheduling import ScheduleError, serve_release
 
     try:
         serve_release(repo=repo, params=params, overrides=overrides or [], cron=cron, interval=interval,

@@ -14,7 +14,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .inputs import DEFAULT_PROMPT
+from .core.errors import InputError
+from .model.inputs import InputFormat
+
+_FORMAT = InputFormat()  # the defaults of the input-format fields below
 
 
 class Section(BaseModel):
@@ -39,23 +42,29 @@ class ModelParams(Section):
     name_or_path: str = "embedded:smollm2-135m-instruct"  # a folder, or an embedded default
     start_layer: int = Field(4, ge=1)
     layer_sep: int = Field(1, ge=1)
-    prompt: str = DEFAULT_PROMPT
-    query_max_len: int = Field(32, ge=4)
-    passage_max_len: int = Field(96, ge=4)
+    prompt: str = Field(_FORMAT.prompt, min_length=1)
+    query_max_len: int = Field(_FORMAT.query_max_len, ge=4)
+    passage_max_len: int = Field(_FORMAT.passage_max_len, ge=4)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
     @property
+    def input_format(self) -> InputFormat:
+        """The one input format of this pipeline; saved with every adapter and export."""
+        return InputFormat(self.prompt, self.query_max_len, self.passage_max_len)
+
+    @property
     def max_length(self) -> int:
-        return self.query_max_len + self.passage_max_len
+        return self.input_format.max_length
 
 
 class TeacherParams(Section):
-    kind: Literal["bi_encoder", "cross_encoder", "matryoshka"] = "bi_encoder"
+    kind: Literal["bi_encoder", "cross_encoder", "matryoshka", "hybrid"] = "bi_encoder"
     name_or_path: str = "embedded:all-minilm-l6-v2"
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
     shard_size: int = Field(64, ge=1)  # training lines per resumable shard
-    score_scale: float | None = Field(None, gt=0)  # scores x this; null: 20 for bi_encoder cosines, else 1
+    score_scale: float | None = Field(None, gt=0)  # scores x this; null: 20 bi_encoder, 10 hybrid, else 1
+    hybrid_weight: float = Field(0.5, ge=0, le=1)  # hybrid: weight of BM25 vs the bi-encoder (min-max per line)
 
 
 class CompressionParams(Section):
@@ -79,6 +88,7 @@ class LoraParams(Section):
     target_modules: list[str] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "score_heads",
     ]
+    heads: Literal["full", "lora"] = "full"  # score heads trained as full weights, or LoRA like the rest
 
 
 class TrainParams(Section):
@@ -100,6 +110,12 @@ class TrainParams(Section):
     deepspeed: str | None = "configs/deepspeed/zero1.json"  # null: plain Trainer
     lora: LoraParams = LoraParams()
     seed: int = 42
+    # keep: heads as the model has them ("Yes" row of a raw LM; trained heads of a merged model);
+    # probe: fit every exit's head on frozen last-token states first (training/heads.py)
+    head_init: Literal["keep", "probe"] = "keep"
+    probe_queries: int = Field(256, ge=0)  # training groups the probe reads (0 = all)
+    probe_l2: float = Field(0.01, ge=0)  # L2 penalty of the probe (standardised features)
+    snapshot_steps: list[int] = []  # save the adapter at these steps too (learning curve)
 
     @field_validator("train_method")
     @classmethod
@@ -169,10 +185,14 @@ class ValidationParams(Section):
 class EvaluationParams(Section):
     batch_size: int = Field(16, ge=1)
     measures: list[str] = ["nDCG@10", "RR@10", "R@10"]
+    confidence: float = Field(0.95, gt=0, lt=1)  # bootstrap intervals over queries
+    bootstrap_resamples: int = Field(10_000, ge=100)
+    latency_queries: int = Field(3, ge=1)  # queries each exported model is timed on (one call per query)
+    untrained_baseline: bool = False  # baselines stage: score the untrained model too (one more full pass)
     # Compare ONNX Runtime with PyTorch: true = every exported exit at the largest exported ratio
-    # (one PyTorch forward gives all exits); a config name (exit-30_ratio-4) = that one; false = off.
+    # (one PyTorch forward gives all exits); a config name (exit-30-ratio-4) = that one; false = off.
     pytorch_check: bool | str = True
-    pytorch_check_queries: int = Field(5, ge=0)  # eval queries the check scores (0 = all)
+    pytorch_check_queries: int = Field(3, ge=0)  # eval queries the check scores (0 = all)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads (0 = its default)
 
 
@@ -207,6 +227,10 @@ class PathParams(Section):
     checkpoints: str = "checkpoints"  # Trainer checkpoints for resume (DVC `persist`)
     onnx: str = "models/onnx"
     metrics: str = "metrics/per_layer.json"
+    per_query: str = "metrics/per_query.json"  # every system's value per query (the gate's paired test)
+    summary: str = "metrics/summary.json"  # flat headline numbers for `dvc exp show`
+    baselines: str = "metrics/baselines.json"  # the untrained model on the eval set (baselines stage)
+    learning_curve: str = "metrics/learning_curve.json"  # quality per self-distillation snapshot (+ .png)
     plots: str = "metrics/plots"
     gate_report: str = "reports/gate"
 
@@ -228,6 +252,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
+        """Settings that must agree, checked before any work (each error names both keys)."""
         exits = set(range(self.model.start_layer, 10_000, self.model.layer_sep))
         bad = [k for k in self.export.exit_layers if k not in exits]
         if bad:
@@ -235,9 +260,23 @@ class Params(Section):
                 f"export.exit_layers {bad} have no score head with model.start_layer="
                 f"{self.model.start_layer}, model.layer_sep={self.model.layer_sep}"
             )
-        missing = [r for r in self.export.ratios if r > 1 and r not in self.compensation.token_ratios]
+        comp, export = self.compression, self.export
+        token, exported = self.compensation.token_ratios, [r for r in self.export.ratios if r > 1]
+        missing = [r for r in exported if r not in token]
         if missing:
-            raise ValueError(f"export.ratios {missing} have no token adapter in compensation.token_ratios")
+            raise ValueError(f"export.ratios {missing} have no token adapter: add them to compensation.token_ratios "
+                             f"(now {token})")
+        unsampled = [r for r in token if r not in comp.ratios]
+        if unsampled:
+            raise ValueError(f"compensation.token_ratios {unsampled} are not in compression.ratios {comp.ratios}: "
+                             "self-distillation never trains at that width, so its adapter would compensate a "
+                             "model that never saw it; add the ratio to compression.ratios")
+        if token and not comp.layers:
+            raise ValueError(f"compensation.token_ratios {token} need compression.layers (where tokens are merged)")
+        if exported and sorted(set(export.compress_layers)) != sorted(set(comp.layers)):
+            raise ValueError(f"export.compress_layers {export.compress_layers} differ from compression.layers "
+                             f"{comp.layers}: the token adapters of export.ratios {exported} were trained merging "
+                             "tokens at compression.layers, so the export must compress there too")
         return self
 
     def adapter_stack(self, ratio: int) -> list[Path]:
@@ -251,7 +290,7 @@ class Params(Section):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A params file or override is invalid; the message names the key."""
 
 

@@ -36,9 +36,10 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from .atomic import atomic_dir, atomic_file, sha256_file
-from .config import Params
-from .gate import GateReport, config_name, read_metrics, run_gate
+from ..core.atomic import atomic_dir, atomic_file, sha256_file
+from ..config import Params
+from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, read_manifest
+from .gate import GateReport, read_metrics, run_gate
 from .revisions import (
     absolute_remote_url, dirty_paths, git, list_tags, open_at, repo_root, rev_commit,
 )
@@ -46,10 +47,8 @@ from .versions import check_new_version, next_version, parse_version, release_ve
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
 RECORDS_DIR = "releases"  # inside the DVC remote: one JSON record per published version
-ARTIFACT_RE = re.compile(r"^exit-(\d+)-ratio-(\d+)$")
+ARTIFACT_RE = NAME_RE
 
 
 class ReleaseError(RuntimeError):
@@ -63,8 +62,8 @@ class ManifestError(ReleaseError):
 # --- exit models as DVC artifacts ---------------------------------------------------------------
 
 def artifact_name(exit_layer: int, ratio: int) -> str:
-    """DVC artifact name of one exit model: ``exit-08-ratio-1`` (GTO names allow no ``@``/``#``)."""
-    return f"exit-{exit_layer:02d}-ratio-{ratio}"
+    """DVC artifact name of one exit model: its config name ``exit-08-ratio-1`` (GTO allows no ``_@#``)."""
+    return config_name(exit_layer, ratio)
 
 
 def expected_artifacts(params: Params) -> dict[str, dict]:
@@ -132,31 +131,12 @@ def _load_dvc_yaml(path: Path) -> dict:
 # --- manifests ----------------------------------------------------------------------------------
 
 def verify_manifest(folder: str | Path) -> dict:
-    """Checks every file of ``folder`` against ``manifest.json``; raises ``ManifestError`` on any mismatch.
-
-    Files listed but absent, files present but unlisted, and sha256 mismatches all fail.
-    """
-    folder = Path(folder)
+    """Checks every file of ``folder`` against ``manifest.json`` (``serving.artifacts``): files listed
+    but absent, present but unlisted, or with another sha256 raise ``ManifestError``."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{folder}: no {MANIFEST}") from None
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{folder}/{MANIFEST}: not valid JSON ({err})") from None
-    if manifest.get("format_version") != MANIFEST_FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
-        raise ManifestError(f"{folder}/{MANIFEST}: expected format_version {MANIFEST_FORMAT_VERSION} "
-                            "and a 'files' mapping of relative path -> sha256")
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
-    problems = []
-    for rel, expected in sorted(manifest["files"].items()):
-        if rel not in present:
-            problems.append(f"missing {rel}")
-        elif sha256_file(folder / rel) != expected:
-            problems.append(f"sha256 mismatch: {rel}")
-    problems += [f"unexpected file {rel}" for rel in sorted(present - set(manifest["files"]))]
-    if problems:
-        raise ManifestError(f"{folder}: does not match {MANIFEST}: " + "; ".join(problems))
-    return manifest
+        return read_manifest(folder, verify=True)
+    except ModelIntegrityError as err:
+        raise ManifestError(str(err)) from None
 
 
 # --- publish ------------------------------------------------------------------------------------

@@ -7,23 +7,20 @@ and must never reach a model.
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core.errors import InputError
+from ..core.jsonl import read_jsonl
+
 
 def _open_jsonl(folder: Path, stem: str) -> Iterator[dict]:
-    for name, opener in ((f"{stem}.jsonl", open), (f"{stem}.jsonl.gz", gzip.open)):
-        path = folder / name
-        if path.exists():
-            with opener(path, "rt", encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
+        if (folder / name).exists():
+            for where, row in read_jsonl(folder / name, what=f"BEIR {stem}"):
+                if not isinstance(row, dict) or "_id" not in row:
+                    raise InputError(f"{where}: expected an object with an '_id'")
+                yield row
             return
     raise FileNotFoundError(f"{folder}: no {stem}.jsonl or {stem}.jsonl.gz")
 
@@ -52,12 +49,12 @@ def load_qrels(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
         reader = csv.reader(handle, delimiter="\t")
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise ValueError(f"{path}: expected header 'query-id corpus-id score'")
+            raise InputError(f"{path}: expected header 'query-id corpus-id score'")
         for number, row in enumerate(reader, 2):
             if not row:
                 continue
             try:
                 qrels.setdefault(row[0].strip(), {})[row[1].strip()] = int(row[2])
             except (IndexError, ValueError):
-                raise ValueError(f"{path}:{number}: expected three tab-separated fields") from None
+                raise InputError(f"{path}:{number}: expected three tab-separated fields") from None
     return qrels

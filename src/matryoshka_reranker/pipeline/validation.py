@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_dir
-from .config import ValidationParams
+from ..core.atomic import atomic_dir
+from ..config import ValidationParams
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _type_tag(value: Any, item: str | None = None) -> str:
     return _json_type(value)
 
 
-def derive_row(line: int, text: str) -> dict[str, Any]:
+def derive_row(line: int, text: str, prompt: str | None = None) -> dict[str, Any]:
     """One JSONL line -> the scalar columns the suite checks (see the module docstring)."""
     row: dict[str, Any] = {"line": line, "json_error": None}
     try:
@@ -126,6 +126,8 @@ def derive_row(line: int, text: str) -> dict[str, Any]:
     row["query_type"] = _type_tag(query)
     row["query_chars"] = len(query) if isinstance(query, str) else None
     row["prompt_type"] = _type_tag(obj.get("prompt", _MISSING))
+    given = obj.get("prompt")
+    row["prompt_matches"] = None if prompt is None or not isinstance(given, str) else given == prompt
 
     passages: dict[str, list[str] | None] = {}
     for name in PASSAGE_FIELDS:
@@ -151,7 +153,7 @@ def derive_row(line: int, text: str) -> dict[str, Any]:
     return row
 
 
-def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_rows(path: str | os.PathLike, prompt: str | None = None) -> list[dict[str, Any]]:
     """Derived rows of every non-blank line; malformed lines become rows that fail ``json_object``."""
     rows, seen = [], {}
     with open(path, "rb") as handle:
@@ -163,7 +165,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
                 continue
             if not text.strip():
                 continue
-            row = derive_row(number, text)
+            row = derive_row(number, text, prompt)
             key = row.pop("_duplicate_key", None)
             row["is_duplicate"] = None if key is None else key in seen
             if key is not None:
@@ -206,6 +208,8 @@ def build_checks(bounds: ValidationParams, require_scores: bool) -> list[Check]:
               f"every passage has at most {bounds.max_passage_chars} characters"),
         Check("prompt_is_string", in_set, {"column": "prompt_type", "value_set": ["str", "missing"]},
               "`prompt`, when given, is a string"),
+        Check("prompt_matches_model", in_set, {"column": "prompt_matches", "value_set": [True]},
+              "`prompt`, when given, equals model.prompt (a model is served with the one prompt it saves)"),
     ]
     for name, passage_field in SCORE_FIELDS.items():
         presence = "present and a list of numbers" if require_scores else "absent or a list of numbers"
@@ -229,7 +233,7 @@ def build_checks(bounds: ValidationParams, require_scores: bool) -> list[Check]:
     return checks
 
 
-COLUMNS = ["line", "json_error", "query_type", "query_chars", "prompt_type", "pos_type", "n_pos", "neg_type",
+COLUMNS = ["line", "json_error", "query_type", "query_chars", "prompt_type", "prompt_matches", "pos_type", "n_pos", "neg_type",
            "n_neg", "passage_chars_min", "passage_chars_max", "pos_scores_type", "pos_scores_finite",
            "pos_scores_aligned", "neg_scores_type", "neg_scores_finite", "neg_scores_aligned",
            "positive_in_negatives", "is_duplicate"]
@@ -364,6 +368,7 @@ def validate_training_data(
     report_dir: str | os.PathLike | None = None,
     bounds: ValidationParams | None = None,
     require_scores: bool = False,
+    prompt: str | None = None,
 ) -> ValidationReport:
     """Runs the suite over one training JSONL; writes the report folder (atomically) when given.
 
@@ -374,7 +379,7 @@ def validate_training_data(
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")
     bounds = bounds or ValidationParams()
-    rows = read_rows(path)
+    rows = read_rows(path, prompt)
     checks = build_checks(bounds, require_scores)
     if report_dir is None:
         results = run_suite(rows, checks, None, bounds.sample_rows)

@@ -1,17 +1,17 @@
 """Scoring with an exported model on ONNX Runtime: same input format and API as ``MatryoshkaReranker``.
 
 >>> from matryoshka_reranker import OnnxReranker
->>> reranker = OnnxReranker("models/onnx/exit-16_ratio-2")
+>>> reranker = OnnxReranker("models/onnx/exit-16-ratio-2")
 >>> reranker.compute_score([("what is panda?", "The giant panda is a bear.")])
+>>> reranker.rank("what is panda?", ["The giant panda is a bear.", "Paris is in France."])
 
-A folder is trusted only if its ``manifest.json`` is from a known format version and every file
-it lists has the recorded sha256 (a truncated or edited ``.onnx`` or weights file is refused
-before ONNX Runtime reads it).
+A folder is trusted only if it matches its ``manifest.json`` (``artifacts.read_manifest``). This
+module needs onnxruntime, tokenizers and numpy only: it never imports torch or transformers, so a
+serving box can skip them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -19,67 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import sha256_file
-from .export import FORMAT_VERSION, MANIFEST, SCORES, TokenizationSettings
-from .inputs import as_pair_list
+from ..model.inputs import as_pair_list
+from .artifacts import SCORES, ModelIntegrityError, manifest_input_format, read_manifest
+from .ranking import rank_documents
+from .tokenizer import ServingTokenizer
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
-_VERIFIED: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256: hard-linked weights hash once
-
-
-class ModelIntegrityError(ValueError):
-    """A model folder does not match its manifest (missing, newer format, or changed files)."""
-
-
-def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
-    """The folder's manifest, after checking its format version and (``verify``) every file's sha256."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ModelIntegrityError(f"{folder} has no {MANIFEST}: not an exported Matryoshka model folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelIntegrityError(f"{path} is not valid JSON: {err}") from None
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ModelIntegrityError(f"{path}: missing or invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise ModelIntegrityError(f"{path} has format_version {version}; this matryoshka-reranker reads up to "
-                                  f"{FORMAT_VERSION}: upgrade the package")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or manifest.get("model_file") not in files:
-        raise ModelIntegrityError(f"{path}: 'files' must list every file, including the model file")
-    if verify:
-        for name, expected in files.items():
-            _verify_file(folder, name, expected)
-    return manifest
-
-
-def _verify_file(folder: Path, name: str, expected: str) -> None:
-    path = folder / name
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ModelIntegrityError(f"manifest lists {name!r}, which is outside {folder}")
-    if not path.is_file():
-        raise ModelIntegrityError(f"{path} is listed in the manifest but missing")
-    stat = path.stat()
-    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    actual = _VERIFIED.get(key) or sha256_file(path)
-    if actual != expected:
-        raise ModelIntegrityError(f"{path}: sha256 {actual[:12]}... does not match the manifest ({expected[:12]}...): "
-                                  f"the file is corrupted, truncated or was changed after export")
-    _VERIFIED[key] = actual
 
 
 def cuda_works() -> bool:
     """True when a CUDA device is really usable (the CUDA provider is listed even without a GPU)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
+    import ctypes.util
+
+    # Without importing torch: the CUDA provider is usable when a driver is installed and a device shows.
+    if ctypes.util.find_library("cuda") is None:
         return False
-    return torch.cuda.is_available()
+    return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def pick_providers(providers: Sequence[str] | None = None) -> list[str]:
@@ -123,6 +80,9 @@ def create_session(path: str | os.PathLike, providers: Sequence[str] | None = No
 class OnnxReranker:
     """Scores (query, passage) pairs with one exported configuration (exit layer, ratio).
 
+    An export's ``all-exits-ratio-<r>`` folder loads too: ``score_exits`` then gives every exit's
+    scores from one pass (what evaluation uses), and ``compute_score`` the deepest exit's.
+
     ``providers`` overrides the automatic choice (CUDA when a GPU works, else CPU); ``threads``
     sets ONNX Runtime's intra-op threads (default: its own choice). ``verify=False`` skips the
     sha256 check of every file (the manifest's format version is still checked).
@@ -136,16 +96,12 @@ class OnnxReranker:
         batch_size: int = 32,
         verify: bool = True,
     ):
-        from transformers import AutoTokenizer
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, verify=verify)
-        settings = self.manifest["tokenization"]
-        self.encoder = TokenizationSettings(
-            settings["prompt"], settings["max_length"], settings.get("query_max_len"), settings.get("passage_max_len")
-        ).encoder(AutoTokenizer.from_pretrained(self.folder))
+        self.input_format = manifest_input_format(self.manifest)
+        self.encoder = self.input_format.encoder(ServingTokenizer.from_manifest(self.folder, self.manifest))
         self.session = create_session(self.folder / self.manifest["model_file"], providers, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         expected = [i["name"] for i in self.manifest["inputs"]]
@@ -158,6 +114,11 @@ class OnnxReranker:
     @property
     def exit_layer(self) -> int:
         return self.manifest["exit_layer"]
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """The exits this folder outputs: all of the ratio's for an all-exits folder, else its own."""
+        return list(self.manifest.get("exit_layers") or [self.exit_layer])
 
     @property
     def compress_ratio(self) -> int:
@@ -179,18 +140,37 @@ class OnnxReranker:
         the scores returned in the order given.
         """
         pairs, single = as_pair_list(pairs)
-        size = self.batch_size if batch_size is None else batch_size
-        if size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {size}")
-        encoded = [self.encoder.encode(q, p) for q, p in pairs]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-        scores = np.empty(len(encoded), dtype=np.float32)
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
-            batch = self.encoder.collate([encoded[i] for i in rows])
-            feed = {name: batch[name].numpy().astype(np.int64) for name in self.input_names}
-            scores[rows] = self.session.run([SCORES], feed)[0]
+        scores = self._run(pairs, batch_size)[self.exit_layer]
         if normalize:
             scores = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
         result = [float(s) for s in scores]
         return result[0] if single else result
+
+    def score_exits(self, pairs: Sequence[Pair], batch_size: int | None = None) -> dict[int, list[float]]:
+        """{exit layer: scores} for every exit this folder outputs, from one pass over ``pairs``."""
+        pairs, _ = as_pair_list(pairs)
+        return {k: [float(s) for s in v] for k, v in self._run(pairs, batch_size).items()}
+
+    def _run(self, pairs: list, batch_size: int | None) -> dict[int, np.ndarray]:
+        """Pairs batched longest first (less padding); scores returned in the order given."""
+        size = self.batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        outputs = {k: (f"{SCORES}_{k}" if "exit_layers" in self.manifest else SCORES) for k in self.exit_layers}
+        encoded = [self.encoder.encode(q, p) for q, p in pairs]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+        scores = {k: np.empty(len(encoded), dtype=np.float32) for k in outputs}
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            batch = self.encoder.collate_numpy([encoded[i] for i in rows])
+            feed = {name: batch[name] for name in self.input_names}
+            for k, values in zip(outputs, self.session.run(list(outputs.values()), feed)):
+                scores[k][rows] = values
+        return scores
+
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = False,
+             batch_size: int | None = None, normalize: bool = False) -> list[dict]:
+        """Documents ranked for one query, best first, as sentence-transformers' ``CrossEncoder.rank``:
+        ``[{"corpus_id": index in documents, "score": float(, "text": document)}]``."""
+        return rank_documents(lambda pairs: self.compute_score(pairs, normalize=normalize, batch_size=batch_size),
+                              query, documents, top_k, return_documents)

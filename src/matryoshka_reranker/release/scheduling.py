@@ -42,7 +42,7 @@ def serve_release(repo: str | Path = ".", params: str = "params.yaml", overrides
     from prefect.flows import load_flow_from_entrypoint
     from prefect.settings import get_current_settings
 
-    from .config import ParamsError, load_params
+    from ..config import ParamsError, load_params
 
     if not get_current_settings().api.url:
         raise ScheduleError("schedules need a running Prefect server: run `prefect server start`, then "

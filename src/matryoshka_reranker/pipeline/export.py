@@ -49,6 +49,7 @@ CPU the check measures the half-precision weights and activations at those ops, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -63,19 +64,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_dir, sha256_file, write_json
-from .inputs import DEFAULT_PROMPT, PairEncoder
+from ..core.atomic import atomic_dir, sha256_file, write_json
+from ..core.errors import CheckFailed
+from ..model.inputs import InputFormat, PairEncoder, resolve_format
+from ..serving.artifacts import (
+    FORMAT_VERSION, LENGTH_INPUTS, MANIFEST, MODEL_FILE, SCORES, TOKEN_INPUTS, ExportedConfig, config_name, folder_files,
+    write_index,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INDEX = "index.json"
-MODEL_FILE = "model.onnx"
-SCORES = "scores"
 HIDDEN = "hidden"  # debug output of the shared graph only: (B, T', D) final-norm'd, padding zeroed
-TOKEN_INPUTS = ["input_ids", "attention_mask"]
-LENGTH_INPUTS = ["query_lengths", "prompt_lengths"]
+ALL_EXITS = "all-exits-ratio-{ratio}"  # per ratio: every exit's scores in one pass (evaluation)
 WEIGHTS_ALIGNMENT = 65536  # large tensors start on 64 KiB offsets (memory-mappable)
 
 # Fixed validation pairs: ragged lengths, a passage cut by max_length, a one-word passage.
@@ -92,26 +92,8 @@ VALIDATION_PAIRS = [
 ]
 
 
-class ExportError(RuntimeError):
+class ExportError(CheckFailed):
     """An export could not be produced or failed its checks; nothing was written."""
-
-
-@dataclass(frozen=True)
-class TokenizationSettings:
-    """What ``PairEncoder`` needs to reproduce the exported model's input format."""
-
-    prompt: str = DEFAULT_PROMPT
-    max_length: int = 512
-    query_max_len: int | None = None
-    passage_max_len: int | None = None
-
-    def encoder(self, tokenizer) -> PairEncoder:
-        return PairEncoder(tokenizer, prompt=self.prompt, max_length=self.max_length,
-                           query_max_len=self.query_max_len, passage_max_len=self.passage_max_len)
-
-    def to_manifest(self) -> dict:
-        return {"prompt": self.prompt, "max_length": self.max_length, "query_max_len": self.query_max_len,
-                "passage_max_len": self.passage_max_len, "padding_side": "right"}
 
 
 @dataclass(frozen=True)
@@ -145,17 +127,13 @@ class ExportOptions:
     share_weights: bool = True
     start_layer: int | None = None  # raw checkpoints only
     layer_sep: int | None = None
-    tokenization: TokenizationSettings = field(default_factory=TokenizationSettings)
+    input_format: InputFormat | None = None  # None: the one saved with the adapters (defaults for a raw model)
     source_model: str = ""
     params_fingerprint: str | None = None
 
     @property
     def tolerance(self) -> float:
         return self.fp16_tolerance if self.dtype == "float16" else self.parity_tolerance
-
-
-def config_name(exit_layer: int, ratio: int) -> str:
-    return f"exit-{exit_layer:02d}_ratio-{ratio}"
 
 
 def plan_configs(exit_layers: Sequence[int], ratios: Sequence[int], compress_layers: Sequence[int]
@@ -187,7 +165,7 @@ def export_models(
     """
     from transformers import AutoTokenizer
 
-    from .assets import resolve_model_path
+    from ..core.assets import resolve_model_path
 
     options = options or ExportOptions()
     if options.dtype not in ("float32", "float16"):
@@ -205,10 +183,12 @@ def export_models(
         raise FileNotFoundError("adapter folder(s) missing (no adapter_config.json): " + ", ".join(missing))
 
     path = resolve_model_path(model_path)
+    every_folder = [path, *dict.fromkeys(p for stack in stacks.values() for p in stack)]
+    input_format = resolve_format(every_folder, options.input_format)  # the one the adapters were trained with
+    options = dataclasses.replace(options, input_format=input_format)
     tokenizer = AutoTokenizer.from_pretrained(path)
     source = options.source_model or str(model_path)
     started = time.perf_counter()
-    index = {"format_version": FORMAT_VERSION, "models": []}
     with atomic_dir(out) as tmp, torch.no_grad():
         common = _common_prefix(list(stacks.values()))
         base = _load_merged(path, tokenizer, common, options)
@@ -222,10 +202,11 @@ def export_models(
             _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
             del model
         shutil.rmtree(tmp / ".tokenizer")
-        for config in configs:
-            index["models"].append({"name": config.name, "exit_layer": config.exit_layer, "ratio": config.ratio,
-                                    "compress_layers": list(config.compress_layers), "path": config.name})
-        write_json(tmp / INDEX, index)
+        listed = [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, tmp / c.name) for c in configs]
+        all_exits = [{"ratio": r, "path": ALL_EXITS.format(ratio=r),
+                      "exit_layers": sorted(c.exit_layer for c in configs if c.ratio == r),
+                      "compress_layers": list(configs[0].compress_layers) if r > 1 else []} for r in stacks]
+        index = write_index(tmp, listed, {"input_format": input_format.to_dict(), "all_exits": all_exits})
     log.info("exported %d configurations to %s in %.1f s", len(configs), out, time.perf_counter() - started)
     return index
 
@@ -237,7 +218,7 @@ def export_from_params(params) -> dict:
         opset=ex.opset, dtype=ex.dtype, dynamo=ex.dynamo, attn_implementation=ex.attn_implementation,
         parity_tolerance=ex.parity_tolerance, fp16_tolerance=ex.fp16_tolerance, share_weights=ex.share_weights,
         start_layer=m.start_layer, layer_sep=m.layer_sep,
-        tokenization=TokenizationSettings(m.prompt, m.max_length, m.query_max_len, m.passage_max_len),
+        input_format=m.input_format,
         source_model=m.name_or_path, params_fingerprint=params.fingerprint(),
     )
     return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
@@ -260,7 +241,7 @@ def _common_prefix(stacks: list[list[Path]]) -> list[Path]:
 
 
 def _load_merged(path: Path, tokenizer, adapters: Sequence[Path], options: ExportOptions):
-    from .modeling import MatryoshkaModel
+    from ..model.modeling import MatryoshkaModel
 
     model = MatryoshkaModel.from_pretrained(path, start_layer=options.start_layer, layer_sep=options.layer_sep,
                                             dtype=torch.float32, tokenizer=tokenizer)
@@ -268,7 +249,7 @@ def _load_merged(path: Path, tokenizer, adapters: Sequence[Path], options: Expor
 
 
 def _merge(model, adapters: Sequence[Path]):
-    from .adapters import merge_adapters
+    from ..model.adapters import merge_adapters
 
     return merge_adapters(model, adapters).eval() if adapters else model
 
@@ -314,7 +295,7 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     exits = [c.exit_layer for c in configs]
     compress = configs[0].compress_layers if ratio > 1 else ()
     inputs = TOKEN_INPUTS + (LENGTH_INPUTS if any(c.applied_layers for c in configs) else [])
-    encoder = options.tokenization.encoder(tokenizer)
+    encoder = options.input_format.encoder(tokenizer)
     batches = validation_batches(encoder)
     reference = [_reference(model, b, exits, compress, ratio) for b in batches]  # PyTorch float32
 
@@ -335,28 +316,38 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     log.info("ratio %d: exported exits %s in %.1f s", ratio, exits, export_seconds)
 
     hidden_diff = _check_hidden(shared, batches, reference, inputs, options)
-    checked = []
+    placed = []  # (folder, config, cut model file, parity, all-exits list or None)
     for config in configs:  # cut and check beside the single weights file (see _place_weights)
         started = time.perf_counter()
-        cut = stage / f"{config.name}.onnx" if weights else out / config.name / MODEL_FILE
+        folder = out / config.name
+        cut = stage / f"{config.name}.onnx" if weights else folder / MODEL_FILE
         cut.parent.mkdir(exist_ok=True)
         _cut_exit(shared, config, cut, weights)
         _check_file(cut)
         parity = _check_scores(cut, batches, [r["scores"][config.exit_layer] for r in reference], config, options)
         parity["hidden_states"] = hidden_diff
-        checked.append((config, cut, parity))
+        placed.append((folder, config, cut, parity, None))
         log.info("%s: parity %.2e (hidden %.2e), cut + checks %.1f s", config.name, parity["max_abs_diff"],
                  hidden_diff["max_abs_diff"], time.perf_counter() - started)
-    hashes: dict[tuple[int, int], str] = {}  # (device, inode) -> sha256: a linked file is hashed once
-    for config, cut, parity in checked:
-        folder = out / config.name
+    # Every exit of the ratio in one pass, for evaluation: the shared graph without its debug output.
+    # Each scores_<k> is the same node as in exit k's cut model, whose parity was checked above.
+    folder = out / ALL_EXITS.format(ratio=ratio)
+    cut = stage / "all-exits-scores.onnx" if weights else folder / MODEL_FILE
+    cut.parent.mkdir(exist_ok=True)
+    _cut_outputs(shared, [f"{SCORES}_{k}" for k in exits], cut, weights)
+    _check_file(cut)
+    parity = {"max_abs_diff": max(p[3]["max_abs_diff"] for p in placed), "hidden_states": hidden_diff,
+              "note": "max over this ratio's exit models, whose score nodes this graph shares"}
+    placed.append((folder, max(configs, key=lambda c: c.exit_layer), cut, parity, exits))
+    for folder, config, cut, parity, all_exits in placed:
         folder.mkdir(exist_ok=True)
         if weights:
             os.replace(cut, folder / MODEL_FILE)
             _place_weights(stage / weights, folder / weights)
         for item in (out / ".tokenizer").iterdir():
             shutil.copyfile(item, folder / item.name)
-        write_json(folder / MANIFEST, _manifest(config, folder, adapters, parity, options, source, model, hashes))
+        write_json(folder / MANIFEST, _manifest(config, folder, adapters, parity, options, source, model, tokenizer,
+                                                all_exits=all_exits))
     shutil.rmtree(stage)
 
 
@@ -435,6 +426,23 @@ def _quiet(*names: str):
             logger.setLevel(level)
 
 
+def _cut_outputs(shared: Path, outputs: list[str], target: Path, weights: str | None) -> None:
+    """The part of the shared graph that ``outputs`` depend on (drops the debug hidden-state output)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as passes
+
+    graph = ir.load(shared)
+    keep = [v for v in graph.graph.outputs if v.name in outputs]
+    graph.graph.outputs.clear()
+    graph.graph.outputs.extend(keep)
+    passes.RemoveUnusedNodesPass()(graph)
+    if weights:
+        ir.save(graph, target)
+    else:
+        ir.save(graph, target, external_data=target.name + ".data", size_threshold_bytes=1024,
+                alignment=WEIGHTS_ALIGNMENT)
+
+
 def _cut_exit(shared: Path, config: ExportConfig, target: Path, weights: str | None) -> None:
     """Exit k's model: the part of the shared graph that ``scores_k`` depends on."""
     import onnx_ir as ir
@@ -470,7 +478,7 @@ def _check_file(path: Path) -> None:
 
 # ------------------------------------------------------------------ parity
 def _session(path: Path, options: ExportOptions):
-    from .onnx_runtime import create_session
+    from ..serving.onnx_runtime import create_session
 
     providers = None if options.dtype == "float16" else ["CPUExecutionProvider"]
     return create_session(path, providers=providers, threads=torch.get_num_threads())
@@ -528,29 +536,26 @@ def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str
 
 # ------------------------------------------------------------------ manifest
 def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: dict, options: ExportOptions,
-              source: str, model, hashes: dict[tuple[int, int], str] | None = None) -> dict:
+              source: str, model, tokenizer, all_exits: Sequence[int] | None = None) -> dict:
+    """What ``folder`` is; ``all_exits``: the per-ratio evaluation model (outputs ``scores_<k>``)."""
     import onnx
     import onnxruntime
     import transformers
 
-    from . import __version__
+    from .. import __version__
+    from ..serving.tokenizer import special_token_ids
 
     proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    hashes = {} if hashes is None else hashes
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            stat = path.stat()
-            key = (stat.st_dev, stat.st_ino)
-            if key not in hashes:
-                hashes[key] = sha256_file(path)
-            files[path.relative_to(folder).as_posix()] = hashes[key]
     int64 = lambda name, shape: {"name": name, "dtype": "int64", "shape": shape}  # noqa: E731
+    names = [i.name for i in proto.graph.input]
+    outputs = [f"{SCORES}_{k}" for k in all_exits] if all_exits else [SCORES]
     return {
         "format_version": FORMAT_VERSION,
-        "name": config.name,
+        "kind": "all_exits" if all_exits else "exit",
+        "name": folder.name,
         "exit_layer": config.exit_layer,
+        **({"exit_layers": list(all_exits)} if all_exits else {}),
         "num_layers": model.num_layers,
         "compression": {"layers": list(config.compress_layers), "ratio": config.ratio,
                         "applied_layers": list(config.applied_layers)},
@@ -562,10 +567,10 @@ def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: 
         "dtype": options.dtype,
         "exporter": "dynamo" if options.dynamo else "torchscript",
         "attn_implementation": options.attn_implementation,
-        "inputs": [int64(n, ["batch", "sequence"]) for n in TOKEN_INPUTS]
-                  + [int64(n, ["batch"]) for n in config.input_names[len(TOKEN_INPUTS):]],
-        "outputs": [{"name": SCORES, "dtype": "float32", "shape": ["batch"]}],
-        "tokenization": options.tokenization.to_manifest(),
+        "inputs": [int64(n, ["batch", "sequence"] if n in TOKEN_INPUTS else ["batch"]) for n in names],
+        "outputs": [{"name": name, "dtype": "float32", "shape": ["batch"]} for name in outputs],
+        "input_format": options.input_format.to_dict(),
+        "tokenizer": special_token_ids(tokenizer),
         "source_model": source,
         "model_type": model.config.model_type,
         "params_fingerprint": options.params_fingerprint,
@@ -573,18 +578,10 @@ def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: 
         "versions": {"matryoshka_reranker": __version__, "torch": torch.__version__.split("+")[0],
                      "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
-        "files": files,
+        "files": folder_files(folder),
     }
 
 
 def _adapter_hash(path: Path) -> str | None:
     weights = path / "adapter_model.safetensors"
     return sha256_file(weights) if weights.exists() else None
-
-
-def read_index(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / INDEX
-    index = json.loads(path.read_text())
-    if index.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} is from a newer format (version {index['format_version']})")
-    return index

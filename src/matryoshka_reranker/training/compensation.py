@@ -23,11 +23,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .adapters import merge_adapters
-from .config import Params
+from ..model.adapters import merge_adapters
+from ..config import Params
 from .data import load_training_file
-from .losses import TrainMethod
-from .training import AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, sha256_file, train_adapter
+from ..model.losses import TrainMethod
+from .trainer import AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, sha256_file, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
         raise ValueError("token adapters need compression.layers (where to compress)")
 
     needs_scores = any(TrainMethod(train.train_method).needs_teacher_scores for _, train, *_ in jobs)
-    examples = load_training_file(data_file, require_scores=needs_scores)
+    examples = load_training_file(data_file, require_scores=needs_scores, prompt=params.model.prompt)
     results = {}
     for name, train, stack, plan, output_dir in jobs:
         if name not in wanted:

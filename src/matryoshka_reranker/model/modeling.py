@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from ..core.atomic import atomic_dir
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "matryoshka.json"
@@ -132,11 +132,13 @@ class MatryoshkaModel(nn.Module):
         exits: set[int] | Sequence[int],
         compress_layers: Sequence[int] = (),
         compress_ratio: int = 1,
+        states: bool = False,
     ) -> tuple[LayerState, dict[int, torch.Tensor]]:
         """Runs layers ``state.depth + 1 .. stop``, scoring at every layer in ``exits``.
 
         Training branches one state into a full-width and a compressed continuation, so the
-        layers before the first compression layer run once per step.
+        layers before the first compression layer run once per step. ``states=True`` returns
+        each exit's final-norm'd last-token state (B, D) instead of its score (head fitting).
         """
         scores: dict[int, torch.Tensor] = {}
         bias = cos_sin = None
@@ -154,15 +156,17 @@ class MatryoshkaModel(nn.Module):
             )
             state = replace(state, hidden=hidden, depth=index + 1, layer_input=layer_input)
             if index + 1 in exits:
-                scores[index + 1] = self.score(state)
+                scores[index + 1] = self.exit_state(state) if states else self.score(state)
         return state, scores
+
+    def exit_state(self, state: LayerState) -> torch.Tensor:
+        """(B, D): the final-norm'd hidden state of each row's last real token, what a head reads."""
+        last = state.attention_mask.sum(1) - 1  # (B,)
+        return self.decoder.norm(gather_rows(state.hidden, last))
 
     def score(self, state: LayerState) -> torch.Tensor:
         """(B,) float32: the exit head on the final-norm'd last real token."""
-        last = state.attention_mask.sum(1) - 1  # (B,)
-        hidden = gather_rows(state.hidden, last)  # (B, D)
-        head = self.score_heads[str(state.depth)]
-        return head(self.decoder.norm(hidden)).squeeze(-1).float()
+        return self.score_heads[str(state.depth)](self.exit_state(state)).squeeze(-1).float()
 
     def compress(self, state: LayerState, ratio: int) -> LayerState:
         """Merges passage tokens in groups of ``ratio`` using the last token's attention at layer depth."""

@@ -22,24 +22,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_dir
-from .config import GateParams, Params
+from ..core.atomic import atomic_dir
+from ..config import GateParams, Params
+from ..serving.artifacts import NAME_RE as CONFIG_RE
+from ..serving.artifacts import config_name
 from .revisions import list_tags, open_at, rev_commit
 from .versions import last_version
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
-CONFIG_RE = re.compile(r"^exit-(\d+)_ratio-(\d+)$")
 
 
 class GateError(RuntimeError):
     """The gate could not compare (unreadable metrics); distinct from a regression."""
-
-
-def config_name(exit_layer: int, ratio: int) -> str:
-    """The folder/metrics key of one exported config: ``exit-08_ratio-1``."""
-    return f"exit-{exit_layer:02d}_ratio-{ratio}"
 
 
 @dataclass

@@ -18,9 +18,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_file
+from ..core.atomic import atomic_file
+from ..core.bm25 import BM25Index
 from .beir import load_corpus, load_qrels, load_queries
-from .config import Params
+from ..config import Params
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +31,6 @@ class PrepareSummary:
     train_groups: int
     eval_queries: int
     source: str  # "bm25" or the user's training file
-
-
-class BM25Index:
-    """bm25s over a corpus dict; ``search`` returns (doc id, score) lists, best first."""
-
-    def __init__(self, corpus: dict[str, str]):
-        import bm25s
-
-        self.doc_ids = list(corpus)
-        self._bm25s = bm25s
-        self.retriever = bm25s.BM25()
-        self.retriever.index(self._tokenize(list(corpus.values())), show_progress=False)
-
-    def _tokenize(self, texts: list[str]) -> list[list[str]]:
-        return self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
-
-    def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
-        k = min(k, len(self.doc_ids))
-        docs, scores = self.retriever.retrieve(self._tokenize(queries), k=k, show_progress=False)
-        return [
-            [(self.doc_ids[int(d)], float(s)) for d, s in zip(row_docs, row_scores)]
-            for row_docs, row_scores in zip(docs, scores)
-        ]
 
 
 def sample_queries(qrels: dict[str, dict[str, int]], queries: dict[str, str], count: int, seed: int) -> list[str]:

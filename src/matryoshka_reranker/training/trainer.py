@@ -35,15 +35,16 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .adapters import lora_config
-from .assets import resolve_model_path
-from .atomic import atomic_dir, sha256_file, write_json
-from .config import Params, TrainParams
+from ..model.adapters import lora_config
+from ..core.assets import resolve_model_path
+from ..core.atomic import atomic_dir, sha256_file, write_json
+from ..config import Params, TrainParams
 from .data import GroupCollator, GroupDataset, TrainingExample, load_training_file
-from .hardware import pick_device, pick_dtype
-from .inputs import PairEncoder
-from .losses import TrainMethod, matryoshka_loss
-from .modeling import MatryoshkaModel
+from .heads import probe_heads
+from ..core.hardware import pick_device, pick_dtype
+from ..model.inputs import InputFormat, PairEncoder
+from ..model.losses import TrainMethod, matryoshka_loss
+from ..model.modeling import MatryoshkaModel
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,29 @@ class CompressionPlan:
         layers = [c for c in self.layers if not self.sample or rng.random() < 0.5]
         ratio = rng.choice(self.ratios)
         return (layers, ratio) if ratio > 1 else ([], 1)
+
+
+class SnapshotCallback(TrainerCallback):
+    """Saves the adapter at chosen steps (for a learning curve), beside the checkpoints.
+
+    A resumed run keeps the snapshots already taken; the stage copies them into its output.
+    """
+
+    def __init__(self, folder: Path, steps: Sequence[int], input_format):
+        self.folder, self.steps, self.input_format = folder, set(steps), input_format
+        self.trainer: Trainer | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps and self.trainer is not None:
+            target = self.folder / f"step-{state.global_step:05d}"
+            self.trainer.save_model(str(target))  # every rank joins (ZeRO-3); the main process writes
+            if self.trainer.is_world_process_zero():
+                (target / "training_args.bin").unlink(missing_ok=True)
+                self.input_format.save(target)
+        return control
+
+    def steps_saved(self) -> list[int]:
+        return sorted(k for k in self.steps if (self.folder / f"step-{k:05d}" / "adapter_config.json").exists())
 
 
 class MatryoshkaTrainer(Trainer):
@@ -291,23 +315,30 @@ def train_adapter(run: AdapterRun) -> dict:
         raise ValueError(f"train_method {method.name!r} needs teacher scores; the training data has none "
                          "(run `matryoshka teacher-score`)")
     dtype = next(run.model.parameters()).dtype
-    model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size)
-    if run.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-    set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
-    model = get_peft_model(model, lora_config(run.train.lora))
     args = training_arguments(run.train, run.checkpoint_dir, dtype)
     fingerprint = {**run.fingerprint, "stage": run.stage, "world_size": args.world_size}
     with args.main_process_first(desc="checkpoint check"):
         resume = find_resume_checkpoint(run.checkpoint_dir, fingerprint)
     if resume:
         log.info("%s: resuming from %s", run.stage, resume)
+    started = time.perf_counter()
+    probe = None
+    if run.train.head_init == "probe" and not resume:  # a resumed run restores its trained heads
+        probe = probe_heads(run.model, run.encoder, run.examples, run.train.probe_queries,
+                            run.train.train_group_size, run.train.seed, run.train.probe_l2,
+                            use_teacher=method.needs_teacher_scores, temperature=method.temperature)
+    model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size)
+    if run.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
+    model = get_peft_model(model, lora_config(run.train.lora, run.model.exit_layers))
+    snapshots = SnapshotCallback(run.checkpoint_dir / "snapshots", run.train.snapshot_steps, run.encoder.format)
     trainer = MatryoshkaTrainer(
         model=model, args=args, train_dataset=GroupDataset(run.examples, run.train.train_group_size, run.train.seed),
-        data_collator=GroupCollator(run.encoder), callbacks=run.callbacks,
+        data_collator=GroupCollator(run.encoder), callbacks=[*run.callbacks, snapshots],
         plan=run.plan, exit_layers=run.model.exit_layers,
     )
-    started = time.perf_counter()
+    snapshots.trainer = trainer
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if trainer.state.global_step < run.train.max_steps:
@@ -320,22 +351,31 @@ def train_adapter(run: AdapterRun) -> dict:
             "exit_layers": run.model.exit_layers, "world_size": args.world_size,
             "deepspeed": run.train.deepspeed, "dtype": str(dtype).removeprefix("torch."),
             "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
+            "head_init": probe, "snapshots": snapshots.steps_saved(),
             "log_history": history,
         }
-        _save_adapter(trainer, run.output_dir, summary, run.base_name)
+        _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
     finally:
         _release_trainer_state(trainer)
     return summary
 
 
-def _save_adapter(trainer: Trainer, output_dir: Path, summary: dict, base_name: str) -> None:
-    """Every rank joins (ZeRO-3 gathers the weights); the main process writes atomically."""
+def _save_adapter(trainer: Trainer, output_dir: Path, summary: dict, base_name: str,
+                  input_format: InputFormat, snapshots: Path | None = None) -> None:
+    """Every rank joins (ZeRO-3 gathers the weights); the main process writes atomically.
+
+    Snapshots taken during training (``snapshot_steps``) go under ``snapshots/step-NNNNN/``.
+    """
     if trainer.is_world_process_zero():
         with atomic_dir(output_dir) as tmp:
             trainer.save_model(str(tmp))
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the log below says it all
             _describe_adapter(tmp / "adapter_config.json", base_name)
+            input_format.save(tmp)  # the model scores with the format it was trained with
             write_json(tmp / TRAINING_LOG, summary)
+            for snapshot in sorted(snapshots.glob("step-*")) if snapshots and snapshots.is_dir() else []:
+                if int(snapshot.name[5:]) in summary["snapshots"]:
+                    shutil.copytree(snapshot, tmp / "snapshots" / snapshot.name)
         log.info("%s: adapter saved to %s", summary["stage"], output_dir)
     else:
         trainer.save_model(str(output_dir))  # joins collectives only; non-main ranks write nothing
@@ -346,7 +386,7 @@ def _describe_adapter(config_file: Path, base_name: str) -> None:
     """Names the inference class (not the training subclass) and the base model in the config."""
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = base_name
-    config["auto_mapping"] = {"base_model_class": "MatryoshkaModel", "parent_library": "matryoshka_reranker.modeling"}
+    config["auto_mapping"] = {"base_model_class": "MatryoshkaModel", "parent_library": "matryoshka_reranker.model.modeling"}
     write_json(config_file, config)
 
 
@@ -375,9 +415,7 @@ def load_base(params: Params, tokenizer=None) -> tuple[MatryoshkaModel, object, 
 
 
 def pair_encoder(params: Params, tokenizer) -> PairEncoder:
-    m = params.model
-    return PairEncoder(tokenizer, prompt=m.prompt, max_length=m.max_length, query_max_len=m.query_max_len,
-                       passage_max_len=m.passage_max_len)
+    return params.model.input_format.encoder(tokenizer)
 
 
 def base_fingerprint(params: Params, model_path: Path, data_file: Path) -> dict:
@@ -395,7 +433,8 @@ def self_distill(params: Params, callbacks: Sequence[TrainerCallback] = ()) -> d
     train = params.self_distill
     data_file = Path(params.paths.teacher_scored)
     method = TrainMethod(train.train_method, train.fix_layer_every, train.temperature)
-    examples = load_training_file(data_file, require_scores=method.needs_teacher_scores)
+    examples = load_training_file(data_file, require_scores=method.needs_teacher_scores,
+                                  prompt=params.model.prompt)
     model, tokenizer, path = load_base(params)
     plan = CompressionPlan(tuple(params.compression.layers), tuple(params.compression.ratios), sample=True)
     fingerprint = {**base_fingerprint(params, path, data_file), "train": train.model_dump(),

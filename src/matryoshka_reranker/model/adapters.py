@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import LoraConfig, PeftModel
 
-from .config import LoraParams
 from .modeling import MatryoshkaModel
+
+if TYPE_CHECKING:  # the model layer reads params but does not depend on the config module
+    from ..config import LoraParams
 
 
 def target_pattern(names: Sequence[str]) -> str:
@@ -21,12 +24,20 @@ def target_pattern(names: Sequence[str]) -> str:
     return rf"(.*\.)?({'|'.join(alternatives)})"
 
 
-def lora_config(params: LoraParams) -> LoraConfig:
+def lora_config(params: LoraParams, exit_layers: Sequence[int] = ()) -> LoraConfig:
+    """PEFT config. ``params.heads == "full"``: the score heads train as full weights (PEFT
+    ``modules_to_save``: a (1 x hidden) head is already rank 1, so a LoRA product on it only slows
+    learning), saved inside the adapter and swapped in by ``merge_and_unload``."""
+    targets = list(params.target_modules)
+    full = params.heads == "full" and exit_layers
+    if full:
+        targets = [t for t in targets if t != "score_heads"]
     return LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
-        target_modules=target_pattern(params.target_modules),
+        target_modules=target_pattern(targets),
+        modules_to_save=[f"score_heads.{k}" for k in exit_layers] if full else None,
         bias="none",
     )
 

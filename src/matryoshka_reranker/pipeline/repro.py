@@ -124,8 +124,8 @@ def write_overrides(params_path: str | Path, overrides: list[str]) -> None:
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
 
-    from .atomic import atomic_file
-    from .config import apply_override, parse_params
+    from ..core.atomic import atomic_file
+    from ..config import apply_override, parse_params
 
     if not overrides:
         return

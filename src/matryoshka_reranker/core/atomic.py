@@ -66,10 +66,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (weights files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+_HASHES: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256: hard-linked weights hash once
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (``hashlib.file_digest``), cached per (inode, size, mtime): an export's
+    shared weights file, hard-linked into every exit folder, is read once."""
+    stat = os.stat(path)
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        with open(path, "rb") as handle:
+            _HASHES[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _HASHES[key]

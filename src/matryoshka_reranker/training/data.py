@@ -4,23 +4,28 @@ One line per query: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}``, op
 ``pos_scores`` / ``neg_scores`` (floats aligned with ``pos`` / ``neg``), ``prompt`` and the ids
 ``query_id`` / ``pos_ids`` / ``neg_ids``; other keys (e.g. ``teacher``) are kept and ignored.
 A group is one positive and ``train_group_size - 1`` negatives, the positive first.
+
+A per-line ``prompt`` must equal the pipeline's ``model.prompt``: a model is served with the one
+prompt saved in its input format, so lines trained under another prompt would teach it a format
+it never sees at serving time. Such lines are refused with their line number.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .inputs import PairEncoder
+from ..core.errors import InputError
+from ..core.jsonl import read_jsonl
+from ..model.inputs import PairEncoder
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(InputError):
     """A training file is malformed; the message names ``file:line``."""
 
 
@@ -87,29 +92,23 @@ def parse_example(obj: object, where: str) -> TrainingExample:
     return TrainingExample(obj["query"], pos, neg, pos_scores, neg_scores, prompt)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, decoded object) for each non-blank line; bad JSON names the line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"training file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrainingDataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+def load_training_file(path: str | Path, require_scores: bool = False, prompt: str | None = None
+                       ) -> list[TrainingExample]:
+    """Reads and validates a whole training file (it is small next to training time).
 
-
-def load_training_file(path: str | Path, require_scores: bool = False) -> list[TrainingExample]:
-    """Reads and validates a whole training file (it is small next to training time)."""
+    ``prompt``: the input format's prompt; a line whose own ``prompt`` differs is refused.
+    """
     examples = []
-    for number, obj in iter_jsonl(path):
-        example = parse_example(obj, f"{path}:{number}")
+    for where, obj in read_jsonl(path, what="training file"):
+        example = parse_example(obj, where)
+        if prompt is not None and example.prompt is not None and example.prompt != prompt:
+            raise TrainingDataError(
+                f"{where}: per-line prompt {example.prompt!r} differs from model.prompt {prompt!r}; "
+                "a model serves with one prompt, so set model.prompt or drop the line's prompt"
+            )
         if require_scores and not example.has_scores:
             raise TrainingDataError(
-                f"{path}:{number}: no 'pos_scores'/'neg_scores' but the train method distills from a teacher "
+                f"{where}: no 'pos_scores'/'neg_scores' but the train method distills from a teacher "
                 "(run `matryoshka teacher-score` first)"
             )
         examples.append(example)
@@ -123,7 +122,6 @@ class Group:
     query: str
     passages: list[str]  # positive first
     teacher_scores: list[float] | None
-    prompt: str | None
 
 
 class GroupDataset(torch.utils.data.Dataset):
@@ -157,7 +155,7 @@ class GroupDataset(torch.utils.data.Dataset):
         scores = None
         if example.has_scores:
             scores = [example.pos_scores[p]] + [example.neg_scores[n] for n in negs]
-        return Group(example.query, passages, scores, example.prompt)
+        return Group(example.query, passages, scores)
 
 
 class GroupCollator:
@@ -171,7 +169,7 @@ class GroupCollator:
         self.encoder = encoder
 
     def __call__(self, groups: Sequence[Group]) -> dict[str, torch.Tensor]:
-        pairs = [self.encoder.encode(g.query, p, g.prompt) for g in groups for p in g.passages]
+        pairs = [self.encoder.encode(g.query, p) for g in groups for p in g.passages]
         batch = self.encoder.collate(pairs)
         if all(g.teacher_scores is not None for g in groups):
             batch["teacher_scores"] = torch.tensor([g.teacher_scores for g in groups], dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""Shared foundations: params, errors, atomic files, JSONL, embedded assets, devices, BM25."""

@@ -1,0 +1,196 @@
+"""The exported-model artifact format, in one place: names, ``index.json``, ``manifest.json``, verification.
+
+An export folder (``paths.onnx``) holds one sub-folder per configuration and an ``index.json``::
+
+    models/onnx/
+      index.json                     {"format_version", "models": [{"name", "exit_layer", "ratio", ...}]}
+      exit-08-ratio-1/
+        model.onnx                   graph; weights in the ratio's shared file
+        weights-ratio-1.bin
+        tokenizer.json, tokenizer_config.json, ...
+        README.md                    model card
+        manifest.json                what the folder is, its input format, and the sha256 of every file
+
+A configuration's name is ``exit-08-ratio-1`` (``-int8`` etc. for a quantized variant): the same
+string names the folder, the metrics key, the DVC artifact and the release record entry.
+
+A folder is trusted only if its manifest is from a known format version, every file it lists has
+the recorded sha256, and it holds no file the manifest does not list (a dropped-in
+``special_tokens_map.json`` would change the tokenizer). This module imports neither torch nor
+onnx: export, ONNX serving, evaluation, the gate and the release code all read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.atomic import sha256_file
+from ..core.errors import CheckFailed, InputError
+from ..model.inputs import InputFormat
+
+FORMAT_VERSION = 2  # 2: names exit-KK-ratio-R, input_format in the manifest, strict file lists
+MANIFEST = "manifest.json"
+INDEX = "index.json"
+MODEL_FILE = "model.onnx"
+MODEL_CARD = "README.md"
+SCORES = "scores"
+TOKEN_INPUTS = ["input_ids", "attention_mask"]
+LENGTH_INPUTS = ["query_lengths", "prompt_lengths"]
+NAME_RE = re.compile(r"^exit-(\d+)-ratio-(\d+)(?:-([a-z0-9]+))?$")
+
+
+class ModelIntegrityError(CheckFailed):
+    """A model folder does not match its manifest (missing, newer format, changed or extra files)."""
+
+
+class ArtifactFormatError(InputError):
+    """An index or manifest is malformed (not a file this package wrote)."""
+
+
+def config_name(exit_layer: int, ratio: int, variant: str | None = None) -> str:
+    """``exit-08-ratio-1`` (``exit-08-ratio-1-int8`` for a variant): folder, metrics key and DVC artifact name."""
+    return f"exit-{exit_layer:02d}-ratio-{ratio}" + (f"-{variant}" if variant else "")
+
+
+def parse_config_name(name: str) -> tuple[int, int, str | None]:
+    match = NAME_RE.match(name)
+    if not match:
+        raise ArtifactFormatError(f"{name!r} is not a configuration name (exit-KK-ratio-R[-variant])")
+    return int(match.group(1)), int(match.group(2)), match.group(3)
+
+
+@dataclass(frozen=True)
+class ExportedConfig:
+    """One exported model as ``index.json`` lists it, with its folder resolved."""
+
+    name: str
+    exit_layer: int
+    ratio: int
+    compress_layers: tuple[int, ...]
+    path: Path
+    variant: str | None = None  # None = the float model; "int8" = a quantized copy
+
+    def to_index_entry(self, root: Path) -> dict:
+        return {"name": self.name, "exit_layer": self.exit_layer, "ratio": self.ratio,
+                "compress_layers": list(self.compress_layers), "variant": self.variant,
+                "path": self.path.relative_to(root).as_posix()}
+
+
+def write_index(folder: Path, configs: list[ExportedConfig], extra: dict | None = None) -> dict:
+    from ..core.atomic import write_json
+
+    index = {"format_version": FORMAT_VERSION, **(extra or {}),
+             "models": [c.to_index_entry(folder) for c in configs]}
+    write_json(folder / INDEX, index)
+    return index
+
+
+def read_index(folder: str | os.PathLike) -> list[ExportedConfig]:
+    """The models ``index.json`` lists, sorted by (variant, ratio, exit layer)."""
+    folder = Path(folder)
+    path = folder / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the export stage first")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        _check_version(index.get("format_version"), path)
+        configs = [ExportedConfig(name=str(m["name"]), exit_layer=int(m["exit_layer"]), ratio=int(m["ratio"]),
+                                  compress_layers=tuple(int(c) for c in m.get("compress_layers") or ()),
+                                  path=folder / m["path"], variant=m.get("variant"))
+                   for m in index["models"]]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ArtifactFormatError(f"{path}: not a valid export index ({err})") from None
+    if not configs:
+        raise ArtifactFormatError(f"{path}: lists no models")
+    if len({c.name for c in configs}) != len(configs):
+        raise ArtifactFormatError(f"{path}: model names repeat")
+    for config in configs:
+        if _outside(folder, config.path):
+            raise ArtifactFormatError(f"{path}: model path {config.path} is outside {folder}")
+    return sorted(configs, key=lambda c: (c.variant or "", c.ratio, c.exit_layer))
+
+
+def read_index_extra(folder: str | os.PathLike) -> dict:
+    """``index.json`` as a dict (for fields beyond the model list, e.g. calibration)."""
+    return json.loads((Path(folder) / INDEX).read_text(encoding="utf-8"))
+
+
+def _check_version(version, path) -> None:
+    if not isinstance(version, int) or version < 1:
+        raise ModelIntegrityError(f"{path}: missing or invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelIntegrityError(f"{path} has format_version {version}; this matryoshka-reranker reads up to "
+                                  f"{FORMAT_VERSION}: upgrade the package")
+    if version < FORMAT_VERSION:
+        raise ModelIntegrityError(f"{path} has format_version {version}, from an older matryoshka-reranker; "
+                                  "export it again")
+
+
+def _outside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return True
+    return False
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``folder`` except the manifest."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+# ------------------------------------------------------------------------------------ manifests
+def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
+    """The folder's manifest, after checking its format version and (``verify``) every file.
+
+    Verification refuses files listed but missing, files whose sha256 differs, and files present
+    but not listed.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ModelIntegrityError(f"{folder} has no {MANIFEST}: not an exported Matryoshka model folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelIntegrityError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ModelIntegrityError(f"{path}: expected a JSON object")
+    _check_version(manifest.get("format_version"), path)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or manifest.get("model_file") not in files:
+        raise ModelIntegrityError(f"{path}: 'files' must list every file, including the model file")
+    if verify:
+        verify_files(folder, files)
+    return manifest
+
+
+def verify_files(folder: Path, files: dict[str, str]) -> None:
+    """Every listed file present with its sha256, and nothing else in the folder (manifest aside)."""
+    problems = []
+    for name, expected in sorted(files.items()):
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{name!r} is outside the folder")
+        elif not path.is_file():
+            problems.append(f"{name} is listed but missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name}: sha256 {sha256_file(path)[:12]}... does not match the manifest "
+                            f"({str(expected)[:12]}...): corrupted, truncated or changed after export")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+    problems += [f"{name} is not listed in the manifest (a file added after export)"
+                 for name in sorted(present - set(files))]
+    if problems:
+        raise ModelIntegrityError(f"{folder} does not match its {MANIFEST}: " + "; ".join(problems))
+
+
+def manifest_input_format(manifest: dict) -> InputFormat:
+    try:
+        return InputFormat.from_dict(manifest["input_format"], f"{manifest.get('name', '?')}/{MANIFEST}")
+    except KeyError:
+        raise ModelIntegrityError(f"{manifest.get('name', '?')}/{MANIFEST}: no input_format") from None
