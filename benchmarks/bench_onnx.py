@@ -39,7 +39,12 @@ import torch
 
 from benchmarks.common import interleaved_timing, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker, OnnxReranker
-from matryoshka_reranker.pipeline.export import ExportOptions, TokenizationSettings, config_name, export_models
+from matryoshka_reranker.pipeline.export import (
+    ExportOptions,
+    TokenizationSettings,
+    config_name,
+    export_models,
+)
 from matryoshka_reranker.serving.onnx_runtime import create_session
 
 MODEL = "embedded:smollm2-135m-instruct"

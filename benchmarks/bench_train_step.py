@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures for --model tiny
 
-from matryoshka_reranker.model.adapters import lora_config  # noqa: E402
 from matryoshka_reranker.config import LoraParams  # noqa: E402
+from matryoshka_reranker.model.adapters import lora_config  # noqa: E402
 from matryoshka_reranker.model.inputs import PairEncoder  # noqa: E402
 from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss  # noqa: E402
 from matryoshka_reranker.model.modeling import MatryoshkaModel  # noqa: E402
@@ -45,7 +45,6 @@ PASSAGE = ("Low serum 25-hydroxyvitamin D concentrations were associated with lo
 
 def build(args):
     from peft import get_peft_model
-    from transformers import AutoTokenizer
 
     from matryoshka_reranker.config import parse_params
 

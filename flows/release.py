@@ -11,21 +11,25 @@ On a schedule: prefect server start  &&  export PREFECT_API_URL=http://127.0.0.1
                matryoshka serve --cron "0 3 * * 0"         (long-lived; each run is a subprocess)
 """
 
-import os
 from pathlib import Path
 from typing import Optional
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from matryoshka_reranker.core.environment import configure
 
-from matryoshka_reranker.pipeline import repro
-from matryoshka_reranker.config import load_params
-from matryoshka_reranker.release.gate import read_metrics, run_gate
-from matryoshka_reranker.release.registry import ReleaseError, artifacts_out_of_sync, publish
+configure()  # telemetry off before prefect is imported: it reads DO_NOT_TRACK at import time
 
-for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
-    os.environ.setdefault(_var, _value)
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+from matryoshka_reranker.config import load_params  # noqa: E402
+from matryoshka_reranker.pipeline import repro  # noqa: E402
+from matryoshka_reranker.release.gate import read_metrics, run_gate  # noqa: E402
+from matryoshka_reranker.release.registry import (  # noqa: E402
+    ReleaseError,
+    artifacts_out_of_sync,
+    publish,
+)
 
 
 class ReleaseRequest(BaseModel):

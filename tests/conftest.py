@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from tests.fixtures import make_tiny_model, make_tokenizer, tiny_config
+from tests.fixtures import make_tiny_model, make_tokenizer
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

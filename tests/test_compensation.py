@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from matryoshka_reranker.training.compensation import compensate
+from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+from matryoshka_reranker.training.compensation import compensate
 from matryoshka_reranker.training.trainer import self_distill
-from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
+from tests.train_fixtures import TRAIN_ROWS, one_thread, tiny_params, write_jsonl  # noqa: F401  (autouse)
 
 PAIRS = [("what causes the common cold", "Rhinoviruses cause most colds in adults and children, spread by hands."),
          ("capital of France", "Paris is the capital of France and its largest city by far.")]
@@ -54,14 +55,19 @@ def test_pipeline_api_picks_the_token_adapter_for_the_ratio(trained):
     params, _ = trained
     root = Path(params.paths.compensation)
     for ratio in (1, 2, 3):
-        pipeline = MatryoshkaReranker.from_pipeline(params, ratio=ratio, max_length=64)
+        pipeline = MatryoshkaReranker.from_pipeline(params, ratio=ratio)
         stack = [params.paths.self_distill, root / "layer"] + ([root / f"token-ratio-{ratio}"] if ratio > 1 else [])
-        explicit = MatryoshkaReranker(params.model.name_or_path, peft_path=stack, start_layer=1, max_length=64,
-                                      prompt=params.model.prompt, query_max_len=params.model.query_max_len)
+        explicit = MatryoshkaReranker(params.model.name_or_path, peft_path=stack, start_layer=1)  # format from adapters
+        assert explicit.input_format == params.model.input_format
         assert scores(pipeline, ratio) == pytest.approx(scores(explicit, ratio), abs=1e-6)
+        # from_pipeline scores at the adapters' width by default
+        assert (pipeline.compress_layers, pipeline.compress_ratio) == ((tuple(params.compression.layers), ratio)
+                                                                       if ratio > 1 else ((), 1))
+        default = [s for layer in pipeline.compute_score(PAIRS, cutoff_layers=[2, 4]) for s in layer]
+        assert default == pytest.approx(scores(pipeline, ratio), abs=1e-6)
     # Each adapter changes the model: dropping the token adapter changes compressed scores.
-    without_token = MatryoshkaReranker.from_pipeline(params, ratio=1, max_length=64)
-    with_token = MatryoshkaReranker.from_pipeline(params, ratio=2, max_length=64)
+    without_token = MatryoshkaReranker.from_pipeline(params, ratio=1)
+    with_token = MatryoshkaReranker.from_pipeline(params, ratio=2)
     assert scores(with_token, 2)[2:] != pytest.approx(scores(without_token, 2)[2:], abs=1e-6)  # exit 4
     with pytest.raises(FileNotFoundError, match=r"token-ratio-4.*token-ratio-2"):
         MatryoshkaReranker.from_pipeline(params, ratio=4)
@@ -85,3 +91,57 @@ def test_compensation_needs_the_self_distillation_adapter(tmp_path, llama_dir):
     write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
     with pytest.raises(FileNotFoundError, match="self-distillation adapter"):
         compensate(tiny_params(tmp_path, llama_dir))
+
+
+def test_every_trained_adapter_carries_the_input_format(trained):
+    params, _ = trained
+    root = Path(params.paths.compensation)
+    for folder in (Path(params.paths.self_distill), root / "layer", root / "token-ratio-2", root / "token-ratio-3"):
+        assert InputFormat.load(folder) == params.model.input_format
+
+
+@pytest.mark.slow
+def test_every_path_produces_identical_input_ids(trained, tmp_path):
+    """The input contract: training, teacher, PyTorch scoring (explicit, from_pipeline, CLI), export,
+    ONNX scoring and evaluation all turn the same pair into the same token ids."""
+    from transformers import AutoTokenizer
+
+    from matryoshka_reranker.pipeline.evaluation import pytorch_scorer
+    from matryoshka_reranker.pipeline.export import (
+        export_from_params,
+        validation_batches,
+    )
+    from matryoshka_reranker.serving.onnx_runtime import OnnxReranker
+    from matryoshka_reranker.training.data import Group, GroupCollator
+    from matryoshka_reranker.training.teacher import MatryoshkaTeacher
+    from matryoshka_reranker.training.trainer import pair_encoder
+
+    params, _ = trained
+    long_pairs = [(q * 5, p * 9) for q, p in PAIRS]  # both budgets bind
+    tokenizer = AutoTokenizer.from_pretrained(params.model.name_or_path)
+    training = GroupCollator(pair_encoder(params, tokenizer))([Group(q, [p], None) for q, p in long_pairs])
+    expected = [row[mask.bool()].tolist() for row, mask in zip(training["input_ids"], training["attention_mask"])]
+
+    def ids(encoder):
+        return [encoder.encode(q, p).input_ids for q, p in long_pairs]
+
+    root = Path(params.paths.compensation)
+    stack = [params.paths.self_distill, root / "layer"]
+    encoders = {
+        "from_pipeline": MatryoshkaReranker.from_pipeline(params, ratio=2).encoder,
+        "explicit adapters": MatryoshkaReranker(params.model.name_or_path, peft_path=stack, start_layer=1).encoder,
+        "teacher (raw model)": MatryoshkaTeacher(params.teacher.model_copy(update={
+            "kind": "matryoshka", "name_or_path": params.model.name_or_path}), params.model.input_format).reranker.encoder,
+        "evaluation's PyTorch check": pytorch_scorer(params, 1).reranker.encoder,
+    }
+    for name, encoder in encoders.items():
+        assert ids(encoder) == expected, name
+    onnx_params = params.model_copy(update={"paths": params.paths.model_copy(update={"onnx": str(tmp_path / "onnx")}),
+                                            "export": params.export.model_copy(update={"exit_layers": [2],
+                                                                                       "ratios": [1]})})
+    export_from_params(onnx_params)
+    onnx = OnnxReranker(tmp_path / "onnx" / "exit-02-ratio-1")
+    assert onnx.input_format == params.model.input_format
+    assert ids(onnx.encoder) == expected, "ONNX serving (tokenizers only)"
+    batches = validation_batches(params.model.input_format.encoder(tokenizer))
+    assert batches[0]["input_ids"].shape[0] == 5  # export checks parity in the same format

@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from matryoshka_reranker.core.errors import InputError
-from matryoshka_reranker.training.data import GroupCollator, GroupDataset, TrainingDataError, load_training_file
 from matryoshka_reranker.model.inputs import DEFAULT_PROMPT, InputFormat, PairEncoder
-from tests.train_fixtures import TRAIN_ROWS, write_jsonl, one_thread  # noqa: F401  (autouse)
+from matryoshka_reranker.training.data import (
+    GroupCollator,
+    GroupDataset,
+    TrainingDataError,
+    load_training_file,
+)
+from tests.train_fixtures import TRAIN_ROWS, one_thread, write_jsonl  # noqa: F401  (autouse)
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
 

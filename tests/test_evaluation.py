@@ -17,7 +17,13 @@ from matryoshka_reranker.model.adapters import target_pattern
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.model.modeling import MatryoshkaModel
 from matryoshka_reranker.pipeline.evaluation import (
-    EvaluationCheckFailed, evaluate, learning_curve, pytorch_scorer, ratio_models, read_candidates, untrained_baseline,
+    EvaluationCheckFailed,
+    evaluate,
+    learning_curve,
+    pytorch_scorer,
+    ratio_models,
+    read_candidates,
+    untrained_baseline,
 )
 
 # Two queries x three candidates, BM25 order. Relevant: q1 -> d3; q2 -> d5 and d6 (all relevance 1).

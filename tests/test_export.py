@@ -15,9 +15,11 @@ from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
 from matryoshka_reranker import OnnxReranker
+from matryoshka_reranker.cli import app
 from matryoshka_reranker.model import modeling
 from matryoshka_reranker.model.adapters import target_pattern
-from matryoshka_reranker.cli import app
+from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.model.modeling import MatryoshkaModel
 from matryoshka_reranker.pipeline.export import (
     ExportError,
     ExportOptions,
@@ -25,8 +27,6 @@ from matryoshka_reranker.pipeline.export import (
     plan_configs,
     sha256_file,
 )
-from matryoshka_reranker.model.inputs import InputFormat
-from matryoshka_reranker.model.modeling import MatryoshkaModel
 from matryoshka_reranker.serving.onnx_runtime import read_manifest
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 from tests.fixtures import make_tiny_model, make_tokenizer

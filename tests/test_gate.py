@@ -7,7 +7,13 @@ import json
 import pytest
 
 from matryoshka_reranker.config import GateParams
-from matryoshka_reranker.release.gate import GateError, allowed_drop, compare, run_gate, write_report
+from matryoshka_reranker.release.gate import (
+    GateError,
+    allowed_drop,
+    compare,
+    run_gate,
+    write_report,
+)
 from tests.dvc_project import git, make_project, repro, set_knobs
 
 MEASURES = ["nDCG@10", "RR@10"]

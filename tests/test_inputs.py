@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from matryoshka_reranker.model.inputs import (
-    DEFAULT_PROMPT, FORMAT_FILE, InputFormat, InputFormatError, PairEncoder, as_pair_list, resolve_format,
+    DEFAULT_PROMPT,
+    FORMAT_FILE,
+    InputFormat,
+    InputFormatError,
+    PairEncoder,
+    as_pair_list,
+    resolve_format,
 )
 
 

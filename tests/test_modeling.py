@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from matryoshka_reranker.model.inputs import InputFormat, PairEncoder, yes_token_id
-from matryoshka_reranker.model.modeling import MatryoshkaModel, attention_bias, last_token_attention, merge_passage_tokens
+from matryoshka_reranker.model.modeling import (
+    MatryoshkaModel,
+    attention_bias,
+    last_token_attention,
+    merge_passage_tokens,
+)
 
 PAIRS = [
     ("what causes the common cold?", "Rhinoviruses cause most colds in adults and children, spread by hands."),

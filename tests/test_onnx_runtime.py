@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from matryoshka_reranker import OnnxReranker
-from matryoshka_reranker.serving import onnx_runtime
 from matryoshka_reranker.core.atomic import sha256_file
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.pipeline.export import ExportOptions, export_models
+from matryoshka_reranker.serving import onnx_runtime
 from matryoshka_reranker.serving.artifacts import ModelIntegrityError, read_manifest
 from matryoshka_reranker.serving.onnx_runtime import pick_providers
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker

@@ -7,8 +7,14 @@ import json
 import pytest
 
 from matryoshka_reranker.pipeline.prepare import prepare
-from tests.train_fixtures import one_thread  # noqa: F401  (autouse)
-from tests.train_fixtures import CORPUS, TRAIN_ROWS, tiny_params, write_beir, write_jsonl
+from tests.train_fixtures import (
+    CORPUS,
+    TRAIN_ROWS,
+    one_thread,  # noqa: F401  (autouse)
+    tiny_params,
+    write_beir,
+    write_jsonl,
+)
 
 
 def read(path):

@@ -16,10 +16,23 @@ from typer.testing import CliRunner
 
 from matryoshka_reranker.cli import app
 from matryoshka_reranker.release.registry import (
-    ManifestError, ReleaseError, _missing_objects, artifacts_out_of_sync, download, ensure_remote, expected_artifacts,
-    list_releases, publish, sync_artifacts, verify_manifest,
+    ManifestError,
+    ReleaseError,
+    _missing_objects,
+    artifacts_out_of_sync,
+    download,
+    ensure_remote,
+    expected_artifacts,
+    list_releases,
+    publish,
+    sync_artifacts,
+    verify_manifest,
 )
-from matryoshka_reranker.release.versions import VersionError, check_new_version, next_version
+from matryoshka_reranker.release.versions import (
+    VersionError,
+    check_new_version,
+    next_version,
+)
 from tests.dvc_project import dvc, git, make_params, make_project, repro, run, set_knobs
 
 # --- version names ------------------------------------------------------------------------------
@@ -254,7 +267,7 @@ def test_publish_refuses_unclean_state_and_failed_gate(tmp_path):
     with pytest.raises(ReleaseError, match="gate failed: regressed configs exit-04_ratio-2"):
         publish(params, root)
     assert git(root, "rev-parse", "HEAD") == head
-    assert sorted(t for t in git(root, "tag").splitlines() if not "@" in t) == ["v0.1.0"]
+    assert sorted(t for t in git(root, "tag").splitlines() if "@" not in t) == ["v0.1.0"]
     assert sorted(p.name for p in (tmp_path / "dvc-remote" / "releases").iterdir()) == ["v0.1.0.json"]
     gate = json.loads((root / "reports" / "gate" / "gate.json").read_text())
     assert gate["regressions"] == ["exit-04_ratio-2"] and gate["baseline"]["version"] == "v0.1.0"

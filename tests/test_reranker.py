@@ -127,8 +127,9 @@ def test_peft_adapters_change_scores_and_reload(llama_dir, tmp_path):
     adapted = MatryoshkaReranker(llama_dir, start_layer=2, peft_path=tmp_path / "adapter").compute_score(PAIRS, cutoff_layers=4)
     assert adapted != pytest.approx(plain, abs=1e-4)
     with torch.no_grad():
-        from matryoshka_reranker.model.inputs import PairEncoder
         from transformers import AutoTokenizer
+
+        from matryoshka_reranker.model.inputs import PairEncoder
 
         encoder = PairEncoder(AutoTokenizer.from_pretrained(llama_dir))
         batch = encoder.collate([encoder.encode(q, p) for q, p in PAIRS])

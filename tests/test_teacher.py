@@ -9,8 +9,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-from matryoshka_reranker.training.teacher import BiEncoderTeacher, load_teacher, score_training_file
-from tests.train_fixtures import TRAIN_ROWS, tiny_params, write_jsonl, one_thread  # noqa: F401  (autouse)
+from matryoshka_reranker.training.teacher import (
+    BiEncoderTeacher,
+    load_teacher,
+    score_training_file,
+)
+from tests.train_fixtures import TRAIN_ROWS, one_thread, tiny_params, write_jsonl  # noqa: F401  (autouse)
 
 UNSCORED = [{k: v for k, v in row.items() if not k.endswith("_scores")} for row in TRAIN_ROWS]
 ROWS = UNSCORED + [dict(UNSCORED[0], query="why do people catch colds"), dict(UNSCORED[1], query="French capital")]

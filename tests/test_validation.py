@@ -8,9 +8,9 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from matryoshka_reranker.model.inputs import DEFAULT_PROMPT
 from matryoshka_reranker.cli import app
 from matryoshka_reranker.config import ValidationParams
+from matryoshka_reranker.model.inputs import DEFAULT_PROMPT
 from matryoshka_reranker.pipeline.validation import validate_training_data
 
 GOOD = [

@@ -8,24 +8,37 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
-for _var, _value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("GX_ANALYTICS_ENABLED", "false"),
-                     ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_var, _value)
+from .core.environment import configure
 
-# PyTorch's OpenMP threads otherwise spin at every barrier: on a shared 2-core machine that made a
-# 2-thread SmolLM2 forward 6x slower (docs/export.md). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+configure()  # offline, no telemetry, sleeping OpenMP threads: before torch/prefect/GX load
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+class _ExitCodesByMeaning(TyperGroup):
+    """Every command's errors become a one-line message and an exit code by meaning:
+    2 = bad input or configuration (``InputError``, a missing file, a bad value), 1 = a check
+    failed or an operation was refused (``CheckFailed``, other ``MatryoshkaError``). Anything else
+    is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        from .core.errors import MatryoshkaError
+
+        try:
+            return super().invoke(ctx)
+        except MatryoshkaError as err:
+            _fail(err, err.exit_code)
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            _fail(err, 2)
+
+
+app = typer.Typer(cls=_ExitCodesByMeaning, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, export and release Matryoshka re-rankers.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
@@ -104,7 +117,12 @@ def export(
     --out DIR. Pipeline form: --params params.yaml [-S export.exit_layers=[8,16]] (adapters from
     params.adapter_stack(ratio), output in paths.onnx).
     """
-    from .pipeline.export import ExportError, ExportOptions, export_from_params, export_models
+    from .pipeline.export import (
+        ExportError,
+        ExportOptions,
+        export_from_params,
+        export_models,
+    )
 
     try:
         if model is None:
@@ -401,14 +419,10 @@ RepoOpt = Annotated[Path, typer.Option("--repo", help="project checkout (git + D
 def gate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
          baseline: Annotated[Optional[str], typer.Option(help="compare with this release tag")] = None) -> None:
     """Compare metrics with the last release; exit 1 if any exit layer regressed (report in paths.gate_report)."""
-    from .release.gate import GateError, run_gate
-    from .release.revisions import RevisionError
+    from .release.gate import run_gate
 
     p = _params(params, overrides)
-    try:
-        report = run_gate(p, repo, baseline=baseline)
-    except (GateError, RevisionError) as err:
-        _fail(err, 2)
+    report = run_gate(p, repo, baseline=baseline)
     typer.echo(report.to_markdown())
     if not report.passed:
         _fail(RuntimeError(f"gate failed: regressed {', '.join(report.regressions)}"), 1)
@@ -437,18 +451,17 @@ def artifacts(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
 def publish(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
             version: Annotated[Optional[str], typer.Option(help="explicit version, e.g. v1.2.0")] = None,
             dry_run: Annotated[bool, typer.Option(help="check and gate only")] = False,
-            skip_gate: Annotated[bool, typer.Option(help="publish despite a failed gate (recorded)")] = False) -> None:
-    """Gate, commit the reproduced state, push the exit models to the DVC remote and tag the version."""
-    from .release.gate import GateError
-    from .release.registry import ReleaseError, publish as do_publish
-    from .release.revisions import RevisionError
-    from .release.versions import VersionError
+            skip_gate: Annotated[bool, typer.Option(help="publish despite a failed gate: an explicit waiver, recorded "
+                                                          "in the release record, commit and tags")] = False) -> None:
+    """Gate, commit the reproduced state, push the exit models to the DVC remote and tag the version.
+
+    The gate policy (gate.*, evaluation.*) is the committed one: -S overrides of it are refused.
+    """
+    from .release.registry import publish as do_publish
 
     p = _params(params, overrides)
-    try:
-        result = do_publish(p, repo, version=version, dry_run=dry_run, skip_gate=skip_gate)
-    except (ReleaseError, GateError, RevisionError, VersionError) as err:
-        _fail(err, 1)
+    result = do_publish(p, repo, version=version, dry_run=dry_run, skip_gate=skip_gate, overrides=overrides or [],
+                        params_file=str(params))
     typer.echo(json.dumps({"status": result.status, "version": result.version, "commit": result.commit,
                            "remote": result.remote_url, "tags": result.tags, "pushed": result.pushed}))
 
@@ -462,14 +475,11 @@ def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.
              remote: Annotated[Optional[str], typer.Option(help="DVC remote name (default: the release's)")] = None,
              remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL, for tags made before "
                                                                     "the remote existed")] = None) -> None:
-    """Download one released exit model and verify every file's sha256 against its manifest."""
-    from .release.registry import ReleaseError, download as do_download
-    from .release.revisions import RevisionError
+    """Download one released exit model into OUT/<version>/<config>, every file's sha256 checked against the
+    release record committed at the version's tag."""
+    from .release.registry import download as do_download
 
-    try:
-        dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url)
-    except (ReleaseError, RevisionError) as err:
-        _fail(err, 1)
+    dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url)
     typer.echo(str(dest))
 
 
@@ -489,7 +499,7 @@ def releases(repo: Annotated[str, typer.Option(help="git URL or path of the proj
 
 
 @app.command()
-def serve(params: Annotated[str, typer.Option("--params", "-p", help="params file, relative to --repo")] = "params.yaml",
+def schedule(params: Annotated[str, typer.Option("--params", "-p", help="params file, relative to --repo")] = "params.yaml",
           overrides: SetOpt = None, repo: RepoOpt = Path("."),
           cron: Annotated[Optional[str], typer.Option(help='cron schedule, e.g. "0 3 * * 0"')] = None,
           interval: Annotated[Optional[float], typer.Option(help="seconds between runs (instead of cron)")] = None,

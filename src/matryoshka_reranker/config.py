@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .core.errors import InputError
 from .model.inputs import InputFormat
@@ -200,11 +207,13 @@ class GateParams(Section):
     """Allowed drop per exit layer x ratio x measure versus the last release.
 
     A drop within either bound passes (allowed = max(abs, rel * old)); null turns a bound off;
-    with both off any drop fails.
+    with both off any drop is judged by the test alone. A larger drop fails only when a paired
+    permutation test over the eval queries finds it significant at ``alpha`` (release/gate.py).
     """
 
     max_drop_abs: float | None = Field(0.02, ge=0)
     max_drop_rel: float | None = Field(0.05, ge=0)  # fraction of the old value
+    alpha: float = Field(0.05, gt=0, le=1)  # significance level of the paired test
 
 
 class ReleaseParams(Section):

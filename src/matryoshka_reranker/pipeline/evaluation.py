@@ -39,10 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from ..core.atomic import atomic_dir, sha256_file, write_json
 from ..config import Params
+from ..core.atomic import atomic_dir, write_json
 from ..core.errors import CheckFailed, InputError
-from ..serving.artifacts import ExportedConfig, config_name, read_index, read_index_extra
+from ..serving.artifacts import (
+    ExportedConfig,
+    config_name,
+    read_index,
+    read_index_extra,
+)
 from . import statistics
 
 log = logging.getLogger(__name__)
@@ -193,6 +198,7 @@ def pytorch_scorer(params: Params, ratio: int) -> PyTorchScorer:
                                         compress_ratio=ratio)
         return [scores] if len(exit_layers) == 1 else scores
 
+    score.reranker = reranker  # what it scores with (its input format, for the contract test)
     return score
 
 

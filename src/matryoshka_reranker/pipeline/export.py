@@ -50,14 +50,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,15 @@ from ..core.atomic import atomic_dir, sha256_file, write_json
 from ..core.errors import CheckFailed
 from ..model.inputs import InputFormat, PairEncoder, resolve_format
 from ..serving.artifacts import (
-    FORMAT_VERSION, LENGTH_INPUTS, MANIFEST, MODEL_FILE, SCORES, TOKEN_INPUTS, ExportedConfig, config_name, folder_files,
+    FORMAT_VERSION,
+    LENGTH_INPUTS,
+    MANIFEST,
+    MODEL_FILE,
+    SCORES,
+    TOKEN_INPUTS,
+    ExportedConfig,
+    config_name,
+    folder_files,
     write_index,
 )
 

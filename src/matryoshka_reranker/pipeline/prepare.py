@@ -18,10 +18,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Params
 from ..core.atomic import atomic_file
 from ..core.bm25 import BM25Index
 from .beir import load_corpus, load_qrels, load_queries
-from ..config import Params
 
 log = logging.getLogger(__name__)
 

@@ -46,10 +46,10 @@ class StageRun:
 
 def tool_env() -> dict[str, str]:
     """Child environment: this interpreter's tools first on PATH, telemetry off."""
-    env = dict(os.environ)
+    from ..core.environment import configure
+
+    env = configure(dict(os.environ))
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for var, value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
-        env.setdefault(var, value)
     return env
 
 
@@ -124,8 +124,8 @@ def write_overrides(params_path: str | Path, overrides: list[str]) -> None:
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
 
-    from ..core.atomic import atomic_file
     from ..config import apply_override, parse_params
+    from ..core.atomic import atomic_file
 
     if not overrides:
         return

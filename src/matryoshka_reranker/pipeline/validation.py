@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import atomic_dir
 from ..config import ValidationParams
+from ..core.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,9 @@ COLUMNS = ["line", "json_error", "query_type", "query_chars", "prompt_type", "pr
 
 def _import_gx():
     """Great Expectations with its analytics off (its own switch, plus DO_NOT_TRACK)."""
-    os.environ["GX_ANALYTICS_ENABLED"] = "false"
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from ..core.environment import configure
+
+    configure()
     gx_log = logging.getLogger("great_expectations")
     if gx_log.level == logging.NOTSET:  # its INFO records are hundreds of lines of internals
         gx_log.setLevel(logging.WARNING)

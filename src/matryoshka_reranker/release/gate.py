@@ -1,14 +1,24 @@
-"""Release gate: no exit layer x ratio may lose quality against the last release.
+"""Release gate: no exit layer x ratio may lose quality against the last release, beyond noise.
 
-The baseline is the per-layer metrics file *as committed at the last release tag*, read through
-DVC at that tag (never a loose copy), so the comparison is with what users actually downloaded.
-For every config (``exit-08_ratio-1``) and measure in ``evaluation.measures``:
+The baseline is the last *published* release, read from the release records that ``publish``
+writes into the release remote (``release.remote_url``), the same place it claims versions in:
+a clone without tags (``--no-tags``, shallow CI clones) sees the same baseline as the clone that
+published. When the remote holds releases but their record cannot be read, the gate fails: it
+never mistakes that for a first release.
 
-    drop = old - new;  allowed = max(max_drop_abs, max_drop_rel * old)  (a null bound is off)
+For every (config, measure) the baseline has, and every config ``export`` asks for:
 
-``drop > allowed`` is a regression, and so is a config or measure that the baseline (or the export
-grid in params) has but the new metrics lack. Improvements and new configs are reported. With no
-earlier release the gate passes and the new metrics become the baseline once published.
+    delta = new - old (mean over the eval queries);  allowed = max(max_drop_abs, max_drop_rel * old)
+
+A config *regresses* when the drop exceeds ``allowed`` AND a paired sign-flip permutation test over
+the same queries says it is significant at ``gate.alpha`` (default 0.05): with ~100 queries, a
+fixed tolerance alone either false-alarms on seed noise or misses real drops. The report gives
+each delta with its bootstrap interval and p-value. A config or measure the baseline has but the
+new metrics lack fails, and so does a comparison across different eval sets (query ids,
+candidates, qrels) or with metrics whose ONNX-vs-PyTorch check did not pass.
+
+The policy (``gate.*`` and ``evaluation.measures``) is the committed one: ``publish`` refuses a
+release whose working or overridden policy differs from what is committed (see ``registry``).
 The report (``gate.json`` + ``gate.md`` under ``paths.gate_report``) is written atomically.
 """
 
@@ -17,25 +27,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import atomic_dir
 from ..config import GateParams, Params
-from ..serving.artifacts import NAME_RE as CONFIG_RE
-from ..serving.artifacts import config_name
-from .revisions import list_tags, open_at, rev_commit
-from .versions import last_version
+from ..core.atomic import atomic_dir
+from ..core.errors import CheckFailed, InputError
+from ..pipeline import statistics
+from ..serving.artifacts import NAME_RE, config_name
 
 logger = logging.getLogger(__name__)
 
-REPORT_FORMAT_VERSION = 1
+REPORT_FORMAT_VERSION = 2
 
 
-class GateError(RuntimeError):
-    """The gate could not compare (unreadable metrics); distinct from a regression."""
+class GateError(InputError):
+    """The gate could not compare (unreadable or incomparable metrics); distinct from a regression."""
+
+
+class GateFailed(CheckFailed):
+    """At least one exit layer x ratio regressed (the report names them)."""
 
 
 @dataclass
@@ -48,7 +60,9 @@ class Check:
     new: float | None
     delta: float | None  # new - old
     allowed_drop: float | None
-    verdict: str  # improved | pass | regressed | missing | new | baseline
+    ci: list[float] | None  # interval of the paired per-query delta
+    p_value: float | None
+    verdict: str  # improved | pass | within-noise | regressed | missing | new | baseline
 
     @property
     def failed(self) -> bool:
@@ -62,6 +76,7 @@ class GateReport:
     baseline_commit: str | None
     measures: list[str]
     tolerance: dict[str, float | None]
+    eval: dict[str, Any] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -84,6 +99,7 @@ class GateReport:
             "baseline": {"version": self.baseline_version, "commit": self.baseline_commit},
             "measures": self.measures,
             "tolerance": self.tolerance,
+            "eval": self.eval,
             "regressions": self.regressions,
             "improvements": self.improvements,
             "counts": counts,
@@ -98,17 +114,23 @@ class GateReport:
         else:
             lines.append(f"Baseline: release `{self.baseline_version}` (commit `{(self.baseline_commit or '')[:12]}`).")
         tol = self.tolerance
-        lines += [f"Allowed drop per measure: max(abs {tol['max_drop_abs']}, rel {tol['max_drop_rel']} x old).", ""]
+        queries = self.eval.get("queries", "?")
+        lines += [f"A config regresses when its drop exceeds max(abs {tol['max_drop_abs']}, rel "
+                  f"{tol['max_drop_rel']} x old) **and** a paired permutation test over the {queries} eval "
+                  f"queries gives p < {tol['alpha']}. Intervals: {int(100 * tol['confidence'])}% bootstrap of the "
+                  "per-query delta.", ""]
         if self.regressions:
             lines += [f"**Regressed configs:** {', '.join(f'`{c}`' for c in self.regressions)}", ""]
         if self.improvements:
             lines += [f"Improved configs: {', '.join(f'`{c}`' for c in self.improvements)}", ""]
-        lines += ["| config | measure | old | new | delta | allowed drop | verdict |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| config | measure | old | new | delta | interval | p | allowed drop | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in self.checks:
             mark = f"**{c.verdict}**" if c.failed else c.verdict
+            ci = f"[{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]" if c.ci else "-"
+            p = "-" if c.p_value is None else f"{c.p_value:.3g}"
             lines.append(f"| {c.config} | {c.measure} | {_fmt(c.old)} | {_fmt(c.new)} | {_fmt(c.delta, signed=True)} "
-                         f"| {_fmt(c.allowed_drop)} | {mark} |")
+                         f"| {ci} | {p} | {_fmt(c.allowed_drop)} | {mark} |")
         return "\n".join(lines) + "\n"
 
 
@@ -135,41 +157,93 @@ def _layer_ratio(name: str, *entries: dict | None) -> tuple[int | None, int | No
     for entry in entries:
         if entry and "exit_layer" in entry and "ratio" in entry:
             return entry["exit_layer"], entry["ratio"]
-    match = CONFIG_RE.match(name)
+    match = NAME_RE.match(name)
     return (int(match[1]), int(match[2])) if match else (None, None)
 
 
-def compare(new_metrics: dict, old_metrics: dict | None, measures: list[str], gate: GateParams,
-            expected_configs: list[str] = (), baseline_version: str | None = None,
-            baseline_commit: str | None = None) -> GateReport:
-    """Checks every (config, measure); ``old_metrics=None`` is the first release."""
+def compare(new: dict, old: dict | None, measures: list[str], gate: GateParams, expected_configs: list[str] = (),
+            baseline_version: str | None = None, baseline_commit: str | None = None,
+            confidence: float = 0.95, resamples: int = 10_000) -> GateReport:
+    """Checks every (config, measure). ``new``/``old``: {"metrics": per_layer, "per_query": {config: {measure:
+    {qid: value}}}}; ``old=None`` is the first release."""
+    new_metrics, old_metrics = new["metrics"], (old or {}).get("metrics")
     new_configs = new_metrics.get("configs") or {}
     old_configs = (old_metrics or {}).get("configs") or {}
+    if old is not None:
+        _check_comparable(new_metrics, old_metrics, baseline_version)
+    every_measure = list(dict.fromkeys([*measures, *sorted(_measure_names(old_configs))]))  # all the baseline has
     names = list(dict.fromkeys([*old_configs, *expected_configs, *new_configs]))
     checks = []
     for name in names:
         new_entry, old_entry = new_configs.get(name), old_configs.get(name)
         exit_layer, ratio = _layer_ratio(name, new_entry, old_entry)
-        for measure in measures:
-            new, old = _value(new_entry, measure), _value(old_entry, measure)
-            delta = allowed = None
-            if new is None:
+        for measure in every_measure:
+            value_new, value_old = _value(new_entry, measure), _value(old_entry, measure)
+            delta = allowed = ci = p = None
+            if value_new is None:
                 verdict = "missing"  # lost config or measure (or not a finite number)
-            elif old_metrics is None:
-                verdict = "baseline"
             elif old is None:
+                verdict = "baseline"
+            elif value_old is None:
                 verdict = "new"
             else:
-                delta, allowed = new - old, allowed_drop(old, gate)
-                verdict = "improved" if delta > 0 else "pass" if -delta <= allowed + 1e-12 else "regressed"
-            checks.append(Check(name, exit_layer, ratio, measure, old, new, delta, allowed, verdict))
+                delta, allowed = value_new - value_old, allowed_drop(value_old, gate)
+                paired = _paired(new, old, name, measure, confidence, resamples)
+                if paired is not None:
+                    ci, p = [round(paired.low, 6), round(paired.high, 6)], round(paired.p_value, 6)
+                if delta > 0:
+                    verdict = "improved" if p is not None and p < gate.alpha else "pass"
+                elif -delta <= allowed + 1e-12:
+                    verdict = "pass"
+                elif p is None or p < gate.alpha:
+                    verdict = "regressed"
+                else:
+                    verdict = "within-noise"  # beyond the tolerance, but not distinguishable from noise
+            checks.append(Check(name, exit_layer, ratio, measure, value_old, value_new, delta, allowed, ci, p, verdict))
     report = GateReport(passed=not any(c.failed for c in checks), baseline_version=baseline_version,
-                        baseline_commit=baseline_commit, measures=list(measures),
-                        tolerance={"max_drop_abs": gate.max_drop_abs, "max_drop_rel": gate.max_drop_rel},
+                        baseline_commit=baseline_commit, measures=every_measure,
+                        tolerance={"max_drop_abs": gate.max_drop_abs, "max_drop_rel": gate.max_drop_rel,
+                                   "alpha": gate.alpha, "confidence": confidence},
+                        eval={k: new_metrics.get("eval", {}).get(k) for k in ("queries", "candidates")},
                         checks=checks)
     if not checks:
         report.passed = False  # no metrics at all is not a release
     return report
+
+
+def _measure_names(configs: dict) -> set[str]:
+    return {m for entry in configs.values() for m, v in entry.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and m not in (
+                "exit_layer", "ratio", "latency_ms_per_query", "pairs_per_s", "latency_queries")}
+
+
+def _paired(new: dict, old: dict, config: str, measure: str, confidence: float, resamples: int):
+    a = (new.get("per_query") or {}).get(config, {}).get(measure)
+    b = (old.get("per_query") or {}).get(config, {}).get(measure)
+    if a is None or b is None:
+        return None
+    x, y = statistics.aligned(a, b)
+    return statistics.paired_difference(x, y, confidence, resamples)
+
+
+def _check_comparable(new_metrics: dict, old_metrics: dict, version: str | None) -> None:
+    new_id = (new_metrics.get("eval") or {}).get("identity")
+    old_id = (old_metrics.get("eval") or {}).get("identity")
+    if new_id is None or old_id is None:
+        raise GateError(f"cannot compare with release {version}: {'new' if new_id is None else 'baseline'} metrics "
+                        "carry no eval-set identity (re-run evaluate with this version of matryoshka-reranker)")
+    if new_id != old_id:
+        differ = [k for k in sorted(set(new_id) | set(old_id)) if new_id.get(k) != old_id.get(k)]
+        raise GateError(f"the new metrics were computed on a different eval set than release {version} "
+                        f"({', '.join(f'{k}: {old_id.get(k)!r} -> {new_id.get(k)!r}' for k in differ)}); "
+                        "a gate across eval sets compares nothing")
+
+
+def check_metrics_are_releasable(metrics: dict) -> None:
+    """The evaluate stage's ONNX-vs-PyTorch check must have run and passed."""
+    check = metrics.get("pytorch_check") or {}
+    if check.get("enabled") and not check.get("passed"):
+        raise GateError("the metrics' ONNX-vs-PyTorch check did not pass; refusing to gate or release them")
 
 
 def read_metrics(path: str | Path) -> dict:
@@ -185,43 +259,47 @@ def read_metrics(path: str | Path) -> dict:
     return metrics
 
 
-def release_metrics(repo: str | Path, version: str, metrics_path: str, remote_name: str | None = None) -> dict:
-    """The per-layer metrics committed at release ``version``, read through DVC at that tag."""
-    fs = open_at(repo, version, remote_name=remote_name)
-    try:
-        metrics = json.loads(fs.read_text(metrics_path))
-    except FileNotFoundError:
-        raise GateError(f"release {version} has no {metrics_path}; cannot compare with it") from None
-    except json.JSONDecodeError as err:
-        raise GateError(f"release {version}: {metrics_path} is not valid JSON ({err})") from None
-    finally:
-        fs.close()
-    if not isinstance(metrics.get("configs"), dict):
-        raise GateError(f"release {version}: {metrics_path} has no 'configs' mapping")
-    return metrics
+def read_per_query(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
+    """{config: {measure: {query id: value}}} from the evaluate stage's per-query file ({} if absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8")).get("systems", {})
 
 
 def expected_configs(params: Params) -> list[str]:
     return [config_name(k, r) for k in params.export.exit_layers for r in params.export.ratios]
 
 
-def run_gate(params: Params, repo: str | Path = ".", baseline: str | None = None,
-             write: bool = True) -> GateReport:
-    """Compares ``paths.metrics`` with the last release (or ``baseline``) and writes the report."""
+def current_results(params: Params, repo: str | Path = ".") -> dict:
+    """What this checkout would release: its metrics and per-query values."""
     repo = Path(repo)
-    new_metrics = read_metrics(repo / params.paths.metrics)
-    baseline = baseline or last_version(list_tags(repo))
-    old_metrics = commit = None
-    if baseline is not None:
-        old_metrics = release_metrics(repo, baseline, params.paths.metrics, params.release.remote_name)
-        commit = rev_commit(repo, baseline)
-    report = compare(new_metrics, old_metrics, params.evaluation.measures, params.gate,
-                     expected_configs=expected_configs(params), baseline_version=baseline, baseline_commit=commit)
+    metrics = read_metrics(repo / params.paths.metrics)
+    check_metrics_are_releasable(metrics)
+    return {"metrics": metrics, "per_query": read_per_query(repo / params.paths.per_query)}
+
+
+def run_gate(params: Params, repo: str | Path = ".", baseline: str | None = None, write: bool = True) -> GateReport:
+    """Compares this checkout's metrics with the last release (or ``baseline``) and writes the report."""
+    from .records import RecordStore
+
+    repo = Path(repo)
+    new = current_results(params, repo)
+    store = RecordStore.from_params(params, repo)
+    version = baseline or store.latest_version(params)
+    old = commit = None
+    if version is not None:
+        record = store.read(version)
+        old = {"metrics": record.get("metrics") or {}, "per_query": record.get("per_query") or {}}
+        commit = record.get("commit")
+    report = compare(new, old, params.evaluation.measures, params.gate, expected_configs=expected_configs(params),
+                     baseline_version=version, baseline_commit=commit, confidence=params.evaluation.confidence,
+                     resamples=params.evaluation.bootstrap_resamples)
     if write:
         write_report(report, repo / params.paths.gate_report)
     log = logger.info if report.passed else logger.error
     log("gate %s against %s: regressed %s, improved %s", "passed" if report.passed else "FAILED",
-        baseline or "(first release)", report.regressions or "none", report.improvements or "none")
+        version or "(first release)", report.regressions or "none", report.improvements or "none")
     return report
 
 

@@ -10,8 +10,16 @@ remote named by ``release.remote_name``. ``publish`` refuses unless:
   outputs and ``.gitignore`` files, plus the gate report. ``publish`` commits exactly those
   ("Release vX"); any other change (code, dvc.yaml, .dvc/config) must be committed first.
 - ``dvc.yaml``'s ``artifacts:`` match ``export.exit_layers x export.ratios`` (``matryoshka artifacts``).
-- every exported folder matches its ``manifest.json`` sha256s, and the gate passes.
-- the version is new: no local tag, no git-remote tag, no record in the DVC remote (``releases/``).
+- every exported folder matches its ``manifest.json`` sha256s, and the gate passes against the last
+  release recorded in the release remote (``gate``); ``gate.*`` / ``evaluation.*`` are the committed
+  ones (no overrides, no uncommitted edits: the release under test does not set its own policy).
+- the version is new: no local tag, no git-remote tag, no record in the release remote (``releases/``).
+
+The version is claimed first, atomically, by creating its record in the release remote
+(``records``), so of two concurrent publishes exactly one proceeds; the record and
+``releases/<version>.json`` in the release commit hold the sha256 of every released file, which
+``download`` checks. A lock file serialises publishes in one checkout, and a journal in ``.git``
+lets a publish interrupted by Ctrl-C, SIGTERM or a Prefect cancellation be completed by rerunning it.
 
 The remote is added to ``.dvc/config`` (local paths made absolute) and committed *before* tagging:
 a tag whose commit lacks the remote config cannot be fetched later. Data is pushed, then checked
@@ -28,30 +36,39 @@ import io
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import yaml
 
-from ..core.atomic import atomic_dir, atomic_file, sha256_file
 from ..config import Params
+from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from ..core.errors import MatryoshkaError
 from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, read_manifest
-from .gate import GateReport, read_metrics, run_gate
+from .gate import GateFailed, GateReport, run_gate
 from .revisions import (
-    absolute_remote_url, dirty_paths, git, list_tags, open_at, repo_root, rev_commit,
+    absolute_remote_url,
+    dirty_paths,
+    git,
+    list_tags,
+    open_at,
+    redact,
+    repo_root,
+    rev_commit,
 )
 from .versions import check_new_version, next_version, parse_version, release_versions
 
 logger = logging.getLogger(__name__)
 
-RECORDS_DIR = "releases"  # inside the DVC remote: one JSON record per published version
+from .records import RECORDS_DIR  # noqa: E402  (releases/<version>.json: in the remote and in git)
+
 ARTIFACT_RE = NAME_RE
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(MatryoshkaError):
     """Publishing or downloading was refused or failed; nothing was published or overwritten."""
 
 
@@ -163,6 +180,9 @@ def _under(path: str, roots: set[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
+POLICY_SECTIONS = ("gate", "evaluation")  # what the release under test may not set for itself
+
+
 def pipeline_changes(root: Path, params: Params) -> list[str]:
     """The uncommitted files ``dvc repro`` produced; refuses if the pipeline or the tree is not clean."""
     from dvc.repo import Repo
@@ -192,8 +212,33 @@ def pipeline_changes(root: Path, params: Params) -> list[str]:
     return changes
 
 
+def check_policy(params: Params, root: Path, params_file: str = "params.yaml", overrides: Sequence[str] = ()) -> None:
+    """The release under test must not set its own gate: ``gate.*`` and ``evaluation.*`` are the committed ones.
+
+    Refuses ``-S gate.*`` / ``-S evaluation.*`` overrides and uncommitted edits of those sections
+    (other params edits that ``dvc repro`` reproduced are committed with the release as before).
+    """
+    from ..config import parse_params
+
+    bad = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in POLICY_SECTIONS]
+    if bad:
+        raise ReleaseError(f"publish refuses overrides of the release policy ({', '.join(bad)}): the gate and its "
+                           "measures are what the committed params.yaml says; change them in a reviewed commit")
+    committed_text = git(root, "show", f"HEAD:{params_file}", check=False)
+    committed = parse_params(yaml.safe_load(committed_text) or {}) if committed_text else parse_params({})
+    for section in POLICY_SECTIONS:
+        if getattr(committed, section) != getattr(params, section):
+            raise ReleaseError(f"params `{section}` differs from the committed {params_file}: the release under "
+                               "test may not set its own policy; commit the change first (it is then reviewed "
+                               "and applies to later releases)")
+
+
 def ensure_remote(root: Path, name: str, url: str) -> str:
-    """Adds (or re-points) the release remote in ``.dvc/config`` (repo level, committed). Returns its URL."""
+    """Adds (or re-points) the release remote in ``.dvc/config`` (repo level, committed). Returns its URL.
+
+    It is never made DVC's *default* remote: ``dvc gc -c`` and plain ``dvc push`` act on the default
+    remote, and neither may touch released versions (docs/release.md, "How releases are protected").
+    """
     from dvc.repo import Repo
 
     url = absolute_remote_url(url, root)
@@ -201,40 +246,36 @@ def ensure_remote(root: Path, name: str, url: str) -> str:
         config = repo.config.read("repo")
     current = (config.get("remote") or {}).get(name)
     if current is None:
-        _dvc(root, "remote", "add", name, url)
-        logger.info("added DVC remote %r -> %s", name, url)
+        _dvc(root, "remote", "add", "--", name, url)
+        logger.info("added DVC remote %r -> %s", name, redact(url))
     elif absolute_remote_url(current.get("url", ""), root / ".dvc") != url:
-        logger.warning("DVC remote %r pointed to %s; setting it to %s (params.yaml)", name, current.get("url"), url)
-        _dvc(root, "remote", "modify", name, "url", url)
-    if not (config.get("core") or {}).get("remote"):
-        _dvc(root, "remote", "default", name)
+        logger.warning("DVC remote %r pointed to %s; setting it to %s (params.yaml)", name,
+                       redact(current.get("url", "")), redact(url))
+        _dvc(root, "remote", "modify", "--", name, "url", url)
+    if (config.get("core") or {}).get("remote") == name:
+        _dvc(root, "remote", "default", "--unset")
+        logger.warning("DVC remote %r was the default remote; unset it so `dvc gc -c` cannot reach releases", name)
     return url
 
 
-def recorded_versions(root: Path, remote_name: str) -> list[str]:
-    """Versions with a record in the DVC remote (empty when the remote is not configured or empty)."""
-    from dvc.config import NoRemoteError
-    from dvc.repo import Repo
-
-    with contextlib.chdir(root), Repo(str(root)) as repo:
-        if remote_name not in repo.config["remote"]:
-            return []
-        try:
-            remote = repo.cloud.get_remote(remote_name)
-        except NoRemoteError:
-            return []
-        folder = remote.fs.join(remote.path, RECORDS_DIR)
-        if not remote.fs.exists(folder):
-            return []
-        names = [remote.fs.name(p) for p in remote.fs.ls(folder, detail=False)]
-    return [n.removesuffix(".json") for n in names if n.endswith(".json")]
+REMOTE_PLUGINS = {"s3": "dvc-s3", "gs": "dvc-gs", "gcs": "dvc-gs", "azure": "dvc-azure", "az": "dvc-azure",
+                  "ssh": "dvc-ssh", "hdfs": "dvc-hdfs", "webdav": "dvc-webdav", "webdavs": "dvc-webdav",
+                  "oss": "dvc-oss", "http": "dvc-http", "https": "dvc-http", "gdrive": "dvc-gdrive"}
 
 
-def existing_versions(root: Path, params: Params) -> set[str]:
-    versions = set(release_versions(list_tags(root))) | set(recorded_versions(root, params.release.remote_name))
-    if params.release.git_remote:
-        versions |= set(release_versions(list_tags(git(root, "remote", "get-url", params.release.git_remote))))
-    return versions
+def check_remote_plugin(url: str) -> None:
+    """A remote whose DVC plugin is not installed fails before anything is committed, with the fix."""
+    import importlib.util
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if not scheme or scheme == "file":
+        return
+    plugin = REMOTE_PLUGINS.get(scheme)
+    if plugin is None:
+        raise ReleaseError(f"release.remote_url {redact(url)}: unsupported scheme {scheme!r}")
+    if importlib.util.find_spec(plugin.replace("-", "_")) is None:
+        raise ReleaseError(f"release.remote_url {redact(url)} needs the DVC plugin {plugin}: "
+                           f"pip install {plugin}  (nothing was committed or published)")
 
 
 def _missing_objects(repo, targets: list[str], rev: str, remote: str):
@@ -307,11 +348,145 @@ def verify_exports(root: Path, params: Params) -> dict[str, Path]:
     return folders
 
 
+class PublishInterrupted(ReleaseError):
+    """SIGTERM/SIGINT during publish: the journal is kept and a rerun completes the release."""
+
+
+@contextlib.contextmanager
+def _publish_lock(root: Path):
+    """One publish at a time per checkout (``O_EXCL`` lock file in .git); a dead holder's lock is taken over."""
+    path = _git_path(root, "matryoshka-publish.lock")
+    fd = None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            holder = path.read_text().strip() if path.exists() else ""
+            if holder.isdigit() and not _alive(int(holder)):
+                logger.warning("removing the publish lock of dead process %s", holder)
+                path.unlink(missing_ok=True)
+                continue
+            raise ReleaseError(f"another `matryoshka publish` (pid {holder or '?'}) is running in {root}; "
+                               "exactly one of concurrent publishes proceeds, wait for it") from None
+    if fd is None:
+        raise ReleaseError(f"cannot take the publish lock {path}")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _git_path(root: Path, name: str) -> Path:
+    path = Path(git(root, "rev-parse", "--git-path", name))
+    return path if path.is_absolute() else root / path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM (Prefect cancellation, `kill`) raises ``PublishInterrupted`` as Ctrl-C does, so cleanup
+    runs and the journal stays; a rerun resumes from it."""
+    import signal
+
+    def handler(signum, frame):
+        raise PublishInterrupted(f"publish interrupted by signal {signum}; run it again to complete the release")
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave the handlers alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Journal:
+    """``.git/matryoshka-publish.json``: the release in progress (version, claim nonce, commit)."""
+
+    def __init__(self, root: Path):
+        self.path = _git_path(root, "matryoshka-publish.json")
+        self.data: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def save(self, **changes) -> None:
+        self.data.update(changes)
+        with atomic_file(self.path, encoding="utf-8") as handle:
+            json.dump(self.data, handle, indent=2)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.data = {}
+
+
+def file_hashes(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """{artifact: {relative path: sha256}} of every released file, manifests included."""
+    from ..serving.artifacts import MANIFEST, folder_files
+
+    out = {}
+    for name, folder in folders.items():
+        files = folder_files(folder)
+        files[MANIFEST] = sha256_file(folder / MANIFEST)
+        out[name] = dict(sorted(files.items()))
+    return out
+
+
+def release_record(params: Params, root: Path, version: str, report: GateReport, folders: dict[str, Path],
+                   waived: bool) -> dict:
+    """What is committed as ``releases/<version>.json`` and stored (plus the commit) in the remote record."""
+    from .gate import current_results
+
+    results = current_results(params, root)
+    return {
+        "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "artifacts": {n: {"path": a["path"]} for n, a in expected_artifacts(params).items()},
+        "files": file_hashes(folders),
+        "policy": {"gate": params.gate.model_dump(), "measures": list(params.evaluation.measures)},
+        "gate": {"passed": report.passed, "waived": waived, "baseline": report.baseline_version,
+                 "regressions": report.regressions},
+        "eval": results["metrics"].get("eval", {}),
+        "metrics": results["metrics"],
+        "per_query": results["per_query"],
+    }
+
+
 def publish(params: Params, repo: str | Path = ".", version: str | None = None, dry_run: bool = False,
-            skip_gate: bool = False) -> PublishResult:
-    """Gate, commit the reproduced state, push the exit models, tag. See the module docstring."""
+            skip_gate: bool = False, overrides: Sequence[str] = (), params_file: str = "params.yaml") -> PublishResult:
+    """Gate, commit the reproduced state, push the exit models, tag. See the module docstring.
+
+    One publish per checkout at a time (a lock file) and per version across clones (an atomic claim
+    of the version's record in the release remote). An interrupted publish (Ctrl-C, SIGTERM,
+    Prefect cancellation) leaves a journal; the next run completes that release.
+    """
     root = repo_root(repo)
-    remote_name = params.release.remote_name
+    check_remote_plugin(params.release.remote_url)
+    check_policy(params, root, params_file, overrides)
+    with _publish_lock(root), _interruptible():
+        journal = Journal(root)
+        if journal.data:
+            return _resume(params, root, journal)
+        return _publish(params, root, version, dry_run, skip_gate, journal)
+
+
+def _publish(params: Params, root: Path, version: str | None, dry_run: bool, skip_gate: bool,
+             journal: Journal) -> PublishResult:
+    from .records import RecordStore
+
     remote_url = absolute_remote_url(params.release.remote_url, root)
     problems = artifacts_out_of_sync(params, root)
     if problems:
@@ -319,111 +494,116 @@ def publish(params: Params, repo: str | Path = ".", version: str | None = None, 
                            + "; ".join(problems))
     changes = pipeline_changes(root, params)
     head = rev_commit(root, "HEAD")
-    local_tags = list_tags(root)
-    head_releases = [t for t in release_versions(local_tags) if rev_commit(root, t) == head]
+    head_releases = [t for t in release_versions(list_tags(root)) if rev_commit(root, t) == head]
     if head_releases and not [p for p in changes if not _under(p, {params.paths.gate_report})]:
         if version is not None and version not in head_releases:
             raise ReleaseError(f"HEAD is already release {head_releases[-1]} and nothing changed; "
                                f"not releasing it again as {version}")
         logger.info("HEAD is already release %s and nothing changed: nothing to publish", head_releases[-1])
-        return PublishResult("unchanged", head_releases[-1], head, remote_url)
-    verify_exports(root, params)
+        return PublishResult("unchanged", head_releases[-1], head, redact(remote_url))
+    folders = verify_exports(root, params)
     targets = _release_targets(root, params)
-    existing = existing_versions(root, params)
+    store = RecordStore.from_params(params, root)
+    existing = set(store.known_versions())
     version = check_new_version(version or next_version(existing, params.release.version_scheme), existing)
 
     report = run_gate(params, root)
-    if not report.passed:
-        if not skip_gate:
-            raise ReleaseError(f"gate failed: regressed configs {', '.join(report.regressions)}; "
-                               f"see {params.paths.gate_report}/gate.md. Nothing was published")
-        logger.warning("gate failed (%s) but skip_gate is set: publishing anyway", ", ".join(report.regressions))
+    waived = not report.passed and skip_gate
+    if not report.passed and not skip_gate:
+        raise GateFailed(f"gate failed: regressed configs {', '.join(report.regressions)}; "
+                         f"see {params.paths.gate_report}/gate.md. Nothing was published")
+    if waived:
+        logger.warning("gate failed (%s) but --skip-gate waives it: recorded in the release", report.regressions)
     if dry_run:
         logger.info("dry run: would publish %s with %d changed files", version, len(changes))
-        return PublishResult("dry_run", version, head, remote_url, gate=report)
+        return PublishResult("dry_run", version, head, redact(remote_url), gate=report)
 
-    # 1. remote config + reproduced state in one commit, before any tag exists
-    ensure_remote(root, remote_name, params.release.remote_url)
-    to_add = sorted(set(changes) | {".dvc/config", params.paths.gate_report})
-    git(root, "add", "-A", "--", *[p for p in to_add if (root / p).exists() or p in changes])
-    if git(root, "diff", "--cached", "--name-only"):
-        git(root, "commit", "-q", "-m", f"Release {version}", "-m", _commit_body(params, report))
-    commit = rev_commit(root, "HEAD")
-
-    # 2. data into the remote, proven present for this commit (and back-filled for older releases)
-    older = [t for t in release_versions(local_tags) if parse_version(t) < parse_version(version)]
-    pushed = push_release_data(root, targets, remote_name, "HEAD", backfill=older)
-
-    # 3. claim the version in the remote, then tag: the release and one model-registry tag per exit
-    #    model. Claim and tags are undone if anything below fails (pushed data is harmless).
-    record = _write_record(root, params, version, commit, report, skip_gate)
-    tags = [version] + [f"{name}@{version}" for name in expected_artifacts(params)]
-    message = f"Release {version}" + (" (gate skipped)" if skip_gate and not report.passed else "")
-    created = []
+    # 1. Claim the version in the remote first: a concurrent publish of the same version loses here,
+    #    before it has committed or tagged anything.
+    record = release_record(params, root, version, report, folders, waived)
+    nonce = store.claim(version, {**record, "status": "claimed"})
+    journal.save(version=version, nonce=nonce)
     try:
-        for tag in tags:
-            git(root, "tag", "-a", tag, "-m", message, commit)
-            created.append(tag)
-        push_release_data(root, targets, remote_name, version)  # resolvable *at the tag*
-        if params.release.git_remote:
-            branch = git(root, "rev-parse", "--abbrev-ref", "HEAD")
-            refs = ([f"HEAD:refs/heads/{branch}"] if branch != "HEAD" else []) + [f"refs/tags/{t}" for t in tags]
-            git(root, "push", "--atomic", params.release.git_remote, *refs)
-    except Exception:
-        for tag in created:
-            git(root, "tag", "-d", tag, check=False)
-        _remove_record(root, params.release.remote_name, record)
+        # 2. The reproduced state, the release record (file hashes) and the remote config: one commit.
+        ensure_remote(root, params.release.remote_name, params.release.remote_url)
+        record_file = Path(RECORDS_DIR) / f"{version}.json"
+        write_json(root / record_file, record)
+        to_add = sorted(set(changes) | {".dvc/config", params.paths.gate_report, record_file.as_posix()})
+        git(root, "add", "-A", "--", *[p for p in to_add if (root / p).exists() or p in changes])
+        git(root, "commit", "-q", "-m", f"Release {version}", "-m", _commit_body(params, report, waived))
+        journal.save(commit=rev_commit(root, "HEAD"))
+    except BaseException:
+        if "commit" not in journal.data:  # nothing was committed: give the version back
+            store.release(version, nonce)
+            git(root, "reset", "-q", check=False)
+            journal.clear()
         raise
-    logger.info("published %s (commit %s) to %s: %d objects pushed", version, commit[:12], remote_url, pushed)
-    return PublishResult("published", version, commit, remote_url, tags=tags, pushed=pushed, gate=report)
+    return _resume(params, root, journal, targets=targets, report=report)
 
 
-def _commit_body(params: Params, report: GateReport) -> str:
+def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | None = None,
+            report: GateReport | None = None) -> PublishResult:
+    """Completes the release the journal describes: data, tags, git push, the remote record. Idempotent."""
+    from .records import RecordStore
+
+    store = RecordStore.from_params(params, root)
+    version, nonce, commit = journal.data["version"], journal.data["nonce"], journal.data.get("commit")
+    remote_url = absolute_remote_url(params.release.remote_url, root)
+    if commit is None:  # stopped before the release commit: give the version back, start afresh
+        store.release(version, nonce)
+        journal.clear()
+        raise ReleaseError(f"the previous publish of {version} stopped before committing; its claim was "
+                           "removed: run publish again")
+    if rev_commit(root, "HEAD") != commit:
+        raise ReleaseError(f"an interrupted publish of {version} (commit {commit[:12]}) is pending but HEAD moved; "
+                           f"check out {commit[:12]} and run publish again to complete it, or delete {journal.path} "
+                           f"and the record releases/{version}.json in the release remote to abandon it")
+    logger.info("completing release %s (commit %s)", version, commit[:12])
+    targets = targets or _release_targets(root, params)
+    record = json.loads((root / RECORDS_DIR / f"{version}.json").read_text())
+    older = [t for t in store.known_versions() if parse_version(t) < parse_version(version)]
+    pushed = push_release_data(root, targets, params.release.remote_name, "HEAD", backfill=older)
+    tags = [version] + [f"{name}@{version}" for name in expected_artifacts(params)]
+    gate = record["gate"]
+    message = f"Release {version}" + (f" (gate WAIVED: regressed {', '.join(gate['regressions'])})"
+                                      if gate.get("waived") else "")
+    for tag in tags:
+        existing = rev_commit(root, tag)
+        if existing is None:
+            git(root, "tag", "-a", "-m", message, "--", tag, commit)
+        elif existing != commit:
+            raise ReleaseError(f"tag {tag} exists and points at {existing[:12]}, not the release commit {commit[:12]}")
+    push_release_data(root, targets, params.release.remote_name, version)  # resolvable *at the tag*
+    if params.release.git_remote:
+        branch = git(root, "rev-parse", "--abbrev-ref", "HEAD")
+        refs = ([f"HEAD:refs/heads/{branch}"] if branch != "HEAD" else []) + [f"refs/tags/{t}" for t in tags]
+        git(root, "push", "--atomic", "--", params.release.git_remote, *refs)
+    store.update(version, nonce, {**record, "commit": commit, "status": "published"})
+    journal.clear()
+    logger.info("published %s (commit %s) to %s: %d objects pushed", version, commit[:12], redact(remote_url), pushed)
+    return PublishResult("published", version, commit, redact(remote_url), tags=tags, pushed=pushed, gate=report)
+
+
+def _commit_body(params: Params, report: GateReport, waived: bool) -> str:
     baseline = report.baseline_version or "none (first release)"
-    return (f"Gate: {'passed' if report.passed else 'FAILED'} against {baseline}; "
-            f"exits {params.export.exit_layers} x ratios {params.export.ratios}.")
-
-
-def _write_record(root: Path, params: Params, version: str, commit: str, report: GateReport,
-                  skip_gate: bool) -> str:
-    """Claims ``releases/<version>.json`` in the DVC remote (its own list of used versions); returns its path."""
-    from dvc.repo import Repo
-
-    record = {
-        "version": version, "commit": commit,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "artifacts": {n: a["path"] for n, a in expected_artifacts(params).items()},
-        "gate": {"passed": report.passed, "skipped": skip_gate and not report.passed,
-                 "baseline": report.baseline_version, "regressions": report.regressions},
-        "metrics": read_metrics(root / params.paths.metrics).get("configs", {}),
-    }
-    with contextlib.chdir(root), Repo(str(root)) as repo:
-        remote = repo.cloud.get_remote(params.release.remote_name)
-        folder = remote.fs.join(remote.path, RECORDS_DIR)
-        path = remote.fs.join(folder, f"{version}.json")
-        if remote.fs.exists(path):
-            raise ReleaseError(f"remote already records {version}; released versions are immutable")
-        remote.fs.makedirs(folder, exist_ok=True)
-        remote.fs.pipe_file(path, (json.dumps(record, indent=2) + "\n").encode())
-    return path
-
-
-def _remove_record(root: Path, remote_name: str, path: str) -> None:
-    from dvc.repo import Repo
-
-    with contextlib.chdir(root), Repo(str(root)) as repo:
-        remote = repo.cloud.get_remote(remote_name)
-        if remote.fs.exists(path):
-            remote.fs.rm_file(path)
+    if waived:
+        gate = "WAIVED (failed: " + ", ".join(report.regressions) + ")"
+    else:
+        gate = "passed" if report.passed else "FAILED"
+    return (f"Gate: {gate} against {baseline}; exits {params.export.exit_layers} x ratios {params.export.ratios}. "
+            f"Released files and their sha256: {RECORDS_DIR}/<version>.json.")
 
 
 # --- download and listing -----------------------------------------------------------------------
 
 def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = ".", out: str | Path = "downloads",
              remote_name: str | None = None, remote_url: str | None = None) -> Path:
-    """Fetches one exit model of release ``version`` into ``out/<folder>``, verified against its manifest.
+    """Fetches one exit model of release ``version`` into ``out/<version>/<config>``, verified.
 
-    The folder appears only after every sha256 matched; a tampered download leaves ``out`` untouched.
+    Every file is checked against the sha256 recorded in ``releases/<version>.json`` *in git at the
+    release tag* (whoever can write the DVC remote cannot rewrite it), the folder must hold exactly
+    the recorded files, and the tag must still point at the commit the release record names. The
+    folder appears only after all of that passed; a second version lands beside the first.
     """
     repo = str(repo)
     available = release_versions(list_tags(repo))
@@ -436,8 +616,17 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
         if name not in declared:
             have = sorted(n for n in declared if ARTIFACT_RE.match(n))
             raise ReleaseError(f"release {version} has no exit model {name}; it has: {', '.join(have) or 'none'}")
+        try:
+            record = json.loads(fs.read_text(f"{RECORDS_DIR}/{version}.json"))  # git content at the tag
+        except FileNotFoundError:
+            raise ReleaseError(f"release {version} has no {RECORDS_DIR}/{version}.json in git: it predates "
+                               "verifiable releases, or the tag was moved") from None
+        expected = (record.get("files") or {}).get(name)
+        if not expected:
+            raise ReleaseError(f"release {version}: its record lists no files for {name}")
+        _check_tag_commit(repo, version, remote_name, remote_url)
         path = declared[name]["path"]
-        dest = Path(out) / PurePosixPath(path).name
+        dest = Path(out) / version / PurePosixPath(path).name
         with atomic_dir(dest) as tmp:
             try:
                 fs.get(path, str(tmp / "payload"), recursive=True)
@@ -448,11 +637,45 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
             for item in (tmp / "payload").iterdir():
                 item.rename(tmp / item.name)
             (tmp / "payload").rmdir()
+            from ..serving.artifacts import verify_files
+
+            try:
+                verify_files(tmp, expected)
+            except ModelIntegrityError as err:
+                raise ManifestError(f"release {version}, {name}: {err} (checked against {RECORDS_DIR}/{version}.json "
+                                    "at the release tag)") from None
             verify_manifest(tmp)
     finally:
         fs.close()
-    logger.info("downloaded %s of %s into %s (sha256 verified)", name, version, dest)
+    logger.info("downloaded %s of %s into %s (sha256 verified against the release record in git)", name, version, dest)
     return dest
+
+
+def _check_tag_commit(repo: str, version: str, remote_name: str | None, remote_url: str | None) -> None:
+    """The tag must point at the commit the release remote's record names (a moved tag is refused)."""
+    from .records import RecordError, RecordStore
+
+    url = remote_url
+    if url is None:
+        fs = open_at(repo, version, remote_name=remote_name)
+        try:
+            config = fs.repo.config
+            name = remote_name or "releases"
+            url = (config["remote"].get(name) or {}).get("url")
+        finally:
+            fs.close()
+    if not url:
+        raise ReleaseError(f"release {version}: no release remote to check its record against (pass --remote-url)")
+    try:
+        record = RecordStore(url).read(version)
+    except RecordError as err:
+        raise ReleaseError(str(err)) from None
+    tagged = [line.split()[0] for line in git(".", "ls-remote", "--", repo, f"refs/tags/{version}^{{}}",
+                                              f"refs/tags/{version}").splitlines()]
+    commit = tagged[0] if tagged else None
+    if record.get("commit") is None or commit is None or record["commit"] not in tagged:
+        raise ReleaseError(f"release {version}: tag points at {(commit or '?')[:12]} but the release record names "
+                           f"{str(record.get('commit'))[:12]}; the tag was moved or the record altered: refused")
 
 
 def list_releases(repo: str | Path = ".", remote_name: str | None = None,

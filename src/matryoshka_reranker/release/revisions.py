@@ -14,10 +14,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import MatryoshkaError
+
 logger = logging.getLogger(__name__)
 
 
-class RevisionError(RuntimeError):
+class RevisionError(MatryoshkaError):
     """A git or DVC operation on a revision failed; the message says which and why."""
 
 
@@ -38,7 +40,7 @@ def repo_root(path: str | os.PathLike = ".") -> Path:
 
 def list_tags(repo: str | os.PathLike) -> list[str]:
     """Tag names of a local repository or a git URL (``git ls-remote``, no clone)."""
-    out = git(".", "ls-remote", "--tags", "--refs", str(repo))
+    out = git(".", "ls-remote", "--tags", "--refs", "--", str(repo))
     return [line.split("refs/tags/", 1)[1] for line in out.splitlines() if "refs/tags/" in line]
 
 
@@ -64,6 +66,13 @@ def dirty_paths(root: str | os.PathLike) -> list[tuple[str, str]]:
         entries.append((status, path))
         i += 1
     return entries
+
+
+def redact(url: str) -> str:
+    """A URL with any ``user:password@`` credentials replaced, for logs, errors, commits and Prefect state."""
+    import re
+
+    return re.sub(r"(?<=://)[^/@\s]+:[^/@\s]*@", "***:***@", str(url))
 
 
 def is_local_path(url: str) -> bool:

@@ -11,12 +11,14 @@ import logging
 import os
 from pathlib import Path
 
+from ..core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 FLOW_FILE = Path("flows") / "release.py"
 
 
-class ScheduleError(RuntimeError):
+class ScheduleError(InputError):
     pass
 
 
@@ -34,8 +36,10 @@ def serve_release(repo: str | Path = ".", params: str = "params.yaml", overrides
     """Blocks, serving the release flow on ``cron`` or every ``interval`` seconds (one run at a time)."""
     if (cron is None) == (interval is None):
         raise ScheduleError("give exactly one of --cron or --interval")
-    for var, value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                       ("PREFECT_LOGGING_EXTRA_LOGGERS", "matryoshka_reranker"),
+    from ..core.environment import configure
+
+    configure()
+    for var, value in (("PREFECT_LOGGING_EXTRA_LOGGERS", "matryoshka_reranker"),
                        ("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")):
         os.environ.setdefault(var, value)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise

@@ -18,10 +18,12 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 
+from ..core.errors import InputError
+
 VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 
 
-class VersionError(ValueError):
+class VersionError(InputError):
     """A version name is malformed, already used, or not newer than the last release."""
 
 

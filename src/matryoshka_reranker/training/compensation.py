@@ -23,11 +23,19 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..model.adapters import merge_adapters
 from ..config import Params
-from .data import load_training_file
+from ..model.adapters import merge_adapters
 from ..model.losses import TrainMethod
-from .trainer import AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, sha256_file, train_adapter
+from .data import load_training_file
+from .trainer import (
+    AdapterRun,
+    CompressionPlan,
+    base_fingerprint,
+    load_base,
+    pair_encoder,
+    sha256_file,
+    train_adapter,
+)
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..config import Params, TeacherParams
 from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_file, sha256_file, write_json
-from ..config import Params, TeacherParams
 from ..core.errors import CheckFailed
 from ..core.hardware import pick_device
 from ..core.jsonl import read_jsonl

@@ -35,16 +35,16 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..model.adapters import lora_config
+from ..config import Params, TrainParams
 from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_dir, sha256_file, write_json
-from ..config import Params, TrainParams
-from .data import GroupCollator, GroupDataset, TrainingExample, load_training_file
-from .heads import probe_heads
 from ..core.hardware import pick_device, pick_dtype
+from ..model.adapters import lora_config
 from ..model.inputs import InputFormat, PairEncoder
 from ..model.losses import TrainMethod, matryoshka_loss
 from ..model.modeling import MatryoshkaModel
+from .data import GroupCollator, GroupDataset, TrainingExample, load_training_file
+from .heads import probe_heads
 
 log = logging.getLogger(__name__)
 
