@@ -23,7 +23,7 @@ from matryoshka_reranker.release.registry import sync_artifacts
 os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="dvc-site-"))
 
 FAKE_PIPELINE = '''\
-import hashlib, json, sys
+import hashlib, json, random, sys
 from pathlib import Path
 import yaml
 
@@ -31,7 +31,11 @@ params = yaml.safe_load(open("params.yaml"))
 knobs = yaml.safe_load(open("knobs.yaml"))
 exits, ratios = params["export"]["exit_layers"], params["export"]["ratios"]
 onnx, metrics = Path(params["paths"]["onnx"]), Path(params["paths"]["metrics"])
-names = [(k, r, f"exit-{k:02d}_ratio-{r}") for k in exits for r in ratios]
+per_query_path = Path(params["paths"]["per_query"])
+names = [(k, r, f"exit-{k:02d}-ratio-{r}") for k in exits for r in ratios]
+QUERIES = [f"q{i}" for i in range(40)]
+IDENTITY = {"split": "test", "queries": len(QUERIES), "query_ids_sha256": "ids" + str(knobs.get("eval_set", 1)),
+            "candidates_per_query": 5, "candidates_sha256": "c", "qrels_sha256": "q"}
 stage = sys.argv[1]
 if stage == "prepare":
     Path("derived").mkdir(exist_ok=True)
@@ -42,27 +46,35 @@ elif stage == "export":
         folder = onnx / name
         folder.mkdir(parents=True, exist_ok=True)
         files = {"model.onnx": f"onnx {name} {data} {knobs['model_seed']}\\n".encode() * 64,
-                 "tokenizer/tokenizer.json": b'{"model": "bpe"}'}
+                 "tokenizer.json": b'{"model": "bpe"}'}
         for rel, blob in files.items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(blob)
-        manifest = {"format_version": 1, "name": name, "exit_layer": k, "ratio": r,
+        manifest = {"format_version": 2, "kind": "exit", "name": name, "exit_layer": k,
+                    "compression": {"layers": [2], "ratio": r, "applied_layers": []}, "model_file": "model.onnx",
                     "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in files.items()}}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    index = {"format_version": 1, "models": [{"name": n, "exit_layer": k, "ratio": r, "path": n} for k, r, n in names]}
+    index = {"format_version": 2, "models": [{"name": n, "exit_layer": k, "ratio": r, "path": n} for k, r, n in names]}
     (onnx / "index.json").write_text(json.dumps(index))
 elif stage == "evaluate":
-    configs = {}
+    configs, systems = {}, {}
     for k, r, name in names:
         if name in (knobs.get("drop") or []):
             continue
-        q = knobs["quality"] + 0.01 * k - 0.02 * (r - 1) + (knobs.get("delta") or {}).get(name, 0.0)
-        configs[name] = {"exit_layer": k, "ratio": r, "nDCG@10": q, "RR@10": q - 0.03, "R@10": q + 0.05,
-                         "latency_ms_per_query": 0.5 * k / r}
+        shift = (knobs.get("delta") or {}).get(name, 0.0)
+        rng = random.Random(f"{name}/{knobs.get('noise_seed', 0)}")
+        base = knobs["quality"] + 0.01 * k - 0.02 * (r - 1)
+        values = {q: min(1.0, max(0.0, base + shift + rng.gauss(0, knobs.get("noise", 0.0)))) for q in QUERIES}
+        mean = sum(values.values()) / len(values)
+        systems[name] = {"nDCG@10": values, "RR@10": {q: v - 0.03 for q, v in values.items()},
+                         "R@10": {q: min(1.0, v + 0.05) for q, v in values.items()}}
+        configs[name] = {"exit_layer": k, "ratio": r, "nDCG@10": mean, "RR@10": mean - 0.03,
+                         "R@10": sum(systems[name]["R@10"].values()) / len(QUERIES), "latency_ms_per_query": 0.5 * k / r}
     metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps({"format_version": 1, "eval": {"queries": 3, "candidates": 5},
-                                   "baseline": {"bm25": {"nDCG@10": 0.5, "RR@10": 0.4, "R@10": 0.6}},
-                                   "configs": configs}, indent=2))
+    metrics.write_text(json.dumps({"format_version": 2, "eval": {"queries": len(QUERIES), "candidates": 5,
+                                                                 "identity": IDENTITY},
+                                   "baselines": {"bm25": {"nDCG@10": 0.5, "RR@10": 0.4, "R@10": 0.6}},
+                                   "configs": configs, "pytorch_check": {"enabled": True, "passed": True}}, indent=2))
+    per_query_path.write_text(json.dumps({"format_version": 2, "identity": IDENTITY, "systems": systems}))
 '''
 
 DVC_YAML = '''\
@@ -76,8 +88,14 @@ stages:
           - quality
           - delta
           - drop
+          - noise
+          - noise_seed
+          - eval_set
     metrics:
       - metrics/per_layer.json:
+          cache: false
+    outs:
+      - metrics/per_query.json:
           cache: false
   prepare:
     cmd: python fake_pipeline.py prepare
@@ -97,7 +115,8 @@ stages:
     outs: [models/onnx]
 '''
 
-KNOBS = {"quality": 0.5, "delta": {}, "drop": [], "model_seed": 0, "data_version": 1}
+KNOBS = {"quality": 0.5, "delta": {}, "drop": [], "model_seed": 0, "data_version": 1, "noise": 0.0, "noise_seed": 0,
+         "eval_set": 1}
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -145,7 +164,7 @@ def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
     (root / "fake_pipeline.py").write_text(FAKE_PIPELINE)
     dvc_yaml = DVC_YAML
     if per_config_outs:
-        folders = [f"models/onnx/exit-{k:02d}_ratio-{r}" for k in params.export.exit_layers
+        folders = [f"models/onnx/exit-{k:02d}-ratio-{r}" for k in params.export.exit_layers
                    for r in params.export.ratios]
         dvc_yaml = dvc_yaml.replace("    outs: [models/onnx]\n",
                                     f"    outs: [{', '.join(folders)}, models/onnx/index.json]\n")

@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from matryoshka_reranker.cli import app
+from matryoshka_reranker.release.gate import GateFailed
 from matryoshka_reranker.release.registry import (
     ManifestError,
     ReleaseError,
@@ -69,7 +70,7 @@ def test_explicit_versions_must_be_new_newer_and_well_formed():
 def test_artifacts_section_follows_params_and_keeps_the_rest(tmp_path):
     root = tmp_path
     text = "# my pipeline\nstages:\n  train:  # keep me\n    cmd: echo hi\nartifacts:\n  tokenizer:\n" \
-           "    path: data/tok.json\n    type: data\n  exit-30-ratio-4:\n    path: models/onnx/exit-30_ratio-4\n" \
+           "    path: data/tok.json\n    type: data\n  exit-30-ratio-4:\n    path: models/onnx/exit-30-ratio-4\n" \
            "    type: model\n"
     (root / "dvc.yaml").write_text(text)
     params = make_params(tmp_path / "remote")
@@ -80,7 +81,7 @@ def test_artifacts_section_follows_params_and_keeps_the_rest(tmp_path):
     doc = yaml.safe_load((root / "dvc.yaml").read_text())
     assert sorted(doc["artifacts"]) == ["exit-04-ratio-1", "exit-04-ratio-2", "exit-06-ratio-1", "exit-06-ratio-2",
                                         "tokenizer"]
-    assert doc["artifacts"]["exit-06-ratio-2"]["path"] == "models/onnx/exit-06_ratio-2"
+    assert doc["artifacts"]["exit-06-ratio-2"]["path"] == "models/onnx/exit-06-ratio-2"
     assert doc["artifacts"]["exit-06-ratio-2"]["type"] == "model"
     assert doc["stages"] == {"train": {"cmd": "echo hi"}}
     assert "# my pipeline" in (root / "dvc.yaml").read_text() and "# keep me" in (root / "dvc.yaml").read_text()
@@ -102,21 +103,22 @@ def _params_file(root: Path, params) -> Path:
 
 
 def test_verify_manifest_catches_changed_missing_and_extra_files(tmp_path):
-    folder = tmp_path / "exit-08_ratio-1"
+    folder = tmp_path / "exit-08-ratio-1"
     folder.mkdir()
     (folder / "model.onnx").write_bytes(b"weights")
-    manifest = {"format_version": 1, "files": {"model.onnx": hashlib.sha256(b"weights").hexdigest()}}
+    manifest = {"format_version": 2, "model_file": "model.onnx",
+                "files": {"model.onnx": hashlib.sha256(b"weights").hexdigest()}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert verify_manifest(folder)["files"] == manifest["files"]
     (folder / "model.onnx").write_bytes(b"weightz")
-    with pytest.raises(ManifestError, match="sha256 mismatch: model.onnx"):
+    with pytest.raises(ManifestError, match=r"model.onnx: sha256 .* does not match"):
         verify_manifest(folder)
     (folder / "model.onnx").unlink()
-    with pytest.raises(ManifestError, match="missing model.onnx"):
+    with pytest.raises(ManifestError, match="model.onnx is listed but missing"):
         verify_manifest(folder)
     (folder / "model.onnx").write_bytes(b"weights")
     (folder / "extra.bin").write_bytes(b"?")
-    with pytest.raises(ManifestError, match="unexpected file extra.bin"):
+    with pytest.raises(ManifestError, match="extra.bin is not listed in the manifest"):
         verify_manifest(folder)
     (folder / "manifest.json").write_text(json.dumps({"files": manifest["files"]}))
     with pytest.raises(ManifestError, match="format_version"):
@@ -145,7 +147,8 @@ def test_publish_commits_reproduced_state_pushes_data_and_tags(published):
     assert git(root, "status", "--porcelain") == ""  # dvc.lock, metrics, gate report committed
     assert git(root, "log", "-1", "--format=%s") == "Release v0.1.0"
     committed = git(root, "show", "--name-only", "--format=", "HEAD").splitlines()
-    assert {"dvc.lock", "metrics/per_layer.json", "reports/gate/gate.json", ".dvc/config"} <= set(committed)
+    assert {"dvc.lock", "metrics/per_layer.json", "reports/gate/gate.json", ".dvc/config",
+            "releases/v0.1.0.json"} <= set(committed)
     # the remote is in the config *at the tag* (absolute path), so clones can fetch
     config_at_tag = git(root, "show", "v0.1.0:.dvc/config")
     assert "releases" in config_at_tag and str(base / "dvc-remote") in config_at_tag
@@ -153,8 +156,15 @@ def test_publish_commits_reproduced_state_pushes_data_and_tags(published):
     remote_tags = git(root, "ls-remote", "--tags", "--refs", "origin")
     assert all(f"refs/tags/{t}" in remote_tags for t in result.tags)
     record = json.loads((base / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
-    assert record["commit"] == result.commit and record["gate"]["passed"] is True
-    assert set(record["metrics"]) == {"exit-04_ratio-1", "exit-04_ratio-2", "exit-06_ratio-1", "exit-06_ratio-2"}
+    assert record["commit"] == result.commit and record["gate"]["passed"] is True and record["status"] == "published"
+    configs = {"exit-04-ratio-1", "exit-04-ratio-2", "exit-06-ratio-1", "exit-06-ratio-2"}
+    assert set(record["metrics"]["configs"]) == set(record["per_query"]) == set(record["files"]) == configs
+    assert record["files"]["exit-04-ratio-1"]["model.onnx"] == hashlib.sha256(
+        (root / "models/onnx/exit-04-ratio-1/model.onnx").read_bytes()).hexdigest()
+    assert record["policy"]["gate"]["alpha"] == 0.05 and record["eval"]["identity"]["queries"] == 40
+    in_git = json.loads(git(root, "show", "v0.1.0:releases/v0.1.0.json"))  # the copy download trusts
+    assert in_git["files"] == record["files"] and "commit" not in in_git
+    assert "remote = releases" not in (root / ".dvc" / "config").read_text()  # never the default remote
 
 
 def test_download_by_version_into_a_fresh_clone_verifies_sha256(published, tmp_path):
@@ -166,10 +176,10 @@ def test_download_by_version_into_a_fresh_clone_verifies_sha256(published, tmp_p
         cli = CliRunner().invoke(app, ["download", "--version", "v0.1.0", "--layer", "6", "--ratio", "2",
                                        "--out", "downloaded"])
     assert cli.exit_code == 0, cli.output
-    dest = fresh / "downloaded" / "exit-06_ratio-2"
-    source = root / "models" / "onnx" / "exit-06_ratio-2"
+    dest = fresh / "downloaded" / "v0.1.0" / "exit-06-ratio-2"  # per version: a second one lands beside it
+    source = root / "models" / "onnx" / "exit-06-ratio-2"
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["manifest.json", "model.onnx", "tokenizer/tokenizer.json"]
+    assert files == ["manifest.json", "model.onnx", "tokenizer.json"]
     assert all((dest / f).read_bytes() == (source / f).read_bytes() for f in files)
     # from the git URL directly (DVC clones it), and a layer the release does not have
     dest = download("v0.1.0", 4, 1, repo=str(base / "origin.git"), out=tmp_path / "by-url")
@@ -187,9 +197,9 @@ def test_dvc_artifacts_get_and_releases_listing(published, tmp_path):
     verify_manifest(out)
     releases = list_releases(str(base / "origin.git"))
     assert [r["version"] for r in releases] == ["v0.1.0"]
-    assert releases[0]["configs"]["exit-06_ratio-1"]["nDCG@10"] == pytest.approx(0.56)
+    assert releases[0]["configs"]["exit-06-ratio-1"]["nDCG@10"] == pytest.approx(0.56)
     cli = CliRunner().invoke(app, ["releases", "--repo", str(base / "origin.git")])
-    assert cli.exit_code == 0 and "## v0.1.0" in cli.output and "| exit-06_ratio-1 | 0.5600 |" in cli.output
+    assert cli.exit_code == 0 and "## v0.1.0" in cli.output and "| exit-06-ratio-1 | 0.5600 |" in cli.output
 
 
 def test_nothing_changed_means_nothing_to_publish(published):
@@ -202,29 +212,53 @@ def test_nothing_changed_means_nothing_to_publish(published):
 
 def test_one_dvc_output_per_exit_model_is_published_whole(tmp_path):
     root, params = make_project(tmp_path, per_config_outs=True)
-    assert "outs: [models/onnx/exit-04_ratio-1, models/onnx/exit-04_ratio-2," in (root / "dvc.yaml").read_text()
+    assert "outs: [models/onnx/exit-04-ratio-1, models/onnx/exit-04-ratio-2," in (root / "dvc.yaml").read_text()
     repro(root)
     assert publish(params, root).status == "published"
     dest = download("v0.1.0", 4, 2, repo=str(tmp_path / "origin.git"), out=tmp_path / "out")
-    assert (dest / "model.onnx").read_bytes() == (root / "models/onnx/exit-04_ratio-2/model.onnx").read_bytes()
+    assert (dest / "model.onnx").read_bytes() == (root / "models/onnx/exit-04-ratio-2/model.onnx").read_bytes()
 
 
-def test_tampered_remote_file_is_refused_and_nothing_is_written(tmp_path):
+def remote_object(tmp_path, path: Path) -> Path:
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    stored = tmp_path / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
+    stored.chmod(0o644)
+    return stored
+
+
+def test_tampered_remote_files_are_refused_and_nothing_is_written(tmp_path):
     root, params = make_project(tmp_path)
     repro(root)
     publish(params, root)
-    model = root / "models" / "onnx" / "exit-04_ratio-1" / "model.onnx"
-    md5 = hashlib.md5(model.read_bytes()).hexdigest()
-    stored = tmp_path / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
-    stored.chmod(0o644)
-    stored.write_bytes(b"a backdoored model")  # DVC does not re-hash what it downloads; we do
+    folder = root / "models" / "onnx" / "exit-04-ratio-1"
+    model, manifest = remote_object(tmp_path, folder / "model.onnx"), remote_object(tmp_path, folder / "manifest.json")
     out = tmp_path / "out"
-    with pytest.raises(ManifestError, match="sha256 mismatch: model.onnx"):
+    model.write_bytes(b"a backdoored model")  # DVC does not re-hash what it downloads; we do
+    with pytest.raises(ManifestError, match=r"model.onnx: sha256 .* does not match"):
         download("v0.1.0", 4, 1, repo=str(tmp_path / "origin.git"), out=out)
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists() or not any(out.rglob("*.onnx"))
+    # the attacker rewrites the manifest to match: the record committed at the tag still says no
+    forged = json.loads((folder / "manifest.json").read_text())
+    forged["files"]["model.onnx"] = hashlib.sha256(b"a backdoored model").hexdigest()
+    manifest.write_text(json.dumps(forged, indent=2))
+    with pytest.raises(ManifestError, match=r"(model.onnx|manifest.json): sha256 .* does not match.*releases/v0.1.0.json"):
+        download("v0.1.0", 4, 1, repo=str(tmp_path / "origin.git"), out=out)
     cli = CliRunner().invoke(app, ["download", "--version", "v0.1.0", "--layer", "4", "--repo",
                                    str(tmp_path / "origin.git"), "--out", str(out)])
-    assert cli.exit_code == 1 and "sha256 mismatch" in cli.output
+    assert cli.exit_code == 1 and "does not match" in cli.output
+
+
+def test_a_moved_tag_is_refused(tmp_path):
+    root, params = make_project(tmp_path)
+    repro(root)
+    publish(params, root)
+    (root / "README.md").write_text("later\n")
+    git(root, "add", "README.md")
+    git(root, "commit", "-q", "-m", "later")
+    git(root, "tag", "-f", "-a", "v0.1.0", "-m", "moved")  # same name, another commit
+    git(root, "push", "-q", "-f", "origin", "v0.1.0")
+    with pytest.raises(ReleaseError, match="tag was moved or the record altered"):
+        download("v0.1.0", 4, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "out")
 
 
 def test_republishing_a_version_is_refused_even_if_the_local_tag_is_gone(tmp_path):
@@ -262,22 +296,22 @@ def test_publish_refuses_unclean_state_and_failed_gate(tmp_path):
     publish(params, root)
     head = git(root, "rev-parse", "HEAD")
     # a later run that loses quality on one exit layer: refused, nothing committed, tagged or pushed
-    set_knobs(root, delta={"exit-04_ratio-2": -0.05})
+    set_knobs(root, delta={"exit-04-ratio-2": -0.05})
     repro(root)
-    with pytest.raises(ReleaseError, match="gate failed: regressed configs exit-04_ratio-2"):
+    with pytest.raises(GateFailed, match="gate failed: regressed configs exit-04-ratio-2"):
         publish(params, root)
     assert git(root, "rev-parse", "HEAD") == head
     assert sorted(t for t in git(root, "tag").splitlines() if "@" not in t) == ["v0.1.0"]
     assert sorted(p.name for p in (tmp_path / "dvc-remote" / "releases").iterdir()) == ["v0.1.0.json"]
     gate = json.loads((root / "reports" / "gate" / "gate.json").read_text())
-    assert gate["regressions"] == ["exit-04_ratio-2"] and gate["baseline"]["version"] == "v0.1.0"
+    assert gate["regressions"] == ["exit-04-ratio-2"] and gate["baseline"]["version"] == "v0.1.0"
     cli = CliRunner().invoke(app, ["publish", "--repo", str(root), "-p", str(root / "params.yaml")])
     assert cli.exit_code == 1 and "gate failed" in cli.output
     # dropping an exit layer from the metrics is a regression too
-    set_knobs(root, delta={}, drop=["exit-06_ratio-1"])
+    set_knobs(root, delta={}, drop=["exit-06-ratio-1"])
     repro(root)
     cli = CliRunner().invoke(app, ["gate", "--repo", str(root), "-p", str(root / "params.yaml")])
-    assert cli.exit_code == 1 and "exit-06_ratio-1" in cli.output and "missing" in cli.output
+    assert cli.exit_code == 1 and "exit-06-ratio-1" in cli.output and "missing" in cli.output
 
 
 def test_tag_made_before_the_remote_is_backfilled_and_still_downloadable(tmp_path, caplog):
@@ -307,17 +341,116 @@ def test_tag_made_before_the_remote_is_backfilled_and_still_downloadable(tmp_pat
     with contextlib.chdir(root), Repo(str(root)) as repo:
         assert _missing_objects(repo, ["models/onnx"], "v0.0.1", "releases") == (set(), set())
 
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        old = download("v0.0.1", 6, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "old")
-    assert "tagged before DVC remote 'releases'" in caplog.text
-    assert (old / "model.onnx").read_bytes().startswith(b"onnx exit-06_ratio-1 data 1\n 0\n")  # seed 0: legacy
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        new = download("v0.0.2", 6, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "new")
-    assert "tagged before" not in caplog.text
-    assert (new / "model.onnx").read_bytes().startswith(b"onnx exit-06_ratio-1 data 1\n 1\n")
+    # a hand-made tag has no release record committed: `download` refuses to vouch for it, while plain
+    # `dvc artifacts get` still fetches its (back-filled) data
+    with pytest.raises(ReleaseError, match="predates verifiable releases"):
+        download("v0.0.1", 6, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "old")
+    out = tmp_path / "legacy"
+    dvc(tmp_path, "artifacts", "get", str(tmp_path / "origin.git"), "exit-06-ratio-1", "--rev", "v0.0.1", "-o", str(out))
+    assert (out / "model.onnx").read_bytes().startswith(b"onnx exit-06-ratio-1 data 1\n 0\n")  # seed 0: legacy
+    new = download("v0.0.2", 6, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "new")
+    assert (new / "model.onnx").read_bytes().startswith(b"onnx exit-06-ratio-1 data 1\n 1\n")
     # an explicit URL works too (e.g. a remote that moved)
     moved = tmp_path / "moved-remote"
     shutil.copytree(tmp_path / "dvc-remote", moved)
-    download("v0.0.1", 4, 2, repo=str(tmp_path / "origin.git"), out=tmp_path / "explicit", remote_url=str(moved))
+    download("v0.0.2", 4, 2, repo=str(tmp_path / "origin.git"), out=tmp_path / "explicit", remote_url=str(moved))
+
+
+# --- policy, concurrency, interruption ------------------------------------------------------------
+
+
+def test_the_release_under_test_cannot_set_its_own_policy(tmp_path):
+    root, params = make_project(tmp_path, git_remote=False)
+    repro(root)
+    params_file = str(root / "params.yaml")
+    for override in ("gate.max_drop_abs=.inf", "evaluation.measures=[R@10]", "gate.alpha=1.0"):
+        cli = CliRunner().invoke(app, ["publish", "--repo", str(root), "-p", params_file, "-S", override])
+        assert cli.exit_code == 1 and "refuses overrides of the release policy" in cli.output, cli.output
+    loose = params.model_copy(update={"gate": params.gate.model_copy(update={"max_drop_abs": 1.0})})
+    with pytest.raises(ReleaseError, match="params `gate` differs from the committed params.yaml"):
+        publish(loose, root)
+    assert git(root, "tag") == "" and not (tmp_path / "dvc-remote" / "releases").exists()
+
+
+def test_remote_plugins_and_credentials(tmp_path):
+    from matryoshka_reranker.release.registry import check_remote_plugin
+    from matryoshka_reranker.release.revisions import redact
+
+    with pytest.raises(ReleaseError, match="pip install dvc-s3"):
+        check_remote_plugin("s3://user:secret@bucket/releases")
+    try:
+        check_remote_plugin("s3://user:secret@bucket/releases")
+    except ReleaseError as err:
+        assert "secret" not in str(err)
+    check_remote_plugin(str(tmp_path))  # local paths need no plugin
+    assert redact("https://alice:hunter2@example.com/repo.git") == "https://***:***@example.com/repo.git"
+
+
+PUBLISH_SCRIPT = """
+import sys, yaml
+from matryoshka_reranker.config import parse_params
+from matryoshka_reranker.release.registry import publish
+params = parse_params(yaml.safe_load(open(sys.argv[1] + "/params.yaml")))
+print("RESULT", publish(params, sys.argv[1], version=sys.argv[2] if len(sys.argv) > 2 else None).version, flush=True)
+"""
+
+
+def test_two_concurrent_publishes_give_exactly_one_release(tmp_path):
+    import subprocess
+    import sys
+
+    root, params = make_project(tmp_path, git_remote=False)
+    repro(root)
+    clone = tmp_path / "clone"  # a second checkout of the same state, publishing to the same remote
+    shutil.copytree(root, clone)
+    script = tmp_path / "publish.py"
+    script.write_text(PUBLISH_SCRIPT)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{Path(__file__).resolve().parents[1] / 'src'}"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(path), "v0.1.0"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for path in (root, clone)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outputs
+    loser = outputs[codes.index(1)]
+    assert "already claimed" in loser or "already released" in loser, loser
+    record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
+    assert record["status"] == "published"  # the winner's record survived the loser's rollback
+    winner, other = (root, clone) if codes[0] == 0 else (clone, root)
+    assert record["commit"] == git(winner, "rev-parse", "v0.1.0^{commit}")
+    assert git(other, "tag", "-l", "v0.1.0") == ""  # the loser tagged nothing
+    # in one checkout, a second publish while one runs is refused by the lock (a live holder's pid)
+    lock = Path(git(other, "rev-parse", "--absolute-git-dir")) / "matryoshka-publish.lock"
+    lock.write_text(str(__import__("os").getpid()))  # held by a live process
+    with pytest.raises(ReleaseError, match="another `matryoshka publish`"):
+        publish(params, other, version="v0.2.0")
+    lock.write_text("999999")  # a dead holder: its lock is taken over
+    with pytest.raises(VersionError):
+        publish(params, other, version="v0.1.0")
+
+
+def test_an_interrupted_publish_is_completed_by_the_next_run(tmp_path, monkeypatch):
+    from matryoshka_reranker.release import registry
+
+    root, params = make_project(tmp_path)
+    repro(root)
+    real_push = registry.push_release_data
+    calls = {"n": 0}
+
+    def killed_on_second_push(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the release commit and tags, before the data is proven at the tag
+            raise registry.PublishInterrupted("publish interrupted by signal 15")
+        return real_push(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "push_release_data", killed_on_second_push)
+    with pytest.raises(registry.PublishInterrupted):
+        publish(params, root)
+    assert git(root, "log", "-1", "--format=%s") == "Release v0.1.0"
+    assert "v0.1.0" not in git(root, "ls-remote", "--tags", "origin")  # not pushed yet
+    monkeypatch.setattr(registry, "push_release_data", real_push)
+    resumed = publish(params, root)
+    assert resumed.status == "published" and resumed.version == "v0.1.0"  # completed, not "unchanged"
+    assert "refs/tags/v0.1.0" in git(root, "ls-remote", "--tags", "origin")
+    record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
+    assert record["status"] == "published" and record["commit"] == resumed.commit
+    assert publish(params, root).status == "unchanged"

