@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.common import interleaved_timing, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker
+from matryoshka_reranker.model.inputs import InputFormat
 
 
 def main() -> None:
@@ -22,12 +23,13 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--passage-max-len", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compress-layer", type=int, default=8)
     args = parser.parse_args()
 
-    reranker = MatryoshkaReranker(args.model, batch_size=args.batch_size, max_length=args.max_length)
+    reranker = MatryoshkaReranker(args.model, batch_size=args.batch_size,
+                                  input_format=InputFormat(query_max_len=32, passage_max_len=args.passage_max_len))
     depth = reranker.exit_layers[-1]
     pairs = scifact_pairs(args.pairs)
     tokens = sum(len(reranker.encoder.encode(q, p).input_ids) for q, p in pairs) / len(pairs)

@@ -39,9 +39,9 @@ import torch
 
 from benchmarks.common import interleaved_timing, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker, OnnxReranker
+from matryoshka_reranker.config import load_params
 from matryoshka_reranker.pipeline.export import (
     ExportOptions,
-    TokenizationSettings,
     config_name,
     export_models,
 )
@@ -49,7 +49,7 @@ from matryoshka_reranker.serving.onnx_runtime import create_session
 
 MODEL = "embedded:smollm2-135m-instruct"
 EXITS, RATIOS, COMPRESS = [8, 16, 24, 30], [1, 2, 4], [8]
-SETTINGS = TokenizationSettings(query_max_len=32, passage_max_len=96, max_length=128)  # params.yaml defaults
+FORMAT = load_params(Path(__file__).resolve().parents[1] / "params.yaml").model.input_format  # the pipeline's
 
 
 class _Records(logging.Handler):
@@ -67,7 +67,7 @@ def export(out: Path, attn: str = "eager", exits=EXITS, ratios=RATIOS) -> float:
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     start = time.perf_counter()
-    export_models(MODEL, out, exits, ratios, COMPRESS, options=ExportOptions(tokenization=SETTINGS,
+    export_models(MODEL, out, exits, ratios, COMPRESS, options=ExportOptions(input_format=FORMAT,
                                                                             attn_implementation=attn))
     seconds = time.perf_counter() - start
     logger.removeHandler(records)
@@ -104,8 +104,7 @@ def measure(args, work: Path) -> None:
         export(onnx_dir)
 
     pairs = scifact_pairs(args.pairs)
-    torch_reranker = MatryoshkaReranker(MODEL, batch_size=args.batch_size, max_length=SETTINGS.max_length)
-    torch_reranker.encoder = SETTINGS.encoder(torch_reranker.tokenizer)  # identical tokenisation to the exports
+    torch_reranker = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT)  # as the exports
     tokens = statistics.mean(len(torch_reranker.encoder.encode(q, p).input_ids) for q, p in pairs)
     configs = [(k, r) for r in RATIOS for k in EXITS]
     ort = {c: OnnxReranker(onnx_dir / config_name(*c), threads=args.threads) for c in configs}
@@ -160,8 +159,7 @@ def measure(args, work: Path) -> None:
     print(f"(variant exports took {time.perf_counter() - start:.0f} s)")
     for threads in sorted({1, args.threads}):
         variants[f"torch, sdpa attention, {threads} thread(s)"] = _with_threads(run_torch(30, 1), threads)
-    eager = MatryoshkaReranker(MODEL, batch_size=args.batch_size, max_length=SETTINGS.max_length)
-    eager.encoder = torch_reranker.encoder
+    eager = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT)
     eager.model.decoder.config._attn_implementation = "eager"
     variants[f"torch, eager attention, {args.threads} thread(s)"] = run_torch(30, 1, eager)
     seconds = interleaved_timing(variants, args.rounds)

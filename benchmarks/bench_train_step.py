@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures f
 
 from matryoshka_reranker.config import LoraParams  # noqa: E402
 from matryoshka_reranker.model.adapters import lora_config  # noqa: E402
-from matryoshka_reranker.model.inputs import PairEncoder  # noqa: E402
 from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss  # noqa: E402
 from matryoshka_reranker.model.modeling import MatryoshkaModel  # noqa: E402
 from matryoshka_reranker.training.trainer import MatryoshkaTrainingModel, load_base  # noqa: E402
@@ -64,8 +63,7 @@ def build(args):
     method = TrainMethod(args.train_method)
     step = MatryoshkaTrainingModel.from_model(model, method, args.group_size)
     peft_model = get_peft_model(step, lora_config(LoraParams(dropout=0.0))).train()
-    encoder = PairEncoder(tokenizer, max_length=params.model.max_length, query_max_len=params.model.query_max_len,
-                          passage_max_len=params.model.passage_max_len)
+    encoder = params.model.input_format.encoder(tokenizer)
     pairs = [encoder.encode(QUERY, PASSAGE[i * 7 :]) for i in range(args.batch * args.group_size)]
     batch = encoder.collate(pairs)
     batch["teacher_scores"] = torch.randn(args.batch, args.group_size)

@@ -119,10 +119,27 @@ def test_last_token_attention_matches_eager_attention(tokenizer):
     torch.testing.assert_close(weights, expected * mask, atol=1e-5, rtol=1e-4)
 
 
-def test_attention_bias_is_causal_and_masks_padding():
-    bias = attention_bias(torch.tensor([[1, 1, 0]]), torch.float32)[0, 0]
-    allowed = bias == 0
-    assert allowed.tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+def test_attention_bias_is_causal_only_and_none_for_sdpa():
+    bias = attention_bias(torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.float32)
+    assert bias.shape == (1, 1, 3, 3)  # shared by the batch
+    assert (bias[0, 0] == 0).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert attention_bias(torch.tensor([[1, 1, 0]]), torch.float32, "sdpa") is None  # SDPA's fused causal kernel
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_real_tokens_never_need_a_padding_mask(tiny_lm, tokenizer, implementation):
+    """Right padding + causal attention: every real token's state equals the unpadded row's, so the
+    layers get no padding mask at all (the padding positions' own states are never read)."""
+    model = wrap(tiny_lm, tokenizer)
+    model.config._attn_implementation = implementation
+    inputs = batch(tokenizer, PAIRS)
+    padded = model(**inputs, cutoff_layers=[1, 4], compress_layers=[2], compress_ratio=2)
+    for row in range(len(PAIRS)):
+        one = batch(tokenizer, [PAIRS[row]])
+        alone = model(**one, cutoff_layers=[1, 4], compress_layers=[2], compress_ratio=2)
+        for exit_scores, single in zip(padded, alone):
+            torch.testing.assert_close(exit_scores[row], single[0], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from tests.dvc_project import dvc, git
 from tests.train_fixtures import TRAIN_ROWS, write_beir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"exit-02_ratio-1", "exit-04_ratio-1", "exit-02_ratio-2", "exit-04_ratio-2"}
+CONFIGS = {"exit-02-ratio-1", "exit-04-ratio-1", "exit-02-ratio-2", "exit-04-ratio-2"}
 
 TINY = {  # dotted key -> value, applied to the repo's own params.yaml
     "data.beir_dir": "data/tiny", "data.train_queries": 0, "data.negatives_per_query": 2,
@@ -87,7 +87,8 @@ def project(tmp_path_factory, llama_dir):
 @pytest.mark.timeout(900)
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     root, log = project
-    for stage in ("prepare", "validate", "teacher_score", "self_distill", "compensate", "export", "evaluate"):
+    for stage in ("prepare", "validate", "teacher_score", "self_distill", "compensate", "export", "baselines",
+                  "evaluate"):
         assert f"Running stage '{stage}'" in log
     assert json.loads((root / "reports/validation/summary.json").read_text())["success"] is True
     assert (root / "reports/validation/index.html").exists()  # GX Data Docs
@@ -96,6 +97,10 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert {m["name"] for m in index["models"]} == CONFIGS
     metrics = json.loads((root / "metrics/per_layer.json").read_text())
     assert set(metrics["configs"]) == CONFIGS and metrics["pytorch_check"]["passed"]
+    assert metrics["eval"]["identity"]["queries"] == metrics["eval"]["queries"]
+    per_query = json.loads((root / "metrics/per_query.json").read_text())["systems"]
+    assert CONFIGS | {"bm25", "random"} == set(per_query)
+    assert (root / "models/self_distill/input_format.json").exists()  # the model carries its format
     assert {"quality_vs_exit_layer.png", "quality_vs_latency.png"} <= {p.name for p in (root / "metrics/plots").iterdir()}
 
     started = time.perf_counter()
@@ -105,7 +110,9 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
 
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     values = shown[""]["data"]["metrics/per_layer.json"]["data"]["configs"]  # "": the workspace
-    assert values["exit-04_ratio-2"]["nDCG@10"] == metrics["configs"]["exit-04_ratio-2"]["nDCG@10"]
+    assert values["exit-04-ratio-2"]["nDCG@10"] == metrics["configs"]["exit-04-ratio-2"]["nDCG@10"]
+    summary = shown[""]["data"]["metrics/summary.json"]["data"]
+    assert summary["exit-04-ratio-2_nDCG@10"] == metrics["configs"]["exit-04-ratio-2"]["nDCG@10"]
 
 
 @pytest.mark.slow
@@ -120,7 +127,7 @@ def test_a_param_change_dirties_only_its_dependants(project):
         diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
         assert diff["params.yaml"]["evaluation.batch_size"] == {"old": 4, "new": 2, "diff": -2}
         status = json.loads(dvc(root, "status", "--json").stdout)
-        assert set(status) == {"evaluate"}
+        assert set(status) == {"baselines", "evaluate"}
         set_params(root / "params.yaml", {"evaluation.batch_size": 4, "export.opset": 19})
         # export's params changed; evaluate reruns after it only if export's outputs change
         assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"export"}

@@ -146,8 +146,9 @@ class MatryoshkaModel(nn.Module):
             if index in compress_layers and compress_ratio > 1:
                 state = self.compress(state, compress_ratio)
                 bias = cos_sin = None
-            if bias is None:
-                bias = attention_bias(state.attention_mask, state.hidden.dtype)  # (B, 1, T, T)
+            if cos_sin is None:
+                bias = attention_bias(state.attention_mask, state.hidden.dtype,
+                                      self.config._attn_implementation)  # None (SDPA is_causal) or (1, 1, T, T)
                 positions = torch.arange(state.hidden.shape[1], device=state.hidden.device)[None]
                 cos_sin = self.decoder.rotary_emb(state.hidden, positions)  # 2 x (1, T, head_dim)
             layer_input = state.hidden
@@ -268,14 +269,23 @@ class MatryoshkaModel(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
-def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) padding mask -> (B, 1, T, T) additive causal mask, usable by eager and SDPA layers."""
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str = "eager") -> torch.Tensor | None:
+    """What the decoder layers get as ``attention_mask``: causal attention, no padding mask.
+
+    Inputs are right padded, so a real token never has a padding token to its left: causal
+    attention alone already keeps every real token's state (and score) exactly as with a padding
+    mask; only the padding positions' own states differ, and nothing reads them. SDPA then runs its
+    fused causal kernel (``None`` -> ``is_causal=True``) instead of adding a (B, 1, T, T) float mask,
+    and eager attention (which adds no causal mask of its own) gets one (1, 1, T, T) causal bias
+    shared by the batch. ``mask`` (B, T) only gives the width and device.
+    """
+    if implementation != "eager":
+        return None
     width = mask.shape[1]
     positions = torch.arange(width, device=mask.device)
     causal = positions[None, :] <= positions[:, None]  # (T, T) key <= query
-    allowed = causal[None] & mask[:, None, :].bool()  # (B, T, T)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    bias = torch.zeros(causal.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~causal, torch.finfo(dtype).min)[None, None]  # (1, 1, T, T)
 
 
 def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

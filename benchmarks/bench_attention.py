@@ -1,0 +1,121 @@
+"""PyTorch forward speed: upstream-style eager attention vs our attention paths, with the GEMM peak.
+
+    python -m benchmarks.bench_attention [--pairs 16] [--rounds 5] [--threads 2]
+
+Every system scores the same real SciFact pairs in one right-padded batch (as the issue's table:
+16 pairs padded to the longest), at the same exits and compression, round-robin in one run:
+
+* ``upstream-style eager``: eager attention with the full (B, 1, T, T) causal + padding float
+  mask, which is what FlagEmbedding's CostWiseMistral builds (transformers 4.41, eager);
+* ``sdpa + (B,1,T,T) mask``: our path before this change (transformers' SDPA given the float mask);
+* ``eager, causal only``: eager attention with one (1, 1, T, T) causal bias (right padding needs no
+  padding mask: ``modeling.attention_bias``);
+* ``sdpa is_causal``: SDPA's fused causal kernel, no mask tensor at all.
+
+It prints pairs/s per system and config, each system's speed relative to upstream-style eager,
+and the effective GFLOP/s at full depth against a same-run fp32 GEMM of the model's MLP shape
+(real tokens x hidden x intermediate), i.e. how close each path runs to this CPU's matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from benchmarks.common import interleaved_timing, scifact_pairs
+from matryoshka_reranker.model import modeling
+from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+
+
+def padded_mask_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str = "eager") -> torch.Tensor:
+    """The (B, 1, T, T) causal + padding mask upstream (and our earlier code) built for every batch."""
+    width = mask.shape[1]
+    positions = torch.arange(width, device=mask.device)
+    allowed = (positions[None, :] <= positions[:, None])[None] & mask[:, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def gemm_gflops(m: int, k: int, n: int, rounds: int = 10) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    reranker = MatryoshkaReranker(args.model, input_format=InputFormat(query_max_len=64, passage_max_len=160),
+                                  batch_size=args.pairs)
+    model, encoder = reranker.model, reranker.encoder
+    pairs = scifact_pairs(args.pairs)
+    batch = encoder.collate([encoder.encode(q, p) for q, p in pairs])
+    real_tokens = int(batch["attention_mask"].sum())
+    depth = model.num_layers
+    configs = {"exit 30, ratio 1": (depth, 1), "exit 16, ratio 1": (16, 1), "exit 8, ratio 1": (8, 1),
+               "exit 30, ratio 4 at layer 8": (depth, 4)}
+    systems = {"upstream-style eager": ("eager", padded_mask_bias), "sdpa + (B,1,T,T) mask": ("sdpa", padded_mask_bias),
+               "eager, causal only": ("eager", modeling.attention_bias), "sdpa is_causal": ("sdpa", modeling.attention_bias)}
+    real_bias = modeling.attention_bias
+
+    def run(system: str, exit_layer: int, ratio: int):
+        implementation, bias = systems[system]
+
+        def call():
+            model.config._attn_implementation = implementation
+            modeling.attention_bias = bias
+            try:
+                with torch.inference_mode():
+                    return model(**batch, cutoff_layers=[exit_layer], compress_layers=[8] if ratio > 1 else [],
+                                 compress_ratio=ratio)[0]
+            finally:
+                modeling.attention_bias = real_bias
+        return call
+
+    reference = {cfg: run("upstream-style eager", *values)() for cfg, values in configs.items()}
+    for system in systems:  # same scores (padding never reaches a real token)
+        for cfg, values in configs.items():
+            torch.testing.assert_close(run(system, *values)(), reference[cfg], atol=1e-4, rtol=1e-4)
+    calls = {(s, c): run(s, *v) for s in systems for c, v in configs.items()}
+    gemm_before = gemm_gflops(real_tokens, model.config.hidden_size, model.config.intermediate_size)
+    seconds = interleaved_timing(calls, args.rounds)
+    gemm_after = gemm_gflops(real_tokens, model.config.hidden_size, model.config.intermediate_size)
+    gemm = max(gemm_before, gemm_after)
+
+    linear = sum(p.numel() for n, p in model.decoder.layers.named_parameters() if p.dim() == 2)
+    flops_full = 2 * linear * real_tokens  # matmuls of the 30 layers on real tokens (attention scores excluded)
+    width = batch["input_ids"].shape[1]
+    print(f"# {args.model}: {len(pairs)} SciFact pairs, {real_tokens} real tokens padded to {width}, fp32, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(f"# same-run fp32 GEMM {real_tokens}x{model.config.hidden_size}x{model.config.intermediate_size}: "
+          f"{gemm:.0f} GFLOP/s (best of before/after)")
+    header = f"{'config':28s}" + "".join(f"{s:>24s}" for s in systems)
+    print(header + "   (pairs/s; x = vs upstream-style eager)")
+    for cfg in configs:
+        base = seconds[("upstream-style eager", cfg)]
+        cells = [f"{len(pairs) / seconds[(s, cfg)]:8.2f} ({base / seconds[(s, cfg)]:.2f}x)" for s in systems]
+        print(f"{cfg:28s}" + "".join(f"{c:>24s}" for c in cells))
+    full = "exit 30, ratio 1"
+    print("effective GFLOP/s at full depth (linear layers, real tokens) and share of the GEMM peak:")
+    for system in systems:
+        rate = flops_full / seconds[(system, full)] / 1e9
+        print(f"  {system:24s} {rate:6.1f} GFLOP/s  {100 * rate / gemm:5.1f}% of peak")
+
+
+if __name__ == "__main__":
+    main()
