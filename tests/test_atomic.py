@@ -9,7 +9,11 @@ import threading
 
 import pytest
 
-from matryoshka_reranker.core.atomic import atomic_dir, atomic_file, clean_stale_temporaries
+from matryoshka_reranker.core.atomic import (
+    atomic_dir,
+    atomic_file,
+    clean_stale_temporaries,
+)
 
 
 def test_failed_write_leaves_the_last_good_folder(tmp_path):

@@ -329,3 +329,27 @@ def test_cli_rejects_mixed_forms(llama_model, tmp_path):
     result = CliRunner().invoke(app, ["export", "--model", str(llama_model), "--layers", "2", "--out", str(tmp_path),
                                       "-S", "export.opset=18"])
     assert result.exit_code == 2 and "cannot be combined" in result.output
+
+
+def test_calibration_and_model_card(llama_model, tmp_path):
+    from matryoshka_reranker.pipeline.calibration import CalibrationSet
+
+    calibration = CalibrationSet(("q1", "q2"), tuple(PAIRS), (1, 0, 0, 1, 0))
+    export_models(llama_model, tmp_path / "out", [2, 4], [1], options=ExportOptions(
+        start_layer=1, input_format=FORMAT, calibration=calibration, data_dir="data/scifact"))
+    folder = tmp_path / "out" / "exit-04-ratio-1"
+    manifest = read_manifest(folder)  # verifies every file, the card included
+    fitted = manifest["calibration"]
+    assert fitted["method"] == "platt" and fitted["pairs"] == 5 and fitted["queries"] == ["q1", "q2"]
+    reranker = OnnxReranker(folder)
+    raw = np.array(reranker.compute_score(PAIRS))
+    expected = 1 / (1 + np.exp(-(fitted["a"] * raw + fitted["b"])))
+    np.testing.assert_allclose(reranker.compute_score(PAIRS, normalize=True), expected, atol=1e-6)
+    # calibrated probabilities rank as the raw scores do
+    assert np.argsort(-raw).tolist() == np.argsort(-expected).tolist()
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert "calibration" not in read_manifest(tmp_path / "out" / index["all_exits"][0]["path"])
+    card = (folder / "README.md").read_text()
+    assert "README.md" in manifest["files"] and card.startswith("---\n")
+    assert "pipeline_tag: text-ranking" in card and "CC BY-NC 2.0" in card and "exit layer 4" in card
+    assert "OnnxReranker" in card and "/rerank" in card and "Platt" in card

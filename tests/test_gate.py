@@ -10,7 +10,12 @@ import pytest
 
 from matryoshka_reranker.config import GateParams
 from matryoshka_reranker.release.gate import (
-    GateError, allowed_drop, check_metrics_are_releasable, compare, run_gate, write_report,
+    GateError,
+    allowed_drop,
+    check_metrics_are_releasable,
+    compare,
+    run_gate,
+    write_report,
 )
 from matryoshka_reranker.release.records import RecordError, RecordStore
 from tests.dvc_project import git, make_project, repro, set_knobs

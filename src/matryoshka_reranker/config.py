@@ -167,6 +167,7 @@ class ExportParams(Section):
     fp16_tolerance: float = Field(5e-2, gt=0)  # dtype float16: max |ORT fp16 - PyTorch fp32| (see export.py)
     attn_implementation: Literal["eager", "sdpa"] = "eager"  # attention in the exported graph (bench_onnx.py)
     share_weights: bool = True  # one weights-ratio-<r>.bin per ratio (copied per exit); false: per-exit files
+    calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
 
 
 class ValidationParams(Section):

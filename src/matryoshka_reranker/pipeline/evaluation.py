@@ -413,7 +413,8 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
                 refs["untrained"] = untrained
             configs[config.name] = {"exit_layer": config.exit_layer, "ratio": config.ratio,
                                     **summarise(systems[config.name], refs, ev.confidence, ev.bootstrap_resamples),
-                                    **latency[config.name]}
+                                    **latency[config.name],
+                                    "calibration": calibration_report(config, queries, qrels, scores[config.name])}
     per_layer_metrics = {
         "format_version": FORMAT_VERSION,
         "eval": {"queries": len(queries), "candidates": identity["candidates_per_query"], "pairs": n_pairs,
@@ -431,6 +432,29 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
     write_json(params.paths.summary, summary(per_layer_metrics, measures[0]))
     write_json(params.paths.metrics, per_layer_metrics)
     return per_layer_metrics
+
+
+def calibration_report(config: ExportedConfig, queries: list[EvalQuery], qrels: dict[str, dict[str, int]],
+                       scores: dict[str, list[float]]) -> dict[str, Any] | None:
+    """ECE of sigmoid(raw score) and of the export's Platt probability, on the queries it was *not* fitted on."""
+    from ..serving.artifacts import calibrated_probability, read_manifest
+    from .calibration import expected_calibration_error
+
+    if not (config.path / "manifest.json").is_file():
+        return None  # a test backend without exported folders
+    calibration = read_manifest(config.path, verify=False).get("calibration")
+    if not calibration:
+        return None
+    fitted_on = set(calibration.get("queries", []))
+    held_out = [q for q in queries if q.query_id not in fitted_on]
+    raw = np.array([s for q in held_out for s in scores[q.query_id]])
+    labels = [int(qrels[q.query_id].get(c.doc_id, 0) > 0) for q in held_out for c in q.candidates]
+    if not held_out:
+        return {"a": calibration["a"], "b": calibration["b"], "held_out_queries": 0}
+    return {"a": round(calibration["a"], 6), "b": round(calibration["b"], 6), "held_out_queries": len(held_out),
+            "held_out_pairs": len(labels),
+            "ece_sigmoid": round(expected_calibration_error(1 / (1 + np.exp(-raw)), labels), 6),
+            "ece_calibrated": round(expected_calibration_error(calibrated_probability(calibration, raw), labels), 6)}
 
 
 def _check_same_scores(name: str, sampled: dict[str, list[float]], full: dict[str, list[float]]) -> None:

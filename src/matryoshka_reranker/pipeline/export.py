@@ -70,6 +70,7 @@ from ..serving.artifacts import (
     FORMAT_VERSION,
     LENGTH_INPUTS,
     MANIFEST,
+    MODEL_CARD,
     MODEL_FILE,
     SCORES,
     TOKEN_INPUTS,
@@ -78,6 +79,8 @@ from ..serving.artifacts import (
     folder_files,
     write_index,
 )
+from .calibration import CalibrationSet, calibration_set, fit_platt
+from .model_card import exit_card
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,8 @@ class ExportOptions:
     input_format: InputFormat | None = None  # None: the one saved with the adapters (defaults for a raw model)
     source_model: str = ""
     params_fingerprint: str | None = None
+    calibration: CalibrationSet | None = None  # labelled pairs: Platt (a, b) per config (calibration.py)
+    data_dir: str | None = None  # what the model was trained on (the model card states its license)
 
     @property
     def tolerance(self) -> float:
@@ -227,9 +232,21 @@ def export_from_params(params) -> dict:
         start_layer=m.start_layer, layer_sep=m.layer_sep,
         input_format=m.input_format,
         source_model=m.name_or_path, params_fingerprint=params.fingerprint(),
+        calibration=_calibration_from_params(params),
+        data_dir=params.data.train_file or params.data.beir_dir,
     )
     return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
                          adapters=params.adapter_stack, options=options)
+
+
+def _calibration_from_params(params) -> CalibrationSet | None:
+    """The calibration half of the eval queries (``export.calibration_queries`` of them), labelled by qrels."""
+    if not params.export.calibration_queries:
+        return None
+    from .evaluation import load_eval_set
+
+    queries, qrels = load_eval_set(params)
+    return calibration_set(queries, qrels, params.export.calibration_queries)
 
 
 def _stack(adapters, ratio: int) -> Sequence:
@@ -323,6 +340,7 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     log.info("ratio %d: exported exits %s in %.1f s", ratio, exits, export_seconds)
 
     hidden_diff = _check_hidden(shared, batches, reference, inputs, options)
+    calibrations = _calibrate(shared, exits, encoder, inputs, options)
     placed = []  # (folder, config, cut model file, parity, all-exits list or None)
     for config in configs:  # cut and check beside the single weights file (see _place_weights)
         started = time.perf_counter()
@@ -353,9 +371,36 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
             _place_weights(stage / weights, folder / weights)
         for item in (out / ".tokenizer").iterdir():
             shutil.copyfile(item, folder / item.name)
-        write_json(folder / MANIFEST, _manifest(config, folder, adapters, parity, options, source, model, tokenizer,
-                                                all_exits=all_exits))
+        calibration = None if all_exits else calibrations.get(config.exit_layer)
+        manifest = _manifest(config, folder, adapters, parity, options, source, model, tokenizer,
+                             all_exits=all_exits, calibration=calibration)
+        if not all_exits:  # the model card is one of the folder's files, so it is written before the list
+            (folder / MODEL_CARD).write_text(exit_card(manifest, options.data_dir), encoding="utf-8")
+            manifest["files"] = folder_files(folder)
+        write_json(folder / MANIFEST, manifest)
     shutil.rmtree(stage)
+
+
+def _calibrate(shared: Path, exits: list[int], encoder, inputs: list[str], options: ExportOptions) -> dict[int, dict]:
+    """{exit: Platt (a, b) + provenance} from the ratio's all-exits graph on the calibration pairs."""
+    calibration = options.calibration
+    if calibration is None:
+        return {}
+    session = _session(shared, options)
+    encoded = [encoder.encode(q, p) for q, p in calibration.pairs]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+    scores = {k: np.empty(len(encoded), dtype=np.float64) for k in exits}
+    for start in range(0, len(order), 16):
+        rows = order[start:start + 16]
+        batch = encoder.collate_numpy([encoded[i] for i in rows])
+        outputs = session.run([f"{SCORES}_{k}" for k in exits], {n: batch[n] for n in inputs})
+        for k, values in zip(exits, outputs):
+            scores[k][rows] = values
+    fitted = {}
+    for k in exits:
+        fitted[k] = {**fit_platt(scores[k], calibration.labels), "queries": list(calibration.query_ids),
+                     "split": "calibration half of the eval queries (pipeline/calibration.py)"}
+    return fitted
 
 
 def _place_weights(source: Path, target: Path) -> None:
@@ -543,7 +588,8 @@ def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str
 
 # ------------------------------------------------------------------ manifest
 def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: dict, options: ExportOptions,
-              source: str, model, tokenizer, all_exits: Sequence[int] | None = None) -> dict:
+              source: str, model, tokenizer, all_exits: Sequence[int] | None = None, calibration: dict | None = None
+              ) -> dict:
     """What ``folder`` is; ``all_exits``: the per-ratio evaluation model (outputs ``scores_<k>``)."""
     import onnx
     import onnxruntime
@@ -582,6 +628,7 @@ def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: 
         "model_type": model.config.model_type,
         "params_fingerprint": options.params_fingerprint,
         "parity": parity,
+        **({"calibration": calibration} if calibration else {}),
         "versions": {"matryoshka_reranker": __version__, "torch": torch.__version__.split("+")[0],
                      "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},

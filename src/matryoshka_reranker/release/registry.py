@@ -46,8 +46,9 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from ..config import Params
-from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json, write_text
 from ..core.errors import MatryoshkaError
+from ..pipeline.model_card import release_card
 from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, read_manifest
 from .gate import GateFailed, GateReport, run_gate
 from .revisions import (
@@ -528,8 +529,11 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
         # 2. The reproduced state, the release record (file hashes) and the remote config: one commit.
         ensure_remote(root, params.release.remote_name, params.release.remote_url)
         record_file = Path(RECORDS_DIR) / f"{version}.json"
+        card_file = record_file.with_suffix(".md")
         write_json(root / record_file, record)
-        to_add = sorted(set(changes) | {".dvc/config", params.paths.gate_report, record_file.as_posix()})
+        write_text(root / card_file, release_card(version, record))
+        to_add = sorted(set(changes) | {".dvc/config", params.paths.gate_report, record_file.as_posix(),
+                                        card_file.as_posix()})
         git(root, "add", "-A", "--", *[p for p in to_add if (root / p).exists() or p in changes])
         git(root, "commit", "-q", "-m", f"Release {version}", "-m", _commit_body(params, report, waived))
         journal.save(commit=rev_commit(root, "HEAD"))

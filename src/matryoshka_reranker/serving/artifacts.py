@@ -194,3 +194,11 @@ def manifest_input_format(manifest: dict) -> InputFormat:
         return InputFormat.from_dict(manifest["input_format"], f"{manifest.get('name', '?')}/{MANIFEST}")
     except KeyError:
         raise ModelIntegrityError(f"{manifest.get('name', '?')}/{MANIFEST}: no input_format") from None
+
+
+def calibrated_probability(calibration: dict | None, scores):
+    """``sigmoid(a * score + b)`` with the config's Platt (a, b) (a plain sigmoid without one)."""
+    import numpy as np
+
+    a, b = (calibration or {}).get("a", 1.0), (calibration or {}).get("b", 0.0)
+    return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=np.float64) + b)))

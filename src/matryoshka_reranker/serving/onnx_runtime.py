@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from ..model.inputs import as_pair_list
-from .artifacts import SCORES, ModelIntegrityError, manifest_input_format, read_manifest
+from .artifacts import (
+    SCORES,
+    ModelIntegrityError,
+    calibrated_probability,
+    manifest_input_format,
+    read_manifest,
+)
 from .ranking import rank_documents
 from .tokenizer import ServingTokenizer
 
@@ -139,7 +145,9 @@ class OnnxReranker:
 
         This needs the release tooling (git, DVC); serving a folder you already have needs neither.
         """
-        from ..release.registry import fetch_release  # the one call that reaches up into the release layer
+        from ..release.registry import (
+            fetch_release,  # the one call that reaches up into the release layer
+        )
 
         layers = None if exit_layer is None else [exit_layer]
         _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio])
@@ -176,8 +184,8 @@ class OnnxReranker:
         """
         pairs, single = as_pair_list(pairs)
         scores = self._run(pairs, batch_size)[self.exit_layer]
-        if normalize:
-            scores = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
+        if normalize:  # this exit's calibrated probability (Platt, fitted at export), else a sigmoid
+            scores = calibrated_probability(self.manifest.get("calibration"), scores)
         result = [float(s) for s in scores]
         return result[0] if single else result
 

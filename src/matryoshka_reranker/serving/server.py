@@ -37,7 +37,14 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from .artifacts import ExportedConfig, config_name, read_index, read_index_extra, read_manifest
+from .artifacts import (
+    ExportedConfig,
+    calibrated_probability,
+    config_name,
+    read_index,
+    read_index_extra,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +247,13 @@ def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client import (
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
 
     registry = CollectorRegistry()
     requests = Counter("matryoshka_requests", "Re-rank requests", ["config", "status"], registry=registry)
@@ -346,9 +359,7 @@ def check_lengths(pool: ModelPool, key: tuple[int, int], query: str, texts: Sequ
 
 def probabilities(pool: ModelPool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
     """Calibrated probabilities when the config's manifest carries Platt (a, b), else a sigmoid."""
-    calibration = pool.get(key).manifest.get("calibration") or {}
-    a, b = calibration.get("a", 1.0), calibration.get("b", 0.0)
-    return 1.0 / (1.0 + np.exp(-(a * scores + b)))
+    return calibrated_probability(pool.get(key).manifest.get("calibration"), scores)
 
 
 def serve(models: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,

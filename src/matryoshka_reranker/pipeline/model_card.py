@@ -1,0 +1,114 @@
+"""Model cards (Hugging Face format, ``huggingface_hub.ModelCard``) for exported exit models and releases.
+
+Each exported folder carries a ``README.md`` card written at export (so it is in the manifest's
+file list): base model, exit layer, ratio, compression layers, adapters, parity, calibration,
+licenses of the base model and of the training data, and how to use it. Quality is measured after
+export (the evaluate stage), so the folder card points to the release card, which ``publish``
+writes as ``releases/<version>.md`` with the per-layer metrics and their intervals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DATA_LICENSES = {  # the embedded default data; a user's own data: say so in params (data.license)
+    "data/scifact": ("cc-by-nc-2.0", "BEIR SciFact (CC BY-NC 2.0: non-commercial use only)"),
+}
+MODEL_LICENSES = {"embedded:smollm2-135m-instruct": ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+
+
+def _usage(name: str, exit_layer: int, ratio: int) -> str:
+    return f"""```python
+from matryoshka_reranker import OnnxReranker
+
+reranker = OnnxReranker("{name}")            # or OnnxReranker.from_release("latest", exit_layer={exit_layer}, ratio={ratio})
+reranker.compute_score([("what causes colds?", "Rhinoviruses cause most colds.")], normalize=True)
+reranker.rank("what causes colds?", ["Rhinoviruses cause most colds.", "Paris is in France."], top_k=1)
+```
+
+Served over HTTP (TEI-compatible `/rerank`, depth and width per request):
+
+```bash
+matryoshka serve --models models/onnx --port 8080
+curl -s localhost:8080/rerank -H 'content-type: application/json' \\
+  -d '{{"query": "what causes colds?", "texts": ["Rhinoviruses cause most colds."], "exit_layer": {exit_layer}, "ratio": {ratio}}}'
+```"""
+
+
+def exit_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
+    """The README.md of one exported folder, from its manifest (written before the manifest's file list)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    source = manifest.get("source_model", "")
+    model_license, base = MODEL_LICENSES.get(source, ("other", source))
+    data_license, data_text = DATA_LICENSES.get(data_dir or "", (None, data_dir or "the user's training data"))
+    k, comp = manifest["exit_layer"], manifest["compression"]
+    calibration = manifest.get("calibration")
+    parity = manifest.get("parity", {})
+    metadata = ModelCardData(
+        license=model_license, base_model=base if base else None, library_name="onnx", pipeline_tag="text-ranking",
+        tags=["reranker", "cross-encoder", "matryoshka", f"exit-{k}", f"ratio-{comp['ratio']}"],
+        datasets=["BeIR/scifact"] if data_dir == "data/scifact" else None,
+    )
+    lines = [
+        f"# {manifest['name']}: Matryoshka re-ranker, exit layer {k} of {manifest['num_layers']}, ratio {comp['ratio']}",
+        "",
+        f"A cross-encoder cut at decoder layer {k} of `{base}`, with passage tokens merged in groups of "
+        f"{comp['ratio']} at layers {comp['applied_layers'] or 'none (this exit is before every compression layer)'}"
+        f" (configured: {comp['layers']}). ONNX ({manifest['dtype']}, opset {manifest['opset']}), exported by "
+        "matryoshka-reranker.",
+        "",
+        "## Licenses",
+        "",
+        f"- Base model: {base} ({model_license}).",
+        f"- Training and evaluation data: {data_text}." + (
+            " Models trained on it inherit its non-commercial terms." if data_license == "cc-by-nc-2.0" else ""),
+        "- Code: Apache-2.0.",
+        "",
+        "## What is inside",
+        "",
+        f"- Adapters merged, in order: {', '.join(a['path'] for a in manifest['adapters']) or 'none'}.",
+        f"- Input format: `{manifest['input_format']['template']}`, query <= {manifest['input_format']['query_max_len']}"
+        f" tokens, passage <= {manifest['input_format']['passage_max_len']} tokens, prompt "
+        f"\"{manifest['input_format']['prompt']}\".",
+        f"- Parity with PyTorch: max |ORT - PyTorch| = {parity.get('max_abs_diff', float('nan')):.2e} "
+        f"(tolerance {parity.get('tolerance')}).",
+    ]
+    if calibration:
+        lines.append(f"- Calibration: Platt scaling, p = sigmoid({calibration['a']:.4f} * score + {calibration['b']:.4f}),"
+                     f" fitted on {calibration['pairs']} pairs of {len(calibration.get('queries', []))} held-apart "
+                     "eval queries; `normalize=True` and the server's `raw_scores: false` return it.")
+    lines += ["", "## Quality", "",
+              "Measured after export by the evaluate stage: see the release card `releases/<version>.md` "
+              "(per-layer nDCG@10 / RR@10 / R@10 with 95% intervals) or `metrics/per_layer.json`.",
+              "", "## Use", "", _usage(manifest["name"], k, comp["ratio"]), ""]
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def release_card(version: str, record: dict[str, Any]) -> str:
+    """``releases/<version>.md``: what was released, its gate verdict and per-layer quality with intervals."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    metrics = record.get("metrics", {})
+    configs = metrics.get("configs", {})
+    measures = record.get("policy", {}).get("measures") or ["nDCG@10"]
+    ev = metrics.get("eval", {})
+    metadata = ModelCardData(library_name="onnx", pipeline_tag="text-ranking",
+                             tags=["reranker", "matryoshka", version])
+    gate = record.get("gate", {})
+    lines = [f"# Release {version}", "",
+             f"Gate: {'WAIVED' if gate.get('waived') else 'passed' if gate.get('passed') else 'failed'} "
+             f"(baseline {gate.get('baseline') or 'none: first release'}).", "",
+             f"Quality on {ev.get('queries', '?')} eval queries x {ev.get('candidates', '?')} BM25 candidates "
+             "(mean [95% bootstrap interval over queries]):", "",
+             "| config | " + " | ".join(measures) + " | ms/query |", "|---" * (len(measures) + 2) + "|"]
+    for name, entry in configs.items():
+        cells = [f"{entry[m]:.3f} [{entry[m + '_ci'][0]:.3f}, {entry[m + '_ci'][1]:.3f}]" if f"{m}_ci" in entry
+                 else f"{entry.get(m, float('nan')):.3f}" for m in measures]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry.get('latency_ms_per_query', float('nan')):.0f} |")
+    bm25 = metrics.get("baselines", {}).get("bm25", {})
+    if bm25:
+        lines.append("| BM25 (first stage) | " + " | ".join(f"{bm25.get(m, float('nan')):.3f}" for m in measures) + " | |")
+    lines += ["", "Files and their sha256: `releases/" + version + ".json` (what `matryoshka download` checks).",
+              "", "## Use", "", _usage("downloads/" + version + "/exit-KK-ratio-R", 30, 1), ""]
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
