@@ -46,6 +46,13 @@ def imports_of(node: ast.AST, module: str, is_package: bool) -> set[str]:
     return {m for m in found if module_file(m).exists()}
 
 
+# Imports no stage executes, each with its reason (everything else is followed).
+NOT_RUN_BY_STAGES = {
+    ("matryoshka_reranker.serving.onnx_runtime", "matryoshka_reranker.release.registry"):
+        "OnnxReranker.from_release: a user convenience that downloads a release; no stage calls it",
+}
+
+
 def closure(start: set[str]) -> set[str]:
     seen, todo = set(), list(start)
     while todo:
@@ -57,7 +64,8 @@ def closure(start: set[str]) -> set[str]:
         tree = ast.parse(path.read_text())
         if module == "matryoshka_reranker":  # its __getattr__ re-exports lazily: only import-time imports count
             tree = ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)], type_ignores=[])
-        todo += imports_of(tree, module, path.name == "__init__.py")
+        todo += [m for m in imports_of(tree, module, path.name == "__init__.py")
+                 if (module, m) not in NOT_RUN_BY_STAGES]
         parent = module.rsplit(".", 1)[0]
         if parent != module and module_file(parent).exists():
             todo.append(parent)  # importing a.b.c runs a/__init__ and a/b/__init__

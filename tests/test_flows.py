@@ -57,8 +57,8 @@ def test_release_flow_reproduces_gates_and_publishes(harness, tmp_path):
     assert "v0.1.0" in git(root, "tag").splitlines()
     assert "Release gate: PASSED" in _artifact("gate-report").data
     table = json.loads(_artifact("per-layer-metrics").data)
-    assert {row["config"] for row in table} == {"exit-04_ratio-1", "exit-04_ratio-2", "exit-06_ratio-1",
-                                                 "exit-06_ratio-2"}
+    assert {row["config"] for row in table} == {"exit-04-ratio-1", "exit-04-ratio-2", "exit-06-ratio-1",
+                                                 "exit-06-ratio-2"}
     durations = json.loads(_artifact("stage-durations").data)
     assert [row["stage"] for row in durations] == ["prepare", "export", "evaluate"]
 
@@ -67,10 +67,10 @@ def test_release_flow_reproduces_gates_and_publishes(harness, tmp_path):
     assert again["status"] == "unchanged" and not any(r["reproduced"] for r in again["stages"])
 
     # a regression on one exit layer: the flow fails at the gate, nothing is published
-    set_knobs(root, delta={"exit-06_ratio-1": -0.2})
+    set_knobs(root, delta={"exit-06-ratio-1": -0.2})
     state = release(ReleaseRequest(repo=str(root)), return_state=True)
     assert state.is_failed()
-    assert "exit-06_ratio-1" in _artifact("gate-report").data and "FAILED" in _artifact("gate-report").data
+    assert "exit-06-ratio-1" in _artifact("gate-report").data and "FAILED" in _artifact("gate-report").data
     assert [t for t in git(root, "tag").splitlines() if "@" not in t] == ["v0.1.0"]
 
     # overrides go into params.yaml for the run and are restored when nothing is published (dry run)

@@ -197,6 +197,7 @@ class EvaluationParams(Section):
     bootstrap_resamples: int = Field(10_000, ge=100)
     latency_queries: int = Field(3, ge=1)  # queries each exported model is timed on (one call per query)
     untrained_baseline: bool = False  # baselines stage: score the untrained model too (one more full pass)
+    learning_curve: bool = False  # learning_curve stage: score every self-distillation snapshot (a pass each)
     # Compare ONNX Runtime with PyTorch: true = every exported exit at the largest exported ratio
     # (one PyTorch forward gives all exits); a config name (exit-30-ratio-4) = that one; false = off.
     pytorch_check: bool | str = True

@@ -564,6 +564,11 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
 
     scorer_for = scorer_for or default_scorer
     points = []
+    if not ev.learning_curve:  # off: an empty curve, so the stage costs nothing by default
+        curve = {"format_version": FORMAT_VERSION, "identity": identity, "measures": measures, "points": [],
+                 "note": "evaluation.learning_curve is false"}
+        _write_curve(params, curve)
+        return curve
     baselines = read_baselines(params, identity)
     if baselines and baselines.get("per_query"):
         for k in exits:
@@ -584,15 +589,32 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
         log.info("learning curve: step %d scored in %.0f s", step, time.perf_counter() - started)
         gc.collect()
     curve = {"format_version": FORMAT_VERSION, "identity": identity, "measures": measures, "points": points}
-    write_json(params.paths.learning_curve, curve)
-    _render_curve(curve, Path(params.paths.learning_curve).with_suffix(".png"))
+    _write_curve(params, curve)
     return curve
+
+
+def _write_curve(params: Params, curve: dict[str, Any]) -> None:
+    """The curve (metrics), its flat plot data for ``dvc plots`` and a PNG beside it."""
+    path = Path(params.paths.learning_curve)
+    rows = [{k: v for k, v in p.items() if not isinstance(v, (dict, list))} for p in curve["points"]]
+    write_json(path.with_name(path.stem + "_points.json"), rows)
+    _render_curve(curve, path.with_suffix(".png"))
+    write_json(path, curve)
 
 
 def _render_curve(curve: dict[str, Any], path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
+        return
+    if not curve["points"]:  # nothing to draw: an empty figure still marks the stage's output
+        import matplotlib.pyplot as plt
+
+        matplotlib.use("Agg")
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "learning curve off (evaluation.learning_curve: false)", ha="center", fontsize=8)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

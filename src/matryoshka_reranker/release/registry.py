@@ -50,7 +50,7 @@ from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json, writ
 from ..core.errors import MatryoshkaError
 from ..pipeline.model_card import release_card
 from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, read_manifest
-from .gate import GateFailed, GateReport, run_gate
+from .gate import GateError, GateFailed, GateReport, run_gate
 from .revisions import (
     absolute_remote_url,
     dirty_paths,
@@ -65,7 +65,7 @@ from .versions import check_new_version, next_version, parse_version, release_ve
 
 logger = logging.getLogger(__name__)
 
-from .records import RECORDS_DIR  # noqa: E402  (releases/<version>.json: in the remote and in git)
+from .records import RECORDS_DIR, RecordError  # noqa: E402  (releases/<version>.json: in the remote and in git)
 
 ARTIFACT_RE = NAME_RE
 
@@ -509,7 +509,18 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
     existing = set(store.taken_versions())
     version = check_new_version(version or next_version(existing, params.release.version_scheme), existing)
 
-    report = run_gate(params, root)
+    try:
+        report = run_gate(params, root)
+    except (GateError, RecordError) as err:
+        if not skip_gate:
+            raise
+        # e.g. the last release predates release records: an explicit, recorded waiver is the only way past
+        logger.warning("gate could not compare (%s); --skip-gate waives it: recorded in the release", err)
+        report = GateReport(passed=False, baseline_version=None, baseline_commit=None,
+                            measures=list(params.evaluation.measures),
+                            tolerance={"max_drop_abs": params.gate.max_drop_abs, "max_drop_rel": params.gate.max_drop_rel,
+                                       "alpha": params.gate.alpha, "confidence": params.evaluation.confidence},
+                            eval={"error": str(err)})
     waived = not report.passed and skip_gate
     if not report.passed and not skip_gate:
         raise GateFailed(f"gate failed: regressed configs {', '.join(report.regressions)}; "
@@ -629,7 +640,7 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
         expected = (record.get("files") or {}).get(name)
         if not expected:
             raise ReleaseError(f"release {version}: its record lists no files for {name}")
-        _check_tag_commit(repo, version, remote_name, remote_url)
+        _check_tag_commit(repo, version, remote_url or _remote_url_of(fs, remote_name))
         path = declared[name]["path"]
         dest = Path(out) / version / PurePosixPath(path).name
         with atomic_dir(dest) as tmp:
@@ -723,19 +734,19 @@ def _cached_and_intact(folder: Path, expected: dict[str, str]) -> bool:
     return True
 
 
-def _check_tag_commit(repo: str, version: str, remote_name: str | None, remote_url: str | None) -> None:
+def _remote_url_of(fs, remote_name: str | None) -> str | None:
+    """The release remote's URL as configured in the (already open) repository at the tag."""
+    from .revisions import RELEASE_REMOTE
+
+    config = fs.repo.config
+    name = remote_name or (RELEASE_REMOTE if RELEASE_REMOTE in config["remote"] else config["core"].get("remote"))
+    return (config["remote"].get(name) or {}).get("url")
+
+
+def _check_tag_commit(repo: str, version: str, url: str | None) -> None:
     """The tag must point at the commit the release remote's record names (a moved tag is refused)."""
     from .records import RecordError, RecordStore
 
-    url = remote_url
-    if url is None:
-        fs = open_at(repo, version, remote_name=remote_name)
-        try:
-            config = fs.repo.config
-            name = remote_name or "releases"
-            url = (config["remote"].get(name) or {}).get("url")
-        finally:
-            fs.close()
     if not url:
         raise ReleaseError(f"release {version}: no release remote to check its record against (pass --remote-url)")
     try:

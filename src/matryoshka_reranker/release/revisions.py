@@ -23,6 +23,9 @@ class RevisionError(MatryoshkaError):
     """A git or DVC operation on a revision failed; the message says which and why."""
 
 
+RELEASE_REMOTE = "releases"  # release.remote_name's default
+
+
 def git(root: str | os.PathLike, *args: str, check: bool = True) -> str:
     """Runs ``git -C root args`` and returns stdout (stripped); stderr goes into the error."""
     proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
@@ -111,7 +114,8 @@ def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = 
         return DVCFileSystem(repo, rev=rev, config=remote_config(name, {"url": remote_url}))
     fs = DVCFileSystem(repo, rev=rev)
     config = fs.repo.config
-    wanted = remote_name or config["core"].get("remote")
+    # The release remote is deliberately not DVC's default remote (so `dvc gc -c` cannot reach it).
+    wanted = remote_name or (RELEASE_REMOTE if RELEASE_REMOTE in config["remote"] else config["core"].get("remote"))
     if wanted and wanted in config["remote"]:
         if wanted == config["core"].get("remote"):
             return fs
@@ -119,7 +123,8 @@ def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = 
         return DVCFileSystem(repo, rev=rev, config={"core": {"remote": wanted}})
     fs.close()
     head = DVCFileSystem(repo)
-    name = remote_name or head.repo.config["core"].get("remote")
+    name = remote_name or (RELEASE_REMOTE if RELEASE_REMOTE in head.repo.config["remote"]
+                           else head.repo.config["core"].get("remote"))
     settings = dict(head.repo.config["remote"].get(name) or {}) if name else {}
     head.close()
     if not settings:  # git-tracked files still read; DVC data only from a local cache
