@@ -97,11 +97,12 @@ def test_sigkill_during_teacher_scoring_resumes_shard_by_shard(tmp_path, llama_d
         folder = tmp_path / name
         folder.mkdir()
         params_file, params = tiny_project(folder, llama_dir, teacher__shard_size=2)
+        (folder / "scored.jsonl").unlink()
         process = cli(params_file, "teacher-score")
         if name == "killed":
             first = folder / "shards" / "shard-00000.json"
-            if kill_when(process, first.exists):
-                assert not (folder / "scored.jsonl").exists() or name != "killed"
+            assert kill_when(process, first.exists), "scoring finished before the kill"
+            assert not (folder / "scored.jsonl").exists()  # no partial output
             process = cli(params_file, "teacher-score")
         finish(process)
         outputs[name] = (folder / "scored.jsonl").read_text()

@@ -262,3 +262,21 @@ def test_untrained_baseline_and_learning_curve(tiny_pipeline, llama_dir):
     assert final["nDCG@10_ci"][0] <= final["nDCG@10"] <= final["nDCG@10_ci"][1]
     with open(params.paths.learning_curve.replace(".json", ".png"), "rb") as png:
         assert png.read(4) == b"\x89PNG"
+
+
+def test_compensation_effect_and_run_comparison(tiny_pipeline):
+    from matryoshka_reranker.pipeline.effects import compare_runs, compensation_effect
+
+    params = with_evaluation(tiny_pipeline, effects=True, learning_curve=True)
+    quality, latency = pytorch_backends(params)
+    evaluate(params, scorer_factory=quality, latency_factory=latency)
+    result = compensation_effect(params)
+    assert [(r["exit_layer"], r["ratio"]) for r in result["compensation"]] == [(3, 2), (4, 2)]
+    row = result["compensation"][1]
+    assert row["before"]["drop"]["mean"] == pytest.approx(row["before"]["ratio_1"] - row["before"]["ratio_2"], abs=2e-4)
+    assert set(row) >= {"recovered", "recovered_ci"} and len(row["recovered_ci"]) == 2
+    curve = learning_curve(params)
+    same = compare_runs(curve, curve, [3, 4])
+    assert [r["difference"]["mean"] for r in same] == [0.0, 0.0]
+    off = compensation_effect(with_evaluation(params, effects=False))
+    assert off["compensation"] == []

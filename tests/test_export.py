@@ -157,6 +157,7 @@ def test_manifest_describes_the_folder(release):
         # hard-links the ratio's weights, which onnx's checker refuses as a "hardlink attack").
         copied = shutil.copytree(folder, release["out"].parent / "copies" / entry["name"])
         onnx.checker.check_model(str(copied / "model.onnx"))
+        onnx.shape_inference.infer_shapes(onnx.load(str(copied / "model.onnx")), strict_mode=True)
         graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
         assert [o.name for o in graph.output] == ["scores"] and [i.name for i in graph.input] == inputs
 

@@ -381,6 +381,49 @@ def learning_curve_command(params: ParamsOpt = Path("params.yaml"), overrides: S
 
 
 @app.command()
+def effects(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Compensation before/after per exit x ratio (evaluation.effects) -> paths.effects."""
+    cfg = _params(params, overrides)
+    from .pipeline.effects import compensation_effect
+
+    result = compensation_effect(cfg)
+    for row in result["compensation"]:
+        b, a = row["before"]["drop"], row["after"]["drop"]
+        typer.echo(f"exit {row['exit_layer']:>2} ratio {row['ratio']}: drop before {b['mean']:+.4f} "
+                   f"[{b['low']:+.4f}, {b['high']:+.4f}], after {a['mean']:+.4f} [{a['low']:+.4f}, {a['high']:+.4f}], "
+                   f"recovered {row['recovered']:.2f} {row['recovered_ci']}")
+
+
+@app.command("compare-runs", cls=_ListOptionsCommand)
+def compare_runs_command(
+    a: Annotated[str, typer.Option(help="learning-curve JSON of run A: a file, or REV:path (e.g. an experiment ref)")],
+    b: Annotated[str, typer.Option(help="learning-curve JSON of run B, on the same eval set")],
+    exits: Annotated[Optional[list[int]], typer.Option(help="exit layers to compare")] = None,
+    measure: str = "nDCG@10",
+) -> None:
+    """Paired per-query difference A - B of two self-distilled models at each exit (final snapshots)."""
+    from .pipeline.effects import compare_runs
+
+    def load(ref: str) -> dict:
+        if Path(ref).is_file():
+            return json.loads(Path(ref).read_text())
+        import subprocess
+
+        rev, _, path = ref.partition(":")
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise FileNotFoundError(f"{ref}: not a file, and git cannot show it ({shown.stderr.strip()})")
+        return json.loads(shown.stdout)
+
+    first, second = load(a), load(b)
+    rows = compare_runs(first, second, exits or sorted({p["exit_layer"] for p in first["points"]}), measure)
+    for row in rows:
+        d = row["difference"]
+        typer.echo(f"exit {row['exit_layer']:>2}: A {row['a']:.4f}  B {row['b']:.4f}  A-B {d['mean']:+.4f} "
+                   f"[{d['low']:+.4f}, {d['high']:+.4f}] p={d['p_value']:.3g} (n={d['n']})")
+
+
+@app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Rerank the eval candidates with every exported model; writes paths.metrics and paths.plots."""
     cfg = _params(params, overrides)

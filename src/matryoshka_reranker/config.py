@@ -198,6 +198,7 @@ class EvaluationParams(Section):
     latency_queries: int = Field(3, ge=1)  # queries each exported model is timed on (one call per query)
     untrained_baseline: bool = False  # baselines stage: score the untrained model too (one more full pass)
     learning_curve: bool = False  # learning_curve stage: score every self-distillation snapshot (a pass each)
+    effects: bool = False  # effects stage: compensation before/after (one PyTorch pass per exported ratio)
     # Compare ONNX Runtime with PyTorch: true = every exported exit at the largest exported ratio
     # (one PyTorch forward gives all exits); a config name (exit-30-ratio-4) = that one; false = off.
     pytorch_check: bool | str = True
@@ -242,6 +243,7 @@ class PathParams(Section):
     summary: str = "metrics/summary.json"  # flat headline numbers for `dvc exp show`
     baselines: str = "metrics/baselines.json"  # the untrained model on the eval set (baselines stage)
     learning_curve: str = "metrics/learning_curve.json"  # quality per self-distillation snapshot (+ .png)
+    effects: str = "metrics/effects.json"  # compensation drop before/after per exit x ratio
     plots: str = "metrics/plots"
     gate_report: str = "reports/gate"
 

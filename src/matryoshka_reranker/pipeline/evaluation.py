@@ -574,7 +574,8 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
         for k in exits:
             name = config_name(k, 1)
             if name in baselines["per_query"]:
-                points.append({"step": 0, "exit_layer": k, **baselines["summary"][name]})
+                points.append({"step": 0, "exit_layer": k, **baselines["summary"][name],
+                               "per_query": baselines["per_query"][name]})
     for step, folder in snapshot_folders(params):
         started = time.perf_counter()
         flat = scorer_for(folder)(pairs, exits, ())
@@ -583,9 +584,9 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
             for q in queries:
                 per_q_scores[q.query_id] = list(values[offset:offset + len(q.candidates)])
                 offset += len(q.candidates)
-            summary_k = summarise(per_query(queries, per_q_scores, qrels, measures), {}, ev.confidence,
-                                  ev.bootstrap_resamples)
-            points.append({"step": step, "exit_layer": k, **summary_k})
+            values_k = per_query(queries, per_q_scores, qrels, measures)
+            summary_k = summarise(values_k, {}, ev.confidence, ev.bootstrap_resamples)
+            points.append({"step": step, "exit_layer": k, **summary_k, "per_query": values_k})
         log.info("learning curve: step %d scored in %.0f s", step, time.perf_counter() - started)
         gc.collect()
     curve = {"format_version": FORMAT_VERSION, "identity": identity, "measures": measures, "points": points}

@@ -519,9 +519,24 @@ def _cut_exit(shared: Path, config: ExportConfig, target: Path, weights: str | N
                 alignment=WEIGHTS_ALIGNMENT)
 
 
+def _drop_value_info(path: Path) -> None:
+    """Removes the exporter's intermediate shape annotations from ``path`` (graph only, weights untouched).
+
+    They are optional, and some are stale after constant folding: ``onnx.shape_inference`` then
+    fails on the file ("Inferred shape and existing shape differ in dimension 0: (576) vs (1)"), and
+    so does every tool that runs it first (``onnxruntime.quantization``). Inference recomputes them.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(path))
+
+
 def _check_file(path: Path) -> None:
     import onnx
 
+    _drop_value_info(path)
     try:
         onnx.checker.check_model(str(path))  # path-based: works with external data and > 2 GB
     except Exception as err:
