@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 # DVC stages call `matryoshka ...`: find it in the venv without activating it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test bench clean
+.PHONY: setup repro test bench experiment clean
 
 setup: $(VENV)/.installed
 
@@ -31,4 +31,11 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python benchmarks/bench_exits.py
+	$(BIN)/python -m benchmarks.bench_exits
+
+# A named params set (configs/experiments/$(EXP).yaml) as a DVC experiment in a temporary copy of the
+# repository: params.yaml is never edited by hand; results: `dvc exp show`, `dvc exp apply $(EXP)`.
+EXP ?= scifact-cpu
+TARGET ?=
+experiment: setup
+	$(BIN)/dvc exp run --temp --name $(EXP) $$($(BIN)/matryoshka experiment-args $(EXP)) $(TARGET)

@@ -394,6 +394,23 @@ def effects(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -
                    f"recovered {row['recovered']:.2f} {row['recovered_ci']}")
 
 
+@app.command("experiment-args")
+def experiment_args(name: Annotated[str, typer.Argument(help="a params set in configs/experiments/<name>.yaml")],
+                    folder: Path = Path("configs/experiments")) -> None:
+    """Print a named params set as `-S key=value` arguments for `dvc exp run` (values as compact JSON/YAML)."""
+    import yaml
+
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise FileNotFoundError(f"no params set {path}; known: {', '.join(known) or 'none'}")
+    sets = yaml.safe_load(path.read_text()) or {}
+    from .config import load_params
+
+    load_params(Path("params.yaml"), [f"{k}={json.dumps(v)}" for k, v in sets.items()])  # fail early on a bad key
+    typer.echo(" ".join(f"-S {k}={json.dumps(v, separators=(',', ':'))}" for k, v in sets.items()))
+
+
 @app.command("compare-runs", cls=_ListOptionsCommand)
 def compare_runs_command(
     a: Annotated[str, typer.Option(help="learning-curve JSON of run A: a file, or REV:path (e.g. an experiment ref)")],
