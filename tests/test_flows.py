@@ -106,11 +106,18 @@ if sys.argv[1] == "transient" and n == 1:
     sys.exit("ConnectionResetError: Connection reset by peer")
 if sys.argv[1] == "broken":
     sys.exit("ValueError: training data failed validation")
+if sys.argv[1] == "oom":  # what the OOM killer does: SIGKILL, exit 137
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[1] == "stopped" and n == 1:  # a preempted worker: SIGTERM
+    import os, signal
+    os.kill(os.getpid(), signal.SIGTERM)
 Path("out.txt").write_text("ok")
 """
 
 
-@pytest.mark.parametrize("mode, attempts, ok", [("transient", 2, True), ("broken", 1, False)])
+@pytest.mark.parametrize("mode, attempts, ok", [("transient", 2, True), ("broken", 1, False), ("oom", 1, False),
+                                                ("stopped", 2, True)])
 def test_stage_retries_only_transient_failures(harness, tmp_path, mode, attempts, ok):
     git(tmp_path, "init", "-q")
     dvc(tmp_path, "init", "-q")
@@ -126,7 +133,8 @@ def test_stage_retries_only_transient_failures(harness, tmp_path, mode, attempts
     assert int((tmp_path / "attempts.txt").read_text()) == attempts
     if not ok:
         err = state.result(raise_on_failure=False)
-        assert isinstance(err, repro.StageFailed) and not err.transient and "failed validation" in str(err)
+        assert isinstance(err, repro.StageFailed) and not err.transient
+        assert ("failed validation" if mode == "broken" else "exited with -9") in str(err)
 
 
 # --- a scheduled deployment on a real `prefect server start` -------------------------------------

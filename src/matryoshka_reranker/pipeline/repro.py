@@ -88,9 +88,17 @@ def run_dvc(root: str | Path, args: list[str], on_line: Callable[[str], None] = 
     return proc.wait(), list(tail)
 
 
+KILLED = re.compile(r"exited with (-9|137)\b")  # SIGKILL, as DVC reports a stage's command
+STOPPED = re.compile(r"exited with (-15|143)\b")  # SIGTERM
+
+
 def _transient(returncode: int, tail: list[str]) -> bool:
-    killed = returncode < 0 or returncode in (137, 143)  # SIGKILL/SIGTERM: preempted or stopped
-    return killed or any(TRANSIENT_PATTERNS.search(line) for line in tail)
+    """SIGTERM (a preempted or stopped worker) is worth a retry; SIGKILL (137) is usually the OOM
+    killer, and rerunning the same stage on the same machine would only be killed again."""
+    if returncode in (137, -9) or any(KILLED.search(line) for line in tail):
+        return False
+    stopped = returncode in (143, -15) or any(STOPPED.search(line) for line in tail)
+    return stopped or any(TRANSIENT_PATTERNS.search(line) for line in tail)
 
 
 def run_stage(root: str | Path, stage: str, force: bool = False,
