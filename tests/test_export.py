@@ -354,3 +354,20 @@ def test_calibration_and_model_card(llama_model, tmp_path):
     assert "README.md" in manifest["files"] and card.startswith("---\n")
     assert "pipeline_tag: text-ranking" in card and "CC BY-NC 2.0" in card and "exit layer 4" in card
     assert "OnnxReranker" in card and "/rerank" in card and "Platt" in card
+
+
+def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
+    index = export_models(llama_model, tmp_path / "out", [2, 4], [1], options=ExportOptions(
+        start_layer=1, input_format=FORMAT, quantize=("int8", "int4")))
+    names = [m["name"] for m in index["models"]]
+    assert names == ["exit-02-ratio-1", "exit-04-ratio-1", "exit-02-ratio-1-int8", "exit-04-ratio-1-int8",
+                     "exit-02-ratio-1-int4", "exit-04-ratio-1-int4"]
+    for scheme in ("int8", "int4"):
+        folder = tmp_path / "out" / f"exit-04-ratio-1-{scheme}"
+        manifest = read_manifest(folder)
+        assert manifest["variant"] == scheme and manifest["quantization"]["of"] == "exit-04-ratio-1"
+        assert (folder / "model.onnx.data").stat().st_nlink == 1  # its own plain file: standard tools open it
+        onnx.checker.check_model(str(folder / "model.onnx"))
+        quantized = OnnxReranker(folder).compute_score(PAIRS)
+        float_scores = OnnxReranker(tmp_path / "out" / "exit-04-ratio-1").compute_score(PAIRS)
+        assert np.isfinite(quantized).all() and np.abs(np.array(quantized) - float_scores).max() < 0.5

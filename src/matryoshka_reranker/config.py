@@ -168,6 +168,9 @@ class ExportParams(Section):
     attn_implementation: Literal["eager", "sdpa"] = "eager"  # attention in the exported graph (bench_onnx.py)
     share_weights: bool = True  # one weights-ratio-<r>.bin per ratio (copied per exit); false: per-exit files
     calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
+    # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
+    quantize: list[Literal["int8", "int8-weight-only", "int4"]] = []
+    quantize_keep_fp32: list[Literal["score_heads", "down_proj", "all_mlp"]] = ["down_proj"]
 
 
 class ValidationParams(Section):

@@ -29,7 +29,13 @@ from ..config import Params
 from ..core.atomic import write_json
 from ..serving.artifacts import config_name
 from . import statistics
-from .evaluation import FORMAT_VERSION, PyTorchScorer, eval_identity, load_eval_set, per_query
+from .evaluation import (
+    FORMAT_VERSION,
+    PyTorchScorer,
+    eval_identity,
+    load_eval_set,
+    per_query,
+)
 
 log = logging.getLogger(__name__)
 

@@ -401,11 +401,22 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
             log.info("%s: nDCG@10 %.4f, %.0f ms/query", config.name,
                      float(np.mean(list(systems[config.name][measures[0]].values()))),
                      latency[config.name]["latency_ms_per_query"])
+    variants = [c for c in read_index(params.paths.onnx) if c.variant is not None]
+    variant_info: dict[str, dict[str, Any]] = {}
+    for config in variants:  # quantized copies: one call per query with their own exit model
+        seconds, scores[config.name] = time_config(queries, cost(config))
+        gc.collect()
+        systems[config.name] = per_query(queries, scores[config.name], qrels, measures)
+        float_name = config_name(config.exit_layer, config.ratio)
+        latency[config.name] = {"latency_ms_per_query": round(1000 * float(np.median(seconds)), 3),
+                                "pairs_per_s": round(n_pairs / sum(seconds), 3), "latency_queries": len(queries)}
+        variant_info[config.name] = {"variant": config.variant, "of": float_name,
+                                     "spearman_vs_float": round(_mean_spearman(scores[config.name], scores[float_name]), 4)}
     log.info("scored %d configs x %d pairs in %.0f s", len(scores), n_pairs, time.perf_counter() - started)
 
     references = {"bm25": systems["bm25"], "random": systems["random"]}
     configs: dict[str, dict[str, Any]] = {}
-    for group in groups:
+    for group in [*groups, *[RatioModels(c.ratio, (c.exit_layer,), c.compress_layers, None, (c,)) for c in variants]]:
         for config in group.configs:
             refs = dict(references)
             untrained = (baselines or {}).get("per_query", {}).get(config_name(config.exit_layer, 1))
@@ -414,6 +425,7 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
             configs[config.name] = {"exit_layer": config.exit_layer, "ratio": config.ratio,
                                     **summarise(systems[config.name], refs, ev.confidence, ev.bootstrap_resamples),
                                     **latency[config.name],
+                                    **variant_info.get(config.name, {}),
                                     "calibration": calibration_report(config, queries, qrels, scores[config.name])}
     per_layer_metrics = {
         "format_version": FORMAT_VERSION,
@@ -455,6 +467,14 @@ def calibration_report(config: ExportedConfig, queries: list[EvalQuery], qrels: 
             "held_out_pairs": len(labels),
             "ece_sigmoid": round(expected_calibration_error(1 / (1 + np.exp(-raw)), labels), 6),
             "ece_calibrated": round(expected_calibration_error(calibrated_probability(calibration, raw), labels), 6)}
+
+
+def _mean_spearman(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
+    """Mean over queries of the rank correlation of two systems' scores of the same candidates."""
+    from scipy.stats import spearmanr
+
+    values = [spearmanr(a[q], b[q]).statistic for q in a]
+    return float(np.nanmean(values)) if values else float("nan")
 
 
 def _check_same_scores(name: str, sampled: dict[str, list[float]], full: dict[str, list[float]]) -> None:

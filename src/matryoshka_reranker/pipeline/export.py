@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -141,6 +142,8 @@ class ExportOptions:
     source_model: str = ""
     params_fingerprint: str | None = None
     calibration: CalibrationSet | None = None  # labelled pairs: Platt (a, b) per config (calibration.py)
+    quantize: tuple[str, ...] = ()  # quantized copies per config: int8 | int8-weight-only | int4 (quantize.py)
+    quantize_keep_fp32: tuple[str, ...] = ("down_proj",)  # MatMuls left in fp32 (heads are Gemm: never quantized)
     data_dir: str | None = None  # what the model was trained on (the model card states its license)
 
     @property
@@ -215,6 +218,12 @@ def export_models(
             del model
         shutil.rmtree(tmp / ".tokenizer")
         listed = [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, tmp / c.name) for c in configs]
+        for scheme in options.quantize:  # quantized copies, evaluated and gated like the others
+            for config in configs:
+                name = config_name(config.exit_layer, config.ratio, scheme)
+                _quantized_copy(tmp / config.name, tmp / name, scheme, options, tokenizer)
+                listed.append(ExportedConfig(name, config.exit_layer, config.ratio, config.compress_layers, tmp / name,
+                                             variant=scheme))
         all_exits = [{"ratio": r, "path": ALL_EXITS.format(ratio=r),
                       "exit_layers": sorted(c.exit_layer for c in configs if c.ratio == r),
                       "compress_layers": list(configs[0].compress_layers) if r > 1 else []} for r in stacks]
@@ -234,6 +243,7 @@ def export_from_params(params) -> dict:
         source_model=m.name_or_path, params_fingerprint=params.fingerprint(),
         calibration=_calibration_from_params(params),
         data_dir=params.data.train_file or params.data.beir_dir,
+        quantize=tuple(ex.quantize), quantize_keep_fp32=tuple(ex.quantize_keep_fp32),
     )
     return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
                          adapters=params.adapter_stack, options=options)
@@ -379,6 +389,38 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
             manifest["files"] = folder_files(folder)
         write_json(folder / MANIFEST, manifest)
     shutil.rmtree(stage)
+
+
+def _quantized_copy(source: Path, target: Path, scheme: str, options: ExportOptions, tokenizer) -> None:
+    """``target``: the float folder's model quantized (its own weights file), tokenizer, card, manifest."""
+    from .quantize import quantize_model
+
+    target.mkdir()
+    info = quantize_model(source / MODEL_FILE, target / MODEL_FILE, scheme, options.quantize_keep_fp32)
+    manifest = json.loads((source / MANIFEST).read_text())
+    for item in source.iterdir():
+        if item.name.startswith("tokenizer") or item.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copyfile(item, target / item.name)
+    float_session = _session(source / MODEL_FILE, options)
+    quant_session = _session(target / MODEL_FILE, options)
+    batch = validation_batches(options.input_format.encoder(tokenizer))[0]
+    names = [i.name for i in float_session.get_inputs()]
+    reference = _run(float_session, SCORES, batch, names, source.name)
+    scores = _run(quant_session, SCORES, batch, names, target.name)
+    if not np.isfinite(scores).all():
+        raise ExportError(f"{target.name}: the quantized model gives non-finite scores")
+    manifest.update({
+        "name": target.name, "variant": scheme, "weights_file": MODEL_FILE + ".data", "shared_weights": False,
+        "quantization": {**info, "of": source.name},
+        "parity": {"max_abs_diff_vs_float": float(np.abs(scores - reference).max()), "reference": source.name,
+                   "note": "quantized: judged by ranking agreement in evaluation, not by a tolerance"},
+        "calibration": manifest.get("calibration"),
+    })
+    manifest = {k: v for k, v in manifest.items() if v is not None}
+    manifest["files"] = {}
+    (target / MODEL_CARD).write_text(exit_card(manifest, options.data_dir), encoding="utf-8")
+    manifest["files"] = folder_files(target)
+    write_json(target / MANIFEST, manifest)
 
 
 def _calibrate(shared: Path, exits: list[int], encoder, inputs: list[str], options: ExportOptions) -> dict[int, dict]:

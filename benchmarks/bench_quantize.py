@@ -1,0 +1,88 @@
+"""fp32 vs quantized ONNX exit models: ranking agreement (Spearman per query), nDCG@10, and speed.
+
+    python -m benchmarks.bench_quantize [--onnx models/onnx] [--queries 20] [--exits 8 16 30] [--schemes int8 int4]
+
+For each exit (ratio 1) and scheme, quantizes the exported exit model (``pipeline/quantize.py``),
+scores the first N eval queries' BM25 candidates with both, and prints the mean per-query Spearman
+correlation with the fp32 scores, nDCG@10 of both, and pairs/s of both timed round-robin in one run.
+Targets (issue): Spearman >= 0.98, nDCG@10 within 0.01, >= 1.5x fp32 pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import interleaved_timing
+from matryoshka_reranker.config import load_params
+from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query
+from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
+from matryoshka_reranker.serving.artifacts import config_name
+from matryoshka_reranker.serving.onnx_runtime import OnnxReranker, create_session
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--exits", type=int, nargs="+", default=[8, 16, 30])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--keep-fp32", nargs="*", default=None, help="MatMul weights to keep in fp32 (default: "
+                        "score_heads down_proj)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    queries, qrels = load_eval_set(params)
+    queries = queries[: args.queries]
+    qrels = {q.query_id: qrels[q.query_id] for q in queries}
+    pairs = [p for q in queries for p in q.pairs]
+    print(f"# {len(queries)} eval queries x {len(queries[0].candidates)} candidates ({len(pairs)} pairs), "
+          f"{args.threads} threads; Spearman = mean over queries of rank correlation with the fp32 scores")
+    print(f"{'exit':>4} {'scheme':>18} {'kept fp32':>10} {'Spearman':>9} {'nDCG fp32':>10} {'nDCG q':>7} "
+          f"{'pairs/s fp32':>12} {'pairs/s q':>10} {'speed-up':>9}")
+    from scipy.stats import spearmanr
+
+    def by_query(values):
+        out, offset = {}, 0
+        for q in queries:
+            out[q.query_id] = list(values[offset:offset + len(q.candidates)])
+            offset += len(q.candidates)
+        return out
+
+    for k in args.exits:
+        folder = Path(params.paths.onnx) / config_name(k, 1)
+        fp32 = OnnxReranker(folder, threads=args.threads, batch_size=len(queries[0].candidates))
+        base = np.array(fp32.compute_score(pairs))
+        ndcg_base = np.mean(list(per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"].values()))
+        for scheme in args.schemes:
+            with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:
+                target = Path(work) / "model.onnx"
+                keep = tuple(args.keep_fp32) if args.keep_fp32 is not None else ("score_heads", "down_proj")
+                info = quantize_model(folder / "model.onnx", target, scheme, keep)
+                session = create_session(target, ["CPUExecutionProvider"], args.threads)
+                names = [i.name for i in session.get_inputs()]
+                encoded = [fp32.encoder.encode(q, p) for q, p in pairs]
+
+                def run(sess, rows=range(len(encoded))):
+                    out = []
+                    for q in queries:
+                        batch = fp32.encoder.collate_numpy(encoded[len(out):len(out) + len(q.candidates)])
+                        out += list(sess.run(["scores"], {n: batch[n] for n in names})[0])
+                    return np.array(out)
+
+                quantized = run(session)
+                rho = np.mean([spearmanr(a, b).statistic for a, b in zip(by_query(base).values(),
+                                                                         by_query(quantized).values())])
+                ndcg_q = np.mean(list(per_query(queries, by_query(quantized), qrels, ["nDCG@10"])["nDCG@10"].values()))
+                seconds = interleaved_timing({"fp32": lambda: run(fp32.session), "q": lambda: run(session)}, args.rounds)
+                print(f"{k:>4} {scheme:>18} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "
+                      f"{len(pairs) / seconds['fp32']:12.2f} {len(pairs) / seconds['q']:10.2f} "
+                      f"{seconds['fp32'] / seconds['q']:8.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
