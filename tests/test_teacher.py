@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,34 @@ def test_embedded_minilm_prefers_the_relevant_passage(tmp_path, llama_dir):
     rows = read(score_training_file(params))
     for row in rows:
         assert row["pos_scores"][0] > max(row["neg_scores"])
+
+
+@pytest.mark.slow
+def test_two_workers_score_their_shards_and_merge_byte_identically(tmp_path, tokenizer, llama_dir):
+    """distributed.processes=2: each worker scores every other shard, worker 0 merges: same file as 1 process."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    outputs = {}
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        params = tiny_params(folder, llama_dir, teacher__kind="cross_encoder",
+                             teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, True)))  # 3 shards of 2 lines
+        write_jsonl(folder / "groups.jsonl", ROWS)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
+        env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1"}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        result = subprocess.run([sys.executable, "-m", "matryoshka_reranker.cli", "teacher-score", "-p",
+                                 str(folder / "params.yaml"), "-S", f"distributed.processes={workers}"],
+                                env=env, cwd=folder, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        outputs[workers] = (folder / "scored.jsonl").read_bytes()
+        if workers == 2:
+            assert "worker 1 of 2 scores 1" in result.stderr and "worker 0 of 2 scores 2" in result.stderr
+    assert outputs[1] == outputs[2]

@@ -268,8 +268,11 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 
 @app.command("teacher-score")
 def teacher_score(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Fill pos_scores/neg_scores of the training groups with the configured teacher (resumable)."""
+    """Fill pos_scores/neg_scores of the training groups with the configured teacher (resumable).
+
+    With distributed.processes > 1 every worker scores its share of the shards and worker 0 merges."""
     p = _params(params, set_)
+    _maybe_relaunch(p, ["teacher-score", "-p", str(params), *_set_args(set_)])
     from .training.teacher import score_training_file
 
     try:
@@ -442,8 +445,11 @@ def compare_runs_command(
 
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
-    """Rerank the eval candidates with every exported model; writes paths.metrics and paths.plots."""
+    """Rerank the eval candidates with every exported model; writes paths.metrics and paths.plots.
+
+    With distributed.processes > 1 the workers share the scoring and worker 0 writes the metrics."""
     cfg = _params(params, overrides)
+    _maybe_relaunch(cfg, ["evaluate", "-p", str(params), *_set_args(overrides)])
     from .core.errors import CheckFailed
     from .pipeline.evaluation import evaluate as run_evaluation
     from .pipeline.evaluation import format_table
@@ -454,6 +460,8 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
         _fail(err, 1)
     except (ValueError, FileNotFoundError) as err:
         _fail(err, 2)
+    if not per_layer_metrics:
+        return  # a worker other than 0
     typer.echo(format_table(per_layer_metrics))
     typer.echo(f"metrics: {cfg.paths.metrics}; plots: {cfg.paths.plots}")
 

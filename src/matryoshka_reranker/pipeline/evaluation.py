@@ -386,9 +386,11 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
     latency: dict[str, dict[str, float]] = {}
     sample = queries[: max(1, ev.latency_queries)]
     started = time.perf_counter()
+    scored = score_groups(params, groups, queries, quality)  # split across workers when there are several
+    if scored is None:
+        return {}  # a worker other than 0: its share is written, worker 0 measures and writes the metrics
     for group in groups:
-        by_exit = rerank_all_exits(queries, quality(group), group.exit_layers)
-        gc.collect()
+        by_exit = scored[group.ratio]
         for config in group.configs:
             scores[config.name] = by_exit[config.exit_layer]
             systems[config.name] = per_query(queries, scores[config.name], qrels, measures)
@@ -467,6 +469,41 @@ def calibration_report(config: ExportedConfig, queries: list[EvalQuery], qrels: 
             "held_out_pairs": len(labels),
             "ece_sigmoid": round(expected_calibration_error(1 / (1 + np.exp(-raw)), labels), 6),
             "ece_calibrated": round(expected_calibration_error(calibrated_probability(calibration, raw), labels), 6)}
+
+
+def score_groups(params: Params, groups: list[RatioModels], queries: list[EvalQuery], quality: ScorerFactory
+                 ) -> dict[int, dict[int, dict[str, list[float]]]] | None:
+    """{ratio: {exit: {query id: scores}}}: every eval pair through each ratio's all-exits model.
+
+    Under ``distributed.processes`` > 1 (torch.distributed.run), worker r scores the queries
+    r, r + W, r + 2W, ... and writes them beside the metrics; worker 0 waits for all and merges
+    (the other workers return None). Latency is then measured by worker 0 alone.
+    """
+    from ..core.distributed import barrier, rank_and_world
+
+    rank, world = rank_and_world()
+    mine = [q for i, q in enumerate(queries) if i % world == rank]
+    scored = {}
+    for group in groups:
+        scored[group.ratio] = rerank_all_exits(mine, quality(group), group.exit_layers) if mine else \
+            {k: {} for k in group.exit_layers}
+        gc.collect()
+    if world == 1:
+        return scored
+    shares = Path(params.paths.metrics).parent
+    write_json(shares / f".evaluate-share-{rank}.json", {str(r): {str(k): v for k, v in by_exit.items()}
+                                                         for r, by_exit in scored.items()})
+    barrier()
+    if rank != 0:
+        return None
+    merged: dict[int, dict[int, dict[str, list[float]]]] = {g.ratio: {k: {} for k in g.exit_layers} for g in groups}
+    for worker in range(world):
+        path = shares / f".evaluate-share-{worker}.json"
+        for r, by_exit in json.loads(path.read_text()).items():
+            for k, values in by_exit.items():
+                merged[int(r)][int(k)].update(values)
+        path.unlink()
+    return merged
 
 
 def _mean_spearman(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:

@@ -38,6 +38,7 @@ from pathlib import Path
 from ..config import Params, TeacherParams
 from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_file, sha256_file, write_json
+from ..core.distributed import barrier, rank_and_world
 from ..core.errors import CheckFailed
 from ..core.hardware import pick_device
 from ..core.jsonl import read_jsonl
@@ -268,9 +269,10 @@ def score_training_file(params: Params, teacher=None) -> Path:
         raw = [json.dumps(obj, sort_keys=True, ensure_ascii=False) for _, obj in shard]
         path, meta = shard_dir / f"shard-{index:05d}.jsonl", shard_dir / f"shard-{index:05d}.json"
         plan.append((index, shard, path, meta, _fingerprint(identity, raw)))
-    todo = [p for p in plan if not _shard_done(p[2], p[3], p[4])]
-    log.info("teacher %s: %d lines in %d shards, %d already scored", identity["kind"], len(lines), len(plan),
-             len(plan) - len(todo))
+    rank, world = rank_and_world()
+    todo = [p for p in plan if p[0] % world == rank and not _shard_done(p[2], p[3], p[4])]  # this worker's shards
+    log.info("teacher %s: %d lines in %d shards, %d already scored; worker %d of %d scores %d", identity["kind"],
+             len(lines), len(plan), sum(_shard_done(p[2], p[3], p[4]) for p in plan), rank, world, len(todo))
     if todo:
         teacher = teacher or load_teacher(params, all_passages)
         total = sum(teacher.work(*_pairs(shard)) for _, shard, *_ in todo)
@@ -283,6 +285,13 @@ def score_training_file(params: Params, teacher=None) -> Path:
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 write_json(meta, {"format": SHARD_FORMAT, "fingerprint": fingerprint, "sha256": sha256_file(path),
                                   "lines": len(rows), "first_line": shard[0][0], "teacher": identity})
+    if world > 1:
+        barrier()  # every worker's shards are written
+        if rank != 0:
+            return target  # worker 0 merges
+        missing = [p[2].name for p in plan if not _shard_done(p[2], p[3], p[4])]
+        if missing:
+            raise TeacherScoreError(f"shards {missing} were not scored by their workers")
     for stale in sorted(shard_dir.glob("shard-*.json*")):  # shards of an older, longer input
         if int(stale.name[6:11]) >= len(plan):
             stale.unlink()
