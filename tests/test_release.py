@@ -456,3 +456,25 @@ def test_an_interrupted_publish_is_completed_by_the_next_run(tmp_path, monkeypat
     record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
     assert record["status"] == "published" and record["commit"] == resumed.commit
     assert publish(params, root).status == "unchanged"
+
+
+def test_fetch_release_downloads_once_and_reuses_a_verified_cache(published, tmp_path, monkeypatch):
+    from matryoshka_reranker.release import registry
+
+    base, root, params, result = published
+    cache = tmp_path / "cache"
+    version, folders = registry.fetch_release("latest", repo=str(base / "origin.git"), exit_layers=[6], ratios=[2],
+                                              cache=cache)
+    assert version == "v0.1.0" and [f.name for f in folders] == ["exit-06-ratio-2"]
+    assert folders[0] == cache / "v0.1.0" / "exit-06-ratio-2"
+    calls = []
+    monkeypatch.setattr(registry, "download", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    again = registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[6], ratios=[2], cache=cache)
+    assert again == (version, folders) and calls == []  # reused: it still verifies
+    (folders[0] / "model.onnx").write_bytes(b"corrupted in the cache")
+    monkeypatch.undo()
+    refetched = registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[6], ratios=[2],
+                                       cache=cache)[1][0]
+    assert (refetched / "model.onnx").read_bytes() == (root / "models/onnx/exit-06-ratio-2/model.onnx").read_bytes()
+    with pytest.raises(ReleaseError, match="no exit model for exit_layers=\\[9\\]"):
+        registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[9], cache=cache)

@@ -196,3 +196,26 @@ def test_full_queue_answers_429_and_in_flight_requests_finish_on_shutdown(export
     assert 429 in codes and 200 in codes, codes
     assert all(json.loads(r.text)["error_type"] == "Overloaded" for r in rest if r.status_code == 429)
     assert not thread.is_alive()
+
+
+def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    folder = exported / "exit-03-ratio-1"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": QUERY, "passage": t}) + "\n" for t in TEXTS))
+    result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs)])
+    assert result.exit_code == 0, result.output
+    expected = OnnxReranker(folder).compute_score([(QUERY, t) for t in TEXTS])
+    assert [json.loads(line)["3"] for line in result.stdout.strip().splitlines()] == pytest.approx(expected, abs=1e-5)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(TEXTS) + "\n")
+    result = CliRunner().invoke(app, ["rank", "--model", str(folder), "--query", QUERY, "--documents", str(docs),
+                                      "--top-k", "2", "--return-documents"])
+    assert result.exit_code == 0, result.output
+    ranked = json.loads(result.stdout)
+    assert [r["corpus_id"] for r in ranked] == sorted(range(3), key=lambda i: -expected[i])[:2]
+    result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs), "--cutoff-layers", "2"])
+    assert result.exit_code == 2 and "exported at exit 3" in result.output
