@@ -138,7 +138,8 @@ def test_every_path_produces_identical_input_ids(trained, tmp_path):
         assert ids(encoder) == expected, name
     onnx_params = params.model_copy(update={"paths": params.paths.model_copy(update={"onnx": str(tmp_path / "onnx")}),
                                             "export": params.export.model_copy(update={"exit_layers": [2],
-                                                                                       "ratios": [1]})})
+                                                                                       "ratios": [1],
+                                                                                       "calibration_queries": 0})})
     export_from_params(onnx_params)
     onnx = OnnxReranker(tmp_path / "onnx" / "exit-02-ratio-1")
     assert onnx.input_format == params.model.input_format

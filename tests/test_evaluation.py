@@ -243,7 +243,7 @@ def test_pytorch_check_failure_fails_the_stage_and_writes_nothing(tiny_pipeline,
 
 
 def test_untrained_baseline_and_learning_curve(tiny_pipeline, llama_dir):
-    params = with_evaluation(tiny_pipeline, untrained_baseline=True)
+    params = with_evaluation(tiny_pipeline, untrained_baseline=True, learning_curve=True)
     baselines = untrained_baseline(params)
     assert set(baselines["per_query"]) == {"exit-03-ratio-1", "exit-04-ratio-1"}
     assert baselines["input_format"] == FORMAT.to_dict()

@@ -297,7 +297,8 @@ def write_params(tmp_path, model_dir, **export) -> Path:
         "model": {"name_or_path": str(model_dir), "start_layer": 1, "query_max_len": 16, "passage_max_len": 32},
         "compression": {"layers": [2]},
         "compensation": {"token_ratios": [2]},
-        "export": {"exit_layers": [3], "ratios": [1], "compress_layers": [2], **export},
+        "export": {"exit_layers": [3], "ratios": [1], "compress_layers": [2],
+                   "calibration_queries": 0, **export},
         "paths": {"self_distill": str(tmp_path / "sd"), "compensation": str(tmp_path / "comp"),
                   "onnx": str(tmp_path / "onnx")},
     }

@@ -73,11 +73,12 @@ def test_release_flow_reproduces_gates_and_publishes(harness, tmp_path):
     assert "exit-06-ratio-1" in _artifact("gate-report").data and "FAILED" in _artifact("gate-report").data
     assert [t for t in git(root, "tag").splitlines() if "@" not in t] == ["v0.1.0"]
 
-    # overrides go into params.yaml for the run and are restored when nothing is published (dry run)
+    # overrides (not of the gate policy, which publish refuses) go into params.yaml for the run and are
+    # restored when nothing is published (dry run)
     set_knobs(root, delta={})
     before = (root / "params.yaml").read_text()
-    dry = release(ReleaseRequest(repo=str(root), overrides=["gate.max_drop_abs=0.5"], dry_run=True, force=True))
-    assert dry["status"] == "dry_run"  # params.yaml changed, so it would be a new release
+    dry = release(ReleaseRequest(repo=str(root), overrides=["export.opset=18"], dry_run=True, force=True))
+    assert dry["status"] == "unchanged"  # no stage of the fake pipeline reads export.opset: same outputs
     assert all(r["reproduced"] for r in dry["stages"])  # force re-runs every stage
     assert (root / "params.yaml").read_text() == before
 
@@ -134,7 +135,10 @@ def test_stage_retries_only_transient_failures(harness, tmp_path, mode, attempts
     if not ok:
         err = state.result(raise_on_failure=False)
         assert isinstance(err, repro.StageFailed) and not err.transient
-        assert ("failed validation" if mode == "broken" else "exited with -9") in str(err)
+        if mode == "broken":
+            assert "failed validation" in str(err)
+        else:  # the shell reports a SIGKILL as 137, a direct exec as -9
+            assert "exited with -9" in str(err) or "exited with 137" in str(err)
 
 
 # --- a scheduled deployment on a real `prefect server start` -------------------------------------
@@ -194,7 +198,7 @@ def test_scheduled_deployment_runs_against_a_real_server(tmp_path):
                 return False
 
         _poll(healthy, 120, "the Prefect server", [server])
-        serve = subprocess.Popen([sys.executable, "-m", "matryoshka_reranker.cli", "serve", "--repo", str(root),
+        serve = subprocess.Popen([sys.executable, "-m", "matryoshka_reranker.cli", "schedule", "--repo", str(root),
                                   "--interval", "3", "--name", "test-schedule"],
                                  env={**env, "PREFECT_API_URL": api}, cwd=tmp_path, start_new_session=True,
                                  stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT)

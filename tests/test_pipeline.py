@@ -127,7 +127,8 @@ def test_a_param_change_dirties_only_its_dependants(project):
         diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
         assert diff["params.yaml"]["evaluation.batch_size"] == {"old": 4, "new": 2, "diff": -2}
         status = json.loads(dvc(root, "status", "--json").stdout)
-        assert set(status) == {"baselines", "evaluate"}
+        # every stage that evaluates reads the evaluation params
+        assert set(status) == {"baselines", "evaluate", "learning_curve", "effects"}
         set_params(root / "params.yaml", {"evaluation.batch_size": 4, "export.opset": 19})
         # export's params changed; evaluate reruns after it only if export's outputs change
         assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"export"}

@@ -152,7 +152,8 @@ def test_deepspeed_lora_run_learns_and_adapter_reloads_exactly(tmp_path, scored,
 
     reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])
     for trained, again in zip(capture.scores, exit_scores(reloaded, batch)):
-        torch.testing.assert_close(trained, again, atol=1e-6, rtol=0)
+        # merged LoRA (W + BA) vs the unmerged forward differ by float32 rounding (~1e-6 seen on CI)
+        torch.testing.assert_close(trained, again, atol=1e-5, rtol=0)
     assert ranking_loss(reloaded, params, batch) < 0.8 * before
 
     adapter = load_file(Path(params.paths.self_distill) / "adapter_model.safetensors")

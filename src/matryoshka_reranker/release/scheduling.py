@@ -24,7 +24,7 @@ class ScheduleError(InputError):
 
 def flow_file(repo: str | Path = ".") -> Path:
     """``flows/release.py`` of the project, else of the checkout this package runs from."""
-    for base in (Path(repo), Path(__file__).resolve().parents[2]):
+    for base in (Path(repo), Path(__file__).resolve().parents[3]):  # <checkout>/src/matryoshka_reranker/release
         if (base / FLOW_FILE).is_file():
             return (base / FLOW_FILE).resolve()
     raise ScheduleError(f"no {FLOW_FILE} in {Path(repo).resolve()} or beside the installed package")
