@@ -89,9 +89,11 @@ def main() -> None:
         for row in effects["compensation"]:
             r = row["ratio"]
             b, a = row["before"], row["after"]
+            # a share of the drop is only meaningful where there was a drop to recover
+            recovered = (f"{row['recovered']:.2f} [{row['recovered_ci'][0]:.2f}, {row['recovered_ci'][1]:.2f}]"
+                         if b["drop"]["low"] > 0 else "- (no significant drop before)")
             print(f"| {row['exit_layer']} | {r} | {b['ratio_1']:.3f} / {b[f'ratio_{r}']:.3f} | {diff(b['drop'])} | "
-                  f"{a['ratio_1']:.3f} / {a[f'ratio_{r}']:.3f} | {diff(a['drop'])} | "
-                  f"{row['recovered']:.2f} [{row['recovered_ci'][0]:.2f}, {row['recovered_ci'][1]:.2f}] |")
+                  f"{a['ratio_1']:.3f} / {a[f'ratio_{r}']:.3f} | {diff(a['drop'])} | {recovered} |")
     if args.normal:
         from matryoshka_reranker.pipeline.effects import compare_runs
 
