@@ -64,3 +64,20 @@ def make_tiny_model(arch: str, tokenizer, num_layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), num_layers))
     return model.eval()
+
+
+def run_stage_with_workers(stage: str, params_file, cwd, workers: int):
+    """``matryoshka <stage> -S distributed.processes=<workers>`` in a subprocess with this checkout's
+    code and no inherited launcher variables (so the stage starts its own workers)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "matryoshka_reranker.cli", stage, "-p", str(params_file),
+                           "-S", f"distributed.processes={workers}"],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)

@@ -284,16 +284,11 @@ def test_compensation_effect_and_run_comparison(tiny_pipeline):
 
 @pytest.mark.slow
 def test_two_workers_share_evaluation_and_give_the_same_metrics(tmp_path, llama_dir):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import yaml
 
     from matryoshka_reranker.pipeline.export import ExportOptions, export_models
+    from tests.fixtures import run_stage_with_workers
 
-    root = Path(__file__).resolve().parents[1]
     params = write_fixture(tmp_path, [], extra=[("model.name_or_path", str(llama_dir)), ("model.start_layer", 2),
                                                 ("export.exit_layers", [3, 4]), ("export.ratios", [1]),
                                                 ("evaluation.batch_size", 2)])
@@ -307,12 +302,7 @@ def test_two_workers_share_evaluation_and_give_the_same_metrics(tmp_path, llama_
         raw["paths"]["summary"] = str(tmp_path / f"m{workers}" / "summary.json")
         raw["paths"]["plots"] = str(tmp_path / f"m{workers}" / "plots")
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-        env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1"}
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
-        done = subprocess.run([sys.executable, "-m", "matryoshka_reranker.cli", "evaluate", "-p",
-                               str(tmp_path / "params.yaml"), "-S", f"distributed.processes={workers}"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        done = run_stage_with_workers("evaluate", tmp_path / "params.yaml", tmp_path, workers)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results[workers] = json.loads((tmp_path / f"m{workers}" / "per_query.json").read_text())
         assert not list((tmp_path / f"m{workers}").glob(".evaluate-share-*"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -168,13 +167,10 @@ def test_embedded_minilm_prefers_the_relevant_passage(tmp_path, llama_dir):
 @pytest.mark.slow
 def test_two_workers_score_their_shards_and_merge_byte_identically(tmp_path, tokenizer, llama_dir):
     """distributed.processes=2: each worker scores every other shard, worker 0 merges: same file as 1 process."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    from tests.fixtures import run_stage_with_workers
+
     outputs = {}
     for workers in (1, 2):
         folder = tmp_path / f"w{workers}"
@@ -183,12 +179,7 @@ def test_two_workers_score_their_shards_and_merge_byte_identically(tmp_path, tok
                              teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, True)))  # 3 shards of 2 lines
         write_jsonl(folder / "groups.jsonl", ROWS)
         (folder / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
-        env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1"}
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
-        result = subprocess.run([sys.executable, "-m", "matryoshka_reranker.cli", "teacher-score", "-p",
-                                 str(folder / "params.yaml"), "-S", f"distributed.processes={workers}"],
-                                env=env, cwd=folder, capture_output=True, text=True, timeout=300)
+        result = run_stage_with_workers("teacher-score", folder / "params.yaml", folder, workers)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         outputs[workers] = (folder / "scored.jsonl").read_bytes()
         if workers == 2:

@@ -216,7 +216,6 @@ def export_models(
             ratio_configs = [c for c in configs if c.ratio == ratio]
             _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
             del model
-        shutil.rmtree(tmp / ".tokenizer")
         listed = [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, tmp / c.name) for c in configs]
         for scheme in options.quantize:  # quantized copies, evaluated and gated like the others
             for config in configs:
@@ -224,6 +223,7 @@ def export_models(
                 _quantized_copy(tmp / config.name, tmp / name, scheme, options, tokenizer)
                 listed.append(ExportedConfig(name, config.exit_layer, config.ratio, config.compress_layers, tmp / name,
                                              variant=scheme))
+        shutil.rmtree(tmp / ".tokenizer")
         all_exits = [{"ratio": r, "path": ALL_EXITS.format(ratio=r),
                       "exit_layers": sorted(c.exit_layer for c in configs if c.ratio == r),
                       "compress_layers": list(configs[0].compress_layers) if r > 1 else []} for r in stacks]
@@ -379,8 +379,7 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
         if weights:
             os.replace(cut, folder / MODEL_FILE)
             _place_weights(stage / weights, folder / weights)
-        for item in (out / ".tokenizer").iterdir():
-            shutil.copyfile(item, folder / item.name)
+        _copy_tokenizer(out, folder)
         calibration = None if all_exits else calibrations.get(config.exit_layer)
         manifest = _manifest(config, folder, adapters, parity, options, source, model, tokenizer,
                              all_exits=all_exits, calibration=calibration)
@@ -391,6 +390,12 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     shutil.rmtree(stage)
 
 
+def _copy_tokenizer(out: Path, folder: Path) -> None:
+    """The tokenizer files saved once per export (``out/.tokenizer``) into one model folder."""
+    for item in (out / ".tokenizer").iterdir():
+        shutil.copyfile(item, folder / item.name)
+
+
 def _quantized_copy(source: Path, target: Path, scheme: str, options: ExportOptions, tokenizer) -> None:
     """``target``: the float folder's model quantized (its own weights file), tokenizer, card, manifest."""
     from .quantize import quantize_model
@@ -398,9 +403,7 @@ def _quantized_copy(source: Path, target: Path, scheme: str, options: ExportOpti
     target.mkdir()
     info = quantize_model(source / MODEL_FILE, target / MODEL_FILE, scheme, options.quantize_keep_fp32)
     manifest = json.loads((source / MANIFEST).read_text())
-    for item in source.iterdir():
-        if item.name.startswith("tokenizer") or item.name in ("special_tokens_map.json", "chat_template.jinja"):
-            shutil.copyfile(item, target / item.name)
+    _copy_tokenizer(source.parent, target)
     float_session = _session(source / MODEL_FILE, options)
     quant_session = _session(target / MODEL_FILE, options)
     batch = validation_batches(options.input_format.encoder(tokenizer))[0]

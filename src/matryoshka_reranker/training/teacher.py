@@ -270,9 +270,10 @@ def score_training_file(params: Params, teacher=None) -> Path:
         path, meta = shard_dir / f"shard-{index:05d}.jsonl", shard_dir / f"shard-{index:05d}.json"
         plan.append((index, shard, path, meta, _fingerprint(identity, raw)))
     rank, world = rank_and_world()
-    todo = [p for p in plan if p[0] % world == rank and not _shard_done(p[2], p[3], p[4])]  # this worker's shards
+    done = {p[0] for p in plan if _shard_done(p[2], p[3], p[4])}  # hashes every shard once
+    todo = [p for p in plan if p[0] % world == rank and p[0] not in done]  # this worker's shards
     log.info("teacher %s: %d lines in %d shards, %d already scored; worker %d of %d scores %d", identity["kind"],
-             len(lines), len(plan), sum(_shard_done(p[2], p[3], p[4]) for p in plan), rank, world, len(todo))
+             len(lines), len(plan), len(done), rank, world, len(todo))
     if todo:
         teacher = teacher or load_teacher(params, all_passages)
         total = sum(teacher.work(*_pairs(shard)) for _, shard, *_ in todo)
