@@ -35,7 +35,9 @@ bench: setup
 
 # A named params set (configs/experiments/$(EXP).yaml) as a DVC experiment in a temporary copy of the
 # repository: params.yaml is never edited by hand; results: `dvc exp show`, `dvc exp apply $(EXP)`.
+# PYTHONPATH=src is relative to each stage's working directory, i.e. the temporary copy: the stages run
+# the copy's code (the code DVC hashes), not .venv's editable install of this checkout.
 EXP ?= scifact-cpu
 TARGET ?=
 experiment: setup
-	$(BIN)/dvc exp run --temp --name $(EXP) $$($(BIN)/matryoshka experiment-args $(EXP)) $(TARGET)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/dvc exp run --temp --name $(EXP) $$($(BIN)/matryoshka experiment-args $(EXP)) $(TARGET)
