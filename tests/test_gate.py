@@ -75,6 +75,34 @@ def test_a_real_drop_on_one_layer_fails_and_names_it():
     assert verdicts(report)[("exit-08-ratio-1", "nDCG@10")] == "pass"
 
 
+def test_the_regression_test_is_one_sided():
+    """A drop whose two-sided p is ~0.07 (0.036 one-sided) regresses: the gate asks "worse?", not "different?".
+
+    Real case (docs/release.md): a zeroed exit-8 head on the default model, two-sided p 0.0502.
+    """
+    from matryoshka_reranker.pipeline import statistics
+
+    drop = {q: -0.05 + (0.21 if i % 2 else -0.21) for i, q in enumerate(QUERIES)}  # mean -0.05, sd 0.21
+    new = results(noise=0.0)
+    for measure, offset in (("nDCG@10", 0.0), ("RR@10", -0.1)):
+        new["per_query"]["exit-16-ratio-1"][measure] = {q: 0.7 + offset + d for q, d in drop.items()}
+        new["metrics"]["configs"]["exit-16-ratio-1"][measure] = 0.7 + offset - 0.05
+    old = results(noise=0.0)
+    new_values, old_values = statistics.aligned(new["per_query"]["exit-16-ratio-1"]["nDCG@10"],
+                                                old["per_query"]["exit-16-ratio-1"]["nDCG@10"])
+    two_sided = statistics.paired_difference(new_values, old_values, resamples=10_000).p_value
+    assert 0.05 < two_sided < 0.1
+
+    report = compare(new, old, MEASURES, GateParams(max_drop_abs=0.02, max_drop_rel=None), resamples=10_000)
+    check = next(c for c in report.checks if c.config == "exit-16-ratio-1" and c.measure == "nDCG@10")
+    assert check.verdict == "regressed" and check.p_value < 0.05 and report.regressions == ["exit-16-ratio-1"]
+    assert check.p_value == pytest.approx(
+        statistics.paired_difference(new_values, old_values, resamples=10_000, alternative="less").p_value, abs=1e-6)
+    # the same change upwards is an improvement by the mirrored one-sided test, never a failure
+    improved = compare(old, new, MEASURES, GateParams(), resamples=10_000)
+    assert improved.passed and verdicts(improved)[("exit-16-ratio-1", "nDCG@10")] == "improved"
+
+
 def test_a_drop_within_tolerance_passes_even_if_significant():
     report = compare(results({"exit-16-ratio-1": -0.01}, noise=0.001), OLD, MEASURES,
                      GateParams(max_drop_abs=0.02, max_drop_rel=None), resamples=2000)

@@ -72,8 +72,13 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, resamples: 
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
-                      resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> PairedDifference:
-    """Mean of ``a - b`` per query, its bootstrap interval, and a two-sided sign-flip permutation p-value."""
+                      resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                      alternative: str = "two-sided") -> PairedDifference:
+    """Mean of ``a - b`` per query, its bootstrap interval, and a sign-flip permutation p-value.
+
+    ``alternative`` is scipy's: "two-sided" for "do they differ?", "less" (a < b) or "greater" for
+    a question with a direction, such as the release gate's "did it get worse?".
+    """
     from scipy import stats
 
     x, y = _values(a), _values(b)
@@ -83,7 +88,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if np.all(d == 0):
         return PairedDifference(0.0, 0.0, 0.0, 1.0, int(d.size))
     interval = mean_interval(d, confidence, resamples, seed)
-    test = stats.permutation_test((d,), np.mean, permutation_type="samples", alternative="two-sided",
+    test = stats.permutation_test((d,), np.mean, permutation_type="samples", alternative=alternative,
                                   n_resamples=resamples, rng=np.random.default_rng(seed), vectorized=True)
     return PairedDifference(interval.mean, interval.low, interval.high, float(test.pvalue), int(d.size))
 
