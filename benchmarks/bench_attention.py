@@ -1,6 +1,6 @@
 """PyTorch forward speed: upstream-style eager attention vs our attention paths, with the GEMM peak.
 
-    python -m benchmarks.bench_attention [--pairs 16] [--rounds 5] [--threads 2]
+    python -m benchmarks.bench_attention [--pairs 16] [--rounds 5] [--threads 2] [--compile]
 
 Every system scores the same real SciFact pairs in one right-padded batch (as the issue's table:
 16 pairs padded to the longest), at the same exits and compression, round-robin in one run:
@@ -10,7 +10,9 @@ Every system scores the same real SciFact pairs in one right-padded batch (as th
 * ``sdpa + (B,1,T,T) mask``: our path before this change (transformers' SDPA given the float mask);
 * ``eager, causal only``: eager attention with one (1, 1, T, T) causal bias (right padding needs no
   padding mask: ``modeling.attention_bias``);
-* ``sdpa is_causal``: SDPA's fused causal kernel, no mask tensor at all.
+* ``sdpa is_causal``: SDPA's fused causal kernel, no mask tensor at all;
+* with ``--compile``, also ``sdpa is_causal + compile``: the same model under ``torch.compile``
+  (inductor, C++ codegen on CPU; compiled once per config before timing, compile time printed).
 
 It prints pairs/s per system and config, each system's speed relative to upstream-style eager,
 and the effective GFLOP/s at full depth against a same-run fp32 GEMM of the model's MLP shape
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the default path under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -72,22 +75,32 @@ def main() -> None:
     systems = {"upstream-style eager": ("eager", padded_mask_bias), "sdpa + (B,1,T,T) mask": ("sdpa", padded_mask_bias),
                "eager, causal only": ("eager", modeling.attention_bias), "sdpa is_causal": ("sdpa", modeling.attention_bias)}
     real_bias = modeling.attention_bias
+    compiled = None
+    if args.compile:
+        systems["sdpa is_causal + compile"] = ("sdpa", modeling.attention_bias)
+        compiled = torch.compile(model)
 
     def run(system: str, exit_layer: int, ratio: int):
         implementation, bias = systems[system]
+        forward = compiled if system.endswith("+ compile") else model
 
         def call():
             model.config._attn_implementation = implementation
             modeling.attention_bias = bias
             try:
                 with torch.inference_mode():
-                    return model(**batch, cutoff_layers=[exit_layer], compress_layers=[8] if ratio > 1 else [],
+                    return forward(**batch, cutoff_layers=[exit_layer], compress_layers=[8] if ratio > 1 else [],
                                  compress_ratio=ratio)[0]
             finally:
                 modeling.attention_bias = real_bias
         return call
 
     reference = {cfg: run("upstream-style eager", *values)() for cfg, values in configs.items()}
+    if compiled is not None:  # compile every config before timing (each is its own graph)
+        for cfg, values in configs.items():
+            started = time.perf_counter()
+            run("sdpa is_causal + compile", *values)()
+            print(f"# torch.compile {cfg}: {time.perf_counter() - started:.0f} s to compile")
     for system in systems:  # same scores (padding never reaches a real token)
         for cfg, values in configs.items():
             torch.testing.assert_close(run(system, *values)(), reference[cfg], atol=1e-4, rtol=1e-4)
