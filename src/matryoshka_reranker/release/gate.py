@@ -16,8 +16,8 @@ fixed tolerance alone either false-alarms on seed noise or misses real drops. Th
 one-sided in the direction of the change (H1: new < old for a drop): the gate only ever fails on
 drops, and a two-sided test spends half of alpha on improvements it never acts on. Measured on
 the default model: a zeroed exit-8 score head (nDCG@10 0.391 -> 0.324, i.e. random order) had a
-two-sided p of 0.0502 and passed; one-sided it is 0.025 and fails (docs/release.md). The report gives
-each delta with its bootstrap interval and p-value. A config or measure the baseline has but the
+two-sided p of 0.0502 and passed; one-sided it is 0.025 and fails (docs/release.md). The report
+gives each delta with its bootstrap interval and p-value. A config or measure the baseline has but the
 new metrics lack fails, and so does a comparison across different eval sets (query ids,
 candidates, qrels) or with metrics whose ONNX-vs-PyTorch check did not pass.
 
@@ -121,8 +121,8 @@ class GateReport:
         queries = self.eval.get("queries", "?")
         lines += [f"A config regresses when its drop exceeds max(abs {tol['max_drop_abs']}, rel "
                   f"{tol['max_drop_rel']} x old) **and** a paired permutation test over the {queries} eval "
-                  f"queries (one-sided, in the direction of the change) gives p < {tol['alpha']}. Intervals: {int(100 * tol['confidence'])}% bootstrap of the "
-                  "per-query delta.", ""]
+                  f"queries (one-sided, in the direction of the change) gives p < {tol['alpha']}. "
+                  f"Intervals: {int(100 * tol['confidence'])}% bootstrap of the per-query delta.", ""]
         if self.regressions:
             lines += [f"**Regressed configs:** {', '.join(f'`{c}`' for c in self.regressions)}", ""]
         if self.improvements:
@@ -222,8 +222,7 @@ def _measure_names(configs: dict) -> set[str]:
                 "exit_layer", "ratio", "latency_ms_per_query", "pairs_per_s", "latency_queries")}
 
 
-def _paired(new: dict, old: dict, config: str, measure: str, confidence: float, resamples: int,
-            alternative: str = "less"):
+def _paired(new: dict, old: dict, config: str, measure: str, confidence: float, resamples: int, alternative: str):
     a = (new.get("per_query") or {}).get(config, {}).get(measure)
     b = (old.get("per_query") or {}).get(config, {}).get(measure)
     if a is None or b is None:
