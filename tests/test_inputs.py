@@ -47,6 +47,32 @@ def test_truncation_keeps_prompt_and_bounds_query_plus_passage(tokenizer):
     assert pair.input_ids[-pair.prompt_length:] == ids(tokenizer, "\n") + ids(tokenizer, "Yes?")
 
 
+def reference_encoding(tokenizer, form, query, passage):
+    """The layout written out from per-text tokenizer calls (what a batched encoder must equal)."""
+    head = [tokenizer.bos_token_id] + ids(tokenizer, f"A: {query}")[: form.query_max_len] + ids(tokenizer, "\n")
+    room = form.max_length - len(head)
+    body = ids(tokenizer, f"B: {passage}")[: min(form.passage_max_len, room)]
+    return head + body + ids(tokenizer, "\n") + ids(tokenizer, form.prompt)
+
+
+PAIRS = [("what causes colds?", "Rhinoviruses do."), ("what causes colds?", "a very long passage " * 40),
+         ("q", ""), ("a very long query " * 20, "short"), ("what causes colds?", "Rhinoviruses do.")]
+
+
+def test_batched_encoding_equals_the_per_pair_layout(tokenizer, tmp_path):
+    from matryoshka_reranker.serving.tokenizer import ServingTokenizer
+
+    form = fmt(32, query_max_len=10)
+    expected = [reference_encoding(tokenizer, form, q, p) for q, p in PAIRS]
+    assert [e.input_ids for e in PairEncoder(tokenizer, form).encode_many(PAIRS)] == expected
+    # the serving side (tokenizers only) batches through encode_batch: same ids
+    tokenizer.save_pretrained(tmp_path)
+    serving = ServingTokenizer(tmp_path / "tokenizer.json", tokenizer.bos_token_id, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id)
+    assert [e.input_ids for e in PairEncoder(serving, form).encode_many(PAIRS)] == expected
+    assert PairEncoder(tokenizer, form).encode_many([]) == []
+
+
 def test_collate_right_pads(tokenizer):
     encoder = PairEncoder(tokenizer, fmt(64))
     a, b = encoder.encode("q", "short"), encoder.encode("longer query", "a longer passage here")

@@ -432,7 +432,7 @@ def _calibrate(shared: Path, exits: list[int], encoder, inputs: list[str], optio
     if calibration is None:
         return {}
     session = _session(shared, options)
-    encoded = [encoder.encode(q, p) for q, p in calibration.pairs]
+    encoded = encoder.encode_many(calibration.pairs)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
     scores = {k: np.empty(len(encoded), dtype=np.float64) for k in exits}
     for start in range(0, len(order), 16):
@@ -462,7 +462,7 @@ def _place_weights(source: Path, target: Path) -> None:
 
 def validation_batches(encoder: PairEncoder) -> list[dict[str, torch.Tensor]]:
     """The fixed parity batch: all pairs together (ragged, batch 5), then each pair alone (batch 1)."""
-    encoded = [encoder.encode(q, p) for q, p in VALIDATION_PAIRS]
+    encoded = encoder.encode_many(VALIDATION_PAIRS)
     return [encoder.collate(encoded)] + [encoder.collate([e]) for e in encoded]
 
 

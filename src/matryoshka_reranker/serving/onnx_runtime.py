@@ -200,7 +200,7 @@ class OnnxReranker:
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
         outputs = {k: (f"{SCORES}_{k}" if "exit_layers" in self.manifest else SCORES) for k in self.exit_layers}
-        encoded = [self.encoder.encode(q, p) for q, p in pairs]
+        encoded = self.encoder.encode_many(pairs)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
         scores = {k: np.empty(len(encoded), dtype=np.float32) for k in outputs}
         for start in range(0, len(order), size):

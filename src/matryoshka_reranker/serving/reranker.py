@@ -132,7 +132,7 @@ class MatryoshkaReranker:
         layers_c = self.compress_layers if compress_layers is None else tuple(compress_layers)
         layers = self.model.check_cutoff_layers(cutoff_layers)
         self.model.check_compression(layers_c, ratio)
-        encoded = [self.encoder.encode(q, p) for q, p in pairs]
+        encoded = self.encoder.encode_many(pairs)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # length buckets
         scores = torch.empty(len(layers), len(encoded))
         size = batch_size or self.batch_size

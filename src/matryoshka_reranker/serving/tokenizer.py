@@ -21,7 +21,10 @@ class ServingTokenizer:
         self._tokenizer.no_truncation()
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict[str, list]:
+        if isinstance(text, list):  # a batch: encoded in parallel by the Rust library
+            encodings = self._tokenizer.encode_batch(text, add_special_tokens=add_special_tokens)
+            return {"input_ids": [encoding.ids for encoding in encodings]}
         return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
 
     @classmethod

@@ -169,7 +169,7 @@ class GroupCollator:
         self.encoder = encoder
 
     def __call__(self, groups: Sequence[Group]) -> dict[str, torch.Tensor]:
-        pairs = [self.encoder.encode(g.query, p) for g in groups for p in g.passages]
+        pairs = self.encoder.encode_many([(g.query, p) for g in groups for p in g.passages])
         batch = self.encoder.collate(pairs)
         if all(g.teacher_scores is not None for g in groups):
             batch["teacher_scores"] = torch.tensor([g.teacher_scores for g in groups], dtype=torch.float32)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def last_token_states(model: MatryoshkaModel, encoder: PairEncoder, pairs: Sequence[tuple[str, str]],
                       batch_size: int = 16) -> torch.Tensor:
     """(N, L, D) float32: every exit's final-norm'd last-token state for each pair (one pass)."""
-    encoded = [encoder.encode(q, p) for q, p in pairs]
+    encoded = encoder.encode_many(pairs)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # less padding
     exits = model.exit_layers
     device = next(model.parameters()).device
