@@ -130,3 +130,15 @@ def test_missing_or_misshapen_teacher_scores_are_clear():
         matryoshka_loss(student, TrainMethod("teacher"), teacher_scores=torch.zeros(3, 2))
     with pytest.raises(ValueError, match="fix_layer_every"):
         TrainMethod("fix_layer", fix_layer_every=0)
+
+
+def test_layer_weights_scale_each_exit_and_its_gradient():
+    student = [torch.tensor([s], requires_grad=True) for s in S[:3]]
+    plain, per_layer = matryoshka_loss(student, TrainMethod("last_layer"))
+    weighted, same = matryoshka_loss(student, TrainMethod("last_layer"), weights=[4.0, 1.0, 0.0])
+    assert same.tolist() == per_layer.tolist()  # the logged per-exit losses stay unweighted
+    assert weighted.item() == pytest.approx(4 * per_layer[0].item() + per_layer[1].item())
+    weighted.backward()
+    assert student[2].grad.abs().sum() == 0 and student[0].grad.abs().sum() > 0  # weight 0: no gradient of its own
+    with pytest.raises(ValueError, match="one weight >= 0 per exit"):
+        matryoshka_loss(student, TrainMethod("last_layer"), weights=[1.0, 1.0])

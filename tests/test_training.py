@@ -92,6 +92,21 @@ def test_shared_prefix_step_equals_two_full_passes(tmp_path, scored, llama_dir, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_layer_weights_weigh_the_step_loss_per_exit(tmp_path, scored, llama_dir, tokenizer):
+    params = tiny_params(tmp_path, llama_dir)
+    batch = fixed_batch(params, tokenizer)
+    model, _, _ = load_base(params)
+    shallow = model.exit_layers[0]
+    plain = MatryoshkaTrainingModel.from_model(model, TrainMethod("normal"), 3).eval()
+    weighted = MatryoshkaTrainingModel.from_model(model, TrainMethod("normal"), 3, {shallow: 5.0}).eval()
+    with torch.no_grad():
+        a, b = plain(**batch), weighted(**batch)
+    torch.testing.assert_close(a["per_layer_loss"], b["per_layer_loss"])
+    assert b["loss"].item() == pytest.approx(a["loss"].item() + 4 * a["per_layer_loss"][0].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="does not have"):
+        MatryoshkaTrainingModel.from_model(model, TrainMethod("normal"), 3, {model.num_layers + 1: 2.0})
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, scored, llama_dir, tokenizer):
     params = tiny_params(tmp_path, llama_dir)
     batch = fixed_batch(params, tokenizer)

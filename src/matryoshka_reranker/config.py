@@ -111,6 +111,8 @@ class TrainParams(Section):
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0)  # softmax temperature of teacher distributions
+    # loss weight per exit layer, e.g. {8: 8.0}; exits not named weigh 1 (checked against the model)
+    layer_weights: dict[int, Annotated[float, Field(ge=0)]] = {}
     save_steps: int = Field(6, ge=1)
     logging_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False

@@ -103,16 +103,20 @@ def matryoshka_loss(
     method: TrainMethod,
     full: Sequence[torch.Tensor] | None = None,
     teacher_scores: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Total loss and the loss of each exit layer.
 
     student, full: per exit layer (deepest last) scores (B, G); ``full`` defaults to ``student``
     (no compression this step). teacher_scores: (B, G), needed when the method uses the external
     teacher. Returns ``(loss, per_layer)`` with per_layer (L,) in the same order as ``student``
-    (detached) and loss = per_layer.sum() (with gradient).
+    (detached) and loss = sum(weights * per_layer) (with gradient; weights default to 1 per exit,
+    in ``student``'s order: a larger weight on shallow exits makes the shared early layers serve them).
     """
     if not student:
         raise ValueError("no exit layer scores")
+    if weights is not None and (len(weights) != len(student) or any(w < 0 for w in weights)):
+        raise ValueError(f"need one weight >= 0 per exit ({len(student)}), got {list(weights)}")
     full = student if full is None else full
     if len(full) != len(student):
         raise ValueError(f"{len(student)} student exits but {len(full)} full-width exits")
@@ -133,4 +137,6 @@ def matryoshka_loss(
             loss = loss + soft_ce(scores, deepest_first_full[j], T)
         per_layer.append(loss)
     per_layer = torch.stack(per_layer[::-1])  # (L,) deepest last again
-    return per_layer.sum(), per_layer.detach()
+    if weights is None:
+        return per_layer.sum(), per_layer.detach()
+    return (per_layer * per_layer.new_tensor(list(weights))).sum(), per_layer.detach()

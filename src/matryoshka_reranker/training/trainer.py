@@ -62,13 +62,21 @@ class MatryoshkaTrainingModel(MatryoshkaModel):
 
     method: TrainMethod
     group_size: int
+    loss_weights: list[float] | None = None  # per exit layer, deepest last (None: all 1)
 
     @classmethod
-    def from_model(cls, model: MatryoshkaModel, method: TrainMethod, group_size: int) -> MatryoshkaTrainingModel:
-        """Shares ``model``'s decoder and heads (no copy)."""
+    def from_model(cls, model: MatryoshkaModel, method: TrainMethod, group_size: int,
+                   layer_weights: dict[int, float] | None = None) -> MatryoshkaTrainingModel:
+        """Shares ``model``'s decoder and heads (no copy). ``layer_weights``: {exit: loss weight}."""
         new = cls(model.decoder, model.start_layer, model.layer_sep)
         new.score_heads = model.score_heads
         new.method, new.group_size = method, group_size
+        unknown = sorted(set(layer_weights or {}) - set(new.exit_layers))
+        if unknown:
+            raise ValueError(f"layer_weights names exit layer(s) {unknown} the model does not have "
+                             f"(exits {new.exit_layers[0]}..{new.exit_layers[-1]})")
+        if layer_weights:
+            new.loss_weights = [float(layer_weights.get(k, 1.0)) for k in new.exit_layers]
         return new
 
     def forward(
@@ -99,7 +107,8 @@ class MatryoshkaTrainingModel(MatryoshkaModel):
             _, student = self.advance(state, depth, exits)
             full = None  # identical to the student: matryoshka_loss detaches it
         loss, per_layer = matryoshka_loss(
-            self._grouped(student), self.method, self._grouped(full) if full else None, teacher_scores
+            self._grouped(student), self.method, self._grouped(full) if full else None, teacher_scores,
+            self.loss_weights,
         )
         return {"loss": loss, "per_layer_loss": per_layer}
 
@@ -327,7 +336,7 @@ def train_adapter(run: AdapterRun) -> dict:
         probe = probe_heads(run.model, run.encoder, run.examples, run.train.probe_queries,
                             run.train.train_group_size, run.train.seed, run.train.probe_l2,
                             use_teacher=method.needs_teacher_scores, temperature=method.temperature)
-    model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size)
+    model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size, run.train.layer_weights)
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
