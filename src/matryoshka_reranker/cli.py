@@ -411,7 +411,17 @@ def experiment_args(name: Annotated[str, typer.Argument(help="a params set in co
     from .config import load_params
 
     load_params(Path("params.yaml"), [f"{k}={json.dumps(v)}" for k, v in sets.items()])  # fail early on a bad key
-    typer.echo(" ".join(f"-S {k}={json.dumps(v, separators=(',', ':'))}" for k, v in sets.items()))
+    typer.echo(" ".join(f"-S {k}={_override_value(v)}" for k, v in sets.items()))
+
+
+def _override_value(value) -> str:
+    """A value in the override grammar DVC's ``-S`` parses (Hydra's): JSON, except that mapping keys
+    are bare (``{8:8.0}``; Hydra refuses the quoted ``{"8":8.0}``)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 @app.command("compare-runs", cls=_ListOptionsCommand)
