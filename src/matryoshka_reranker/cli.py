@@ -411,7 +411,8 @@ def experiment_args(name: Annotated[str, typer.Argument(help="a params set in co
     from .config import load_params
 
     load_params(Path("params.yaml"), [f"{k}={json.dumps(v)}" for k, v in sets.items()])  # fail early on a bad key
-    typer.echo(" ".join(f"-S {k}={_override_value(v)}" for k, v in sets.items()))
+    # "++": a mapping may add keys to one that params.yaml has (e.g. an empty {}), which plain "k=v" refuses
+    typer.echo(" ".join(f"-S {'++' if isinstance(v, dict) else ''}{k}={_override_value(v)}" for k, v in sets.items()))
 
 
 def _override_value(value) -> str:
