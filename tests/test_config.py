@@ -80,3 +80,26 @@ def test_input_format_is_built_once_from_model_params():
 
 def test_fingerprint_changes_with_params():
     assert Params().fingerprint() != parse_params({"self_distill": {"max_steps": 99}}).fingerprint()
+
+
+def test_experiment_args_are_valid_dvc_set_params(tmp_path, monkeypatch):
+    """A named params set becomes `-S` overrides that DVC's (Hydra's) grammar parses, mappings included."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "configs" / "experiments").mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+    (tmp_path / "configs" / "experiments" / "x.yaml").write_text(
+        "teacher.kind: hybrid\ncompression.ratios: [1, 2]\nself_distill.layer_weights: {8: 8.0}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["experiment-args", "x"])
+    assert result.exit_code == 0, result.output
+    args = result.output.split()
+    overrides = args[1::2]
+    assert args[::2] == ["-S"] * 3
+    assert overrides == ['teacher.kind="hybrid"', "compression.ratios=[1,2]", "++self_distill.layer_weights={8:8.0}"]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    assert parsed[2].value() == {8: 8.0} and parsed[1].value() == [1, 2]
