@@ -1,6 +1,6 @@
 """Pairs/s of the pair encoder: one tokenizer call per pair against one batched call per text kind.
 
-    python benchmarks/bench_tokenize.py [--pairs 1024] [--rounds 5]
+    python -m benchmarks.bench_tokenize [--pairs 1024] [--rounds 5]
 
 Why: on an H200 the PyTorch path scored about 1,000 pairs/s at exit 8 and at exit 30 alike, the
 rate per-pair tokenization alone reached there (README, GPU): the tokenizer, not the model, bounded
