@@ -146,3 +146,39 @@ def test_every_path_produces_identical_input_ids(trained, tmp_path):
     assert ids(onnx.encoder) == expected, "ONNX serving (tokenizers only)"
     batches = validation_batches(params.model.input_format.encoder(tokenizer))
     assert batches[0]["input_ids"].shape[0] == 5  # export checks parity in the same format
+
+
+@pytest.mark.slow
+def test_same_layer_token_adapter_trains_under_deepspeed(trained, tmp_path):
+    """The width objective switches PEFT layers off and on inside the step; under DeepSpeed ZeRO-1
+    the run completes and the saved adapter changes the compressed scores. (Whether it recovers
+    quality is measured on SciFact, README "Quality"; the tiny model here loses almost nothing to
+    compression, so there is nothing to recover.)"""
+    from matryoshka_reranker.training.data import load_training_file
+
+    params, _ = trained
+    root = tmp_path / "copy"
+    shutil.copytree(Path(params.paths.compensation).parent, root)
+    paths = {k: v.replace(str(Path(params.paths.compensation).parent), str(root))
+             for k, v in params.paths.model_dump().items()}
+    token = params.compensation.token.model_copy(update={
+        "train_method": "same_layer", "deepspeed": str(Path(__file__).parents[1] / "configs/deepspeed/zero1.json"),
+        "max_steps": 8, "save_steps": 8, "learning_rate": 0.02})
+    ours = params.model_copy(update={
+        "compensation": params.compensation.model_copy(update={"token_ratios": [2], "token": token}),
+        "paths": params.paths.model_copy(update=paths)})
+    stack = [Path(ours.paths.self_distill), Path(ours.paths.compensation) / "layer"]
+    pairs = [(e.query, p) for e in load_training_file(ours.paths.teacher_scored) for p in [*e.pos, *e.neg]]
+
+    def distance(token_adapter: bool) -> float:
+        full = MatryoshkaReranker(ours.model.name_or_path, peft_path=stack, start_layer=1)
+        narrow = MatryoshkaReranker(ours.model.name_or_path, start_layer=1,
+                                    peft_path=stack + ([Path(ours.paths.compensation) / "token-ratio-2"] if token_adapter else []))
+        a = torch.tensor(full.compute_score(pairs, cutoff_layers=[2, 3, 4]))
+        b = torch.tensor(narrow.compute_score(pairs, cutoff_layers=[2, 3, 4], compress_layers=[2], compress_ratio=2))
+        return (a - b).abs().mean().item()
+
+    before = distance(False)
+    log = compensate(ours, only=["token-ratio-2"])["token-ratio-2"]
+    assert log["steps"] == 8 and log["train_method"] == "same_layer" and log["deepspeed"] == token.deepspeed
+    assert distance(True) != pytest.approx(before, abs=1e-4)

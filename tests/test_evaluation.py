@@ -275,6 +275,13 @@ def test_compensation_effect_and_run_comparison(tiny_pipeline):
     row = result["compensation"][1]
     assert row["before"]["drop"]["mean"] == pytest.approx(row["before"]["ratio_1"] - row["before"]["ratio_2"], abs=2e-4)
     assert set(row) >= {"recovered", "recovered_ci"} and len(row["recovered_ci"]) == 2
+    # Scoring the compensated models here (no export) gives the same table: the evaluate stage above
+    # scored those very PyTorch models.
+    direct = compensation_effect(params, after_from="pytorch")
+    assert direct["after_from"] == "pytorch"
+    assert json.dumps(direct["compensation"]) == json.dumps(result["compensation"])  # NaN-tolerant equality
+    with pytest.raises(ValueError, match="after_from"):
+        compensation_effect(params, after_from="onnx")
     curve = learning_curve(params)
     same = compare_runs(curve, curve, [3, 4])
     assert [r["difference"]["mean"] for r in same] == [0.0, 0.0]

@@ -99,6 +99,16 @@ def test_flags_combine_and_temperature_softens_targets():
     ])
 
 
+def test_same_layer_teaches_every_exit_its_own_reference_exit():
+    # ``full`` holds the reference pass (the model without the adapter being trained).
+    _, per_layer = run("same_layer")
+    assert per_layer == pytest.approx([ce(*S[i]) + soft(S[i], F[i]) for i in range(3)])
+    _, per_layer = run("distill_same_layer")  # the deepest exit learns the external teacher too
+    assert per_layer[-1] == pytest.approx(ce(*S[2]) + soft(S[2], T) + soft(S[2], F[2]))
+    with pytest.raises(ValueError, match="reference"):
+        matryoshka_loss([torch.tensor([s]) for s in S[:3]], TrainMethod("same_layer"))
+
+
 def test_final_layer_works_with_teacher_unlike_upstream():
     _, per_layer = run("final_layer_teacher")
     assert per_layer[0] == pytest.approx(ce(*S[0]) + soft(S[0], T) + soft(S[0], F[2]))

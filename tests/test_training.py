@@ -92,6 +92,50 @@ def test_shared_prefix_step_equals_two_full_passes(tmp_path, scored, llama_dir, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, llama_dir, tokenizer):
+    """Token compensation's step: compressed scores with the adapter on, targets with it off."""
+    from peft import get_peft_model
+
+    from matryoshka_reranker.model.adapters import lora_config
+
+    params = tiny_params(tmp_path, llama_dir)
+    batch = fixed_batch(params, tokenizer)
+    model, _, _ = load_base(params)
+    method = TrainMethod("same_layer")
+    step = MatryoshkaTrainingModel.from_model(model, method, 3)
+    peft = get_peft_model(step, lora_config(params.self_distill.lora, model.exit_layers)).train()
+    for name, p in peft.named_parameters():  # a non-zero adapter (LoRA B starts at 0), heads changed too
+        if "lora_B" in name or "modules_to_save" in name:
+            p.data.add_(0.05 * torch.randn_like(p))
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    out = peft(**batch, compress_layers=[2], compress_ratio=2)
+    out["loss"].backward()
+    assert {n for n, p in peft.named_parameters() if p.requires_grad} == trainable  # adapters back on
+    assert all(peft.get_parameter(n).grad is not None for n in trainable if "lora_A" in n)
+
+    inputs = {k: v for k, v in batch.items() if k != "teacher_scores"}
+    exits = step.exit_layers
+    with torch.no_grad():
+        student = MatryoshkaModel.forward(step, **inputs, cutoff_layers=exits, compress_layers=[2], compress_ratio=2)
+        with peft.disable_adapter():
+            reference = MatryoshkaModel.forward(step, **inputs, cutoff_layers=exits)
+        adapted = MatryoshkaModel.forward(step, **inputs, cutoff_layers=exits)
+    grouped = lambda scores: [s.view(-1, 3) for s in scores]  # noqa: E731
+    expected, per_layer = matryoshka_loss(grouped(student), method, grouped(reference))
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(out["per_layer_loss"], per_layer, atol=1e-5, rtol=1e-5)
+    # The targets really are the adapter-free model's: with the adapter on they would differ.
+    wrong, _ = matryoshka_loss(grouped(student), method, grouped(adapted))
+    assert wrong.item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_same_layer_is_refused_for_self_distillation(tmp_path, llama_dir):
+    with pytest.raises(ValueError, match="same_layer"):
+        tiny_params(tmp_path, llama_dir, self_distill__train_method="distill_same_layer")
+    params = tiny_params(tmp_path, llama_dir, compensation__token__train_method="same_layer")
+    assert params.compensation.token.train_method == "same_layer"
+
+
 def test_layer_weights_weigh_the_step_loss_per_exit(tmp_path, scored, llama_dir, tokenizer):
     params = tiny_params(tmp_path, llama_dir)
     batch = fixed_batch(params, tokenizer)

@@ -384,12 +384,15 @@ def learning_curve_command(params: ParamsOpt = Path("params.yaml"), overrides: S
 
 
 @app.command()
-def effects(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+def effects(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+            after_from: Annotated[str, typer.Option(help="evaluate: the evaluate stage's per-query values of the "
+                                                    "exported models; pytorch: score the compensated models here "
+                                                    "(an experiment that stops before export)")] = "evaluate") -> None:
     """Compensation before/after per exit x ratio (evaluation.effects) -> paths.effects."""
     cfg = _params(params, overrides)
     from .pipeline.effects import compensation_effect
 
-    result = compensation_effect(cfg)
+    result = compensation_effect(cfg, after_from=after_from)
     for row in result["compensation"]:
         b, a = row["before"]["drop"], row["after"]["drop"]
         typer.echo(f"exit {row['exit_layer']:>2} ratio {row['ratio']}: drop before {b['mean']:+.4f} "

@@ -129,7 +129,7 @@ class TrainParams(Section):
     @field_validator("train_method")
     @classmethod
     def _method(cls, value: str) -> str:
-        known = ("normal", "distill", "teacher", "final_layer", "last_layer", "fix_layer")
+        known = ("normal", "distill", "teacher", "same_layer", "final_layer", "last_layer", "fix_layer")
         if not any(flag in value for flag in known):
             raise ValueError(f"train_method {value!r} names none of {known}")
         return value
@@ -278,6 +278,10 @@ class Params(Section):
                 f"export.exit_layers {bad} have no score head with model.start_layer="
                 f"{self.model.start_layer}, model.layer_sep={self.model.layer_sep}"
             )
+        if "same_layer" in self.self_distill.train_method:
+            raise ValueError(f"self_distill.train_method {self.self_distill.train_method!r}: same_layer teaches each exit "
+                             "the model without the adapter being trained, i.e. the untrained LM in "
+                             "self-distillation; it is meant for compensation.token.train_method")
         comp, export = self.compression, self.export
         token, exported = self.compensation.token_ratios, [r for r in self.export.ratios if r > 1]
         missing = [r for r in exported if r not in token]

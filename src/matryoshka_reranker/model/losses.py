@@ -20,6 +20,13 @@ Matryoshka re-ranker (so ``distill_fix_layer_teacher`` means distill + fix_layer
   ``final_layer``: the full-width deepest exit ``f_0``; ``last_layer``: the next deeper full-width
   exit ``f_{i-1}`` (a cascade); ``fix_layer``: the teacher is refreshed every ``k`` exits, so exit
   ``i`` learns ``f_{k * floor((i - 1) / k)}`` (``k = fix_layer_every``, upstream hard-codes 8).
+* ``same_layer`` (ours, checked before the three above): *every* exit, the deepest too, learns
+  the same exit of the *reference* pass ``r_i``: full width, with the adapter being trained
+  switched off, i.e. the weights this adapter is stacked on. It is the objective of a token
+  (width) compensation adapter: a compressed input should score as the uncompressed model it
+  compensates for, exit by exit (``full`` then holds the reference scores; the training model
+  computes them). Meaningless for self-distillation from a raw LM (the reference would be the
+  untrained model), so the config refuses it there.
 
 Every target is detached: teachers are never trained through their targets.
 
@@ -37,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SELF_TARGETS = ("final_layer", "last_layer", "fix_layer")
+SELF_TARGETS = ("same_layer", "final_layer", "last_layer", "fix_layer")
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,15 @@ class TrainMethod:
     def needs_full_width(self) -> bool:
         return self.self_target is not None
 
+    @property
+    def needs_reference(self) -> bool:
+        """The full-width targets come from the model with the trained adapter switched off."""
+        return self.self_target == "same_layer"
+
     def self_target_index(self, i: int) -> int | None:
         """Which full-width exit (counted from the deepest) teaches exit ``i``; None for none."""
+        if self.self_target == "same_layer":
+            return i
         if i == 0 or self.self_target is None:
             return None
         if self.self_target == "final_layer":
@@ -108,7 +122,7 @@ def matryoshka_loss(
     """Total loss and the loss of each exit layer.
 
     student, full: per exit layer (deepest last) scores (B, G); ``full`` defaults to ``student``
-    (no compression this step). teacher_scores: (B, G), needed when the method uses the external
+    (no compression this step; with ``same_layer`` it must be the reference pass's scores). teacher_scores: (B, G), needed when the method uses the external
     teacher. Returns ``(loss, per_layer)`` with per_layer (L,) in the same order as ``student``
     (detached) and loss = sum(weights * per_layer) (with gradient; weights default to 1 per exit,
     in ``student``'s order: a larger weight on shallow exits makes the shared early layers serve them).
@@ -117,6 +131,8 @@ def matryoshka_loss(
         raise ValueError("no exit layer scores")
     if weights is not None and (len(weights) != len(student) or any(w < 0 for w in weights)):
         raise ValueError(f"need one weight >= 0 per exit ({len(student)}), got {list(weights)}")
+    if full is None and method.needs_reference:
+        raise ValueError(f"train_method {method.name!r} needs the reference pass's scores (full=...)")
     full = student if full is None else full
     if len(full) != len(student):
         raise ValueError(f"{len(student)} student exits but {len(full)} full-width exits")

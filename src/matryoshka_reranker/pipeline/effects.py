@@ -35,6 +35,7 @@ from .evaluation import (
     eval_identity,
     load_eval_set,
     per_query,
+    pytorch_scorer,
 )
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,31 @@ def _bootstrap_recovered(before_1, before_r, after_1, after_r, resamples: int, s
     return {"recovered": round(float(point), 4), "recovered_ci": [round(float(low), 4), round(float(high), 4)]}
 
 
-def compensation_effect(params: Params, scorer_for=None) -> dict[str, Any]:
-    """Writes ``paths.effects`` (JSON) and returns it; see the module docstring."""
+def _score_by_exit(score, queries, qrels, measure: str, exits: list[int], compress) -> dict[int, dict[str, float]]:
+    """One pass of ``score`` over every eval pair, all exits at once -> {exit: {query id: measure}}."""
+    pairs = [p for q in queries for p in q.pairs]
+    flat = score(pairs, exits, compress)
+    result = {}
+    for k, values in zip(exits, flat if len(exits) > 1 else [flat]):
+        offset, per_q = 0, {}
+        for q in queries:
+            per_q[q.query_id] = list(values[offset:offset + len(q.candidates)])
+            offset += len(q.candidates)
+        result[k] = per_query(queries, per_q, qrels, [measure])[measure]
+    return result
+
+
+def compensation_effect(params: Params, scorer_for=None, after_from: str = "evaluate") -> dict[str, Any]:
+    """Writes ``paths.effects`` (JSON) and returns it; see the module docstring.
+
+    ``after_from``: "evaluate" reads the compensated models' per-query values from the evaluate
+    stage (``paths.per_query``, the exported ONNX models: no extra pass); "pytorch" scores the
+    compensated PyTorch models here instead (one pass per ratio), for experiments that stop before
+    export (``matryoshka effects --after-from pytorch``).
+    """
     ev = params.evaluation
+    if after_from not in ("evaluate", "pytorch"):
+        raise ValueError(f"after_from must be 'evaluate' or 'pytorch', got {after_from!r}")
     if not ev.effects:
         result = {"format_version": FORMAT_VERSION, "compensation": [], "note": "evaluation.effects is false"}
         write_json(params.paths.effects, result)
@@ -78,23 +101,27 @@ def compensation_effect(params: Params, scorer_for=None) -> dict[str, Any]:
     queries, qrels = load_eval_set(params)
     identity = eval_identity(queries, qrels, params.data.eval_split)
     measure = ev.measures[0]
-    after = json.loads(Path(params.paths.per_query).read_text())
-    if after.get("identity") != identity:
-        raise ValueError(f"{params.paths.per_query} was computed on another eval set; run evaluate first")
     exits = sorted(set(params.export.exit_layers))
     ratios = sorted(set(params.export.ratios))
-    pairs = [p for q in queries for p in q.pairs]
+    if after_from == "evaluate":
+        stored = json.loads(Path(params.paths.per_query).read_text())
+        if stored.get("identity") != identity:
+            raise ValueError(f"{params.paths.per_query} was computed on another eval set; run evaluate first")
+        after = {(k, r): stored["systems"][config_name(k, r)][measure] for k in exits for r in ratios}
+    else:
+        after = {}
+        for ratio in ratios:
+            compress = tuple(params.compression.layers) if ratio > 1 else ()
+            for k, values in _score_by_exit(pytorch_scorer(params, ratio), queries, qrels, measure, exits,
+                                            compress).items():
+                after[(k, ratio)] = values
+            log.info("effects: compensated model scored at ratio %d", ratio)
     scorer_for = scorer_for or (lambda ratio: _self_distilled_scorer(params, ratio))
     before: dict[tuple[int, int], dict[str, float]] = {}
     for ratio in ratios:
         compress = tuple(params.compression.layers) if ratio > 1 else ()
-        flat = scorer_for(ratio)(pairs, exits, compress)
-        for k, values in zip(exits, flat if len(exits) > 1 else [flat]):
-            offset, per_q = 0, {}
-            for q in queries:
-                per_q[q.query_id] = list(values[offset:offset + len(q.candidates)])
-                offset += len(q.candidates)
-            before[(k, ratio)] = per_query(queries, per_q, qrels, [measure])[measure]
+        for k, values in _score_by_exit(scorer_for(ratio), queries, qrels, measure, exits, compress).items():
+            before[(k, ratio)] = values
         log.info("effects: self-distilled model scored at ratio %d", ratio)
     ids = sorted(qrels)
     rows = []
@@ -102,8 +129,8 @@ def compensation_effect(params: Params, scorer_for=None) -> dict[str, Any]:
         for k in exits:
             b1 = [before[(k, 1)][q] for q in ids]
             br = [before[(k, ratio)][q] for q in ids]
-            a1 = [after["systems"][config_name(k, 1)][measure][q] for q in ids]
-            ar = [after["systems"][config_name(k, ratio)][measure][q] for q in ids]
+            a1 = [after[(k, 1)][q] for q in ids]
+            ar = [after[(k, ratio)][q] for q in ids]
             drop_before = statistics.paired_difference(b1, br, ev.confidence, ev.bootstrap_resamples)
             drop_after = statistics.paired_difference(a1, ar, ev.confidence, ev.bootstrap_resamples)
             rows.append({"exit_layer": k, "ratio": ratio, "measure": measure,
@@ -112,7 +139,8 @@ def compensation_effect(params: Params, scorer_for=None) -> dict[str, Any]:
                          "after": {"ratio_1": round(float(np.mean(a1)), 4), f"ratio_{ratio}": round(float(np.mean(ar)), 4),
                                    "drop": drop_after.to_dict()},
                          **_bootstrap_recovered(b1, br, a1, ar, ev.bootstrap_resamples)})
-    result = {"format_version": FORMAT_VERSION, "identity": identity, "measure": measure, "compensation": rows,
+    result = {"format_version": FORMAT_VERSION, "identity": identity, "measure": measure, "after_from": after_from,
+              "compensation": rows,
               "self_distilled": {config_name(k, r): float(np.mean([before[(k, r)][q] for q in ids]))
                                  for (k, r) in before}}
     write_json(params.paths.effects, result)

@@ -20,6 +20,7 @@ if a fingerprint of everything that shapes training matches; otherwise it starts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +54,27 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 # ------------------------------------------------------------------------------ the training step
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Switches every PEFT adapter layer (LoRA and modules_to_save heads) of ``model`` off, then on.
+
+    PEFT's own ``PeftModel.disable_adapter`` needs the wrapper, which the training step (the
+    wrapped model's forward) does not see; the layers' public ``enable_adapters`` is the same switch.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+              and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 class MatryoshkaTrainingModel(MatryoshkaModel):
     """A Matryoshka model whose ``forward`` is one training step's loss.
 
@@ -93,7 +115,14 @@ class MatryoshkaTrainingModel(MatryoshkaModel):
         compress_layers = self.check_compression(compress_layers, compress_ratio)
         exits, depth = set(self.exit_layers), self.num_layers
         state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
-        if compress_layers:
+        if self.method.needs_reference:
+            # Targets from the weights this adapter is stacked on: full width, adapters off, no grad.
+            with torch.no_grad(), adapters_disabled(self):
+                reference_state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
+                _, reference = self.advance(reference_state, depth, exits)
+            _, student = self.advance(state, depth, exits, compress_layers, compress_ratio)
+            full = {k: v.detach() for k, v in reference.items()}
+        elif compress_layers:
             # Shared prefix: layers 1..c (c = first compression layer) run once for both branches.
             state, prefix = self.advance(state, compress_layers[0], exits)
             full = None
