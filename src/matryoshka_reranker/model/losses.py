@@ -122,8 +122,8 @@ def matryoshka_loss(
     """Total loss and the loss of each exit layer.
 
     student, full: per exit layer (deepest last) scores (B, G); ``full`` defaults to ``student``
-    (no compression this step; with ``same_layer`` it must be the reference pass's scores). teacher_scores: (B, G), needed when the method uses the external
-    teacher. Returns ``(loss, per_layer)`` with per_layer (L,) in the same order as ``student``
+    (no compression this step; with ``same_layer`` it must be the reference pass's scores).
+    teacher_scores: (B, G), needed when the method uses the external teacher. Returns ``(loss, per_layer)`` with per_layer (L,) in the same order as ``student``
     (detached) and loss = sum(weights * per_layer) (with gradient; weights default to 1 per exit,
     in ``student``'s order: a larger weight on shallow exits makes the shared early layers serve them).
     """
