@@ -103,3 +103,17 @@ def test_experiment_args_are_valid_dvc_set_params(tmp_path, monkeypatch):
     assert overrides == ['teacher.kind="hybrid"', "compression.ratios=[1,2]", "++self_distill.layer_weights={8:8.0}"]
     parsed = OverridesParser.create().parse_overrides(overrides)
     assert parsed[2].value() == {8: 8.0} and parsed[1].value() == [1, 2]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiments")
+                                        .glob("*.yaml")))
+def test_every_shipped_params_set_is_valid_over_params_yaml(name, monkeypatch):
+    """`make experiment EXP=<name>` must not fail on a key or an inconsistency hours into a run."""
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    result = CliRunner().invoke(app, ["experiment-args", name])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("-S ")
