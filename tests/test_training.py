@@ -401,3 +401,31 @@ def test_worker_processes_auto_is_one_without_cuda_and_launchers_are_respected(m
     assert relaunch_distributed(4, ["self-distill"]) is None  # already a launcher's worker
     with pytest.raises(ParamsError, match="distributed.processes"):
         parse_params({"distributed": {"processes": 0}})
+
+
+def test_layer_ranks_give_shallow_layers_a_larger_lora_with_the_same_step_size(tmp_path, scored, llama_dir):
+    from peft import get_peft_model
+
+    from matryoshka_reranker.model.adapters import lora_config
+
+    params = tiny_params(tmp_path, llama_dir, self_distill__lora={"rank": 4, "alpha": 8, "layer_ranks": {2: 16}})
+    model, _, _ = load_base(params)
+    peft = get_peft_model(model, lora_config(params.self_distill.lora, model.exit_layers))
+    ranks, scales = {}, {}
+    for name, module in peft.named_modules():
+        if name.endswith("q_proj") or name.endswith("down_proj"):
+            layer = int(name.split("layers.")[1].split(".")[0]) + 1
+            ranks.setdefault(layer, set()).add(module.r["default"])
+            scales.setdefault(layer, set()).add(module.scaling["default"])
+    assert ranks == {1: {16}, 2: {16}, 3: {4}, 4: {4}}
+    assert scales == {k: {2.0} for k in (1, 2, 3, 4)}  # alpha / rank kept
+    # trained and saved, the adapter reloads with its per-layer ranks (PEFT keeps rank_pattern)
+    params = tiny_params(tmp_path, llama_dir, self_distill__lora={"rank": 4, "alpha": 8, "layer_ranks": {2: 16}},
+                         self_distill__max_steps=2, self_distill__save_steps=2)
+    self_distill(params)
+    saved = load_file(Path(params.paths.self_distill) / "adapter_model.safetensors")
+    shapes = {k.split("layers.")[1].split(".")[0]: v.shape[0] for k, v in saved.items() if "q_proj.lora_A" in k}
+    assert shapes == {"0": 16, "1": 16, "2": 4, "3": 4}
+    merge_adapters(load_base(params)[0], [params.paths.self_distill])
+    with pytest.raises(ValueError, match="layer_ranks"):
+        self_distill(tiny_params(tmp_path, llama_dir, self_distill__lora={"layer_ranks": {9: 16}}))

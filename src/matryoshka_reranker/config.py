@@ -96,6 +96,9 @@ class LoraParams(Section):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "score_heads",
     ]
     heads: Literal["full", "lora"] = "full"  # score heads trained as full weights, or LoRA like the rest
+    # {k: r}: decoder layers 1..k get rank r (alpha scaled with it, so alpha/rank stays), e.g. {8: 64}
+    # gives the layers every shallow exit depends on more capacity; the smallest k covering a layer wins
+    layer_ranks: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = {}
 
 
 class TrainParams(Section):

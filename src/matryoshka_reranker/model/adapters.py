@@ -32,6 +32,7 @@ def lora_config(params: LoraParams, exit_layers: Sequence[int] = ()) -> LoraConf
     full = params.heads == "full" and exit_layers
     if full:
         targets = [t for t in targets if t != "score_heads"]
+    ranks, alphas = layer_rank_patterns(params, [t for t in targets if t != "score_heads"])
     return LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,
@@ -39,7 +40,30 @@ def lora_config(params: LoraParams, exit_layers: Sequence[int] = ()) -> LoraConf
         target_modules=target_pattern(targets),
         modules_to_save=[f"score_heads.{k}" for k in exit_layers] if full else None,
         bias="none",
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
     )
+
+
+def layer_rank_patterns(params: LoraParams, targets: Sequence[str]) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT ``rank_pattern`` / ``alpha_pattern`` for ``params.layer_ranks`` ({k: r}: layers 1..k at rank r).
+
+    Keys match a projection inside decoder layer i (0-based in module names, 1-based here); alpha
+    scales with the rank so that every layer's LoRA keeps the same ``alpha / rank`` step size.
+    """
+    ranks, alphas = {}, {}
+    if not params.layer_ranks or not targets:
+        return ranks, alphas
+    names = "|".join(re.escape(t) for t in targets)
+    below, covered = 0, sorted(params.layer_ranks)
+    for k in covered:
+        layers = "|".join(str(i) for i in range(below, k))  # module index i = layer i + 1
+        if layers:
+            key = rf"layers\.(?:{layers})\.\w+\.(?:{names})"
+            ranks[key] = params.layer_ranks[k]
+            alphas[key] = params.alpha * params.layer_ranks[k] / params.rank
+        below = k
+    return ranks, alphas
 
 
 def merge_adapters(model: MatryoshkaModel, adapter_paths: Sequence[str | Path]) -> MatryoshkaModel:
