@@ -58,8 +58,7 @@ def main() -> None:
     if args.limit:
         queries = queries[:args.limit]
         qrels = {q.query_id: qrels[q.query_id] for q in queries}
-    flat = score([p for q in queries for p in q.pairs], exits, compress)
-    flat = flat if len(exits) > 1 else [flat]
+    flat = score([p for q in queries for p in q.pairs], exits, compress)  # one list of scores per exit
     measure, ev = params.evaluation.measures[0], params.evaluation
 
     def system(scores_of) -> dict[str, float]:

@@ -280,6 +280,9 @@ def test_compensation_effect_and_run_comparison(tiny_pipeline):
     direct = compensation_effect(params, after_from="pytorch")
     assert direct["after_from"] == "pytorch"
     assert json.dumps(direct["compensation"]) == json.dumps(result["compensation"])  # NaN-tolerant equality
+    one_exit = params.model_copy(update={"export": params.export.model_copy(update={"exit_layers": [4]})})
+    single = compensation_effect(one_exit, after_from="pytorch")  # one exit: one list of scores, not a bare list
+    assert json.dumps(single["compensation"]) == json.dumps([r for r in result["compensation"] if r["exit_layer"] == 4])
     with pytest.raises(ValueError, match="after_from"):
         compensation_effect(params, after_from="onnx")
     curve = learning_curve(params)

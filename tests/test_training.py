@@ -129,11 +129,16 @@ def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, 
     assert wrong.item() != pytest.approx(expected.item(), rel=1e-3)
 
 
-def test_same_layer_is_refused_for_self_distillation(tmp_path, llama_dir):
+def test_same_layer_is_refused_where_its_reference_is_wrong(tmp_path, llama_dir):
     with pytest.raises(ValueError, match="same_layer"):
         tiny_params(tmp_path, llama_dir, self_distill__train_method="distill_same_layer")
     params = tiny_params(tmp_path, llama_dir, compensation__token__train_method="same_layer")
     assert params.compensation.token.train_method == "same_layer"
+    with pytest.raises(ValueError, match="layer adapter"):
+        tiny_params(tmp_path, llama_dir, compensation__layer__train_method="same_layer")
+    with pytest.raises(ValueError, match="head_init"):
+        tiny_params(tmp_path, llama_dir, compensation__token__train_method="same_layer",
+                    compensation__token__head_init="probe")
 
 
 def test_layer_weights_weigh_the_step_loss_per_exit(tmp_path, scored, llama_dir, tokenizer):

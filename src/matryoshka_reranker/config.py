@@ -285,6 +285,12 @@ class Params(Section):
             raise ValueError(f"self_distill.train_method {self.self_distill.train_method!r}: same_layer teaches each exit "
                              "the model without the adapter being trained, i.e. the untrained LM in "
                              "self-distillation; it is meant for compensation.token.train_method")
+        if "same_layer" in self.compensation.layer.train_method:
+            raise ValueError("compensation.layer.train_method: same_layer is for the token adapters; the layer "
+                             "adapter trains at full width, where its reference is the model it starts from")
+        if "same_layer" in self.compensation.token.train_method and self.compensation.token.head_init == "probe":
+            raise ValueError("compensation.token: same_layer with head_init probe would refit the heads the "
+                             "reference pass uses; use head_init keep")
         comp, export = self.compression, self.export
         token, exported = self.compensation.token_ratios, [r for r in self.export.ratios if r > 1]
         missing = [r for r in exported if r not in token]

@@ -59,7 +59,7 @@ def layer_rank_patterns(params: LoraParams, targets: Sequence[str]) -> tuple[dic
     for k in covered:
         layers = "|".join(str(i) for i in range(below, k))  # module index i = layer i + 1
         if layers:
-            key = rf"layers\.(?:{layers})\.\w+\.(?:{names})"
+            key = rf"layers\.(?:{layers})\.(?:\w+\.)+(?:{names})"  # any nesting (mlp.experts.0.up_proj)
             ranks[key] = params.layer_ranks[k]
             alphas[key] = params.alpha * params.layer_ranks[k] / params.rank
         below = k

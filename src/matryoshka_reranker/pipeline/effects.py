@@ -50,8 +50,9 @@ def _self_distilled_scorer(params: Params, ratio: int) -> PyTorchScorer:
                                   batch_size=params.evaluation.batch_size)
 
     def score(pairs, exits, compress_layers):
-        return reranker.compute_score(pairs, cutoff_layers=list(exits), compress_layers=compress_layers,
-                                      compress_ratio=ratio)
+        scores = reranker.compute_score(pairs, cutoff_layers=list(exits), compress_layers=compress_layers,
+                                        compress_ratio=ratio)
+        return [scores] if len(exits) == 1 else scores  # one list per exit, as PyTorchScorer says
     return score
 
 
@@ -72,9 +73,8 @@ def _bootstrap_recovered(before_1, before_r, after_1, after_r, resamples: int, s
 def _score_by_exit(score, queries, qrels, measure: str, exits: list[int], compress) -> dict[int, dict[str, float]]:
     """One pass of ``score`` over every eval pair, all exits at once -> {exit: {query id: measure}}."""
     pairs = [p for q in queries for p in q.pairs]
-    flat = score(pairs, exits, compress)
     result = {}
-    for k, values in zip(exits, flat if len(exits) > 1 else [flat]):
+    for k, values in zip(exits, score(pairs, exits, compress)):  # one list of scores per exit
         offset, per_q = 0, {}
         for q in queries:
             per_q[q.query_id] = list(values[offset:offset + len(q.candidates)])

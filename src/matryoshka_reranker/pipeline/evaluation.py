@@ -617,7 +617,10 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
     def default_scorer(adapter: Path) -> PyTorchScorer:
         reranker = MatryoshkaReranker(m.name_or_path, peft_path=[adapter], input_format=m.input_format,
                                       start_layer=m.start_layer, layer_sep=m.layer_sep, batch_size=ev.batch_size)
-        return lambda ps, ks, cs: reranker.compute_score(ps, cutoff_layers=list(ks))
+        def score(ps, ks, cs):
+            scores = reranker.compute_score(ps, cutoff_layers=list(ks))
+            return [scores] if len(ks) == 1 else scores  # one list per exit, as PyTorchScorer says
+        return score
 
     scorer_for = scorer_for or default_scorer
     points = []
@@ -635,8 +638,7 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
                                "per_query": baselines["per_query"][name]})
     for step, folder in snapshot_folders(params):
         started = time.perf_counter()
-        flat = scorer_for(folder)(pairs, exits, ())
-        for k, values in zip(exits, flat if len(exits) > 1 else [flat]):
+        for k, values in zip(exits, scorer_for(folder)(pairs, exits, ())):  # one list of scores per exit
             offset, per_q_scores = 0, {}
             for q in queries:
                 per_q_scores[q.query_id] = list(values[offset:offset + len(q.candidates)])

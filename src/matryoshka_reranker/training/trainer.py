@@ -352,6 +352,9 @@ def train_adapter(run: AdapterRun) -> dict:
     if method.needs_teacher_scores and not all(e.has_scores for e in run.examples):
         raise ValueError(f"train_method {method.name!r} needs teacher scores; the training data has none "
                          "(run `matryoshka teacher-score`)")
+    too_deep = [k for k in run.train.lora.layer_ranks if k > run.model.num_layers]
+    if too_deep:
+        raise ValueError(f"lora.layer_ranks names layer(s) {too_deep}; the model has {run.model.num_layers}")
     dtype = next(run.model.parameters()).dtype
     args = training_arguments(run.train, run.checkpoint_dir, dtype)
     fingerprint = {**run.fingerprint, "stage": run.stage, "world_size": args.world_size}
@@ -365,9 +368,6 @@ def train_adapter(run: AdapterRun) -> dict:
         probe = probe_heads(run.model, run.encoder, run.examples, run.train.probe_queries,
                             run.train.train_group_size, run.train.seed, run.train.probe_l2,
                             use_teacher=method.needs_teacher_scores, temperature=method.temperature)
-    too_deep = [k for k in run.train.lora.layer_ranks if k > run.model.num_layers]
-    if too_deep:
-        raise ValueError(f"lora.layer_ranks names layer(s) {too_deep}; the model has {run.model.num_layers}")
     model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size, run.train.layer_weights)
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
