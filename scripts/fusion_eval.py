@@ -7,7 +7,8 @@ Scores every eval pair once (all asked exits in one PyTorch pass) with the pipel
 ``--ratio`` (``--adapters pipeline``: the released stack self_distill + layer [+ token]; ``self_distill``:
 the self-distilled adapter alone), then per query min-max normalises the re-ranker's and BM25's
 scores and ranks by ``weight * bm25 + (1 - weight) * reranker`` (the hybrid teacher's fusion,
-``training/teacher.py``; its weight 0.5 was chosen on the validation split, docs/quality.md).
+``serving/ranking.py``, what ``rank(..., first_stage_scores=...)`` does; the weight 0.5 is the hybrid
+teacher's, chosen on the validation split, docs/quality.md).
 Prints nDCG@10 with 95% bootstrap intervals for BM25, the re-ranker alone and the fusion, and the
 paired differences against BM25 (over the same queries). A measurement, not a pipeline stage: it
 answers whether the student's signal complements the first stage's.
@@ -28,11 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from matryoshka_reranker.config import load_params  # noqa: E402
 from matryoshka_reranker.pipeline import statistics  # noqa: E402
 from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query, pytorch_scorer  # noqa: E402
-
-
-def minmax(values: np.ndarray) -> np.ndarray:
-    span = values.max() - values.min()
-    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+from matryoshka_reranker.serving.ranking import fuse_scores  # noqa: E402  (what rank(first_stage_scores=...) does)
 
 
 def main() -> None:
@@ -72,8 +69,8 @@ def main() -> None:
             by_query[q.query_id] = np.asarray(values[offset:offset + len(q.candidates)], dtype=np.float64)
             offset += len(q.candidates)
         rows[f"exit-{k}"] = system(lambda q: by_query[q.query_id])
-        rows[f"exit-{k}+bm25"] = system(lambda q: args.weight * minmax(np.array([c.bm25 for c in q.candidates]))
-                                        + (1 - args.weight) * minmax(by_query[q.query_id]))
+        rows[f"exit-{k}+bm25"] = system(lambda q: fuse_scores(list(by_query[q.query_id]),
+                                                              [c.bm25 for c in q.candidates], args.weight))
     result = {"measure": measure, "queries": len(queries), "ratio": args.ratio, "weight": args.weight,
               "adapters": args.adapters, "systems": {}}
     for name, values in rows.items():

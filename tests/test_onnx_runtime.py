@@ -127,6 +127,10 @@ def test_rank_and_flagembedding_pair(exported):
     assert [r["corpus_id"] for r in ranked] == sorted(range(3), key=lambda i: -scores[i])[:2]
     assert ranked[0]["text"] == documents[ranked[0]["corpus_id"]]
     assert reranker.compute_score(["capital of France", documents[0]]) == pytest.approx(scores[0], abs=1e-5)
+    # fused with a first stage: weight 1 is the first stage's order, and the model's scores come along
+    fused = reranker.rank("capital of France", documents, first_stage_scores=[1.0, 0.0, 2.0], first_stage_weight=1.0)
+    assert [r["corpus_id"] for r in fused] == [2, 0, 1]
+    assert [r["reranker_score"] for r in fused] == pytest.approx([scores[2], scores[0], scores[1]], abs=1e-5)
 
 
 def test_serving_needs_neither_torch_nor_transformers(exported):

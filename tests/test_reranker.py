@@ -91,6 +91,31 @@ def test_rank_returns_sentence_transformers_shape(reranker):
         reranker.rank("q", ["a", 3])
 
 
+def test_rank_fuses_with_first_stage_scores(reranker):
+    """score = w * minmax(first stage) + (1 - w) * minmax(ours), per query; ours kept beside it."""
+    documents = [p for _, p in PAIRS]
+    ours = reranker.compute_score([("what causes colds?", d) for d in documents], cutoff_layers=4)
+    first = [3.0, 9.0, 5.0]
+    lo, hi = min(ours), max(ours)
+    expected = [0.3 * (f - 3.0) / 6.0 + 0.7 * (o - lo) / (hi - lo) for f, o in zip(first, ours)]
+    ranked = reranker.rank("what causes colds?", documents, first_stage_scores=first, first_stage_weight=0.3)
+    assert [r["corpus_id"] for r in ranked] == sorted(range(3), key=lambda i: -expected[i])
+    assert [r["score"] for r in ranked] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
+    assert [r["reranker_score"] for r in ranked] == pytest.approx([ours[r["corpus_id"]] for r in ranked], abs=1e-5)
+    # weight 1: the first stage's order; weight 0: ours
+    assert [r["corpus_id"] for r in reranker.rank("what causes colds?", documents, first_stage_scores=first,
+                                                  first_stage_weight=1.0)] == [1, 2, 0]
+    alone = reranker.rank("what causes colds?", documents)
+    assert [r["corpus_id"] for r in reranker.rank("what causes colds?", documents, first_stage_scores=first,
+                                                  first_stage_weight=0.0)] == [r["corpus_id"] for r in alone]
+    for bad, match in (([1.0, 2.0], "2 values for 3"), ([1.0, float("nan"), 2.0], "finite"),
+                       ([1.0, "x", 2.0], "finite")):
+        with pytest.raises(ValueError, match=match):
+            reranker.rank("q", documents, first_stage_scores=bad)
+    with pytest.raises(ValueError, match="first_stage_weight"):
+        reranker.rank("q", documents, first_stage_scores=first, first_stage_weight=1.5)
+
+
 def test_default_width_applies_to_every_call(llama_dir):
     compressed = MatryoshkaReranker(llama_dir, start_layer=2, compress_layers=[2], compress_ratio=4)
     plain = MatryoshkaReranker(llama_dir, start_layer=2)

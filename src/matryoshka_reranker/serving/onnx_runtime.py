@@ -212,8 +212,10 @@ class OnnxReranker:
         return scores
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = False,
-             batch_size: int | None = None, normalize: bool = False) -> list[dict]:
+             batch_size: int | None = None, normalize: bool = False,
+             first_stage_scores: Sequence[float] | None = None, first_stage_weight: float = 0.5) -> list[dict]:
         """Documents ranked for one query, best first, as sentence-transformers' ``CrossEncoder.rank``:
-        ``[{"corpus_id": index in documents, "score": float(, "text": document)}]``."""
+        ``[{"corpus_id": index in documents, "score": float(, "text": document)}]``. With
+        ``first_stage_scores`` (e.g. BM25's) ranks by their fusion with ours (``ranking.fuse_scores``)."""
         return rank_documents(lambda pairs: self.compute_score(pairs, normalize=normalize, batch_size=batch_size),
-                              query, documents, top_k, return_documents)
+                              query, documents, top_k, return_documents, first_stage_scores, first_stage_weight)

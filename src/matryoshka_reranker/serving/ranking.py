@@ -1,18 +1,42 @@
 """``rank()``: one query, many documents, best first, in sentence-transformers' result shape.
 
-Shared by the PyTorch and ONNX Runtime rerankers (torch-free).
+Shared by the PyTorch and ONNX Runtime rerankers (torch-free). With the first stage's scores
+(``first_stage_scores``, e.g. BM25's) the ranking is by their fusion with the re-ranker's: per
+query min-max normalised, ``weight * first + (1 - weight) * reranker`` (the hybrid teacher's
+fusion). On SciFact the trained re-ranker alone is 0.06 nDCG@10 below BM25, and fused at weight
+0.5 it is 0.03 above it (README, "Quality"): the two signals complement each other.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 
+def _minmax(values: Sequence[float]) -> list[float]:
+    low, high = min(values), max(values)
+    return [(v - low) / (high - low) if high > low else 0.0 for v in values]
+
+
+def fuse_scores(reranker: Sequence[float], first_stage: Sequence[float], weight: float = 0.5) -> list[float]:
+    """Per-query min-max fusion: ``weight * minmax(first_stage) + (1 - weight) * minmax(reranker)``."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"first_stage_weight must be in [0, 1], got {weight!r}")
+    if len(first_stage) != len(reranker):
+        raise ValueError(f"first_stage_scores has {len(first_stage)} values for {len(reranker)} documents")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in first_stage):
+        raise ValueError("first_stage_scores must be finite numbers")
+    return [weight * f + (1 - weight) * r for f, r in zip(_minmax(first_stage), _minmax(reranker))]
+
+
 def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], query: str, documents: Sequence[str],
-                   top_k: int | None = None, return_documents: bool = False) -> list[dict]:
+                   top_k: int | None = None, return_documents: bool = False,
+                   first_stage_scores: Sequence[float] | None = None, first_stage_weight: float = 0.5) -> list[dict]:
     """``[{"corpus_id": i, "score": s(, "text": documents[i])}]`` sorted by score, best first.
 
-    Ties keep the documents' order (a stable sort), so results are deterministic.
+    Ties keep the documents' order (a stable sort), so results are deterministic. With
+    ``first_stage_scores`` the score is the fusion (``fuse_scores``) and each item also carries
+    ``reranker_score``, the re-ranker's own.
     """
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
@@ -25,12 +49,17 @@ def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], qu
         raise TypeError(f"documents[{bad[0]}] is {type(documents[bad[0]]).__name__}, not a string")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    scores = score([(query, d) for d in documents])
-    scores = [scores] if isinstance(scores, float) else list(scores)
+    if first_stage_scores is not None:  # checked before the model runs
+        fuse_scores([0.0] * len(documents), list(first_stage_scores), first_stage_weight)
+    raw = score([(query, d) for d in documents])
+    raw = [raw] if isinstance(raw, float) else list(raw)
+    scores = raw if first_stage_scores is None else fuse_scores(raw, list(first_stage_scores), first_stage_weight)
     order = sorted(range(len(documents)), key=lambda i: -scores[i])
     results = []
     for i in order[:top_k]:
         item = {"corpus_id": i, "score": float(scores[i])}
+        if first_stage_scores is not None:
+            item["reranker_score"] = float(raw[i])
         if return_documents:
             item["text"] = documents[i]
         results.append(item)

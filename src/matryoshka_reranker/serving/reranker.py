@@ -160,14 +160,18 @@ class MatryoshkaReranker:
         compress_layers: Sequence[int] | None = None,
         compress_ratio: int | None = None,
         normalize: bool = False,
+        first_stage_scores: Sequence[float] | None = None,
+        first_stage_weight: float = 0.5,
     ) -> list[dict]:
         """Documents ranked for one query, best first, as sentence-transformers' ``CrossEncoder.rank``:
-        ``[{"corpus_id": index in documents, "score": float(, "text": document)}]``."""
+        ``[{"corpus_id": index in documents, "score": float(, "text": document)}]``. With
+        ``first_stage_scores`` (e.g. BM25's, one per document) ranks by their fusion with ours
+        (``serving.ranking.fuse_scores``)."""
         def score(pairs):
             return self.compute_score(pairs, cutoff_layers=cutoff_layer, compress_layers=compress_layers,
                                       compress_ratio=compress_ratio, normalize=normalize, batch_size=batch_size)
 
-        return rank_documents(score, query, documents, top_k, return_documents)
+        return rank_documents(score, query, documents, top_k, return_documents, first_stage_scores, first_stage_weight)
 
 
 def _one_layer(cutoff_layers) -> bool:
