@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from matryoshka_reranker.core.distributed import LAUNCHER_VARS, TRAINING_STATE_VARS
 from matryoshka_reranker.model.adapters import merge_adapters
 from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss
 from matryoshka_reranker.model.modeling import MatryoshkaModel
@@ -203,7 +204,7 @@ class CrashAfterSave(TrainerCallback):
 
 
 @pytest.mark.slow
-def test_deepspeed_lora_run_learns_and_adapter_reloads_exactly(tmp_path, scored, llama_dir, tokenizer):
+def test_deepspeed_lora_run_learns_and_adapter_reloads_exactly(tmp_path, scored, llama_dir, tokenizer, monkeypatch):
     params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=ZERO1, self_distill__max_steps=6,
                          self_distill__save_steps=6, self_distill__learning_rate=0.05,
                          self_distill__per_device_batch_size=3)
@@ -211,8 +212,16 @@ def test_deepspeed_lora_run_learns_and_adapter_reloads_exactly(tmp_path, scored,
     base, _, _ = load_base(params)
     before = ranking_loss(base, params, batch)
     capture = CaptureScores(batch)
+    launcher = {v for v in LAUNCHER_VARS if v in os.environ}
     summary = self_distill(params, callbacks=[capture])
     assert summary["steps"] == 6 and summary["deepspeed"] == ZERO1 and summary["world_size"] == 1
+    # the 1-process world declared for DeepSpeed is taken back: a child process (a DVC stage) must not
+    # inherit a MASTER_PORT this process's process group still holds
+    assert {v for v in LAUNCHER_VARS if v in os.environ} == launcher
+    from matryoshka_reranker.pipeline.repro import tool_env
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert not set(TRAINING_STATE_VARS) & set(tool_env())
 
     reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])
     for trained, again in zip(capture.scores, exit_scores(reloaded, batch)):

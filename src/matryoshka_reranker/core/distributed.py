@@ -10,6 +10,12 @@ from __future__ import annotations
 import datetime
 import os
 
+# What torch.distributed.run (and our 1-process stand-in, training/trainer.py) sets for each worker.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# ... and what accelerate / transformers leave in os.environ after a DeepSpeed run in this process
+# (a child process that inherits them takes a different, broken, DeepSpeed init path).
+TRAINING_STATE_VARS = LAUNCHER_VARS + ("LOCAL_WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED")
+
 
 def rank_and_world() -> tuple[int, int]:
     """This worker's rank and the number of workers ((0, 1) without a launcher)."""

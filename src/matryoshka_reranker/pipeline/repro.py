@@ -45,10 +45,13 @@ class StageRun:
 
 
 def tool_env() -> dict[str, str]:
-    """Child environment: this interpreter's tools first on PATH, telemetry off."""
+    """Child environment: this interpreter's tools first on PATH, telemetry off, and none of the
+    torch.distributed / accelerate state a training in this process may have left (a stage starts
+    its own workers; an inherited MASTER_PORT may be held by this process's process group)."""
+    from ..core.distributed import TRAINING_STATE_VARS
     from ..core.environment import configure
 
-    env = configure(dict(os.environ))
+    env = configure({k: v for k, v in os.environ.items() if k not in TRAINING_STATE_VARS})
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
 
