@@ -220,29 +220,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-_declared_here: dict[str, str] = {}  # what ensure_distributed_env put into os.environ
-
-
 def ensure_distributed_env() -> None:
     """Without a launcher, DeepSpeed would try MPI discovery (mpi4py): declare a 1-process world.
 
-    ``release_distributed_env`` takes the variables back after training: left in ``os.environ``,
-    a child process (a DVC stage started from the same Python process) would inherit a world and
-    a MASTER_PORT this process's process group still holds ("address already in use").
+    The variables stay in ``os.environ`` (a later training in this process reuses the process
+    group); child processes must not inherit them: ``pipeline.repro.tool_env`` drops them.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    declared = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.update(declared)
-    _declared_here.update(declared)
-
-
-def release_distributed_env() -> None:
-    """Removes what ``ensure_distributed_env`` declared (a launcher's own variables stay)."""
-    for key, value in list(_declared_here.items()):
-        if os.environ.get(key) == value:
-            del os.environ[key]
-        del _declared_here[key]
+    port = _free_port()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
 def worker_processes(setting: int | str) -> int:
@@ -457,7 +444,6 @@ def _release_trainer_state(trainer: Trainer) -> None:
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    release_distributed_env()
 
 
 # -------------------------------------------------------------------------- the pipeline stage
