@@ -21,14 +21,18 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from matryoshka_reranker.config import load_params  # noqa: E402
 from matryoshka_reranker.pipeline import statistics  # noqa: E402
-from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query, pytorch_scorer  # noqa: E402
+from matryoshka_reranker.pipeline.evaluation import (  # noqa: E402
+    load_eval_set,
+    per_query,
+    pytorch_scorer,
+    scores_by_query,
+)
 from matryoshka_reranker.serving.ranking import fuse_scores  # noqa: E402  (what rank(first_stage_scores=...) does)
 
 
@@ -64,12 +68,9 @@ def main() -> None:
     bm25 = system(lambda q: [c.bm25 for c in q.candidates])
     rows = {"bm25": bm25}
     for k, values in zip(exits, flat):
-        offset, by_query = 0, {}
-        for q in queries:
-            by_query[q.query_id] = np.asarray(values[offset:offset + len(q.candidates)], dtype=np.float64)
-            offset += len(q.candidates)
+        by_query = scores_by_query(queries, values)
         rows[f"exit-{k}"] = system(lambda q: by_query[q.query_id])
-        rows[f"exit-{k}+bm25"] = system(lambda q: fuse_scores(list(by_query[q.query_id]),
+        rows[f"exit-{k}+bm25"] = system(lambda q: fuse_scores(by_query[q.query_id],
                                                               [c.bm25 for c in q.candidates], args.weight))
     result = {"measure": measure, "queries": len(queries), "ratio": args.ratio, "weight": args.weight,
               "adapters": args.adapters, "systems": {}}

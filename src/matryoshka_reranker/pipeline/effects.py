@@ -36,6 +36,7 @@ from .evaluation import (
     load_eval_set,
     per_query,
     pytorch_scorer,
+    scores_by_query,
 )
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,7 @@ def _score_by_exit(score, queries, qrels, measure: str, exits: list[int], compre
     pairs = [p for q in queries for p in q.pairs]
     result = {}
     for k, values in zip(exits, score(pairs, exits, compress)):  # one list of scores per exit
-        offset, per_q = 0, {}
-        for q in queries:
-            per_q[q.query_id] = list(values[offset:offset + len(q.candidates)])
-            offset += len(q.candidates)
-        result[k] = per_query(queries, per_q, qrels, [measure])[measure]
+        result[k] = per_query(queries, scores_by_query(queries, values), qrels, [measure])[measure]
     return result
 
 

@@ -104,6 +104,15 @@ class EvalQuery:
 # Inputs
 
 
+def scores_by_query(queries: Sequence[EvalQuery], flat: Sequence[float]) -> dict[str, list[float]]:
+    """Scores of every eval pair, in ``queries``' order -> {query id: that query's candidates' scores}."""
+    out, offset = {}, 0
+    for q in queries:
+        out[q.query_id] = list(flat[offset:offset + len(q.candidates)])
+        offset += len(q.candidates)
+    return out
+
+
 def ratio_models(onnx_dir: str | Path) -> list[RatioModels]:
     """The export grouped by ratio (float models only), with each ratio's all-exits model."""
     onnx_dir = Path(onnx_dir)
@@ -260,10 +269,7 @@ def rerank_all_exits(queries: list[EvalQuery], score: AllExitsFn, exits: Sequenc
         values = [float(s) for s in result[k]]
         if len(values) != len(pairs) or not all(math.isfinite(v) for v in values):
             raise EvaluationCheckFailed(f"exit {k}: expected {len(pairs)} finite scores, got {len(values)}")
-        out[k], offset = {}, 0
-        for q in queries:
-            out[k][q.query_id] = values[offset:offset + len(q.candidates)]
-            offset += len(q.candidates)
+        out[k] = scores_by_query(queries, values)
     return out
 
 
@@ -564,21 +570,17 @@ def untrained_baseline(params: Params, scorer: PyTorchScorer | None = None) -> d
                                       layer_sep=m.layer_sep, batch_size=ev.batch_size)
 
         def scorer(pairs, exit_layers, compress_layers):
-            return reranker.compute_score(pairs, cutoff_layers=list(exit_layers))
+            scores = reranker.compute_score(pairs, cutoff_layers=list(exit_layers))
+            return [scores] if len(exit_layers) == 1 else scores  # one list per exit, as PyTorchScorer says
 
     pairs = [p for q in queries for p in q.pairs]
     result = {"format_version": FORMAT_VERSION, "identity": identity, "model": m.name_or_path,
               "input_format": m.input_format.to_dict(), "per_query": {}, "summary": {}}
     if ev.untrained_baseline:
         started = time.perf_counter()
-        flat = scorer(pairs, exits, ())
-        for k, values in zip(exits, flat if len(exits) > 1 else [flat]):
-            offset, per_q_scores = 0, {}
-            for q in queries:
-                per_q_scores[q.query_id] = list(values[offset:offset + len(q.candidates)])
-                offset += len(q.candidates)
+        for k, values in zip(exits, scorer(pairs, exits, ())):  # one list of scores per exit
             name = config_name(k, 1)
-            result["per_query"][name] = per_query(queries, per_q_scores, qrels, measures)
+            result["per_query"][name] = per_query(queries, scores_by_query(queries, values), qrels, measures)
             result["summary"][name] = summarise(result["per_query"][name], {}, ev.confidence, ev.bootstrap_resamples)
         result["seconds"] = round(time.perf_counter() - started, 1)
     write_json(params.paths.baselines, result)
@@ -639,11 +641,7 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
     for step, folder in snapshot_folders(params):
         started = time.perf_counter()
         for k, values in zip(exits, scorer_for(folder)(pairs, exits, ())):  # one list of scores per exit
-            offset, per_q_scores = 0, {}
-            for q in queries:
-                per_q_scores[q.query_id] = list(values[offset:offset + len(q.candidates)])
-                offset += len(q.candidates)
-            values_k = per_query(queries, per_q_scores, qrels, measures)
+            values_k = per_query(queries, scores_by_query(queries, values), qrels, measures)
             summary_k = summarise(values_k, {}, ev.confidence, ev.bootstrap_resamples)
             points.append({"step": step, "exit_layer": k, **summary_k, "per_query": values_k})
         log.info("learning curve: step %d scored in %.0f s", step, time.perf_counter() - started)

@@ -13,20 +13,27 @@ import math
 from collections.abc import Callable, Sequence
 
 
-def _minmax(values: Sequence[float]) -> list[float]:
+def min_max(values: Sequence[float]) -> list[float]:
+    """Per-query scaling to [0, 1]; a constant list maps to 0.5 (it carries no order)."""
     low, high = min(values), max(values)
-    return [(v - low) / (high - low) if high > low else 0.0 for v in values]
+    return [0.5] * len(values) if high == low else [(v - low) / (high - low) for v in values]
+
+
+def fuse(first_stage: Sequence[float], reranker: Sequence[float], weight: float) -> list[float]:
+    """``weight * min_max(first_stage) + (1 - weight) * min_max(reranker)`` (unchecked; the hybrid
+    teacher fuses BM25 with a bi-encoder the same way)."""
+    return [weight * f + (1 - weight) * r for f, r in zip(min_max(first_stage), min_max(reranker))]
 
 
 def fuse_scores(reranker: Sequence[float], first_stage: Sequence[float], weight: float = 0.5) -> list[float]:
-    """Per-query min-max fusion: ``weight * minmax(first_stage) + (1 - weight) * minmax(reranker)``."""
+    """``fuse`` with a user's input checked: weight in [0, 1], one finite number per document."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"first_stage_weight must be in [0, 1], got {weight!r}")
     if len(first_stage) != len(reranker):
         raise ValueError(f"first_stage_scores has {len(first_stage)} values for {len(reranker)} documents")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in first_stage):
         raise ValueError("first_stage_scores must be finite numbers")
-    return [weight * f + (1 - weight) * r for f, r in zip(_minmax(first_stage), _minmax(reranker))]
+    return fuse(first_stage, reranker, weight)
 
 
 def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], query: str, documents: Sequence[str],

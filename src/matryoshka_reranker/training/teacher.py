@@ -173,21 +173,17 @@ class HybridTeacher:
         queries, passages = _pairs_of(lines)
         neural = self.neural.score_pairs(queries, passages, progress)
         lexical = self.index.score_docs(queries, [self.position[p] for p in passages])
+        from ..serving.ranking import fuse
+
         fused, cursor = [], 0
         for obj in lines:
             n = len(obj["pos"]) + len(obj["neg"])
-            a, b = _min_max(lexical[cursor:cursor + n]), _min_max(neural[cursor:cursor + n])
-            fused += [self.weight * x + (1 - self.weight) * y for x, y in zip(a, b)]
+            fused += fuse(lexical[cursor:cursor + n], neural[cursor:cursor + n], self.weight)
             cursor += n
         return fused
 
     def work(self, queries: Sequence[str], passages: Sequence[str]) -> int:
         return self.neural.work(queries, passages)
-
-
-def _min_max(values: Sequence[float]) -> list[float]:
-    low, high = min(values), max(values)
-    return [0.5] * len(values) if high == low else [(v - low) / (high - low) for v in values]
 
 
 def load_teacher(params: Params, all_passages: Sequence[str] = ()):
