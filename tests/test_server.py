@@ -93,7 +93,25 @@ def test_depth_and_width_per_request(server, exported):
     assert "exit_layer=9" in response.json()["error"] and "(exit_layer=3, ratio=2)" in response.json()["error"]
 
 
+def test_first_stage_scores_are_fused_like_rank(server, exported):
+    url, _ = server
+    bm25 = [1.0, 7.5, 3.0]
+    body = {"query": QUERY, "texts": TEXTS, "first_stage_scores": bm25, "first_stage_weight": 0.7}
+    ranked = httpx.post(f"{url}/rerank", json=body).json()
+    want = OnnxReranker(exported / "exit-03-ratio-1").rank(QUERY, TEXTS, first_stage_scores=bm25, first_stage_weight=0.7)
+    assert [r["index"] for r in ranked] == [w["corpus_id"] for w in want]
+    assert [r["score"] for r in ranked] == pytest.approx([w["score"] for w in want], abs=1e-5)
+    probability = {r["index"]: r["score"] for r in httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).json()}
+    assert [r["reranker_score"] for r in ranked] == pytest.approx([probability[r["index"]] for r in ranked], abs=1e-6)
+    first_stage_only = httpx.post(f"{url}/rerank", json={**body, "first_stage_weight": 1}).json()
+    assert [r["index"] for r in first_stage_only] == [1, 2, 0]  # weight 1: BM25's order
+
+
 @pytest.mark.parametrize("body, status, field", [
+    ({"query": QUERY, "texts": TEXTS, "first_stage_scores": [1.0]}, 422, "first_stage_scores"),
+    ({"query": QUERY, "texts": TEXTS, "first_stage_scores": [1, "2", 3]}, 422, "first_stage_scores"),
+    ({"query": QUERY, "texts": TEXTS, "first_stage_scores": [1, 2, 3], "first_stage_weight": 1.5}, 422,
+     "first_stage_weight"),
     ({"query": QUERY, "texts": []}, 422, "texts"),
     ({"query": QUERY, "texts": TEXTS * 2}, 413, "texts"),
     ({"query": QUERY, "texts": ["word " * 200]}, 413, "texts[0]"),

@@ -7,6 +7,10 @@ Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension
   ``exit_layer``/``ratio`` pick the exported model (default: the deepest exit at ratio 1; an
   unknown pair is a 422 listing what is exported). ``raw_scores: false`` returns probabilities:
   the model's calibrated (Platt) probability when its manifest carries a calibration, else a sigmoid.
+  ``first_stage_scores`` (one number per text, e.g. BM25's) and ``first_stage_weight`` (0.5) rank
+  by their fusion with the re-ranker, as ``rank(first_stage_scores=...)`` does (``serving.ranking``):
+  ``score`` is then the fused value and each item adds ``reranker_score``. Not in TEI: a first
+  stage's scores are what makes a small re-ranker beat the first stage (README, "Quality").
 * ``GET /health``, ``GET /info`` (model, version, exits x ratios, calibration, limits),
   ``GET /metrics`` (Prometheus text: requests and latency histogram per config, queue depth).
 
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .artifacts import (
     ExportedConfig,
@@ -45,6 +49,7 @@ from .artifacts import (
     read_index_extra,
     read_manifest,
 )
+from .ranking import fuse_scores
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +245,8 @@ class RerankRequest(BaseModel):
     truncation_direction: Literal["Right", "right"] = "Right"
     exit_layer: StrictInt | None = None  # the Matryoshka extension: depth ...
     ratio: StrictInt | None = None  # ... and width, per request
+    first_stage_scores: list[StrictFloat | StrictInt] | None = None  # fused with ours, as rank() does
+    first_stage_weight: StrictFloat | StrictInt = Field(default=0.5, ge=0.0, le=1.0)
 
 
 def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
@@ -293,6 +300,11 @@ def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
         if len(body.texts) > options.max_texts:
             raise ServerInputError("texts", f"{len(body.texts)} texts; this server takes at most {options.max_texts} "
                                             "per request (--max-texts)", 413)
+        if body.first_stage_scores is not None:  # refused before any model work
+            try:
+                fuse_scores([0.0] * len(body.texts), body.first_stage_scores, body.first_stage_weight)
+            except ValueError as err:
+                raise ServerInputError("first_stage_scores", str(err), 422) from None
         key = pool.resolve(body.exit_layer, body.ratio)
         name = config_name(*key)
         if not body.truncate:
@@ -317,11 +329,13 @@ def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
         requests.labels(name, "200").inc()
         pairs_scored.labels(name).inc(len(body.texts))
         values = np.asarray(scores, dtype=np.float64)
-        if not body.raw_scores:
-            values = probabilities(pool, key, values)
-        order = sorted(range(len(values)), key=lambda i: -values[i])
-        return [{"index": i, "score": float(values[i]), **({"text": body.texts[i]} if body.return_text else {})}
-                for i in order]
+        ours = values if body.raw_scores else probabilities(pool, key, values)
+        ranked_by = ours if body.first_stage_scores is None else np.asarray(
+            fuse_scores(values.tolist(), body.first_stage_scores, body.first_stage_weight))
+        order = sorted(range(len(ranked_by)), key=lambda i: -ranked_by[i])  # stable: ties keep the texts' order
+        return [{"index": i, "score": float(ranked_by[i]),
+                 **({"reranker_score": float(ours[i])} if body.first_stage_scores is not None else {}),
+                 **({"text": body.texts[i]} if body.return_text else {})} for i in order]
 
     @app.get("/health")
     async def health():
