@@ -42,9 +42,9 @@ from matryoshka_reranker import MatryoshkaReranker, OnnxReranker
 from matryoshka_reranker.config import load_params
 from matryoshka_reranker.pipeline.export import (
     ExportOptions,
-    config_name,
     export_models,
 )
+from matryoshka_reranker.serving.artifacts import config_name, exit_model_file, ratio_folder
 from matryoshka_reranker.serving.onnx_runtime import create_session
 
 MODEL = "embedded:smollm2-135m-instruct"
@@ -107,7 +107,7 @@ def measure(args, work: Path) -> None:
     torch_reranker = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT)  # as the exports
     tokens = statistics.mean(len(torch_reranker.encoder.encode(q, p).input_ids) for q, p in pairs)
     configs = [(k, r) for r in RATIOS for k in EXITS]
-    ort = {c: OnnxReranker(onnx_dir / config_name(*c), threads=args.threads) for c in configs}
+    ort = {c: OnnxReranker(onnx_dir / ratio_folder(c[1]), c[0], threads=args.threads) for c in configs}
 
     def run_ort(reranker):
         return lambda: reranker.compute_score(pairs, batch_size=args.batch_size)
@@ -137,7 +137,7 @@ def measure(args, work: Path) -> None:
     if args.quick:
         return
     print("\n## variants at exit 30, ratio 1 (round-robin among themselves)")
-    full = onnx_dir / config_name(30, 1) / "model.onnx"
+    full = onnx_dir / ratio_folder(1) / exit_model_file(30)
     reranker = ort[(30, 1)]
     variants = {}
     for threads in sorted({1, args.threads}):
@@ -150,7 +150,7 @@ def measure(args, work: Path) -> None:
     start = time.perf_counter()
     sdpa_dir = work / "sdpa"
     export(sdpa_dir, attn="sdpa", exits=[30], ratios=[1])
-    variants["ORT sdpa export, opt all"] = run_ort(OnnxReranker(sdpa_dir / config_name(30, 1), threads=args.threads))
+    variants["ORT sdpa export, opt all"] = run_ort(OnnxReranker(sdpa_dir / ratio_folder(1), 30, threads=args.threads))
     fused = _ort_fusions(full, work / "fused")
     if fused is not None:
         session = create_session(fused, ["CPUExecutionProvider"], args.threads)

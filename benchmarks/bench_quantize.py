@@ -20,7 +20,7 @@ from benchmarks.common import interleaved_timing
 from matryoshka_reranker.config import load_params
 from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
-from matryoshka_reranker.serving.artifacts import config_name
+from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
 from matryoshka_reranker.serving.onnx_runtime import OnnxReranker, create_session
 
 
@@ -54,15 +54,15 @@ def main() -> None:
         return out
 
     for k in args.exits:
-        folder = Path(params.paths.onnx) / config_name(k, 1)
-        fp32 = OnnxReranker(folder, threads=args.threads, batch_size=len(queries[0].candidates))
+        folder = Path(params.paths.onnx) / ratio_folder(1)
+        fp32 = OnnxReranker(folder, k, threads=args.threads, batch_size=len(queries[0].candidates))
         base = np.array(fp32.compute_score(pairs))
         ndcg_base = np.mean(list(per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"].values()))
         for scheme in args.schemes:
             with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:
                 target = Path(work) / "model.onnx"
                 keep = tuple(args.keep_fp32) if args.keep_fp32 is not None else ("score_heads", "down_proj")
-                info = quantize_model(folder / "model.onnx", target, scheme, keep)
+                info = quantize_model(folder / exit_model_file(k), target, scheme, keep)
                 session = create_session(target, ["CPUExecutionProvider"], args.threads)
                 names = [i.name for i in session.get_inputs()]
                 encoded = [fp32.encoder.encode(q, p) for q, p in pairs]

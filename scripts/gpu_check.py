@@ -191,8 +191,8 @@ def main() -> int:
                 if not (cuda and ort_cuda):
                     return {"status": "skip", "reason": f"onnxruntime here offers {onnxruntime.get_available_providers()}"
                             " (no CUDA provider: onnxruntime-gpu is not installed)"}
-                folder = out / "onnx" / f"exit-{k:02d}-ratio-{ratio}"
-                session = OnnxReranker(folder, batch_size=args.batch_size)
+                folder = out / "onnx" / f"ratio-{ratio}"
+                session = OnnxReranker(folder, k, batch_size=args.batch_size)
                 if session.providers[0] != "CUDAExecutionProvider":
                     raise RuntimeError(f"ONNX Runtime runs {folder.name} on {session.providers[0]}, not CUDA")
                 expected = torch_model.compute_score(pairs, cutoff_layers=[k])

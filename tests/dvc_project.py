@@ -1,7 +1,7 @@
 """A throwaway git + DVC project whose cheap stages stand in for the real pipeline in release tests.
 
 ``prepare -> export -> evaluate`` (listed out of order in dvc.yaml, to test the ordering) write fake
-exit-model folders with real ``manifest.json`` sha256s and a ``metrics/per_layer.json`` in the
+per-ratio model folders (format 3) with real ``manifest.json`` sha256s and a ``metrics/per_layer.json`` in the
 shared format. ``knobs.yaml`` steers them: ``quality`` (base nDCG@10), ``delta`` (per-config shift),
 ``drop`` (configs left out of the metrics), ``model_seed`` (changes the model bytes).
 """
@@ -42,18 +42,21 @@ if stage == "prepare":
     Path("derived/data.txt").write_text(f"data {knobs['data_version']}\\n")
 elif stage == "export":
     data = Path("derived/data.txt").read_text()
-    for k, r, name in names:
-        folder = onnx / name
+    for r in ratios:
+        folder = onnx / f"ratio-{r}"
         folder.mkdir(parents=True, exist_ok=True)
-        files = {"model.onnx": f"onnx {name} {data} {knobs['model_seed']}\\n".encode() * 64,
+        files = {"weights.bin": f"weights {r} {data} {knobs['model_seed']}\\n".encode() * 64,
                  "tokenizer.json": b'{"model": "bpe"}'}
+        files.update({f"exit-{k:02d}.onnx": f"graph {k} {r}\\n".encode() for k in exits})
         for rel, blob in files.items():
             (folder / rel).write_bytes(blob)
-        manifest = {"format_version": 2, "kind": "exit", "name": name, "exit_layer": k,
-                    "compression": {"layers": [2], "ratio": r, "applied_layers": []}, "model_file": "model.onnx",
-                    "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in files.items()}}
+        models = [{"name": f"exit-{k:02d}-ratio-{r}", "kind": "exit", "exit_layer": k, "model_file": f"exit-{k:02d}.onnx",
+                   "applied_layers": []} for k in exits]
+        manifest = {"format_version": 3, "name": folder.name, "compression": {"layers": [2], "ratio": r},
+                    "models": models, "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in files.items()}}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    index = {"format_version": 2, "models": [{"name": n, "exit_layer": k, "ratio": r, "path": n} for k, r, n in names]}
+    index = {"format_version": 3, "models": [{"name": n, "exit_layer": k, "ratio": r, "path": f"ratio-{r}",
+                                              "model_file": f"exit-{k:02d}.onnx"} for k, r, n in names]}
     (onnx / "index.json").write_text(json.dumps(index))
 elif stage == "evaluate":
     configs, systems = {}, {}
@@ -153,7 +156,7 @@ def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
                  per_config_outs: bool = False) -> tuple[Path, Params]:
     """``base/project`` (committed, not yet reproduced), ``base/origin.git`` (bare), remote at ``base/dvc-remote``.
 
-    ``per_config_outs``: the export stage declares one DVC output per exit-model folder instead of
+    ``per_config_outs``: the export stage declares one DVC output per ratio folder instead of
     one output for the whole ``models/onnx``.
     """
     root = base / "project"
@@ -164,8 +167,7 @@ def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
     (root / "fake_pipeline.py").write_text(FAKE_PIPELINE)
     dvc_yaml = DVC_YAML
     if per_config_outs:
-        folders = [f"models/onnx/exit-{k:02d}-ratio-{r}" for k in params.export.exit_layers
-                   for r in params.export.ratios]
+        folders = [f"models/onnx/ratio-{r}" for r in params.export.ratios]
         dvc_yaml = dvc_yaml.replace("    outs: [models/onnx]\n",
                                     f"    outs: [{', '.join(folders)}, models/onnx/index.json]\n")
         dvc_yaml = dvc_yaml.replace("deps: [fake_pipeline.py, models/onnx]",

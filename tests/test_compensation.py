@@ -141,7 +141,7 @@ def test_every_path_produces_identical_input_ids(trained, tmp_path):
                                                                                        "ratios": [1],
                                                                                        "calibration_queries": 0})})
     export_from_params(onnx_params)
-    onnx = OnnxReranker(tmp_path / "onnx" / "exit-02-ratio-1")
+    onnx = OnnxReranker(tmp_path / "onnx" / "ratio-1", 2)
     assert onnx.input_format == params.model.input_format
     assert ids(onnx.encoder) == expected, "ONNX serving (tokenizers only)"
     batches = validation_batches(params.model.input_format.encoder(tokenizer))

@@ -124,7 +124,7 @@ def test_sigkill_during_export_leaves_the_last_export_and_a_rerun_cleans_up(tmp_
     before = json.loads((onnx / "index.json").read_text())
     manifests = {p.parent.name: p.read_text() for p in onnx.glob("*/manifest.json")}
     process = cli(params_file, "export")
-    assert kill_when(process, lambda: any(tmp_path.glob(".onnx.tmp-*/.stage-ratio-*/all-exits.onnx")))
+    assert kill_when(process, lambda: any(tmp_path.glob(".onnx.tmp-*/ratio-*/.all-exits-debug.onnx")))
     assert json.loads((onnx / "index.json").read_text()) == before  # the last good export is in place
     assert list(tmp_path.glob(".onnx.tmp-*"))  # the killed run's temporary is still there ...
     finish(cli(params_file, "export"))

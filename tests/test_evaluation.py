@@ -49,10 +49,10 @@ def write_fixture(root, configs, extra=()):
     (root / "candidates.jsonl").write_text("".join(json.dumps(row) + "\n" for row in CANDIDATES))
     (root / "onnx").mkdir()
     models = [{"name": f"exit-{k:02d}-ratio-{r}", "exit_layer": k, "ratio": r, "compress_layers": c,
-               "path": f"exit-{k:02d}-ratio-{r}"} for k, r, c in configs]
-    all_exits = [{"ratio": r, "path": f"all-exits-ratio-{r}", "exit_layers": sorted(k for k, rr, _ in configs if rr == r)}
-                 for r in sorted({r for _, r, _ in configs})]
-    (root / "onnx" / "index.json").write_text(json.dumps({"format_version": 2, "models": models,
+               "path": f"ratio-{r}", "model_file": f"exit-{k:02d}.onnx"} for k, r, c in configs]
+    all_exits = [{"ratio": r, "path": f"ratio-{r}", "model_file": "all-exits.onnx",
+                  "exit_layers": sorted(k for k, rr, _ in configs if rr == r)} for r in sorted({r for _, r, _ in configs})]
+    (root / "onnx" / "index.json").write_text(json.dumps({"format_version": 3, "models": models,
                                                            "all_exits": all_exits}))
     metrics = root / "metrics"
     raw = {"data": {"beir_dir": str(root / "beir"), "eval_split": "test"},

@@ -27,6 +27,7 @@ from matryoshka_reranker.pipeline.export import (
     plan_configs,
     sha256_file,
 )
+from matryoshka_reranker.serving.artifacts import ModelIntegrityError, model_view
 from matryoshka_reranker.serving.onnx_runtime import read_manifest
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 from tests.fixtures import make_tiny_model, make_tokenizer
@@ -86,80 +87,105 @@ def pytorch_scores(release, ratio, exit_layer, pairs, batch_size, adapters=True)
 def test_index_lists_every_config(release):
     index = json.loads((release["out"] / "index.json").read_text())
     assert index == release["index"]
-    assert index["format_version"] == 2
+    assert index["format_version"] == 3
     assert index["input_format"] == FORMAT.to_dict()
-    assert [(e["ratio"], e["path"], e["exit_layers"]) for e in index["all_exits"]] == [
-        (1, "all-exits-ratio-1", EXITS), (2, "all-exits-ratio-2", EXITS)]
+    assert [(e["ratio"], e["path"], e["model_file"], e["exit_layers"]) for e in index["all_exits"]] == [
+        (1, "ratio-1", "all-exits.onnx", EXITS), (2, "ratio-2", "all-exits.onnx", EXITS)]
     assert [m["name"] for m in index["models"]] == [
         "exit-02-ratio-1", "exit-03-ratio-1", "exit-04-ratio-1",
         "exit-02-ratio-2", "exit-03-ratio-2", "exit-04-ratio-2"]
     assert index["models"][0] == {"name": "exit-02-ratio-1", "exit_layer": 2, "ratio": 1, "compress_layers": [2],
-                                  "variant": None, "path": "exit-02-ratio-1"}
-    folders = sorted(p.name for p in release["out"].iterdir())
-    assert folders == sorted([m["path"] for m in index["models"]] + [e["path"] for e in index["all_exits"]]
-                             + ["index.json"])
+                                  "variant": None, "path": "ratio-1", "model_file": "exit-02.onnx"}
+    assert sorted(p.name for p in release["out"].iterdir()) == ["index.json", "ratio-1", "ratio-2"]
 
 
 def test_all_exits_model_gives_every_exit_in_one_pass(release):
     for entry in release["index"]["all_exits"]:
-        both = OnnxReranker(release["out"] / entry["path"]).score_exits(PAIRS)
+        both = OnnxReranker(release["out"] / entry["path"], all_exits=True).score_exits(PAIRS)
         assert sorted(both) == EXITS
         for k in EXITS:
-            single = OnnxReranker(release["out"] / f"exit-0{k}-ratio-{entry['ratio']}").compute_score(PAIRS)
+            single = OnnxReranker(release["out"] / f"ratio-{entry['ratio']}", k).compute_score(PAIRS)
             np.testing.assert_allclose(both[k], single, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_ort_scores_equal_pytorch_with_adapters(release, batch_size):
     for entry in release["index"]["models"]:
-        ort_scores = OnnxReranker(release["out"] / entry["path"]).compute_score(PAIRS, batch_size=batch_size)
+        reranker = OnnxReranker(release["out"] / entry["path"], entry["exit_layer"])
+        assert reranker.exit_layer == entry["exit_layer"] and reranker.compress_ratio == entry["ratio"]
         expected = pytorch_scores(release, entry["ratio"], entry["exit_layer"], PAIRS, batch_size)
-        np.testing.assert_allclose(ort_scores, expected, atol=1e-4, rtol=0, err_msg=entry["name"])
+        np.testing.assert_allclose(reranker.compute_score(PAIRS, batch_size=batch_size), expected, atol=1e-4,
+                                   rtol=0, err_msg=entry["name"])
+
+
+def test_a_folder_opens_at_its_deepest_exit_or_names_the_exits_it_has(release):
+    deepest = OnnxReranker(release["out"] / "ratio-1")
+    assert deepest.exit_layer == 4
+    with pytest.raises(ModelIntegrityError, match=r"no exit layer 7 .* its exits: \[2, 3, 4\]"):
+        OnnxReranker(release["out"] / "ratio-1", 7)
 
 
 def test_adapters_and_compression_are_in_the_graph(release):
     """A forgotten merge or a ratio-1 graph under a ratio-2 name would pass a loose check: not this one."""
-    with_adapters = OnnxReranker(release["out"] / "exit-04-ratio-1").compute_score(PAIRS)
+    with_adapters = OnnxReranker(release["out"] / "ratio-1", 4).compute_score(PAIRS)
     without = pytorch_scores(release, 1, 4, PAIRS, 5, adapters=False)
     assert np.abs(np.array(with_adapters) - without).max() > 1e-3
-    ratio_2 = OnnxReranker(release["out"] / "exit-04-ratio-2").compute_score(PAIRS)
+    ratio_2 = OnnxReranker(release["out"] / "ratio-2", 4).compute_score(PAIRS)
     assert np.abs(np.array(ratio_2) - with_adapters).max() > 1e-3
 
 
 def test_manifest_describes_the_folder(release):
-    for entry in release["index"]["models"]:
-        folder = release["out"] / entry["path"]
+    for ratio in RATIOS:
+        folder = release["out"] / f"ratio-{ratio}"
         manifest = read_manifest(folder)
-        ratio = entry["ratio"]
-        compressed = ratio > 1 and entry["exit_layer"] > 2  # compression at 2 changes exits 3 and 4 only
-        assert manifest["format_version"] == 2 and manifest["name"] == entry["name"] and manifest["kind"] == "exit"
-        assert manifest["exit_layer"] == entry["exit_layer"] and manifest["num_layers"] == 4
-        applied = [2] if compressed else []
-        assert manifest["compression"] == {"layers": COMPRESS, "ratio": ratio, "applied_layers": applied}
+        assert manifest["format_version"] == 3 and manifest["name"] == f"ratio-{ratio}" and manifest["num_layers"] == 4
+        assert manifest["compression"] == {"layers": COMPRESS, "ratio": ratio}
         assert [a["path"] for a in manifest["adapters"]] == [str(p) for p in release["stacks"][ratio]]
         assert all(len(a["sha256"]) == 64 for a in manifest["adapters"])
         assert manifest["opset"] >= 18 and manifest["dtype"] == "float32" and manifest["exporter"] == "dynamo"
-        inputs = ["input_ids", "attention_mask"] + (["query_lengths", "prompt_lengths"] if compressed else [])
-        assert [i["name"] for i in manifest["inputs"]] == inputs
-        assert manifest["outputs"] == [{"name": "scores", "dtype": "float32", "shape": ["batch"]}]
-        assert manifest["input_format"] == FORMAT.to_dict()
+        assert manifest["input_format"] == FORMAT.to_dict() and manifest["weights_file"] == "weights.bin"
         assert manifest["tokenizer"]["file"] == "tokenizer.json" and manifest["tokenizer"]["bos_token_id"] == 0
         assert manifest["source_model"] == str(release["model"]) and manifest["params_fingerprint"] == "abc"
-        parity = manifest["parity"]
-        assert 0 <= parity["max_abs_diff"] <= parity["tolerance"] == 1e-4 and parity["batch_sizes"] == [1, 5]
-        assert parity["hidden_states"]["relative"] <= 1e-4
+        assert [(m["kind"], m["model_file"]) for m in manifest["models"]] == [
+            *[("exit", f"exit-0{k}.onnx") for k in EXITS], ("all_exits", "all-exits.onnx")]
         on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
         assert set(manifest["files"]) == on_disk
-        assert {"model.onnx", f"weights-ratio-{ratio}.bin", "tokenizer.json"} <= on_disk
+        assert {"weights.bin", "tokenizer.json", "README.md", "all-exits.onnx"} <= on_disk
         for name, digest in manifest["files"].items():
             assert sha256_file(folder / name) == digest
-        # Users' tooling accepts a released folder (downloads are plain copies; the working tree
-        # hard-links the ratio's weights, which onnx's checker refuses as a "hardlink attack").
-        copied = shutil.copytree(folder, release["out"].parent / "copies" / entry["name"])
-        onnx.checker.check_model(str(copied / "model.onnx"))
-        onnx.shape_inference.infer_shapes(onnx.load(str(copied / "model.onnx")), strict_mode=True)
-        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-        assert [o.name for o in graph.output] == ["scores"] and [i.name for i in graph.input] == inputs
+        for k in EXITS:
+            model = model_view(manifest, k)
+            compressed = ratio > 1 and k > 2  # compression at 2 changes exits 3 and 4 only
+            assert model["name"] == f"exit-0{k}-ratio-{ratio}" and model["kind"] == "exit" and model["exit_layer"] == k
+            assert model["compression"] == {"layers": COMPRESS, "ratio": ratio, "applied_layers": [2] if compressed else []}
+            inputs = ["input_ids", "attention_mask"] + (["query_lengths", "prompt_lengths"] if compressed else [])
+            assert [i["name"] for i in model["inputs"]] == inputs
+            assert model["outputs"] == [{"name": "scores", "dtype": "float32", "shape": ["batch"]}]
+            parity = model["parity"]
+            assert 0 <= parity["max_abs_diff"] <= parity["tolerance"] == 1e-4 and parity["batch_sizes"] == [1, 5]
+            assert parity["hidden_states"]["relative"] <= 1e-4
+            graph = onnx.load(str(folder / model["model_file"]), load_external_data=False).graph
+            assert [o.name for o in graph.output] == ["scores"] and [i.name for i in graph.input] == inputs
+
+
+def test_every_graph_opens_with_standard_onnx_tools_where_it_lies(release, tmp_path):
+    """onnx.load / checker / shape inference / onnxruntime.quantization on the folders as exported
+    (onnx refuses hard-linked, symlinked or out-of-folder weights: format 3 has none of them)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for folder in sorted(release["out"].iterdir()):
+        if not folder.is_dir():
+            continue
+        assert (folder / "weights.bin").stat().st_nlink == 1 and not (folder / "weights.bin").is_symlink()
+        for graph in sorted(folder.glob("*.onnx")):
+            onnx.checker.check_model(str(graph))
+            loaded = onnx.load(str(graph))  # with its external data
+            assert sum(t.ByteSize() for t in loaded.graph.initializer) > 0
+            onnx.shape_inference.infer_shapes_path(str(graph), str(tmp_path / "inferred.onnx"), strict_mode=True)
+    target = tmp_path / "int8.onnx"
+    quantize_dynamic(str(release["out"] / "ratio-1" / "exit-04.onnx"), str(target), weight_type=QuantType.QInt8,
+                     use_external_data_format=True)
+    onnx.checker.check_model(str(target))
 
 
 def external_bytes(model_file: Path) -> tuple[set[str], int]:
@@ -174,16 +200,16 @@ def external_bytes(model_file: Path) -> tuple[set[str], int]:
 
 
 def test_exits_of_a_ratio_share_one_weights_file_and_read_only_their_layers(release):
-    out = release["out"]
-    weights = [out / f"exit-0{k}-ratio-1" / "weights-ratio-1.bin" for k in EXITS]
-    assert len({sha256_file(w) for w in weights}) == 1
-    assert len({w.stat().st_ino for w in weights}) == 1  # one file on disk, hard-linked into each folder
+    folder = release["out"] / "ratio-1"
     used = []
     for k in EXITS:
-        locations, total = external_bytes(out / f"exit-0{k}-ratio-1" / "model.onnx")
-        assert locations == {"weights-ratio-1.bin"}
+        locations, total = external_bytes(folder / f"exit-0{k}.onnx")
+        assert locations == {"weights.bin"}
         used.append(total)
     assert used[0] < used[1] < used[2]  # exit 2 reads fewer tensors than exit 3 than exit 4
+    all_locations, all_total = external_bytes(folder / "all-exits.onnx")
+    assert all_locations == {"weights.bin"} and all_total == used[-1]  # the deepest exit reads every layer
+    assert (folder / "weights.bin").stat().st_size <= 1.2 * all_total  # stored once (plus alignment padding)
 
 
 def test_plan_applies_compression_only_before_the_exit():
@@ -255,9 +281,9 @@ def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch
 def test_export_options(llama_model, tmp_path, options):
     export_models(llama_model, tmp_path / "out", [3], [2], [2],
                   options=ExportOptions(start_layer=1, input_format=FORMAT, **options))
-    folder = tmp_path / "out" / "exit-03-ratio-2"
-    manifest = read_manifest(folder)
-    ort_scores = OnnxReranker(folder).compute_score(PAIRS)
+    folder = tmp_path / "out" / "ratio-2"
+    manifest = model_view(read_manifest(folder), 3)
+    ort_scores = OnnxReranker(folder, 3).compute_score(PAIRS)
     expected = MatryoshkaReranker(llama_model, start_layer=1, input_format=FORMAT).compute_score(
         PAIRS, cutoff_layers=[3], compress_layers=COMPRESS, compress_ratio=2)
     tolerance = 5e-2 if options.get("dtype") == "float16" else 1e-4
@@ -267,11 +293,13 @@ def test_export_options(llama_model, tmp_path, options):
         assert manifest["exporter"] == "torchscript"
     if "dtype" in options:
         assert manifest["dtype"] == "float16"
-        types = {t.data_type for t in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer}
+        types = {t.data_type for t in onnx.load(str(folder / "exit-03.onnx"), load_external_data=False).graph.initializer}
         assert onnx.TensorProto.FLOAT16 in types
     if "share_weights" in options:
-        assert external_bytes(folder / "model.onnx")[0] == {"model.onnx.data"}
-        assert not manifest["shared_weights"] and "model.onnx.data" in manifest["files"]
+        assert external_bytes(folder / "exit-03.onnx")[0] == {"exit-03.onnx.data"}
+        assert not manifest["shared_weights"] and "exit-03.onnx.data" in manifest["files"]
+        assert "weights.bin" not in manifest["files"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left behind
 
 
 # ------------------------------------------------------------ CLI
@@ -282,14 +310,14 @@ def test_cli_explicit_form(llama_model, tmp_path):
                                       "--layers", "2", "4", "--start-layer", "1", "--query-max-len", "24", "--passage-max-len", "24",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.split() == ["exit-02-ratio-1", str(out / "exit-02-ratio-1"),
-                                     "exit-04-ratio-1", str(out / "exit-04-ratio-1")]
-    assert read_manifest(out / "exit-02-ratio-1")["input_format"] == FORMAT.to_dict()
-    manifest = read_manifest(out / "exit-04-ratio-1")
+    assert result.stdout.split() == ["exit-02-ratio-1", str(out / "ratio-1" / "exit-02.onnx"),
+                                     "exit-04-ratio-1", str(out / "ratio-1" / "exit-04.onnx")]
+    manifest = read_manifest(out / "ratio-1")
+    assert manifest["input_format"] == FORMAT.to_dict()
     assert [a["path"] for a in manifest["adapters"]] == [str(adapter)]
     expected = MatryoshkaReranker(llama_model, peft_path=adapter, start_layer=1, input_format=FORMAT).compute_score(
         PAIRS, cutoff_layers=[4])
-    np.testing.assert_allclose(OnnxReranker(out / "exit-04-ratio-1").compute_score(PAIRS), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(OnnxReranker(out / "ratio-1", 4).compute_score(PAIRS), expected, atol=1e-4, rtol=0)
 
 
 def write_params(tmp_path, model_dir, **export) -> Path:
@@ -316,8 +344,8 @@ def test_cli_params_form_merges_the_adapter_stack(llama_model, tmp_path):
     stack = [make_adapter(llama_model, tmp_path / "sd", 6), make_adapter(llama_model, tmp_path / "comp" / "layer", 7)]
     result = CliRunner().invoke(app, ["export", "-p", str(params), "-S", "export.exit_layers=[2]"])
     assert result.exit_code == 0, result.output
-    folder = tmp_path / "onnx" / "exit-02-ratio-1"
-    manifest = read_manifest(folder)
+    manifest = read_manifest(tmp_path / "onnx" / "ratio-1")
+    assert [m["name"] for m in manifest["models"]] == ["exit-02-ratio-1", "all-exits-ratio-1"]
     assert [a["path"] for a in manifest["adapters"]] == [str(p) for p in stack]
     assert manifest["input_format"] == InputFormat(query_max_len=16, passage_max_len=32).to_dict()
     from matryoshka_reranker.config import load_params
@@ -339,21 +367,22 @@ def test_calibration_and_model_card(llama_model, tmp_path):
     calibration = CalibrationSet(("q1", "q2"), tuple(PAIRS), (1, 0, 0, 1, 0))
     export_models(llama_model, tmp_path / "out", [2, 4], [1], options=ExportOptions(
         start_layer=1, input_format=FORMAT, calibration=calibration, data_dir="data/scifact"))
-    folder = tmp_path / "out" / "exit-04-ratio-1"
+    folder = tmp_path / "out" / "ratio-1"
     manifest = read_manifest(folder)  # verifies every file, the card included
-    fitted = manifest["calibration"]
+    fitted = model_view(manifest, 4)["calibration"]
     assert fitted["method"] == "platt" and fitted["pairs"] == 5 and fitted["queries"] == ["q1", "q2"]
-    reranker = OnnxReranker(folder)
+    assert model_view(manifest, 2)["calibration"] != fitted  # one fit per exit
+    reranker = OnnxReranker(folder, 4)
     raw = np.array(reranker.compute_score(PAIRS))
     expected = 1 / (1 + np.exp(-(fitted["a"] * raw + fitted["b"])))
     np.testing.assert_allclose(reranker.compute_score(PAIRS, normalize=True), expected, atol=1e-6)
     # calibrated probabilities rank as the raw scores do
     assert np.argsort(-raw).tolist() == np.argsort(-expected).tolist()
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert "calibration" not in read_manifest(tmp_path / "out" / index["all_exits"][0]["path"])
+    assert "calibration" not in model_view(read_manifest(tmp_path / "out" / index["all_exits"][0]["path"]), all_exits=True)
     card = (folder / "README.md").read_text()
     assert "README.md" in manifest["files"] and card.startswith("---\n")
-    assert "pipeline_tag: text-ranking" in card and "CC BY-NC 2.0" in card and "exit layer 4" in card
+    assert "pipeline_tag: text-ranking" in card and "CC BY-NC 2.0" in card and "exit layers 2, 4" in card
     assert "OnnxReranker" in card and "/rerank" in card and "Platt" in card
 
 
@@ -367,8 +396,9 @@ def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
         folder = tmp_path / "out" / f"exit-04-ratio-1-{scheme}"
         manifest = read_manifest(folder)
         assert manifest["variant"] == scheme and manifest["quantization"]["of"] == "exit-04-ratio-1"
+        assert [m["name"] for m in manifest["models"]] == [f"exit-04-ratio-1-{scheme}"]
         assert (folder / "model.onnx.data").stat().st_nlink == 1  # its own plain file: standard tools open it
         onnx.checker.check_model(str(folder / "model.onnx"))
         quantized = OnnxReranker(folder).compute_score(PAIRS)
-        float_scores = OnnxReranker(tmp_path / "out" / "exit-04-ratio-1").compute_score(PAIRS)
+        float_scores = OnnxReranker(tmp_path / "out" / "ratio-1", 4).compute_score(PAIRS)
         assert np.isfinite(quantized).all() and np.abs(np.array(quantized) - float_scores).max() < 0.5

@@ -33,7 +33,7 @@ def exported(tmp_path_factory, llama_dir):
     out = tmp_path_factory.mktemp("ort") / "onnx"
     options = ExportOptions(start_layer=1, input_format=FORMAT)
     export_models(llama_dir, out, [3], [1], options=options)
-    return out / "exit-03-ratio-1"
+    return out / "ratio-1"  # exit 3's graph (the deepest, so the default) beside the weights
 
 
 @pytest.fixture
@@ -68,27 +68,27 @@ def test_compute_score_rejects_bad_input(exported):
 
 
 def test_truncated_onnx_is_refused(folder):
-    data = (folder / "model.onnx").read_bytes()
-    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelIntegrityError, match=r"model\.onnx: sha256 .* does not match the manifest"):
+    data = (folder / "exit-03.onnx").read_bytes()
+    (folder / "exit-03.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelIntegrityError, match=r"exit-03\.onnx: sha256 .* does not match the manifest"):
         OnnxReranker(folder)
     import os
 
-    os.utime(folder / "model.onnx", ns=(1, 1))  # a new mtime: the hash cache must not hide the change
+    os.utime(folder / "exit-03.onnx", ns=(1, 1))  # a new mtime: the hash cache must not hide the change
     # Even with a manifest rewritten to the truncated file's hash, ORT's load error is reported clearly.
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    manifest["files"]["exit-03.onnx"] = sha256_file(folder / "exit-03.onnx")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelIntegrityError, match="ONNX Runtime cannot load the model"):
         OnnxReranker(folder)
 
 
 def test_changed_weights_are_refused(folder):
-    weights = folder / "weights-ratio-1.bin"
+    weights = folder / "weights.bin"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ModelIntegrityError, match=r"weights-ratio-1\.bin: sha256"):
+    with pytest.raises(ModelIntegrityError, match=r"weights\.bin: sha256"):
         OnnxReranker(folder)
     OnnxReranker(folder, verify=False)  # loads (wrong weights): verification is what catches it
 
@@ -96,10 +96,12 @@ def test_changed_weights_are_refused(folder):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m.update(format_version=3), "format_version 3; .* reads up to 2"),
+        (lambda m: m.update(format_version=4), "format_version 4; .* reads up to 3"),
+        (lambda m: m.update(format_version=2), "older matryoshka-reranker"),
         (lambda m: m.update(format_version=1), "older matryoshka-reranker"),
         (lambda m: m.pop("format_version"), "missing or invalid format_version"),
-        (lambda m: m["files"].pop("model.onnx"), "must list every file"),
+        (lambda m: m["files"].pop("exit-03.onnx"), "must list every file"),
+        (lambda m: m.update(models=[]), "must list the folder's models"),
         (lambda m: m["files"].update({"extra.bin": "0" * 64}), r"extra\.bin is listed but missing"),
         (lambda m: m["files"].update({"../escape": "0" * 64}), "outside"),
     ],

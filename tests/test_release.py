@@ -81,7 +81,7 @@ def test_artifacts_section_follows_params_and_keeps_the_rest(tmp_path):
     doc = yaml.safe_load((root / "dvc.yaml").read_text())
     assert sorted(doc["artifacts"]) == ["exit-04-ratio-1", "exit-04-ratio-2", "exit-06-ratio-1", "exit-06-ratio-2",
                                         "tokenizer"]
-    assert doc["artifacts"]["exit-06-ratio-2"]["path"] == "models/onnx/exit-06-ratio-2"
+    assert doc["artifacts"]["exit-06-ratio-2"]["path"] == "models/onnx/ratio-2"  # the exits of a ratio share a folder
     assert doc["artifacts"]["exit-06-ratio-2"]["type"] == "model"
     assert doc["stages"] == {"train": {"cmd": "echo hi"}}
     assert "# my pipeline" in (root / "dvc.yaml").read_text() and "# keep me" in (root / "dvc.yaml").read_text()
@@ -103,10 +103,10 @@ def _params_file(root: Path, params) -> Path:
 
 
 def test_verify_manifest_catches_changed_missing_and_extra_files(tmp_path):
-    folder = tmp_path / "exit-08-ratio-1"
+    folder = tmp_path / "ratio-1"
     folder.mkdir()
     (folder / "model.onnx").write_bytes(b"weights")
-    manifest = {"format_version": 2, "model_file": "model.onnx",
+    manifest = {"format_version": 3, "models": [{"name": "exit-08-ratio-1", "exit_layer": 8, "model_file": "model.onnx"}],
                 "files": {"model.onnx": hashlib.sha256(b"weights").hexdigest()}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert verify_manifest(folder)["files"] == manifest["files"]
@@ -159,8 +159,9 @@ def test_publish_commits_reproduced_state_pushes_data_and_tags(published):
     assert record["commit"] == result.commit and record["gate"]["passed"] is True and record["status"] == "published"
     configs = {"exit-04-ratio-1", "exit-04-ratio-2", "exit-06-ratio-1", "exit-06-ratio-2"}
     assert set(record["metrics"]["configs"]) == set(record["per_query"]) == set(record["files"]) == configs
-    assert record["files"]["exit-04-ratio-1"]["model.onnx"] == hashlib.sha256(
-        (root / "models/onnx/exit-04-ratio-1/model.onnx").read_bytes()).hexdigest()
+    assert record["files"]["exit-04-ratio-1"]["weights.bin"] == hashlib.sha256(
+        (root / "models/onnx/ratio-1/weights.bin").read_bytes()).hexdigest()
+    assert record["files"]["exit-04-ratio-1"] == record["files"]["exit-06-ratio-1"]  # one folder per ratio
     assert record["policy"]["gate"]["alpha"] == 0.05 and record["eval"]["identity"]["queries"] == 40
     in_git = json.loads(git(root, "show", "v0.1.0:releases/v0.1.0.json"))  # the copy download trusts
     assert in_git["files"] == record["files"] and "commit" not in in_git
@@ -176,10 +177,11 @@ def test_download_by_version_into_a_fresh_clone_verifies_sha256(published, tmp_p
         cli = CliRunner().invoke(app, ["download", "--version", "v0.1.0", "--layer", "6", "--ratio", "2",
                                        "--out", "downloaded"])
     assert cli.exit_code == 0, cli.output
-    dest = fresh / "downloaded" / "v0.1.0" / "exit-06-ratio-2"  # per version: a second one lands beside it
-    source = root / "models" / "onnx" / "exit-06-ratio-2"
+    dest = fresh / "downloaded" / "v0.1.0" / "ratio-2"  # per version: a second one lands beside it
+    source = root / "models" / "onnx" / "ratio-2"
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert files == ["exit-04.onnx", "exit-06.onnx", "manifest.json", "tokenizer.json", "weights.bin"]
+    assert all((dest / f).stat().st_nlink == 1 for f in files)  # plain files: standard ONNX tools open them
     assert all((dest / f).read_bytes() == (source / f).read_bytes() for f in files)
     # from the git URL directly (DVC clones it), and a layer the release does not have
     dest = download("v0.1.0", 4, 1, repo=str(base / "origin.git"), out=tmp_path / "by-url")
@@ -213,11 +215,11 @@ def test_nothing_changed_means_nothing_to_publish(published):
 
 def test_one_dvc_output_per_exit_model_is_published_whole(tmp_path):
     root, params = make_project(tmp_path, per_config_outs=True)
-    assert "outs: [models/onnx/exit-04-ratio-1, models/onnx/exit-04-ratio-2," in (root / "dvc.yaml").read_text()
+    assert "outs: [models/onnx/ratio-1, models/onnx/ratio-2," in (root / "dvc.yaml").read_text()
     repro(root)
     assert publish(params, root).status == "published"
     dest = download("v0.1.0", 4, 2, repo=str(tmp_path / "origin.git"), out=tmp_path / "out")
-    assert (dest / "model.onnx").read_bytes() == (root / "models/onnx/exit-04-ratio-2/model.onnx").read_bytes()
+    assert (dest / "weights.bin").read_bytes() == (root / "models/onnx/ratio-2/weights.bin").read_bytes()
 
 
 def remote_object(tmp_path, path: Path) -> Path:
@@ -231,18 +233,18 @@ def test_tampered_remote_files_are_refused_and_nothing_is_written(tmp_path):
     root, params = make_project(tmp_path)
     repro(root)
     publish(params, root)
-    folder = root / "models" / "onnx" / "exit-04-ratio-1"
-    model, manifest = remote_object(tmp_path, folder / "model.onnx"), remote_object(tmp_path, folder / "manifest.json")
+    folder = root / "models" / "onnx" / "ratio-1"
+    model, manifest = remote_object(tmp_path, folder / "weights.bin"), remote_object(tmp_path, folder / "manifest.json")
     out = tmp_path / "out"
     model.write_bytes(b"a backdoored model")  # DVC does not re-hash what it downloads; we do
-    with pytest.raises(ManifestError, match=r"model.onnx: sha256 .* does not match"):
+    with pytest.raises(ManifestError, match=r"weights.bin: sha256 .* does not match"):
         download("v0.1.0", 4, 1, repo=str(tmp_path / "origin.git"), out=out)
     assert not out.exists() or not any(out.rglob("*.onnx"))
     # the attacker rewrites the manifest to match: the record committed at the tag still says no
     forged = json.loads((folder / "manifest.json").read_text())
-    forged["files"]["model.onnx"] = hashlib.sha256(b"a backdoored model").hexdigest()
+    forged["files"]["weights.bin"] = hashlib.sha256(b"a backdoored model").hexdigest()
     manifest.write_text(json.dumps(forged, indent=2))
-    with pytest.raises(ManifestError, match=r"(model.onnx|manifest.json): sha256 .* does not match.*releases/v0.1.0.json"):
+    with pytest.raises(ManifestError, match=r"(weights.bin|manifest.json): sha256 .* does not match.*releases/v0.1.0.json"):
         download("v0.1.0", 4, 1, repo=str(tmp_path / "origin.git"), out=out)
     cli = CliRunner().invoke(app, ["download", "--version", "v0.1.0", "--layer", "4", "--repo",
                                    str(tmp_path / "origin.git"), "--out", str(out)])
@@ -351,7 +353,7 @@ def test_tag_made_before_the_remote_is_backfilled_and_still_downloadable(tmp_pat
     with pytest.raises(ReleaseError, match="predates verifiable releases"):
         download("v0.0.1", 6, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "old")
     new = download("v0.0.2", 6, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "new")
-    assert (new / "model.onnx").read_bytes().startswith(b"onnx exit-06-ratio-1 data 1\n 1\n")
+    assert (new / "weights.bin").read_bytes().startswith(b"weights 1 data 1\n 1\n")
     # an explicit URL works too (e.g. a remote that moved)
     moved = tmp_path / "moved-remote"
     shutil.copytree(tmp_path / "dvc-remote", moved)
@@ -465,16 +467,18 @@ def test_fetch_release_downloads_once_and_reuses_a_verified_cache(published, tmp
     cache = tmp_path / "cache"
     version, folders = registry.fetch_release("latest", repo=str(base / "origin.git"), exit_layers=[6], ratios=[2],
                                               cache=cache)
-    assert version == "v0.1.0" and [f.name for f in folders] == ["exit-06-ratio-2"]
-    assert folders[0] == cache / "v0.1.0" / "exit-06-ratio-2"
+    assert version == "v0.1.0" and [f.name for f in folders] == ["ratio-2"]
+    assert folders[0] == cache / "v0.1.0" / "ratio-2"
+    both = registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), ratios=[2], cache=cache)[1]
+    assert both == folders  # exits 4 and 6 of ratio 2: one folder, fetched once
     calls = []
     monkeypatch.setattr(registry, "download", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
     again = registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[6], ratios=[2], cache=cache)
     assert again == (version, folders) and calls == []  # reused: it still verifies
-    (folders[0] / "model.onnx").write_bytes(b"corrupted in the cache")
+    (folders[0] / "weights.bin").write_bytes(b"corrupted in the cache")
     monkeypatch.undo()
     refetched = registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[6], ratios=[2],
                                        cache=cache)[1][0]
-    assert (refetched / "model.onnx").read_bytes() == (root / "models/onnx/exit-06-ratio-2/model.onnx").read_bytes()
+    assert (refetched / "weights.bin").read_bytes() == (root / "models/onnx/ratio-2/weights.bin").read_bytes()
     with pytest.raises(ReleaseError, match="no exit model for exit_layers=\\[9\\]"):
         registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[9], cache=cache)

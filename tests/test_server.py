@@ -72,7 +72,7 @@ def test_rerank_is_tei_compatible(server, exported):
     response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True})
     assert response.status_code == 200, response.text
     ranked = response.json()
-    raw = OnnxReranker(exported / "exit-03-ratio-1").compute_score([(QUERY, t) for t in TEXTS])  # default: deepest, ratio 1
+    raw = OnnxReranker(exported / "ratio-1", 3).compute_score([(QUERY, t) for t in TEXTS])  # default: deepest, ratio 1
     expected = 1 / (1 + np.exp(-np.array(raw)))
     assert [r["index"] for r in ranked] == sorted(range(3), key=lambda i: -expected[i])
     assert [r["score"] for r in ranked] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
@@ -86,7 +86,7 @@ def test_depth_and_width_per_request(server, exported):
     for exit_layer, ratio in [(2, 1), (3, 2), (2, 2)]:
         body = {"query": QUERY, "texts": TEXTS, "raw_scores": True, "exit_layer": exit_layer, "ratio": ratio}
         got = {r["index"]: r["score"] for r in httpx.post(f"{url}/rerank", json=body).json()}
-        want = OnnxReranker(exported / f"exit-0{exit_layer}-ratio-{ratio}").compute_score([(QUERY, t) for t in TEXTS])
+        want = OnnxReranker(exported / f"ratio-{ratio}", exit_layer).compute_score([(QUERY, t) for t in TEXTS])
         assert [got[i] for i in range(3)] == pytest.approx(want, abs=1e-5), (exit_layer, ratio)
     response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "exit_layer": 9, "ratio": 1})
     assert response.status_code == 422
@@ -98,7 +98,7 @@ def test_first_stage_scores_are_fused_like_rank(server, exported):
     bm25 = [1.0, 7.5, 3.0]
     body = {"query": QUERY, "texts": TEXTS, "first_stage_scores": bm25, "first_stage_weight": 0.7}
     ranked = httpx.post(f"{url}/rerank", json=body).json()
-    want = OnnxReranker(exported / "exit-03-ratio-1").rank(QUERY, TEXTS, first_stage_scores=bm25, first_stage_weight=0.7)
+    want = OnnxReranker(exported / "ratio-1", 3).rank(QUERY, TEXTS, first_stage_scores=bm25, first_stage_weight=0.7)
     assert [r["index"] for r in ranked] == [w["corpus_id"] for w in want]
     assert [r["score"] for r in ranked] == pytest.approx([w["score"] for w in want], abs=1e-5)
     probability = {r["index"]: r["score"] for r in httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).json()}
@@ -221,12 +221,12 @@ def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
 
     from matryoshka_reranker.cli import app
 
-    folder = exported / "exit-03-ratio-1"
+    folder = exported / "ratio-1"  # exits 2 and 3; the deepest by default
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": QUERY, "passage": t}) + "\n" for t in TEXTS))
     result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs)])
     assert result.exit_code == 0, result.output
-    expected = OnnxReranker(folder).compute_score([(QUERY, t) for t in TEXTS])
+    expected = OnnxReranker(folder, 3).compute_score([(QUERY, t) for t in TEXTS])
     assert [json.loads(line)["3"] for line in result.stdout.strip().splitlines()] == pytest.approx(expected, abs=1e-5)
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(TEXTS) + "\n")
@@ -235,5 +235,29 @@ def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
     assert result.exit_code == 0, result.output
     ranked = json.loads(result.stdout)
     assert [r["corpus_id"] for r in ranked] == sorted(range(3), key=lambda i: -expected[i])[:2]
-    result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs), "--cutoff-layers", "2"])
-    assert result.exit_code == 2 and "exported at exit 3" in result.output
+    result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs), "--cutoff-layers", "2", "3"])
+    assert result.exit_code == 0, result.output
+    exit_2 = OnnxReranker(folder, 2).compute_score([(QUERY, t) for t in TEXTS])
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["2"] for r in rows] == pytest.approx(exit_2, abs=1e-5) and [r["3"] for r in rows] == pytest.approx(expected, abs=1e-5)
+    result = CliRunner().invoke(app, ["rank", "--model", str(folder), "--query", QUERY, "--documents", str(docs),
+                                      "--cutoff-layer", "2"])
+    assert [r["corpus_id"] for r in json.loads(result.stdout)] == sorted(range(3), key=lambda i: -exit_2[i])
+    result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs), "--cutoff-layers", "9"])
+    assert result.exit_code != 0 and "no exit layer 9" in result.output
+
+
+def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
+    """A downloaded release is a list of ratio folders (``fetch_release``): each exit in them is served,
+    and ``OnnxReranker.from_release`` opens the asked exit of the fetched folder (default: the deepest)."""
+    pool = ModelPool([exported / "ratio-1", exported / "ratio-2", exported / "ratio-1"])
+    assert sorted(pool.configs) == [(2, 1), (2, 2), (3, 1), (3, 2)] and pool.default == (3, 1)
+    assert pool.get((2, 2)).exit_layer == 2 and pool.get((2, 2)).compress_ratio == 2
+    assert pool._shared[2]  # the ratio's weights mapped once, from its all-exits graph
+
+    from matryoshka_reranker.release import registry
+
+    monkeypatch.setattr(registry, "fetch_release", lambda version, repo, exit_layers, ratios: (
+        "v1", [exported / f"ratio-{ratios[0]}"]))
+    assert OnnxReranker.from_release("v1", exit_layer=2, ratio=2).exit_layer == 2
+    assert OnnxReranker.from_release("v1", ratio=1).exit_layer == 3

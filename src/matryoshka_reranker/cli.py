@@ -146,7 +146,7 @@ def export(
     except (ValueError, FileNotFoundError, ExportError) as err:
         _fail(err, 2 if not isinstance(err, ExportError) else 1)
     for entry in index["models"]:
-        typer.echo(f"{entry['name']}\t{out / entry['path']}")
+        typer.echo(f"{entry['name']}\t{out / entry['path'] / entry['model_file']}")
 
 
 def _input_format(prompt, query_max_len, passage_max_len):
@@ -161,14 +161,15 @@ def _input_format(prompt, query_max_len, passage_max_len):
 
 
 def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, input_format, compress_layers=(),
-                   compress_ratio=1):
-    """An exported ONNX folder (has manifest.json) -> OnnxReranker; anything else -> MatryoshkaReranker."""
+                   compress_ratio=1, exit_layer=None):
+    """An exported ONNX folder (has manifest.json) -> OnnxReranker at ``exit_layer`` (None: the folder's
+    deepest); anything else -> MatryoshkaReranker."""
     if (Path(model) / "manifest.json").is_file():
         from .serving.onnx_runtime import OnnxReranker
 
         if peft_path or start_layer or layer_sep or input_format:
             raise ValueError(f"{model} is an exported ONNX model: adapters, layers and input format are fixed in it")
-        return OnnxReranker(model, batch_size=batch_size)
+        return OnnxReranker(model, exit_layer, batch_size=batch_size)
     from .serving.reranker import MatryoshkaReranker
 
     return MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
@@ -199,13 +200,14 @@ def score(
     """Score query-passage pairs; prints one JSON line per pair ({"layer": score, ...})."""
     try:
         rows = _read_pairs(pairs)
-        reranker = _load_reranker(model, peft_path, start_layer, layer_sep, batch_size,
-                                  _input_format(prompt, query_max_len, passage_max_len))
-        if hasattr(reranker, "exit_layer"):  # ONNX: one fixed exit
-            if cutoff_layers and cutoff_layers != [reranker.exit_layer]:
-                raise ValueError(f"{model} is exported at exit {reranker.exit_layer}; --cutoff-layers cannot change it")
-            layers = [reranker.exit_layer]
-            per_layer = [reranker.compute_score(rows, normalize=normalize)]
+        fmt = _input_format(prompt, query_max_len, passage_max_len)
+        reranker = _load_reranker(model, peft_path, start_layer, layer_sep, batch_size, fmt,
+                                  exit_layer=(cutoff_layers or [None])[-1])
+        if hasattr(reranker, "exit_layer"):  # ONNX: one graph per exit in the folder
+            layers = cutoff_layers or [reranker.exit_layer]
+            per_layer = [(reranker if k == reranker.exit_layer else
+                          _load_reranker(model, None, None, None, batch_size, None, exit_layer=k)
+                          ).compute_score(rows, normalize=normalize) for k in layers]
         else:
             layers = cutoff_layers or [reranker.exit_layers[-1]]
             scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
@@ -224,7 +226,7 @@ def rank(
     documents: Annotated[Path, typer.Option(help="one document per line (text), or JSONL with a \"text\" field")],
     top_k: Annotated[Optional[int], typer.Option(help="keep the best k")] = None,
     peft_path: PeftOpt = None,
-    cutoff_layer: Annotated[Optional[int], typer.Option(help="exit layer (PyTorch models; default the deepest)")] = None,
+    cutoff_layer: Annotated[Optional[int], typer.Option(help="exit layer (default the deepest)")] = None,
     compress_layers: IntList = None,
     compress_ratio: int = 1,
     batch_size: int = 32,
@@ -233,7 +235,8 @@ def rank(
     """Rank documents for one query, best first; prints [{"corpus_id", "score"(, "text")}] as JSON."""
     try:
         docs = _read_documents(documents)
-        reranker = _load_reranker(model, peft_path, None, None, batch_size, None, compress_layers, compress_ratio)
+        reranker = _load_reranker(model, peft_path, None, None, batch_size, None, compress_layers, compress_ratio,
+                                  exit_layer=cutoff_layer)
         options = {} if hasattr(reranker, "exit_layer") else {"cutoff_layer": cutoff_layer}
         ranked = reranker.rank(query, docs, top_k=top_k, return_documents=return_documents, **options)
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -557,8 +560,9 @@ def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.
              remote: Annotated[Optional[str], typer.Option(help="DVC remote name (default: the release's)")] = None,
              remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL, for tags made before "
                                                                     "the remote existed")] = None) -> None:
-    """Download one released exit model into OUT/<version>/<config>, every file's sha256 checked against the
-    release record committed at the version's tag."""
+    """Download one released exit model into OUT/<version>/ratio-<r> (its ratio's folder: every exit of the
+    ratio beside one weights file), every file's sha256 checked against the release record committed at
+    the version's tag."""
     from .release.registry import download as do_download
 
     dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url)

@@ -176,9 +176,10 @@ def onnx_all_exits(batch_size: int, threads: int | None = None) -> ScorerFactory
         from ..serving.onnx_runtime import OnnxReranker
 
         if models.all_exits_path is None:  # an export without the all-exits model: one pass per exit
-            rerankers = {c.exit_layer: OnnxReranker(c.path, threads=threads or None) for c in models.configs}
+            rerankers = {c.exit_layer: OnnxReranker(c.path, c.exit_layer, threads=threads or None)
+                         for c in models.configs}
             return lambda pairs: {k: r.compute_score(pairs, batch_size=batch_size) for k, r in rerankers.items()}
-        reranker = OnnxReranker(models.all_exits_path, threads=threads or None)
+        reranker = OnnxReranker(models.all_exits_path, threads=threads or None, all_exits=True)
         return lambda pairs: reranker.score_exits(pairs, batch_size=batch_size)
 
     return make
@@ -190,7 +191,7 @@ def onnx_latency(threads: int | None = None) -> LatencyFactory:
     def make(config: ExportedConfig) -> ScoreFn:
         from ..serving.onnx_runtime import OnnxReranker
 
-        reranker = OnnxReranker(config.path, threads=threads or None)
+        reranker = OnnxReranker(config.path, config.exit_layer, threads=threads or None)
         return lambda pairs: reranker.compute_score(pairs, batch_size=len(pairs))
 
     return make
@@ -457,12 +458,12 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
 def calibration_report(config: ExportedConfig, queries: list[EvalQuery], qrels: dict[str, dict[str, int]],
                        scores: dict[str, list[float]]) -> dict[str, Any] | None:
     """ECE of sigmoid(raw score) and of the export's Platt probability, on the queries it was *not* fitted on."""
-    from ..serving.artifacts import calibrated_probability, read_manifest
+    from ..serving.artifacts import calibrated_probability, config_manifest
     from .calibration import expected_calibration_error
 
     if not (config.path / "manifest.json").is_file():
         return None  # a test backend without exported folders
-    calibration = read_manifest(config.path, verify=False).get("calibration")
+    calibration = config_manifest(config).get("calibration")
     if not calibration:
         return None
     fitted_on = set(calibration.get("queries", []))

@@ -9,17 +9,15 @@ per row. How it is built, and why:
   checks below, the deepest exit's hidden states) and cut one model per exit out of it: exit k's
   model is the part of the graph its ``scores`` output depends on, i.e. layers 1..k and head k.
   Every cut model is then checked against PyTorch on its own.
-* **Shared weights.** The graph's initializers go to one external-data file per ratio,
-  ``weights-ratio-<r>.bin``; each exit's ``model.onnx`` references the tensors it uses in it (a
-  shallow exit reads only its layers). Every config folder of the ratio holds a byte-identical
-  file (a hard link where the file system allows), so a folder stays self-contained (one download
-  gets everything) while the working tree and a release cost about one full model per ratio:
-  DVC's cache (``cache.type = hardlink``) and remotes keep files by content, so the copies are
-  stored once. Models are checked before the links are made, because onnx >= 1.17 refuses external
-  data with several hard links ("potential hardlink attack"); no symlinks: ONNX Runtime refuses
-  external data outside the model's folder. ``share_weights=False`` writes
-  a per-exit ``model.onnx.data`` with only that exit's tensors instead (less disk in the working
-  tree and smaller single downloads for shallow exits, but no sharing in the DVC store).
+* **Shared weights, one folder per ratio.** The graph's initializers go to one external-data file
+  per ratio, ``ratio-<r>/weights.bin``; each exit's graph (``exit-08.onnx``, ...) and the ratio's
+  ``all-exits.onnx`` sit beside it and reference the tensors they use (a shallow exit reads only
+  its layers). So a ratio costs one full model on disk, in DVC's cache and in a download, and every
+  graph is a standard ONNX model with external data in its own folder: onnx's checker refuses
+  weights that are hard-linked, symlinked or outside the model's folder (format 2 hard-linked one
+  file into a folder per exit, which ``onnx.load`` refused in the working tree). DVC must then not
+  check the file out as a hard link either (``.dvc/config``: ``cache.type = reflink,copy``).
+  ``share_weights=False`` writes a ``.data`` file per graph with only that graph's tensors instead.
 * **Parity.** Each model is scored by ONNX Runtime on a fixed validation batch (5 ragged pairs at
   batch size 5, and each pair alone) and compared with the PyTorch model; export fails if the max
   abs difference exceeds the tolerance (1e-4 for float32). With right padding and causal
@@ -68,6 +66,7 @@ from ..core.atomic import atomic_dir, sha256_file, write_json
 from ..core.errors import CheckFailed
 from ..model.inputs import InputFormat, PairEncoder, resolve_format
 from ..serving.artifacts import (
+    ALL_EXITS_FILE,
     FORMAT_VERSION,
     LENGTH_INPUTS,
     MANIFEST,
@@ -75,18 +74,21 @@ from ..serving.artifacts import (
     MODEL_FILE,
     SCORES,
     TOKEN_INPUTS,
+    WEIGHTS_FILE,
     ExportedConfig,
     config_name,
+    exit_model_file,
     folder_files,
+    ratio_folder,
     write_index,
 )
 from .calibration import CalibrationSet, calibration_set, fit_platt
-from .model_card import exit_card
+from .model_card import ratio_card
 
 log = logging.getLogger(__name__)
 
 HIDDEN = "hidden"  # debug output of the shared graph only: (B, T', D) final-norm'd, padding zeroed
-ALL_EXITS = "all-exits-ratio-{ratio}"  # per ratio: every exit's scores in one pass (evaluation)
+DEBUG_GRAPH = ".all-exits-debug.onnx"  # the torch export with the hidden-state output; removed after the checks
 WEIGHTS_ALIGNMENT = 65536  # large tensors start on 64 KiB offsets (memory-mappable)
 
 # Fixed validation pairs: ragged lengths, a passage cut by max_length, a one-word passage.
@@ -210,21 +212,22 @@ def export_models(
         base.check_cutoff_layers(sorted(set(exit_layers)))  # clear errors before the slow part
         base.check_compression(compress_layers, max(ratios))
         _save_tokenizer(tokenizer, tmp / ".tokenizer")
+        listed = []
         for ratio, stack in stacks.items():
             rest = stack[len(common):]
             model = _merge(copy.deepcopy(base), rest) if rest else base
             ratio_configs = [c for c in configs if c.ratio == ratio]
-            _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
+            listed += _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
             del model
-        listed = [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, tmp / c.name) for c in configs]
+        floats = list(listed)
         for scheme in options.quantize:  # quantized copies, evaluated and gated like the others
-            for config in configs:
+            for config in floats:
                 name = config_name(config.exit_layer, config.ratio, scheme)
-                _quantized_copy(tmp / config.name, tmp / name, scheme, options, tokenizer)
+                _quantized_copy(config, tmp / name, scheme, options, tokenizer)
                 listed.append(ExportedConfig(name, config.exit_layer, config.ratio, config.compress_layers, tmp / name,
-                                             variant=scheme))
+                                             MODEL_FILE, variant=scheme))
         shutil.rmtree(tmp / ".tokenizer")
-        all_exits = [{"ratio": r, "path": ALL_EXITS.format(ratio=r),
+        all_exits = [{"ratio": r, "path": ratio_folder(r), "model_file": ALL_EXITS_FILE,
                       "exit_layers": sorted(c.exit_layer for c in configs if c.ratio == r),
                       "compress_layers": list(configs[0].compress_layers) if r > 1 else []} for r in stacks]
         index = write_index(tmp, listed, {"input_format": input_format.to_dict(), "all_exits": all_exits})
@@ -322,7 +325,8 @@ def _attention(model, implementation: str):
 
 
 def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], tokenizer, out: Path,
-                  options: ExportOptions, source: str) -> None:
+                  options: ExportOptions, source: str) -> list[ExportedConfig]:
+    """``out/ratio-<r>/``: every exit's graph and the all-exits graph beside one weights file, checked."""
     import onnx_ir as ir
 
     ratio = configs[0].ratio
@@ -333,61 +337,72 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     batches = validation_batches(encoder)
     reference = [_reference(model, b, exits, compress, ratio) for b in batches]  # PyTorch float32
 
-    stage = out / f".stage-ratio-{ratio}"
-    stage.mkdir()
-    weights = f"weights-ratio-{ratio}.bin" if options.share_weights else None
+    folder = out / ratio_folder(ratio)
+    folder.mkdir()
+    weights = WEIGHTS_FILE if options.share_weights else None
     started = time.perf_counter()
     exported = model if options.dtype == "float32" else copy.deepcopy(model).half()
     wrapper = _AllExits(exported, exits, compress, ratio).eval()
+    scratch = out / f".scratch-ratio-{ratio}"  # the TorchScript exporter's raw files, if it is used
+    scratch.mkdir()
     with _attention(wrapper.model, options.attn_implementation):
-        graph = _torch_export(wrapper, batches[0], inputs, [f"{SCORES}_{k}" for k in exits] + [HIDDEN], stage, options)
+        graph = _torch_export(wrapper, batches[0], inputs, [f"{SCORES}_{k}" for k in exits] + [HIDDEN], scratch,
+                              options)
     _optimize(graph)
-    shared = stage / "all-exits.onnx"
-    ir.save(graph, shared, external_data=weights or "all-exits.onnx.data", size_threshold_bytes=1024,
+    shared = folder / DEBUG_GRAPH
+    ir.save(graph, shared, external_data=weights or DEBUG_GRAPH + ".data", size_threshold_bytes=1024,
             alignment=WEIGHTS_ALIGNMENT)
     del graph, wrapper
-    export_seconds = time.perf_counter() - started
-    log.info("ratio %d: exported exits %s in %.1f s", ratio, exits, export_seconds)
+    shutil.rmtree(scratch)
+    log.info("ratio %d: exported exits %s in %.1f s", ratio, exits, time.perf_counter() - started)
 
     hidden_diff = _check_hidden(shared, batches, reference, inputs, options)
     calibrations = _calibrate(shared, exits, encoder, inputs, options)
-    placed = []  # (folder, config, cut model file, parity, all-exits list or None)
-    for config in configs:  # cut and check beside the single weights file (see _place_weights)
+    entries = []
+    for config in configs:  # cut and check each exit's graph beside the weights file
         started = time.perf_counter()
-        folder = out / config.name
-        cut = stage / f"{config.name}.onnx" if weights else folder / MODEL_FILE
-        cut.parent.mkdir(exist_ok=True)
+        cut = folder / exit_model_file(config.exit_layer)
         _cut_exit(shared, config, cut, weights)
         _check_file(cut)
         parity = _check_scores(cut, batches, [r["scores"][config.exit_layer] for r in reference], config, options)
         parity["hidden_states"] = hidden_diff
-        placed.append((folder, config, cut, parity, None))
+        entries.append(_model_entry(config, cut, parity, calibrations.get(config.exit_layer)))
         log.info("%s: parity %.2e (hidden %.2e), cut + checks %.1f s", config.name, parity["max_abs_diff"],
                  hidden_diff["max_abs_diff"], time.perf_counter() - started)
     # Every exit of the ratio in one pass, for evaluation: the shared graph without its debug output.
-    # Each scores_<k> is the same node as in exit k's cut model, whose parity was checked above.
-    folder = out / ALL_EXITS.format(ratio=ratio)
-    cut = stage / "all-exits-scores.onnx" if weights else folder / MODEL_FILE
-    cut.parent.mkdir(exist_ok=True)
+    # Each scores_<k> is the same node as in exit k's graph, whose parity was checked above.
+    cut = folder / ALL_EXITS_FILE
     _cut_outputs(shared, [f"{SCORES}_{k}" for k in exits], cut, weights)
     _check_file(cut)
-    parity = {"max_abs_diff": max(p[3]["max_abs_diff"] for p in placed), "hidden_states": hidden_diff,
+    parity = {"max_abs_diff": max(e["parity"]["max_abs_diff"] for e in entries), "hidden_states": hidden_diff,
               "note": "max over this ratio's exit models, whose score nodes this graph shares"}
-    placed.append((folder, max(configs, key=lambda c: c.exit_layer), cut, parity, exits))
-    for folder, config, cut, parity, all_exits in placed:
-        folder.mkdir(exist_ok=True)
-        if weights:
-            os.replace(cut, folder / MODEL_FILE)
-            _place_weights(stage / weights, folder / weights)
-        _copy_tokenizer(out, folder)
-        calibration = None if all_exits else calibrations.get(config.exit_layer)
-        manifest = _manifest(config, folder, adapters, parity, options, source, model, tokenizer,
-                             all_exits=all_exits, calibration=calibration)
-        if not all_exits:  # the model card is one of the folder's files, so it is written before the list
-            (folder / MODEL_CARD).write_text(exit_card(manifest, options.data_dir), encoding="utf-8")
-            manifest["files"] = folder_files(folder)
-        write_json(folder / MANIFEST, manifest)
-    shutil.rmtree(stage)
+    entries.append({**_model_entry(max(configs, key=lambda c: c.exit_layer), cut, parity, None), "kind": "all_exits",
+                    "name": f"all-exits-ratio-{ratio}", "exit_layers": exits,
+                    "outputs": [{"name": f"{SCORES}_{k}", "dtype": "float32", "shape": ["batch"]} for k in exits]})
+    shared.unlink()  # the debug graph (its tensors are the ones in weights.bin)
+    (folder / (DEBUG_GRAPH + ".data")).unlink(missing_ok=True)
+    _copy_tokenizer(out, folder)
+    manifest = _manifest(folder, ratio, configs[0].compress_layers, entries, adapters, options, source, model,
+                         tokenizer)
+    (folder / MODEL_CARD).write_text(ratio_card(manifest, options.data_dir), encoding="utf-8")
+    manifest["files"] = folder_files(folder)  # the card is one of the folder's files
+    write_json(folder / MANIFEST, manifest)
+    return [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, folder, exit_model_file(c.exit_layer))
+            for c in configs]
+
+
+def _model_entry(config: ExportConfig, path: Path, parity: dict, calibration: dict | None) -> dict:
+    """One graph of a ratio folder, as its manifest lists it."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    int64 = lambda name, shape: {"name": name, "dtype": "int64", "shape": shape}  # noqa: E731
+    return {"name": config.name, "kind": "exit", "exit_layer": config.exit_layer, "model_file": path.name,
+            "applied_layers": list(config.applied_layers),
+            "inputs": [int64(i.name, ["batch", "sequence"] if i.name in TOKEN_INPUTS else ["batch"])
+                       for i in proto.graph.input],
+            "outputs": [{"name": SCORES, "dtype": "float32", "shape": ["batch"]}],
+            "parity": parity, **({"calibration": calibration} if calibration else {})}
 
 
 def _copy_tokenizer(out: Path, folder: Path) -> None:
@@ -396,15 +411,16 @@ def _copy_tokenizer(out: Path, folder: Path) -> None:
         shutil.copyfile(item, folder / item.name)
 
 
-def _quantized_copy(source: Path, target: Path, scheme: str, options: ExportOptions, tokenizer) -> None:
-    """``target``: the float folder's model quantized (its own weights file), tokenizer, card, manifest."""
+def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: ExportOptions, tokenizer) -> None:
+    """``target``: one float exit model quantized (its own weights file), tokenizer, card, manifest."""
     from .quantize import quantize_model
 
     target.mkdir()
-    info = quantize_model(source / MODEL_FILE, target / MODEL_FILE, scheme, options.quantize_keep_fp32)
-    manifest = json.loads((source / MANIFEST).read_text())
-    _copy_tokenizer(source.parent, target)
-    float_session = _session(source / MODEL_FILE, options)
+    info = quantize_model(source.model_path, target / MODEL_FILE, scheme, options.quantize_keep_fp32)
+    folder_manifest = json.loads((source.path / MANIFEST).read_text())
+    model = next(m for m in folder_manifest["models"] if m["model_file"] == source.model_file)
+    _copy_tokenizer(source.path.parent, target)
+    float_session = _session(source.model_path, options)
     quant_session = _session(target / MODEL_FILE, options)
     batch = validation_batches(options.input_format.encoder(tokenizer))[0]
     names = [i.name for i in float_session.get_inputs()]
@@ -412,16 +428,12 @@ def _quantized_copy(source: Path, target: Path, scheme: str, options: ExportOpti
     scores = _run(quant_session, SCORES, batch, names, target.name)
     if not np.isfinite(scores).all():
         raise ExportError(f"{target.name}: the quantized model gives non-finite scores")
-    manifest.update({
-        "name": target.name, "variant": scheme, "weights_file": MODEL_FILE + ".data", "shared_weights": False,
-        "quantization": {**info, "of": source.name},
-        "parity": {"max_abs_diff_vs_float": float(np.abs(scores - reference).max()), "reference": source.name,
-                   "note": "quantized: judged by ranking agreement in evaluation, not by a tolerance"},
-        "calibration": manifest.get("calibration"),
-    })
-    manifest = {k: v for k, v in manifest.items() if v is not None}
-    manifest["files"] = {}
-    (target / MODEL_CARD).write_text(exit_card(manifest, options.data_dir), encoding="utf-8")
+    model = {**model, "name": target.name, "model_file": MODEL_FILE,
+             "parity": {"max_abs_diff_vs_float": float(np.abs(scores - reference).max()), "reference": source.name,
+                        "note": "quantized: judged by ranking agreement in evaluation, not by a tolerance"}}
+    manifest = {**folder_manifest, "name": target.name, "variant": scheme, "weights_file": MODEL_FILE + ".data",
+                "shared_weights": False, "quantization": {**info, "of": source.name}, "models": [model], "files": {}}
+    (target / MODEL_CARD).write_text(ratio_card(manifest, options.data_dir), encoding="utf-8")
     manifest["files"] = folder_files(target)
     write_json(target / MANIFEST, manifest)
 
@@ -446,18 +458,6 @@ def _calibrate(shared: Path, exits: list[int], encoder, inputs: list[str], optio
         fitted[k] = {**fit_platt(scores[k], calibration.labels), "queries": list(calibration.query_ids),
                      "split": "calibration half of the eval queries (pipeline/calibration.py)"}
     return fitted
-
-
-def _place_weights(source: Path, target: Path) -> None:
-    """A hard link to the ratio's one weights file (a copy where links are impossible).
-
-    Checks run before linking: onnx's checker refuses external data with several hard links. ONNX
-    Runtime reads linked files fine, and DVC (``cache.type = hardlink``) keeps one copy on disk.
-    """
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def validation_batches(encoder: PairEncoder) -> list[dict[str, torch.Tensor]]:
@@ -647,10 +647,9 @@ def _check_hidden(shared: Path, batches, reference: list[dict], inputs: list[str
 
 
 # ------------------------------------------------------------------ manifest
-def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: dict, options: ExportOptions,
-              source: str, model, tokenizer, all_exits: Sequence[int] | None = None, calibration: dict | None = None
-              ) -> dict:
-    """What ``folder`` is; ``all_exits``: the per-ratio evaluation model (outputs ``scores_<k>``)."""
+def _manifest(folder: Path, ratio: int, compress_layers: Sequence[int], models: list[dict], adapters: list[Path],
+              options: ExportOptions, source: str, model, tokenizer) -> dict:
+    """What ``folder`` is: what its graphs share (weights, adapters, input format, versions) and each graph."""
     import onnx
     import onnxruntime
     import transformers
@@ -658,40 +657,29 @@ def _manifest(config: ExportConfig, folder: Path, adapters: list[Path], parity: 
     from .. import __version__
     from ..serving.tokenizer import special_token_ids
 
-    proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    proto = onnx.load(str(folder / models[0]["model_file"]), load_external_data=False)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    int64 = lambda name, shape: {"name": name, "dtype": "int64", "shape": shape}  # noqa: E731
-    names = [i.name for i in proto.graph.input]
-    outputs = [f"{SCORES}_{k}" for k in all_exits] if all_exits else [SCORES]
     return {
         "format_version": FORMAT_VERSION,
-        "kind": "all_exits" if all_exits else "exit",
         "name": folder.name,
-        "exit_layer": config.exit_layer,
-        **({"exit_layers": list(all_exits)} if all_exits else {}),
         "num_layers": model.num_layers,
-        "compression": {"layers": list(config.compress_layers), "ratio": config.ratio,
-                        "applied_layers": list(config.applied_layers)},
+        "compression": {"layers": list(compress_layers), "ratio": ratio},
         "adapters": [{"path": str(p), "sha256": _adapter_hash(p)} for p in adapters],
-        "model_file": MODEL_FILE,
-        "weights_file": f"weights-ratio-{config.ratio}.bin" if options.share_weights else MODEL_FILE + ".data",
+        "weights_file": WEIGHTS_FILE if options.share_weights else "<model_file>.data",
         "shared_weights": options.share_weights,
         "opset": opset,
         "dtype": options.dtype,
         "exporter": "dynamo" if options.dynamo else "torchscript",
         "attn_implementation": options.attn_implementation,
-        "inputs": [int64(n, ["batch", "sequence"] if n in TOKEN_INPUTS else ["batch"]) for n in names],
-        "outputs": [{"name": name, "dtype": "float32", "shape": ["batch"]} for name in outputs],
         "input_format": options.input_format.to_dict(),
         "tokenizer": special_token_ids(tokenizer),
         "source_model": source,
         "model_type": model.config.model_type,
         "params_fingerprint": options.params_fingerprint,
-        "parity": parity,
-        **({"calibration": calibration} if calibration else {}),
         "versions": {"matryoshka_reranker": __version__, "torch": torch.__version__.split("+")[0],
                      "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
+        "models": models,
         "files": folder_files(folder),
     }
 

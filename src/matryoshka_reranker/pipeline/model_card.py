@@ -1,7 +1,7 @@
 """Model cards (Hugging Face format, ``huggingface_hub.ModelCard``) for exported exit models and releases.
 
-Each exported folder carries a ``README.md`` card written at export (so it is in the manifest's
-file list): base model, exit layer, ratio, compression layers, adapters, parity, calibration,
+Each exported folder (a ratio's exits, or a quantized copy) carries a ``README.md`` card written at
+export (so it is in the manifest's file list): base model, exits, ratio, compression layers, adapters, parity, calibration,
 licenses of the base model and of the training data, and how to use it. Quality is measured after
 export (the evaluate stage), so the folder card points to the release card, which ``publish``
 writes as ``releases/<version>.md`` with the per-layer metrics and their intervals.
@@ -17,11 +17,11 @@ DATA_LICENSES = {  # the embedded default data; a user's own data: say so in par
 MODEL_LICENSES = {"embedded:smollm2-135m-instruct": ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 
 
-def _usage(name: str, exit_layer: int, ratio: int) -> str:
+def _usage(folder: str, exit_layer: int, ratio: int) -> str:
     return f"""```python
 from matryoshka_reranker import OnnxReranker
 
-reranker = OnnxReranker("{name}")            # or OnnxReranker.from_release("latest", exit_layer={exit_layer}, ratio={ratio})
+reranker = OnnxReranker("{folder}", exit_layer={exit_layer})   # or OnnxReranker.from_release("latest", exit_layer={exit_layer}, ratio={ratio})
 reranker.compute_score([("what causes colds?", "Rhinoviruses cause most colds.")], normalize=True)
 reranker.rank("what causes colds?", ["Rhinoviruses cause most colds.", "Paris is in France."], top_k=1)
 ```
@@ -35,28 +35,35 @@ curl -s localhost:8080/rerank -H 'content-type: application/json' \\
 ```"""
 
 
-def exit_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
+def ratio_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
     """The README.md of one exported folder, from its manifest (written before the manifest's file list)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     source = manifest.get("source_model", "")
     model_license, base = MODEL_LICENSES.get(source, ("other", source))
     data_license, data_text = DATA_LICENSES.get(data_dir or "", (None, data_dir or "the user's training data"))
-    k, comp = manifest["exit_layer"], manifest["compression"]
-    calibration = manifest.get("calibration")
-    parity = manifest.get("parity", {})
+    comp = manifest["compression"]
+    exits = sorted((m for m in manifest["models"] if m.get("kind", "exit") == "exit"), key=lambda m: m["exit_layer"])
+    depths = [m["exit_layer"] for m in exits]
+    variant = manifest.get("variant")
     metadata = ModelCardData(
         license=model_license, base_model=base if base else None, library_name="onnx", pipeline_tag="text-ranking",
-        tags=["reranker", "cross-encoder", "matryoshka", f"exit-{k}", f"ratio-{comp['ratio']}"],
+        tags=["reranker", "cross-encoder", "matryoshka", *[f"exit-{k}" for k in depths], f"ratio-{comp['ratio']}",
+              *([variant] if variant else [])],
         datasets=["BeIR/scifact"] if data_dir == "data/scifact" else None,
     )
+    what = f"exit layer {depths[0]}" if len(depths) == 1 else f"exit layers {', '.join(map(str, depths))}"
     lines = [
-        f"# {manifest['name']}: Matryoshka re-ranker, exit layer {k} of {manifest['num_layers']}, ratio {comp['ratio']}",
+        f"# {manifest['name']}: Matryoshka re-ranker, {what} of {manifest['num_layers']}, ratio {comp['ratio']}"
+        + (f", {variant}" if variant else ""),
         "",
-        f"A cross-encoder cut at decoder layer {k} of `{base}`, with passage tokens merged in groups of "
-        f"{comp['ratio']} at layers {comp['applied_layers'] or 'none (this exit is before every compression layer)'}"
-        f" (configured: {comp['layers']}). ONNX ({manifest['dtype']}, opset {manifest['opset']}), exported by "
-        "matryoshka-reranker.",
+        f"A cross-encoder on `{base}`, one ONNX graph per exit depth (decoder layers 1..k and score head k)"
+        + (f", with passage tokens merged in groups of {comp['ratio']} at layers {comp['layers']} (an exit at or "
+           "before a compression layer runs uncompressed). " if comp["ratio"] > 1 else ", passages uncompressed. ")
+        + ("The graphs share one weights file (`weights.bin`), so the folder costs about one full model. "
+           if manifest.get("shared_weights") else "")
+        + f"ONNX ({manifest['dtype']}, opset {manifest['opset']}), exported by matryoshka-reranker; every graph "
+        "opens with the standard ONNX tools (`onnx.load`, `onnx.checker`, `onnxruntime.quantization`).",
         "",
         "## Licenses",
         "",
@@ -67,21 +74,31 @@ def exit_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
         "",
         "## What is inside",
         "",
+        "| exit layer | graph | compressed at | max abs diff vs PyTorch | calibration (Platt a, b) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in exits:
+        parity = m.get("parity", {})
+        diff = parity.get("max_abs_diff", parity.get("max_abs_diff_vs_float", float("nan")))
+        cal = m.get("calibration")
+        lines.append(f"| {m['exit_layer']} | `{m['model_file']}` | {m.get('applied_layers') or 'none'} | {diff:.2e} | "
+                     + (f"{cal['a']:.4f}, {cal['b']:.4f} ({cal['pairs']} pairs)" if cal else "none") + " |")
+    lines += [
+        "",
         f"- Adapters merged, in order: {', '.join(a['path'] for a in manifest['adapters']) or 'none'}.",
         f"- Input format: `{manifest['input_format']['template']}`, query <= {manifest['input_format']['query_max_len']}"
         f" tokens, passage <= {manifest['input_format']['passage_max_len']} tokens, prompt "
         f"\"{manifest['input_format']['prompt']}\".",
-        f"- Parity with PyTorch: max |ORT - PyTorch| = {parity.get('max_abs_diff', float('nan')):.2e} "
-        f"(tolerance {parity.get('tolerance')}).",
+        "- Calibration: fitted on held-apart eval queries; `normalize=True` and the server's `raw_scores: false` "
+        "return it (a plain sigmoid where there is none).",
     ]
-    if calibration:
-        lines.append(f"- Calibration: Platt scaling, p = sigmoid({calibration['a']:.4f} * score + {calibration['b']:.4f}),"
-                     f" fitted on {calibration['pairs']} pairs of {len(calibration.get('queries', []))} held-apart "
-                     "eval queries; `normalize=True` and the server's `raw_scores: false` return it.")
+    if manifest.get("quantization"):
+        lines.append(f"- Quantized ({variant}) from `{manifest['quantization'].get('of')}`: judged by its ranking "
+                     "agreement with the float model in evaluation.")
     lines += ["", "## Quality", "",
               "Measured after export by the evaluate stage: see the release card `releases/<version>.md` "
               "(per-layer nDCG@10 / RR@10 / R@10 with 95% intervals) or `metrics/per_layer.json`.",
-              "", "## Use", "", _usage(manifest["name"], k, comp["ratio"]), ""]
+              "", "## Use", "", _usage(manifest["name"], depths[-1], comp["ratio"]), ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
@@ -110,5 +127,5 @@ def release_card(version: str, record: dict[str, Any]) -> str:
     if bm25:
         lines.append("| BM25 (first stage) | " + " | ".join(f"{bm25.get(m, float('nan')):.3f}" for m in measures) + " | |")
     lines += ["", "Files and their sha256: `releases/" + version + ".json` (what `matryoshka download` checks).",
-              "", "## Use", "", _usage("downloads/" + version + "/exit-KK-ratio-R", 30, 1), ""]
+              "", "## Use", "", _usage("downloads/" + version + "/ratio-1", 30, 1), ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -18,8 +18,6 @@ tools open it.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,30 +61,23 @@ def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        work = Path(work)
-        # onnx refuses hard-linked external data ("potential hardlink attack"): work on a plain copy
-        local = work / source.name
-        shutil.copyfile(source, local)
-        proto = onnx.load(str(source), load_external_data=False)
-        for location in {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}:
-            shutil.copyfile(source.parent / location, work / location)
-        keep = _matmuls_to_keep(local, keep_fp32)
-        if scheme == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+    # The exported graph opens as it lies (format 3: weights beside it, one link): no copy needed.
+    keep = _matmuls_to_keep(source, keep_fp32)
+    if scheme == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(local), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
-                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-        else:
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                MatMulNBitsQuantizer,
-            )
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            MatMulNBitsQuantizer,
+        )
 
-            model = onnx.load(str(local))
-            quantizer = MatMulNBitsQuantizer(model, bits=4 if scheme == "int4" else 8, block_size=32,
-                                             is_symmetric=True, accuracy_level=4, nodes_to_exclude=keep)
-            quantizer.process()
-            onnx.save(quantizer.model.model, str(target), save_as_external_data=True,
-                      location=target.name + ".data", size_threshold=1024)
+        model = onnx.load(str(source))
+        quantizer = MatMulNBitsQuantizer(model, bits=4 if scheme == "int4" else 8, block_size=32,
+                                         is_symmetric=True, accuracy_level=4, nodes_to_exclude=keep)
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(target), save_as_external_data=True,
+                  location=target.name + ".data", size_threshold=1024)
     return {"scheme": scheme, "kept_fp32": list(keep_fp32), "nodes_kept_fp32": len(keep)}

@@ -49,7 +49,7 @@ from ..config import Params
 from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json, write_text
 from ..core.errors import MatryoshkaError
 from ..pipeline.model_card import release_card
-from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, read_manifest
+from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, ratio_folder, read_manifest
 from .gate import GateError, GateFailed, GateReport, run_gate
 from .revisions import (
     absolute_remote_url,
@@ -86,11 +86,12 @@ def artifact_name(exit_layer: int, ratio: int) -> str:
 
 
 def expected_artifacts(params: Params) -> dict[str, dict]:
-    """The ``artifacts:`` entries that ``export.exit_layers x export.ratios`` call for."""
+    """The ``artifacts:`` entries that ``export.exit_layers x export.ratios`` call for: each exit's path
+    is its ratio's folder (the exits of a ratio share one weights file there)."""
     onnx = PurePosixPath(params.paths.onnx)
     return {
         artifact_name(k, r): {
-            "path": str(onnx / config_name(k, r)),
+            "path": str(onnx / ratio_folder(r)),
             "type": "model",
             "desc": f"Matryoshka re-ranker, ONNX, exit layer {k}, token compression ratio {r}",
             "labels": ["onnx", "reranker", f"exit-{k}", f"ratio-{r}"],
@@ -339,13 +340,17 @@ def _release_targets(root: Path, params: Params) -> list[str]:
 
 
 def verify_exports(root: Path, params: Params) -> dict[str, Path]:
-    """Every configured exit model folder, each checked against its manifest."""
-    folders = {}
+    """{artifact: folder} for every configured exit model; each folder checked once against its
+    manifest, which must list the exit."""
+    folders, manifests = {}, {}
     for name, artifact in expected_artifacts(params).items():
         folder = root / artifact["path"]
         if not folder.is_dir():
             raise ReleaseError(f"{folder}: exported model folder missing (export.exit_layers x export.ratios)")
-        verify_manifest(folder)
+        if folder not in manifests:
+            manifests[folder] = verify_manifest(folder)
+        if name not in {m.get("name") for m in manifests[folder]["models"]}:
+            raise ReleaseError(f"{folder}: its manifest lists no {name} (export.exit_layers x export.ratios)")
         folders[name] = folder
     return folders
 
@@ -436,15 +441,16 @@ class Journal:
 
 
 def file_hashes(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
-    """{artifact: {relative path: sha256}} of every released file, manifests included."""
+    """{artifact: {relative path: sha256}} of every released file, manifests included (a ratio's
+    folder is hashed once, however many of its exits are artifacts)."""
     from ..serving.artifacts import MANIFEST, folder_files
 
-    out = {}
-    for name, folder in folders.items():
+    hashed: dict[Path, dict[str, str]] = {}
+    for folder in dict.fromkeys(folders.values()):
         files = folder_files(folder)
         files[MANIFEST] = sha256_file(folder / MANIFEST)
-        out[name] = dict(sorted(files.items()))
-    return out
+        hashed[folder] = dict(sorted(files.items()))
+    return {name: hashed[folder] for name, folder in folders.items()}
 
 
 def release_record(params: Params, root: Path, version: str, report: GateReport, folders: dict[str, Path],
@@ -614,7 +620,9 @@ def _commit_body(params: Params, report: GateReport, waived: bool) -> str:
 
 def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = ".", out: str | Path = "downloads",
              remote_name: str | None = None, remote_url: str | None = None) -> Path:
-    """Fetches one exit model of release ``version`` into ``out/<version>/<config>``, verified.
+    """Fetches one exit model of release ``version`` into ``out/<version>/ratio-<r>``, verified: the
+    folder of its ratio (every exit of the ratio beside one weights file; open it with
+    ``OnnxReranker(folder, exit_layer)``).
 
     Every file is checked against the sha256 recorded in ``releases/<version>.json`` *in git at the
     release tag* (whoever can write the DVC remote cannot rewrite it), the folder must hold exactly
@@ -715,6 +723,8 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
     folders = []
     for k, r, name in wanted:
         folder = cache / version / record["artifacts"][name]["path"].rsplit("/", 1)[-1]
+        if folder in folders:  # another exit of the same ratio folder, already fetched
+            continue
         if not _cached_and_intact(folder, record["files"][name]):
             folder = download(version, k, r, repo=repo, out=cache)
         folders.append(folder)

@@ -1,18 +1,29 @@
 """The exported-model artifact format, in one place: names, ``index.json``, ``manifest.json``, verification.
 
-An export folder (``paths.onnx``) holds one sub-folder per configuration and an ``index.json``::
+An export folder (``paths.onnx``) holds one sub-folder per compression ratio and an ``index.json``::
 
     models/onnx/
-      index.json                     {"format_version", "models": [{"name", "exit_layer", "ratio", ...}]}
-      exit-08-ratio-1/
-        model.onnx                   graph; weights in the ratio's shared file
-        weights-ratio-1.bin
+      index.json                     {"format_version", "models": [{"name", "exit_layer", "ratio", "path",
+                                      "model_file", ...}], "all_exits": [...]}
+      ratio-1/
+        exit-08.onnx ... exit-30.onnx  one graph per exit (decoder layers 1..k and head k)
+        all-exits.onnx                 every exit's scores in one pass (evaluation)
+        weights.bin                    the ratio's weights, once; every graph points into it
         tokenizer.json, tokenizer_config.json, ...
-        README.md                    model card
-        manifest.json                what the folder is, its input format, and the sha256 of every file
+        README.md                      model card
+        manifest.json                  what the folder is: its models, input format, sha256 of every file
+      exit-08-ratio-1-int8/            a quantized copy: model.onnx + model.onnx.data (its own weights)
+
+Why one folder per ratio (format 3): the exits of a ratio share their weights, and ONNX's checker
+(onnx >= 1.17) refuses external data that is hard-linked, a symlink, or outside the model's folder.
+So the only layout in which every graph opens with standard tools (``onnx.load``,
+``onnx.checker``, ``onnx.shape_inference``, ``onnxruntime.quantization``) *and* the weights are
+stored once is all exit graphs beside one regular weights file. A download of any exit of a
+ratio is that ratio's folder (about one full model: a shallow exit reads only its layers).
 
 A configuration's name is ``exit-08-ratio-1`` (``-int8`` etc. for a quantized variant): the same
-string names the folder, the metrics key, the DVC artifact and the release record entry.
+string names the metrics key, the DVC artifact and the release record entry; ``path`` +
+``model_file`` locate its graph.
 
 A folder is trusted only if its manifest is from a known format version, every file it lists has
 the recorded sha256, and it holds no file the manifest does not list (a dropped-in
@@ -32,10 +43,12 @@ from ..core.atomic import sha256_file
 from ..core.errors import CheckFailed, InputError
 from ..model.inputs import InputFormat
 
-FORMAT_VERSION = 2  # 2: names exit-KK-ratio-R, input_format in the manifest, strict file lists
+FORMAT_VERSION = 3  # 2: names exit-KK-ratio-R, input_format in the manifest, strict file lists; 3: a folder per ratio
 MANIFEST = "manifest.json"
 INDEX = "index.json"
-MODEL_FILE = "model.onnx"
+MODEL_FILE = "model.onnx"  # the one graph of a quantized copy
+ALL_EXITS_FILE = "all-exits.onnx"
+WEIGHTS_FILE = "weights.bin"
 MODEL_CARD = "README.md"
 SCORES = "scores"
 TOKEN_INPUTS = ["input_ids", "attention_mask"]
@@ -56,6 +69,16 @@ def config_name(exit_layer: int, ratio: int, variant: str | None = None) -> str:
     return f"exit-{exit_layer:02d}-ratio-{ratio}" + (f"-{variant}" if variant else "")
 
 
+def ratio_folder(ratio: int) -> str:
+    """``ratio-1``: the folder holding every exit of a ratio (and its one weights file)."""
+    return f"ratio-{ratio}"
+
+
+def exit_model_file(exit_layer: int) -> str:
+    """``exit-08.onnx``: exit k's graph inside its ratio folder."""
+    return f"exit-{exit_layer:02d}.onnx"
+
+
 def parse_config_name(name: str) -> tuple[int, int, str | None]:
     match = NAME_RE.match(name)
     if not match:
@@ -71,13 +94,18 @@ class ExportedConfig:
     exit_layer: int
     ratio: int
     compress_layers: tuple[int, ...]
-    path: Path
+    path: Path  # the folder (its ratio's, or a quantized copy's own)
+    model_file: str  # the graph inside it
     variant: str | None = None  # None = the float model; "int8" = a quantized copy
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.model_file
 
     def to_index_entry(self, root: Path) -> dict:
         return {"name": self.name, "exit_layer": self.exit_layer, "ratio": self.ratio,
                 "compress_layers": list(self.compress_layers), "variant": self.variant,
-                "path": self.path.relative_to(root).as_posix()}
+                "path": self.path.relative_to(root).as_posix(), "model_file": self.model_file}
 
 
 def write_index(folder: Path, configs: list[ExportedConfig], extra: dict | None = None) -> dict:
@@ -100,7 +128,7 @@ def read_index(folder: str | os.PathLike) -> list[ExportedConfig]:
         _check_version(index.get("format_version"), path)
         configs = [ExportedConfig(name=str(m["name"]), exit_layer=int(m["exit_layer"]), ratio=int(m["ratio"]),
                                   compress_layers=tuple(int(c) for c in m.get("compress_layers") or ()),
-                                  path=folder / m["path"], variant=m.get("variant"))
+                                  path=folder / m["path"], model_file=str(m["model_file"]), variant=m.get("variant"))
                    for m in index["models"]]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ArtifactFormatError(f"{path}: not a valid export index ({err})") from None
@@ -109,8 +137,8 @@ def read_index(folder: str | os.PathLike) -> list[ExportedConfig]:
     if len({c.name for c in configs}) != len(configs):
         raise ArtifactFormatError(f"{path}: model names repeat")
     for config in configs:
-        if _outside(folder, config.path):
-            raise ArtifactFormatError(f"{path}: model path {config.path} is outside {folder}")
+        if _outside(folder, config.path) or _outside(config.path, config.model_path):
+            raise ArtifactFormatError(f"{path}: model {config.model_path} is outside {folder}")
     return sorted(configs, key=lambda c: (c.variant or "", c.ratio, c.exit_layer))
 
 
@@ -162,12 +190,34 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     if not isinstance(manifest, dict):
         raise ModelIntegrityError(f"{path}: expected a JSON object")
     _check_version(manifest.get("format_version"), path)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or manifest.get("model_file") not in files:
-        raise ModelIntegrityError(f"{path}: 'files' must list every file, including the model file")
+    files, models = manifest.get("files"), manifest.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
+        raise ModelIntegrityError(f"{path}: 'models' must list the folder's models")
+    if not isinstance(files, dict) or any(m.get("model_file") not in files for m in models):
+        raise ModelIntegrityError(f"{path}: 'files' must list every file, including each model file")
     if verify:
         verify_files(folder, files)
     return manifest
+
+
+def model_view(manifest: dict, exit_layer: int | None = None, all_exits: bool = False) -> dict:
+    """One model of a folder's manifest: the folder's fields with that model's over them.
+
+    ``all_exits``: the ratio's every-exit graph; else exit ``exit_layer`` (``None``: the deepest
+    exit model in the folder). What ``OnnxReranker``, the server, the model card and evaluation read.
+    """
+    kind = "all_exits" if all_exits else "exit"
+    models = [m for m in manifest["models"] if m.get("kind", "exit") == kind]
+    if exit_layer is not None and not all_exits:
+        models = [m for m in models if m.get("exit_layer") == exit_layer]
+    if not models:
+        have = sorted(m.get("exit_layer") for m in manifest["models"] if m.get("kind", "exit") == "exit")
+        wanted = "an all-exits model" if all_exits else f"exit layer {exit_layer}"
+        raise ModelIntegrityError(f"{manifest.get('name', '?')}: no {wanted} in this folder; its exits: {have}")
+    model = max(models, key=lambda m: m.get("exit_layer", 0))
+    shared = {k: v for k, v in manifest.items() if k != "models"}
+    compression = {**shared.get("compression", {}), "applied_layers": model.get("applied_layers", [])}
+    return {**shared, **model, "compression": compression, "folder": manifest.get("name")}
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
@@ -187,6 +237,15 @@ def verify_files(folder: Path, files: dict[str, str]) -> None:
                  for name in sorted(present - set(files))]
     if problems:
         raise ModelIntegrityError(f"{folder} does not match its {MANIFEST}: " + "; ".join(problems))
+
+
+def config_manifest(config: ExportedConfig, verify: bool = False) -> dict:
+    """``model_view`` of an index entry's model (its folder's manifest, read and optionally verified)."""
+    manifest = read_manifest(config.path, verify=verify)
+    matches = [m for m in manifest["models"] if m.get("model_file") == config.model_file]
+    if not matches:
+        raise ModelIntegrityError(f"{config.path}/{MANIFEST} lists no model {config.model_file}")
+    return model_view(manifest, matches[0].get("exit_layer"), all_exits=matches[0].get("kind") == "all_exits")
 
 
 def manifest_input_format(manifest: dict) -> InputFormat:

@@ -1,7 +1,7 @@
 """Scoring with an exported model on ONNX Runtime: same input format and API as ``MatryoshkaReranker``.
 
 >>> from matryoshka_reranker import OnnxReranker
->>> reranker = OnnxReranker("models/onnx/exit-16-ratio-2")
+>>> reranker = OnnxReranker("models/onnx/ratio-2", exit_layer=16)
 >>> reranker.compute_score([("what is panda?", "The giant panda is a bear.")])
 >>> reranker.rank("what is panda?", ["The giant panda is a bear.", "Paris is in France."])
 
@@ -25,6 +25,7 @@ from .artifacts import (
     ModelIntegrityError,
     calibrated_probability,
     manifest_input_format,
+    model_view,
     read_manifest,
 )
 from .ranking import rank_documents
@@ -103,8 +104,10 @@ def _used_by(initializers: dict | None, model_file: Path) -> dict | None:
 class OnnxReranker:
     """Scores (query, passage) pairs with one exported configuration (exit layer, ratio).
 
-    An export's ``all-exits-ratio-<r>`` folder loads too: ``score_exits`` then gives every exit's
-    scores from one pass (what evaluation uses), and ``compute_score`` the deepest exit's.
+    ``folder`` is a ratio's folder of an export (``models/onnx/ratio-1``, or a download of one) and
+    ``exit_layer`` the depth to run (``None``: the deepest in the folder); a quantized copy's folder
+    holds one model. ``all_exits=True`` loads the ratio's every-exit graph instead: ``score_exits``
+    then gives every exit's scores from one pass (what evaluation uses), ``compute_score`` the deepest's.
 
     ``providers`` overrides the automatic choice (CUDA when a GPU works, else CPU); ``threads``
     sets ONNX Runtime's intra-op threads (default: its own choice). ``verify=False`` skips the
@@ -114,16 +117,20 @@ class OnnxReranker:
     def __init__(
         self,
         folder: str | os.PathLike,
+        exit_layer: int | None = None,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         batch_size: int = 32,
         verify: bool = True,
         initializers: dict | None = None,
+        all_exits: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if exit_layer is not None and (isinstance(exit_layer, bool) or not isinstance(exit_layer, int)):
+            raise TypeError(f"exit_layer must be an int or None, got {exit_layer!r}")
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder, verify=verify)
+        self.manifest = model_view(read_manifest(self.folder, verify=verify), exit_layer, all_exits=all_exits)
         self.input_format = manifest_input_format(self.manifest)
         self.encoder = self.input_format.encoder(ServingTokenizer.from_manifest(self.folder, self.manifest))
         self.session = create_session(self.folder / self.manifest["model_file"], providers, threads,
@@ -151,8 +158,7 @@ class OnnxReranker:
 
         layers = None if exit_layer is None else [exit_layer]
         _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio])
-        folder = max(folders, key=lambda f: read_manifest(f, verify=False)["exit_layer"])
-        return cls(folder, **kwargs)
+        return cls(folders[0], exit_layer, **kwargs)  # the ratio's folder; None: its deepest exit
 
     @property
     def exit_layer(self) -> int:
@@ -160,7 +166,7 @@ class OnnxReranker:
 
     @property
     def exit_layers(self) -> list[int]:
-        """The exits this folder outputs: all of the ratio's for an all-exits folder, else its own."""
+        """The exits this model outputs: all of the ratio's for the all-exits graph, else its own."""
         return list(self.manifest.get("exit_layers") or [self.exit_layer])
 
     @property

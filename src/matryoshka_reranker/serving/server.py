@@ -15,8 +15,9 @@ Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension
   ``GET /metrics`` (Prometheus text: requests and latency histogram per config, queue depth).
 
 How it serves: one ONNX Runtime session per (exit, ratio), loaded on first use; the exits of a
-ratio share one weights file, so their sessions are given the same memory-mapped initializers
-(ONNX Runtime's ``add_initializer``) and the weights are in memory once per ratio. Requests for a
+ratio share one weights file (their folder's ``weights.bin``), so their sessions are given the same
+memory-mapped initializers (ONNX Runtime's ``add_initializer``) and the weights are in memory once
+per ratio. Requests for a
 config are micro-batched (``batch_window_ms``), run off the event loop in a worker thread, and
 queued up to ``max_queue`` requests per config; beyond that the server answers 429. Bad input
 (empty or too many texts, a text over the model's budget with ``truncate: false``, wrong JSON
@@ -42,8 +43,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .artifacts import (
+    ALL_EXITS_FILE,
     ExportedConfig,
     calibrated_probability,
+    config_manifest,
     config_name,
     read_index,
     read_index_extra,
@@ -80,18 +83,20 @@ class ModelPool:
     def __init__(self, folder: str | os.PathLike | Sequence[str | os.PathLike], options: ServerOptions = ServerOptions(),
                  version: str | None = None):
         """``folder``: an export folder with ``index.json``, or a list of exported model folders
-        (e.g. the configs of a downloaded release)."""
+        (e.g. the ratio folders of a downloaded release): every exit model in them is served."""
         self.options, self.version = options, version
         if isinstance(folder, (str, os.PathLike)):
             self.folder = Path(folder)
             configs = [c for c in read_index(self.folder) if c.variant is None]
             self.index = read_index_extra(self.folder)
         else:
-            folders = [Path(f) for f in folder]
+            folders = list(dict.fromkeys(Path(f) for f in folder))
             self.folder = folders[0].parent
             manifests = [read_manifest(f) for f in folders]
-            configs = [ExportedConfig(m["name"], m["exit_layer"], m["compression"]["ratio"],
-                                      tuple(m["compression"]["layers"]), f) for f, m in zip(folders, manifests)]
+            configs = [ExportedConfig(e["name"], e["exit_layer"], m["compression"]["ratio"],
+                                      tuple(m["compression"]["layers"]), f, e["model_file"], m.get("variant"))
+                       for f, m in zip(folders, manifests) for e in m["models"] if e.get("kind", "exit") == "exit"]
+            configs = [c for c in configs if c.variant is None]
             self.index = {"input_format": manifests[0].get("input_format"), "source_model": manifests[0].get("source_model")}
         if not configs:
             raise ServerInputError("models", f"{folder}: no exported models to serve")
@@ -125,20 +130,23 @@ class ModelPool:
                 config = self.configs[key]
                 started = time.perf_counter()
                 shared = self._shared_initializers(config)
-                self._loaded[key] = OnnxReranker(config.path, threads=self.options.threads, verify=self.options.verify,
-                                                 batch_size=self.options.max_batch_pairs, initializers=shared)
+                self._loaded[key] = OnnxReranker(config.path, config.exit_layer, threads=self.options.threads,
+                                                 verify=self.options.verify, batch_size=self.options.max_batch_pairs,
+                                                 initializers=shared)
                 log.info("loaded %s in %.1f s%s", config.name, time.perf_counter() - started,
                          " (weights shared with its ratio's other exits)" if shared else "")
             return self._loaded[key]
 
     def _shared_initializers(self, config: ExportedConfig) -> dict | None:
-        """Memory-mapped initializers of the ratio's shared weights file, created once per ratio."""
+        """Memory-mapped initializers of the ratio's shared weights file, created once per ratio (from
+        the all-exits graph where the folder has one: it references every tensor of the ratio)."""
         manifest = read_manifest(config.path, verify=False)
         if not manifest.get("shared_weights"):
             return None
         if config.ratio not in self._shared:
+            widest = ALL_EXITS_FILE if ALL_EXITS_FILE in manifest["files"] else config.model_file
             try:
-                self._shared[config.ratio] = mapped_initializers(config.path / manifest["model_file"])
+                self._shared[config.ratio] = mapped_initializers(config.path / widest)
             except Exception as err:  # noqa: BLE001 - sharing is an optimisation: fall back to plain loading
                 log.warning("%s: cannot share weights (%s); loading them per session", config.name, err)
                 self._shared[config.ratio] = {}
@@ -147,7 +155,7 @@ class ModelPool:
     def describe(self) -> list[dict]:
         out = []
         for (k, r), config in sorted(self.configs.items()):
-            manifest = read_manifest(config.path, verify=False)
+            manifest = config_manifest(config)
             out.append({"name": config.name, "exit_layer": k, "ratio": r, "loaded": (k, r) in self._loaded,
                         "calibration": manifest.get("calibration")})
         return out
