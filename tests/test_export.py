@@ -27,7 +27,7 @@ from matryoshka_reranker.pipeline.export import (
     plan_configs,
     sha256_file,
 )
-from matryoshka_reranker.serving.artifacts import ModelIntegrityError, model_view
+from matryoshka_reranker.serving.artifacts import ExitNotExported, model_view
 from matryoshka_reranker.serving.onnx_runtime import read_manifest
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 from tests.fixtures import make_tiny_model, make_tokenizer
@@ -121,7 +121,7 @@ def test_ort_scores_equal_pytorch_with_adapters(release, batch_size):
 def test_a_folder_opens_at_its_deepest_exit_or_names_the_exits_it_has(release):
     deepest = OnnxReranker(release["out"] / "ratio-1")
     assert deepest.exit_layer == 4
-    with pytest.raises(ModelIntegrityError, match=r"no exit layer 7 .* its exits: \[2, 3, 4\]"):
+    with pytest.raises(ExitNotExported, match=r"no exit layer 7 .* its exits: \[2, 3, 4\]"):
         OnnxReranker(release["out"] / "ratio-1", 7)
 
 

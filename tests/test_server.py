@@ -244,7 +244,7 @@ def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
                                       "--cutoff-layer", "2"])
     assert [r["corpus_id"] for r in json.loads(result.stdout)] == sorted(range(3), key=lambda i: -exit_2[i])
     result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs), "--cutoff-layers", "9"])
-    assert result.exit_code != 0 and "no exit layer 9" in result.output
+    assert result.exit_code == 2 and "no exit layer 9" in result.output  # bad input, not a damaged model
 
 
 def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
@@ -254,6 +254,7 @@ def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
     assert sorted(pool.configs) == [(2, 1), (2, 2), (3, 1), (3, 2)] and pool.default == (3, 1)
     assert pool.get((2, 2)).exit_layer == 2 and pool.get((2, 2)).compress_ratio == 2
     assert pool._shared[2]  # the ratio's weights mapped once, from its all-exits graph
+    assert sorted(ModelPool([exported / "ratio-2"], exit_layers=[3]).configs) == [(3, 2)]  # serve --layers 3
 
     from matryoshka_reranker.release import registry
 

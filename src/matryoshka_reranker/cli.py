@@ -111,7 +111,7 @@ def export(
     query_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
     passage_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
 ) -> None:
-    """Export ONNX models, one folder per (exit layer, ratio), plus index.json.
+    """Export ONNX models: one folder per ratio (a graph per exit beside one weights file), plus index.json.
 
     Explicit form: --model DIR [--peft-path A B] --layers 8 16 30 [--ratios 1 2 4] [--compress-layers 8]
     --out DIR. Pipeline form: --params params.yaml [-S export.exit_layers=[8,16]] (adapters from
@@ -589,7 +589,7 @@ def serve(
     models: Annotated[Optional[Path], typer.Option(help="export folder with index.json (e.g. models/onnx)")] = None,
     version: Annotated[Optional[str], typer.Option(help="serve a release instead: vYYYY.MMDD.N or latest")] = None,
     repo: Annotated[str, typer.Option(help="with --version: git URL or path of the project")] = ".",
-    layers: Annotated[Optional[list[int]], typer.Option(help="with --version: exit layers to fetch (default all)")] = None,
+    layers: Annotated[Optional[list[int]], typer.Option(help="exit layers to serve (default all)")] = None,
     ratios: Annotated[Optional[list[int]], typer.Option(help="with --version: ratios to fetch (default all)")] = None,
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
     port: int = 8080,
@@ -613,7 +613,7 @@ def serve(
 
         version, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=ratios)
         source = folders
-    run_server(source, host=host, port=port, options=options, version=version)
+    run_server(source, host=host, port=port, options=options, version=version, exit_layers=layers)
 
 
 @app.command()

@@ -171,7 +171,7 @@ class ExportParams(Section):
     parity_tolerance: float = Field(1e-4, gt=0)  # max |ORT - PyTorch| on the validation batch (fp32)
     fp16_tolerance: float = Field(5e-2, gt=0)  # dtype float16: max |ORT fp16 - PyTorch fp32| (see export.py)
     attn_implementation: Literal["eager", "sdpa"] = "eager"  # attention in the exported graph (bench_onnx.py)
-    share_weights: bool = True  # one weights-ratio-<r>.bin per ratio (copied per exit); false: per-exit files
+    share_weights: bool = True  # one weights.bin per ratio folder, read by every exit's graph; false: a file per graph
     calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
     # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
     quantize: list[Literal["int8", "int8-weight-only", "int4"]] = []

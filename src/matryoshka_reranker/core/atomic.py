@@ -127,12 +127,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
-_HASHES: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256: hard-linked weights hash once
+_HASHES: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256: a file is hashed once per change
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (``hashlib.file_digest``), cached per (inode, size, mtime): an export's
-    shared weights file, hard-linked into every exit folder, is read once."""
+    """Hex sha256 of a file (``hashlib.file_digest``), cached per (inode, size, mtime): a ratio's
+    weights file, checked by export, evaluation, the gate and publish, is read once while unchanged."""
     stat = os.stat(path)
     key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:

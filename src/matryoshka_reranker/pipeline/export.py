@@ -665,7 +665,7 @@ def _manifest(folder: Path, ratio: int, compress_layers: Sequence[int], models: 
         "num_layers": model.num_layers,
         "compression": {"layers": list(compress_layers), "ratio": ratio},
         "adapters": [{"path": str(p), "sha256": _adapter_hash(p)} for p in adapters],
-        "weights_file": WEIGHTS_FILE if options.share_weights else "<model_file>.data",
+        **({"weights_file": WEIGHTS_FILE} if options.share_weights else {}),  # else each graph's <file>.data
         "shared_weights": options.share_weights,
         "opset": opset,
         "dtype": options.dtype,

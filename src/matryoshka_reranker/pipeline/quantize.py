@@ -61,12 +61,14 @@ def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    # The exported graph opens as it lies (format 3: weights beside it, one link): no copy needed.
+    # The exported graph opens as it lies (format 3: weights beside it, one link). It is given to the
+    # quantizer loaded, not by path: with a path, quantize_dynamic writes a "-inferred" copy beside
+    # the source, an unlisted file in a verified folder while it runs.
     keep = _matmuls_to_keep(source, keep_fp32)
     if scheme == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(onnx.load(str(source)), str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     else:

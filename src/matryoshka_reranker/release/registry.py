@@ -322,7 +322,7 @@ def push_release_data(root: Path, targets: list[str], remote: str, rev: str, bac
 
 def _release_targets(root: Path, params: Params) -> list[str]:
     """The DVC outputs a release stores in the remote: whole outputs overlapping ``paths.onnx``
-    (one folder output, or one output per exit model), plus the metrics if DVC caches them."""
+    (one folder output, or one output per ratio folder), plus the metrics if DVC caches them."""
     from dvc.repo import Repo
 
     def overlaps(a: PurePosixPath, b: PurePosixPath) -> bool:
@@ -688,7 +688,7 @@ def resolve_version(version: str, repo: str | Path = ".") -> str:
 
 
 def release_cache(repo: str | Path) -> Path:
-    """Per-repository download cache: ``$MATRYOSHKA_CACHE/releases/<repo key>/<version>/<config>``."""
+    """Per-repository download cache: ``$MATRYOSHKA_CACHE/releases/<repo key>/<version>/ratio-<r>``."""
     import hashlib
 
     from ..core.assets import cache_dir

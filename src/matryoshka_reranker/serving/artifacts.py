@@ -64,6 +64,10 @@ class ArtifactFormatError(InputError):
     """An index or manifest is malformed (not a file this package wrote)."""
 
 
+class ExitNotExported(InputError, LookupError):
+    """A folder was asked for an exit it does not hold (bad input, not a damaged model)."""
+
+
 def config_name(exit_layer: int, ratio: int, variant: str | None = None) -> str:
     """``exit-08-ratio-1`` (``exit-08-ratio-1-int8`` for a variant): folder, metrics key and DVC artifact name."""
     return f"exit-{exit_layer:02d}-ratio-{ratio}" + (f"-{variant}" if variant else "")
@@ -213,7 +217,7 @@ def model_view(manifest: dict, exit_layer: int | None = None, all_exits: bool = 
     if not models:
         have = sorted(m.get("exit_layer") for m in manifest["models"] if m.get("kind", "exit") == "exit")
         wanted = "an all-exits model" if all_exits else f"exit layer {exit_layer}"
-        raise ModelIntegrityError(f"{manifest.get('name', '?')}: no {wanted} in this folder; its exits: {have}")
+        raise ExitNotExported(f"{manifest.get('name', '?')}: no {wanted} in this folder; its exits: {have}")
     model = max(models, key=lambda m: m.get("exit_layer", 0))
     shared = {k: v for k, v in manifest.items() if k != "models"}
     compression = {**shared.get("compression", {}), "applied_layers": model.get("applied_layers", [])}

@@ -81,9 +81,10 @@ class ModelPool:
     """The exported configs of one export folder, each loaded on first request."""
 
     def __init__(self, folder: str | os.PathLike | Sequence[str | os.PathLike], options: ServerOptions = ServerOptions(),
-                 version: str | None = None):
+                 version: str | None = None, exit_layers: Sequence[int] | None = None):
         """``folder``: an export folder with ``index.json``, or a list of exported model folders
-        (e.g. the ratio folders of a downloaded release): every exit model in them is served."""
+        (e.g. the ratio folders of a downloaded release); ``exit_layers``: serve only these exits
+        (a ratio's folder holds all of them), else every exit model found."""
         self.options, self.version = options, version
         if isinstance(folder, (str, os.PathLike)):
             self.folder = Path(folder)
@@ -98,8 +99,11 @@ class ModelPool:
                        for f, m in zip(folders, manifests) for e in m["models"] if e.get("kind", "exit") == "exit"]
             configs = [c for c in configs if c.variant is None]
             self.index = {"input_format": manifests[0].get("input_format"), "source_model": manifests[0].get("source_model")}
+        if exit_layers is not None:
+            configs = [c for c in configs if c.exit_layer in set(exit_layers)]
         if not configs:
-            raise ServerInputError("models", f"{folder}: no exported models to serve")
+            raise ServerInputError("models", f"{folder}: no exported models to serve"
+                                   + (f" at exit layers {list(exit_layers)}" if exit_layers is not None else ""))
         self.configs: dict[tuple[int, int], ExportedConfig] = {(c.exit_layer, c.ratio): c for c in configs}
         self._loaded: dict[tuple[int, int], object] = {}
         self._shared: dict[int, dict] = {}  # ratio -> name -> OrtValue (memory-mapped, shared by its exits)
@@ -386,11 +390,11 @@ def probabilities(pool: ModelPool, key: tuple[int, int], scores: np.ndarray) -> 
 
 def serve(models: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
           options: ServerOptions = ServerOptions(), version: str | None = None,
-          graceful_seconds: float = 30.0) -> None:
+          graceful_seconds: float = 30.0, exit_layers: Sequence[int] | None = None) -> None:
     """Runs the server until SIGTERM/SIGINT (in-flight requests finish first)."""
     import uvicorn
 
-    pool = ModelPool(models, options, version)
+    pool = ModelPool(models, options, version, exit_layers)
     log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs), models,
              host, port, *pool.default)
     uvicorn.run(create_app(pool, options), host=host, port=port, log_level="info",
