@@ -183,6 +183,12 @@ def test_download_by_version_into_a_fresh_clone_verifies_sha256(published, tmp_p
     assert files == ["exit-04.onnx", "exit-06.onnx", "manifest.json", "tokenizer.json", "weights.bin"]
     assert all((dest / f).stat().st_nlink == 1 for f in files)  # plain files: standard ONNX tools open them
     assert all((dest / f).read_bytes() == (source / f).read_bytes() for f in files)
+    inode = (dest / "weights.bin").stat().st_ino
+    with contextlib.chdir(fresh):  # exit 4 of the same ratio: the folder is there and verifies, nothing is fetched
+        again = CliRunner().invoke(app, ["download", "--version", "v0.1.0", "--layer", "4", "--ratio", "2",
+                                         "--out", "downloaded"])
+    assert again.exit_code == 0 and again.stdout.strip() == str(Path("downloaded") / "v0.1.0" / "ratio-2")
+    assert (dest / "weights.bin").stat().st_ino == inode  # not replaced
     # from the git URL directly (DVC clones it), and a layer the release does not have
     dest = download("v0.1.0", 4, 1, repo=str(base / "origin.git"), out=tmp_path / "by-url")
     verify_manifest(dest)

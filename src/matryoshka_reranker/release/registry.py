@@ -651,6 +651,9 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
         _check_tag_commit(repo, version, remote_url or _remote_url_of(fs, remote_name))
         path = declared[name]["path"]
         dest = Path(out) / version / PurePosixPath(path).name
+        if _cached_and_intact(dest, expected, quiet=True):  # another exit of the same ratio folder, already here
+            logger.info("%s of %s is in %s already (every file verified)", name, version, dest)
+            return dest
         with atomic_dir(dest) as tmp:
             try:
                 fs.get(path, str(tmp / "payload"), recursive=True)
@@ -731,7 +734,7 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
     return version, folders
 
 
-def _cached_and_intact(folder: Path, expected: dict[str, str]) -> bool:
+def _cached_and_intact(folder: Path, expected: dict[str, str], quiet: bool = False) -> bool:
     from ..serving.artifacts import verify_files
 
     if not folder.is_dir():
@@ -739,7 +742,8 @@ def _cached_and_intact(folder: Path, expected: dict[str, str]) -> bool:
     try:
         verify_files(folder, expected)
     except ModelIntegrityError as err:
-        logger.warning("cached %s no longer verifies (%s); downloading again", folder, err)
+        if not quiet:
+            logger.warning("cached %s no longer verifies (%s); downloading again", folder, err)
         return False
     return True
 
