@@ -680,7 +680,7 @@ def _manifest(folder: Path, ratio: int, compress_layers: Sequence[int], models: 
                      "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "models": models,
-        "files": folder_files(folder),
+        "files": {},  # listed by the caller once the model card (one of the files) is written
     }
 
 

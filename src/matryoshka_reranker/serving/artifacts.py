@@ -221,7 +221,7 @@ def model_view(manifest: dict, exit_layer: int | None = None, all_exits: bool = 
     model = max(models, key=lambda m: m.get("exit_layer", 0))
     shared = {k: v for k, v in manifest.items() if k != "models"}
     compression = {**shared.get("compression", {}), "applied_layers": model.get("applied_layers", [])}
-    return {**shared, **model, "compression": compression, "folder": manifest.get("name")}
+    return {**shared, **model, "compression": compression}
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
