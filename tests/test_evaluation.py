@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -25,6 +27,7 @@ from matryoshka_reranker.pipeline.evaluation import (
     read_candidates,
     untrained_baseline,
 )
+from matryoshka_reranker.serving.artifacts import config_name
 
 # Two queries x three candidates, BM25 order. Relevant: q1 -> d3; q2 -> d5 and d6 (all relevance 1).
 CANDIDATES = [
@@ -275,6 +278,14 @@ def test_compensation_effect_and_run_comparison(tiny_pipeline):
     row = result["compensation"][1]
     assert row["before"]["drop"]["mean"] == pytest.approx(row["before"]["ratio_1"] - row["before"]["ratio_2"], abs=2e-4)
     assert set(row) >= {"recovered", "recovered_ci"} and len(row["recovered_ci"]) == 2
+    # Against the first stage: every (exit, ratio), the released model's mean minus BM25's, paired.
+    stored = json.loads(Path(params.paths.per_query).read_text())
+    bm25 = np.mean(list(stored["systems"]["bm25"]["nDCG@10"].values()))
+    assert [(r["exit_layer"], r["ratio"]) for r in result["vs_first_stage"]] == [(3, 1), (4, 1), (3, 2), (4, 2)]
+    for r in result["vs_first_stage"]:
+        released = np.mean(list(stored["systems"][config_name(r["exit_layer"], r["ratio"])]["nDCG@10"].values()))
+        assert r["after"]["mean"] == pytest.approx(released - bm25, abs=2e-4)
+        assert r["bm25"] == pytest.approx(bm25, abs=1e-4)
     # Scoring the compensated models here (no export) gives the same table: the evaluate stage above
     # scored those very PyTorch models.
     direct = compensation_effect(params, after_from="pytorch")

@@ -6,7 +6,8 @@
   [self_distill, layer, token-r] at ratio r, from the evaluate stage's per-query values). Reported
   per (exit, ratio) with 95% bootstrap intervals over queries, and the fraction of the drop that
   compensation recovers (1 - drop_after / drop_before), with its interval over the same
-  resampled queries.
+  resampled queries. ``vs_first_stage``: every (exit, ratio) before and after compensation against
+  the first stage's (BM25) order on the same queries, paired (is the re-ranker alone above BM25?).
 * **Self-distillation** (``compare_runs``): the paired per-query difference between two
   self-distilled models (e.g. the cascaded ``distill_fix_layer_teacher`` against ``normal``) at
   chosen exits, from two learning-curve files computed on the same eval set.
@@ -136,8 +137,17 @@ def compensation_effect(params: Params, scorer_for=None, after_from: str = "eval
                          "after": {"ratio_1": round(float(np.mean(a1)), 4), f"ratio_{ratio}": round(float(np.mean(ar)), 4),
                                    "drop": drop_after.to_dict()},
                          **_bootstrap_recovered(b1, br, a1, ar, ev.bootstrap_resamples)})
+    # Is the released model above the first stage on its own? The same queries' BM25 order, paired.
+    bm25 = per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, [measure])[measure]
+    b = [bm25[q] for q in ids]
+    vs_first_stage = [{"exit_layer": k, "ratio": r, "measure": measure, "bm25": round(float(np.mean(b)), 4),
+                       "before": statistics.paired_difference([before[(k, r)][q] for q in ids], b, ev.confidence,
+                                                              ev.bootstrap_resamples).to_dict(),
+                       "after": statistics.paired_difference([after[(k, r)][q] for q in ids], b, ev.confidence,
+                                                             ev.bootstrap_resamples).to_dict()}
+                      for r in ratios for k in exits]
     result = {"format_version": FORMAT_VERSION, "identity": identity, "measure": measure, "after_from": after_from,
-              "compensation": rows,
+              "compensation": rows, "vs_first_stage": vs_first_stage,
               "self_distilled": {config_name(k, r): float(np.mean([before[(k, r)][q] for q in ids]))
                                  for (k, r) in before}}
     write_json(params.paths.effects, result)
