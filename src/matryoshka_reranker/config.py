@@ -174,7 +174,7 @@ class ExportParams(Section):
     share_weights: bool = True  # one weights.bin per ratio folder, read by every exit's graph; false: a file per graph
     calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
     # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
-    quantize: list[Literal["int8", "int8-weight-only", "int4"]] = []
+    quantize: list[Literal["int8", "int8-token", "int8-weight-only", "int4"]] = []
     quantize_keep_fp32: list[Literal["score_heads", "down_proj", "all_mlp"]] = ["down_proj"]
 
 

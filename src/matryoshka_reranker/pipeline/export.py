@@ -144,7 +144,7 @@ class ExportOptions:
     source_model: str = ""
     params_fingerprint: str | None = None
     calibration: CalibrationSet | None = None  # labelled pairs: Platt (a, b) per config (calibration.py)
-    quantize: tuple[str, ...] = ()  # quantized copies per config: int8 | int8-weight-only | int4 (quantize.py)
+    quantize: tuple[str, ...] = ()  # quantized copies per config: int8 | int8-token | int8-weight-only | int4 (quantize.py)
     quantize_keep_fp32: tuple[str, ...] = ("down_proj",)  # MatMuls left in fp32 (heads are Gemm: never quantized)
     data_dir: str | None = None  # what the model was trained on (the model card states its license)
 

@@ -53,7 +53,7 @@ MODEL_CARD = "README.md"
 SCORES = "scores"
 TOKEN_INPUTS = ["input_ids", "attention_mask"]
 LENGTH_INPUTS = ["query_lengths", "prompt_lengths"]
-NAME_RE = re.compile(r"^exit-(\d+)-ratio-(\d+)(?:-([a-z0-9]+))?$")
+NAME_RE = re.compile(r"^exit-(\d+)-ratio-(\d+)(?:-([a-z0-9]+(?:-[a-z0-9]+)*))?$")  # variant: int8, int8-token, ...
 
 
 class ModelIntegrityError(CheckFailed):
