@@ -1,9 +1,10 @@
 """fp32 vs quantized ONNX exit models: ranking agreement (Spearman per query), nDCG@10, and speed.
 
-    python -m benchmarks.bench_quantize [--onnx models/onnx] [--queries 20] [--exits 8 16 30] [--schemes int8 int4]
+    python -m benchmarks.bench_quantize [--queries 20] [--exits 8 16 30] [--schemes int8 int8-token:down_proj int4]
 
 For each exit (ratio 1) and scheme, quantizes the exported exit model (``pipeline/quantize.py``),
-scores the first N eval queries' BM25 candidates with both, and prints the mean per-query Spearman
+scores the first N eval queries' BM25 candidates with both (``scheme:part+part`` keeps those parts
+in fp32 for that scheme instead of ``--keep-fp32``), and prints the mean per-query Spearman
 correlation with the fp32 scores, nDCG@10 of both, and pairs/s of both timed round-robin in one run.
 Targets (issue): Spearman >= 0.98, nDCG@10 within 0.01, >= 1.5x fp32 pairs/s.
 """
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--exits", type=int, nargs="+", default=[8, 16, 30])
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="scheme or scheme:part+part (kept fp32)")
     parser.add_argument("--keep-fp32", nargs="*", default=None, help="MatMul weights to keep in fp32 (default: "
                         "score_heads down_proj)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -42,7 +43,7 @@ def main() -> None:
     pairs = [p for q in queries for p in q.pairs]
     print(f"# {len(queries)} eval queries x {len(queries[0].candidates)} candidates ({len(pairs)} pairs), "
           f"{args.threads} threads; Spearman = mean over queries of rank correlation with the fp32 scores")
-    print(f"{'exit':>4} {'scheme':>18} {'kept fp32':>10} {'Spearman':>9} {'nDCG fp32':>10} {'nDCG q':>7} "
+    print(f"{'exit':>4} {'scheme':>24} {'kept fp32':>10} {'Spearman':>9} {'nDCG fp32':>10} {'nDCG q':>7} "
           f"{'pairs/s fp32':>12} {'pairs/s q':>10} {'speed-up':>9}")
     from scipy.stats import spearmanr
 
@@ -58,10 +59,12 @@ def main() -> None:
         fp32 = OnnxReranker(folder, k, threads=args.threads, batch_size=len(queries[0].candidates))
         base = np.array(fp32.compute_score(pairs))
         ndcg_base = np.mean(list(per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"].values()))
-        for scheme in args.schemes:
+        for spec in args.schemes:
+            scheme, _, parts = spec.partition(":")
             with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:
                 target = Path(work) / "model.onnx"
                 keep = tuple(args.keep_fp32) if args.keep_fp32 is not None else ("score_heads", "down_proj")
+                keep = ("score_heads", *parts.split("+")) if parts else keep
                 info = quantize_model(folder / exit_model_file(k), target, scheme, keep)
                 session = create_session(target, ["CPUExecutionProvider"], args.threads)
                 names = [i.name for i in session.get_inputs()]
@@ -79,7 +82,7 @@ def main() -> None:
                                                                          by_query(quantized).values())])
                 ndcg_q = np.mean(list(per_query(queries, by_query(quantized), qrels, ["nDCG@10"])["nDCG@10"].values()))
                 seconds = interleaved_timing({"fp32": lambda: run(fp32.session), "q": lambda: run(session)}, args.rounds)
-                print(f"{k:>4} {scheme:>18} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "
+                print(f"{k:>4} {spec:>24} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "
                       f"{len(pairs) / seconds['fp32']:12.2f} {len(pairs) / seconds['q']:10.2f} "
                       f"{seconds['fp32'] / seconds['q']:8.2f}x", flush=True)
 
