@@ -226,6 +226,7 @@ def test_pytorch_check_agrees_with_a_faithful_backend(tiny_pipeline):
     assert check["enabled"] and check["ratio"] == 2 and check["queries"] == 2 and check["pairs"] == 6
     assert set(check["configs"]) == {"exit-03-ratio-2", "exit-04-ratio-2"} and check["dtype"] == "float32"
     assert check["max_abs_diff"] < 1e-5 and check["passed"] and check["rankings_agree"]
+    assert check["max_scaled_diff"] <= check["max_abs_diff"]  # scaled by max(1, |score|): never larger
     assert set(metrics["configs"]) == {"exit-03-ratio-1", "exit-04-ratio-1", "exit-03-ratio-2", "exit-04-ratio-2"}
     # Ratio 2 merges the token adapter and compresses: its scores are not ratio 1's relabelled.
     pairs = [(row["query"], c["text"]) for row in CANDIDATES for c in row["candidates"]]

@@ -294,7 +294,7 @@ def check_against_pytorch(params: Params, queries: list[EvalQuery], groups: list
     ``evaluation.pytorch_check``: true = every exported exit at the largest exported ratio (one
     PyTorch forward yields all exits; the largest ratio exercises compression and the most
     adapters); a config name = that config; false = skipped. The tolerance is the export's
-    (``export.fp16_tolerance`` for float16 exports).
+    (``export.fp16_tolerance`` for float16 exports), on |ORT - PyTorch| / max(1, |PyTorch|).
     """
     setting = params.evaluation.pytorch_check
     if setting is False:
@@ -320,25 +320,30 @@ def check_against_pytorch(params: Params, queries: list[EvalQuery], groups: list
         onnx_flat = np.array([s for q in sample for s in scores[config.name][q.query_id]], dtype=np.float32)
         torch_flat = np.array(torch_scores, dtype=np.float32)
         diff = float(np.abs(onnx_flat - torch_flat).max())
+        # Relative to the score's size above 1: raw exit logits reach tens, where float32 through
+        # 24+ layers differs by more than 1e-4 in absolute terms between two correct backends.
+        scaled = float((np.abs(onnx_flat - torch_flat) / np.maximum(1.0, np.abs(torch_flat))).max())
         agree, offset = True, 0
         for q in sample:
             n = len(q.candidates)
             agree &= _ranking(onnx_flat[offset:offset + n]) == _ranking(torch_flat[offset:offset + n])
             offset += n
-        per_config[config.name] = {"max_abs_diff": diff, "rankings_agree": bool(agree)}
+        per_config[config.name] = {"max_abs_diff": diff, "max_scaled_diff": scaled, "rankings_agree": bool(agree)}
     del scorer
     gc.collect()
     export = params.export
     tolerance = export.fp16_tolerance if export.dtype == "float16" else export.parity_tolerance
     max_diff = max(v["max_abs_diff"] for v in per_config.values())
+    max_scaled = max(v["max_scaled_diff"] for v in per_config.values())
     agree = all(v["rankings_agree"] for v in per_config.values())
     result = {"enabled": True, "ratio": ratio, "queries": len(sample), "pairs": len(pairs), "dtype": "float32",
-              "tolerance": tolerance, "max_abs_diff": max_diff, "rankings_agree": agree,
-              "passed": bool(max_diff <= tolerance and (agree or max_diff <= tolerance)),
+              "tolerance": tolerance, "max_abs_diff": max_diff, "max_scaled_diff": max_scaled, "rankings_agree": agree,
+              "passed": bool(max_scaled <= tolerance),
               "seconds": round(time.perf_counter() - start, 2), "configs": per_config}
-    if not max_diff <= tolerance:
-        raise EvaluationCheckFailed(f"ONNX Runtime differs from PyTorch by {max_diff:.3g} (> tolerance {tolerance:g}) "
-                                    f"on {[n for n, v in per_config.items() if v['max_abs_diff'] > tolerance]}; "
+    if not max_scaled <= tolerance:
+        raise EvaluationCheckFailed(f"ONNX Runtime differs from PyTorch by {max_scaled:.3g} (|difference| / "
+                                    f"max(1, |score|); > tolerance {tolerance:g}) "
+                                    f"on {[n for n, v in per_config.items() if v['max_scaled_diff'] > tolerance]}; "
                                     "nothing was written")
     if not agree:
         log.warning("rankings differ between ONNX Runtime and PyTorch within tolerance (tied scores): %s",
