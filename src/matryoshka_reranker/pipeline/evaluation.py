@@ -780,6 +780,7 @@ def format_table(per_layer_metrics: dict[str, Any]) -> str:
     check = per_layer_metrics["pytorch_check"]
     if check.get("enabled"):
         lines.append(f"PyTorch check (ratio {check['ratio']}, {check['queries']} queries): max |ORT - PyTorch| = "
-                     f"{check['max_abs_diff']:.2e} (tolerance {check['tolerance']:g}), rankings agree: "
+                     f"{check['max_abs_diff']:.2e}, scaled by max(1, |score|) {check.get('max_scaled_diff', float('nan')):.2e} "
+                     f"(tolerance {check['tolerance']:g}), rankings agree: "
                      f"{check['rankings_agree']}")
     return "\n".join(lines)
