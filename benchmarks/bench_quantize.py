@@ -1,10 +1,12 @@
 """fp32 vs quantized ONNX exit models: ranking agreement (Spearman per query), nDCG@10, and speed.
 
     python -m benchmarks.bench_quantize [--queries 20] [--exits 8 16 30] [--schemes int8 int8-token:down_proj int4]
+                                        [--smoothing 0 0.75]
 
-For each exit (ratio 1) and scheme, quantizes the exported exit model (``pipeline/quantize.py``),
-scores the first N eval queries' BM25 candidates with both (``scheme:part+part`` keeps those parts
-in fp32 for that scheme instead of ``--keep-fp32``), and prints the mean per-query Spearman
+For each exit (ratio 1), scheme and smoothing alpha, quantizes the exported exit model
+(``pipeline/quantize.py``; activation statistics from the calibration half of the eval queries, as
+the export does), scores the first N eval queries of the *other* half with both (``scheme:part+part``
+keeps those parts in fp32 instead of the scheme's default), and prints the mean per-query Spearman
 correlation with the fp32 scores, nDCG@10 of both, and pairs/s of both timed round-robin in one run.
 Targets (issue): Spearman >= 0.98, nDCG@10 within 0.01, >= 1.5x fp32 pairs/s.
 """
@@ -19,6 +21,7 @@ import numpy as np
 
 from benchmarks.common import interleaved_timing
 from matryoshka_reranker.config import load_params
+from matryoshka_reranker.pipeline.calibration import calibration_set, in_calibration_half
 from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
@@ -32,18 +35,22 @@ def main() -> None:
     parser.add_argument("--exits", type=int, nargs="+", default=[8, 16, 30])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="scheme or scheme:part+part (kept fp32)")
     parser.add_argument("--keep-fp32", nargs="*", default=None, help="MatMul weights to keep in fp32 (default: "
-                        "score_heads down_proj)")
+                        "the scheme's own)")
+    parser.add_argument("--smoothing", type=float, nargs="+", default=None,
+                        help="SmoothQuant alphas to compare (default: export.quantize_smoothing)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     params = load_params(args.params)
     queries, qrels = load_eval_set(params)
-    queries = queries[: args.queries]
+    calibration = calibration_set(queries, qrels, max(params.export.calibration_queries, 8))
+    queries = [q for q in queries if not in_calibration_half(q.query_id)][: args.queries]
+    smoothing = args.smoothing if args.smoothing is not None else [params.export.quantize_smoothing]
     qrels = {q.query_id: qrels[q.query_id] for q in queries}
     pairs = [p for q in queries for p in q.pairs]
     print(f"# {len(queries)} eval queries x {len(queries[0].candidates)} candidates ({len(pairs)} pairs), "
           f"{args.threads} threads; Spearman = mean over queries of rank correlation with the fp32 scores")
-    print(f"{'exit':>4} {'scheme':>24} {'kept fp32':>10} {'Spearman':>9} {'nDCG fp32':>10} {'nDCG q':>7} "
+    print(f"{'exit':>4} {'scheme':>24} {'alpha':>5} {'kept fp32':>10} {'Spearman':>9} {'nDCG fp32':>10} {'nDCG q':>7} "
           f"{'pairs/s fp32':>12} {'pairs/s q':>10} {'speed-up':>9}")
     from scipy.stats import spearmanr
 
@@ -59,13 +66,18 @@ def main() -> None:
         fp32 = OnnxReranker(folder, k, threads=args.threads, batch_size=len(queries[0].candidates))
         base = np.array(fp32.compute_score(pairs))
         ndcg_base = np.mean(list(per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"].values()))
-        for spec in args.schemes:
+        encoded_calibration = fp32.encoder.encode_many(list(calibration.pairs))
+        feeds = [fp32.encoder.collate_numpy(encoded_calibration[i:i + 16]) for i in range(0, len(encoded_calibration), 16)]
+        runs = [(spec, alpha) for spec in args.schemes
+                for alpha in (smoothing if spec.partition(":")[0] in ("int8", "int8-token") else [0.0])]
+        for spec, alpha in runs:
             scheme, _, parts = spec.partition(":")
             with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:
                 target = Path(work) / "model.onnx"
-                keep = tuple(args.keep_fp32) if args.keep_fp32 is not None else ("score_heads", "down_proj")
+                keep = tuple(args.keep_fp32) if args.keep_fp32 is not None else None
                 keep = ("score_heads", *parts.split("+")) if parts else keep
-                info = quantize_model(folder / exit_model_file(k), target, scheme, keep)
+                info = quantize_model(folder / exit_model_file(k), target, scheme, keep, calibration=feeds,
+                                      smoothing=alpha)
                 session = create_session(target, ["CPUExecutionProvider"], args.threads)
                 names = [i.name for i in session.get_inputs()]
                 encoded = [fp32.encoder.encode(q, p) for q, p in pairs]
@@ -82,7 +94,7 @@ def main() -> None:
                                                                          by_query(quantized).values())])
                 ndcg_q = np.mean(list(per_query(queries, by_query(quantized), qrels, ["nDCG@10"])["nDCG@10"].values()))
                 seconds = interleaved_timing({"fp32": lambda: run(fp32.session), "q": lambda: run(session)}, args.rounds)
-                print(f"{k:>4} {spec:>24} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "
+                print(f"{k:>4} {spec:>24} {alpha:5.2f} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "
                       f"{len(pairs) / seconds['fp32']:12.2f} {len(pairs) / seconds['q']:10.2f} "
                       f"{seconds['fp32'] / seconds['q']:8.2f}x", flush=True)
 

@@ -388,7 +388,7 @@ def test_calibration_and_model_card(llama_model, tmp_path):
 
 def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
     index = export_models(llama_model, tmp_path / "out", [2, 4], [1], options=ExportOptions(
-        start_layer=1, input_format=FORMAT, quantize=("int8", "int8-token", "int4")))
+        start_layer=1, input_format=FORMAT, quantize=("int8", "int8-token", "int4"), quantize_smoothing=0.75))
     names = [m["name"] for m in index["models"]]
     assert names == ["exit-02-ratio-1", "exit-04-ratio-1", "exit-02-ratio-1-int8", "exit-04-ratio-1-int8",
                      "exit-02-ratio-1-int8-token", "exit-04-ratio-1-int8-token",
@@ -397,6 +397,8 @@ def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
         folder = tmp_path / "out" / f"exit-04-ratio-1-{scheme}"
         manifest = read_manifest(folder)
         assert manifest["variant"] == scheme and manifest["quantization"]["of"] == "exit-04-ratio-1"
+        # activation schemes are smoothed from the calibration batches (here: the fixed validation pairs)
+        assert ("smoothing" in manifest["quantization"]) == (scheme != "int4")
         assert parse_config_name(folder.name) == (4, 1, scheme)  # a hyphenated variant parses back whole
         assert [m["name"] for m in manifest["models"]] == [f"exit-04-ratio-1-{scheme}"]
         assert (folder / "model.onnx.data").stat().st_nlink == 1  # its own plain file: standard tools open it

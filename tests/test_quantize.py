@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from matryoshka_reranker.pipeline.quantize import per_token_int8, quantize_model
+from matryoshka_reranker.pipeline.quantize import channel_maxima, per_token_int8, quantize_model, smooth
 
 K, N = 64, 48
 
@@ -39,16 +39,20 @@ def test_per_token_int8_matches_its_arithmetic():
     model = _matmul_model(w)
     assert per_token_int8(model) == 1
     onnx.checker.check_model(model)
-    assert [n.op_type for n in model.graph.node].count("MatMulInteger") == 1
+    assert [n.op_type for n in model.graph.node].count("MatMulIntegerToFloat") == 1
     assert "w" not in {t.name for t in model.graph.initializer}  # the float weight is gone
-    # The same quantization written out in numpy (per-row asymmetric uint8, per-column symmetric int8).
-    lo, hi = np.minimum(x.min(-1, keepdims=True), 0), np.maximum(x.max(-1, keepdims=True), 0)
-    scale = (hi - lo) / 255
-    zp = np.round(-lo / scale)
-    q = np.clip(np.round(x / scale) + zp, 0, 255)
+    # The same quantization written out in numpy: per row, 253 steps over its range, the grid
+    # centred on the middle of the range in whole steps (so 0 stays on the grid: near-zero values
+    # round to exactly 0 instead of sharing one offset, which would add up along K).
+    hi, lo = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
+    scale = (hi - lo) / 253
+    zc = np.round((hi + lo) / 2 / scale)
+    q = np.round(x / scale) - zc
+    assert np.abs(q).max() <= 127  # so uint8 with zero point 128 holds it without clipping
+    centre = zc * scale
     w_scale = np.abs(w).max(0) / 127
     w_q = np.clip(np.round(w / w_scale), -127, 127)
-    expected = ((q - zp) @ w_q) * scale * w_scale
+    expected = (q @ w_q) * scale * w_scale + centre * (w_q.sum(0) * w_scale)
     np.testing.assert_allclose(_run(model, x), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -82,3 +86,80 @@ def test_kept_nodes_stay_float_and_scheme_is_checked(tmp_path):
     np.testing.assert_array_equal(_run(model, x), x @ w)
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", "int3")
+
+
+def test_constant_and_zero_rows_stay_exact_enough():
+    """A row whose values are all equal (or all zero) has no range: the scale's floor keeps its grid
+    centre a small whole number of steps, so the uint8 cast cannot wrap around."""
+    _, w = _inputs()
+    x = np.zeros((1, 3, K), np.float32)
+    x[0, 1] = 0.5     # constant row
+    x[0, 2] = -123.0  # constant, large and negative
+    model = _matmul_model(w)
+    per_token_int8(model)
+    w_scale = np.abs(w).max(0) / 127
+    dequantized = np.clip(np.round(w / w_scale), -127, 127) * w_scale  # the weights' own rounding aside,
+    np.testing.assert_allclose(_run(model, x), x @ dequantized, rtol=1e-4, atol=1e-4)  # such rows are exact
+
+
+def _norm_then_two_matmuls(gamma: np.ndarray, w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """x * gamma (an RMSNorm's weight) feeding two projections, as q/k/v or gate/up are fed."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gamma"], ["normed"], name="norm"),
+         helper.make_node("MatMul", ["normed", "w1"], ["y1"], name="p1"),
+         helper.make_node("MatMul", ["normed", "w2"], ["y2"], name="p2"),
+         helper.make_node("Add", ["y1", "y2"], ["y"], name="sum")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", N])],
+        [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _channel_outlier_inputs(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1.0, (2, 6, K)).astype(np.float32)
+    x[..., 7] *= 300.0  # one channel far above the rest in every token (what Llama's norms produce)
+    gamma = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    return x, gamma, rng.normal(0, 0.05, (K, N)).astype(np.float32), rng.normal(0, 0.05, (K, N)).astype(np.float32)
+
+
+def test_smoothing_is_exact_in_float_and_folds_into_the_norm_weight():
+    x, gamma, w1, w2 = _channel_outlier_inputs()
+    model = _norm_then_two_matmuls(gamma, w1, w2)
+    maxima = channel_maxima(model, [{"x": x}])
+    assert set(maxima) == {"normed"} and maxima["normed"].argmax() == 7
+    assert smooth(model, maxima, alpha=0.75) == 1
+    assert [n.op_type for n in model.graph.node] == ["Mul", "MatMul", "MatMul", "Add"]  # folded: no new node
+    folded = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "gamma"))
+    assert folded[7] < gamma[7] / 10  # the outlier channel is scaled down, its weights' row up
+    np.testing.assert_allclose(_run(model, x), (x * gamma) @ w1 + (x * gamma) @ w2, rtol=1e-4, atol=1e-3)
+
+
+def test_smoothing_inserts_a_mul_where_it_cannot_fold():
+    x, _, w, _ = _channel_outlier_inputs()
+    model = _matmul_model(w)  # the input comes straight from the graph input
+    smooth(model, channel_maxima(model, [{"x": x}]), alpha=0.5)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "MatMul"]
+    np.testing.assert_allclose(_run(model, x), x @ w, rtol=1e-4, atol=1e-3)
+
+
+def test_smoothing_shrinks_the_per_token_error_of_a_channel_outlier(tmp_path):
+    x, gamma, w1, w2 = _channel_outlier_inputs()
+    exact = (x * gamma) @ w1 + (x * gamma) @ w2
+
+    def error(alpha):
+        model = _norm_then_two_matmuls(gamma, w1, w2)
+        if alpha:
+            smooth(model, channel_maxima(model, [{"x": x}]), alpha)
+        per_token_int8(model)
+        return np.abs(_run(model, x) - exact).mean() / np.abs(exact).mean()
+
+    assert error(0.75) < error(0.0) / 2  # measured: 0.0037 vs 0.0099
+    source = tmp_path / "m.onnx"
+    onnx.save(_norm_then_two_matmuls(gamma, w1, w2), str(source))
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        quantize_model(source, tmp_path / "q.onnx", "int8-token", smoothing=0.75)
+    info = quantize_model(source, tmp_path / "q.onnx", "int8-token", calibration=[{"x": x}], smoothing=0.75)
+    assert info["smoothing"]["inputs"] == 1 and info["kept_fp32"] == ["score_heads"]
+    quantized = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(quantized - exact).mean() / np.abs(exact).mean() < 0.02

@@ -145,7 +145,8 @@ class ExportOptions:
     params_fingerprint: str | None = None
     calibration: CalibrationSet | None = None  # labelled pairs: Platt (a, b) per config (calibration.py)
     quantize: tuple[str, ...] = ()  # quantized copies per config: int8 | int8-token | int8-weight-only | int4 (quantize.py)
-    quantize_keep_fp32: tuple[str, ...] = ("down_proj",)  # MatMuls left in fp32 (heads are Gemm: never quantized)
+    quantize_keep_fp32: tuple[str, ...] | None = None  # MatMuls left in fp32; None: per scheme (quantize.py)
+    quantize_smoothing: float = 0.0  # SmoothQuant alpha for int8 / int8-token, from the calibration pairs
     data_dir: str | None = None  # what the model was trained on (the model card states its license)
 
     @property
@@ -246,7 +247,8 @@ def export_from_params(params) -> dict:
         source_model=m.name_or_path, params_fingerprint=params.fingerprint(),
         calibration=_calibration_from_params(params),
         data_dir=params.data.train_file or params.data.beir_dir,
-        quantize=tuple(ex.quantize), quantize_keep_fp32=tuple(ex.quantize_keep_fp32),
+        quantize=tuple(ex.quantize), quantize_smoothing=ex.quantize_smoothing,
+        quantize_keep_fp32=None if ex.quantize_keep_fp32 is None else tuple(ex.quantize_keep_fp32),
     )
     return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
                          adapters=params.adapter_stack, options=options)
@@ -416,7 +418,9 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
     from .quantize import quantize_model
 
     target.mkdir()
-    info = quantize_model(source.model_path, target / MODEL_FILE, scheme, options.quantize_keep_fp32)
+    info = quantize_model(source.model_path, target / MODEL_FILE, scheme, options.quantize_keep_fp32,
+                          calibration=_quantization_batches(options.input_format.encoder(tokenizer), options),
+                          smoothing=options.quantize_smoothing)
     folder_manifest = json.loads((source.path / MANIFEST).read_text())
     model = next(m for m in folder_manifest["models"] if m["model_file"] == source.model_file)
     _copy_tokenizer(source.path.parent, target)
@@ -436,6 +440,14 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
     (target / MODEL_CARD).write_text(ratio_card(manifest, options.data_dir), encoding="utf-8")
     manifest["files"] = folder_files(target)
     write_json(target / MANIFEST, manifest)
+
+
+def _quantization_batches(encoder, options: ExportOptions) -> list[dict]:
+    """ONNX feeds for the quantizer's activation statistics: the calibration pairs (the same held-out
+    eval queries Platt scaling is fitted on), else the fixed validation pairs."""
+    pairs = list(options.calibration.pairs) if options.calibration is not None else list(VALIDATION_PAIRS)
+    encoded = encoder.encode_many(pairs)
+    return [encoder.collate_numpy(encoded[start:start + 16]) for start in range(0, len(encoded), 16)]
 
 
 def _calibrate(shared: Path, exits: list[int], encoder, inputs: list[str], options: ExportOptions) -> dict[int, dict]:

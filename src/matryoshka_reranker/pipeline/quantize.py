@@ -8,11 +8,15 @@ Schemes (``export.quantize``):
   the MLP's output projection, where a few channels reach 100x the median and a per-tensor
   activation scale flattens everything else).
 * ``int8-token``: int8 weights per output channel as above, but each *token's* activations get
-  their own scale and zero point (asymmetric uint8 per row), computed in the graph at run time from
-  standard ONNX ops around ``MatMulInteger``. ``quantize_dynamic`` uses one scale for the whole
+  their own scale (uint8 around the row's centre), computed in the graph at run time, feeding ONNX
+  Runtime's fused ``MatMulIntegerToFloat``. ``quantize_dynamic`` uses one scale for the whole
   activation tensor (every token of every pair in the batch), and a few tokens of a Llama-family
   model carry values 50-500x the typical one, so most tokens keep only two or three levels: that,
   not the weights, is what costs ``int8`` its ranking agreement (measured in docs/export.md).
+* Smoothing (``smoothing``, SmoothQuant's alpha) for both activation schemes: within a token a few
+  *channels* reach thousands of times the median one; per-channel factors taken on calibration
+  pairs move that range into the weights, folded into the preceding RMSNorm weight or up_proj
+  columns where possible, so it costs nothing at run time.
 * ``int8-weight-only`` / ``int4``: weight-only block quantization (``MatMulNBits``, 8 or 4 bits,
   blocks of 32 along K, symmetric); activations stay fp32, so outliers survive.
 
@@ -28,7 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 SCHEMES = ("int8", "int8-token", "int8-weight-only", "int4")
-DEFAULT_KEEP_FP32 = ("score_heads", "down_proj")
+# int8 (one activation scale per tensor) loses the most in down_proj, whose input carries the largest
+# outliers; int8-token (a scale per token) and the weight-only schemes need nothing kept.
+DEFAULT_KEEP_FP32 = {"int8": ("score_heads", "down_proj"), "int8-token": ("score_heads",),
+                     "int8-weight-only": ("score_heads",), "int4": ("score_heads",)}
 
 
 def _matmuls_to_keep(model_path: Path, keep_fp32: Sequence[str]) -> list[str]:
@@ -61,39 +68,51 @@ def _matmuls_to_keep(model_path: Path, keep_fp32: Sequence[str]) -> list[str]:
     return [name for name, dims in weights.items() if any(rules[k](dims) for k in keep_fp32)]
 
 
-def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[str] = DEFAULT_KEEP_FP32) -> dict:
-    """Writes a quantized copy of ``source`` (an .onnx with external data) to ``target`` (+ .data)."""
+def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[str] | None = None,
+                   calibration: Sequence[dict] = (), smoothing: float = 0.0) -> dict:
+    """Writes a quantized copy of ``source`` (an .onnx with external data) to ``target`` (+ .data).
+
+    ``keep_fp32``: parts left in fp32 (None: the scheme's default, ``DEFAULT_KEEP_FP32``).
+    ``smoothing``: SmoothQuant's alpha for the schemes that quantize activations (0 = off), from
+    per-channel maxima over ``calibration`` (ONNX feed dicts); ignored by weight-only schemes.
+    """
     import onnx
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    keep_fp32 = DEFAULT_KEEP_FP32[scheme] if keep_fp32 is None else tuple(keep_fp32)
     # The exported graph opens as it lies (format 3: weights beside it, one link). It is given to the
     # quantizer loaded, not by path: with a path, quantize_dynamic writes a "-inferred" copy beside
     # the source, an unlisted file in a verified folder while it runs.
     keep = _matmuls_to_keep(source, keep_fp32)
+    model = onnx.load(str(source))
+    info = {"scheme": scheme, "kept_fp32": list(keep_fp32), "nodes_kept_fp32": len(keep)}
+    if smoothing and scheme in ("int8", "int8-token"):
+        if not calibration:
+            raise ValueError(f"{scheme} with smoothing {smoothing} needs calibration batches")
+        info["smoothing"] = {"alpha": smoothing, "inputs": smooth(model, channel_maxima(model, calibration, keep),
+                                                                  smoothing, keep),
+                             "calibration_batches": len(calibration)}
     if scheme == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(onnx.load(str(source)), str(target), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    elif scheme == "int8-token":
-        model = onnx.load(str(source))
-        quantized = per_token_int8(model, keep)
-        onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data", size_threshold=1024)
-        return {"scheme": scheme, "kept_fp32": list(keep_fp32), "nodes_kept_fp32": len(keep), "nodes_quantized": quantized}
+        return info
+    if scheme == "int8-token":
+        info["nodes_quantized"] = per_token_int8(model, keep)
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             MatMulNBitsQuantizer,
         )
 
-        model = onnx.load(str(source))
         quantizer = MatMulNBitsQuantizer(model, bits=4 if scheme == "int4" else 8, block_size=32,
                                          is_symmetric=True, accuracy_level=4, nodes_to_exclude=keep)
         quantizer.process()
-        onnx.save(quantizer.model.model, str(target), save_as_external_data=True,
-                  location=target.name + ".data", size_threshold=1024)
-    return {"scheme": scheme, "kept_fp32": list(keep_fp32), "nodes_kept_fp32": len(keep)}
+        model = quantizer.model.model
+    onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data", size_threshold=1024)
+    return info
 
 
 def per_token_int8(model, keep: Sequence[str] = ()) -> int:
@@ -102,73 +121,89 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
 
     For x of shape (..., K) and W (K, N), per row r of x (one token)::
 
-        lo, hi  = min(x_r, 0), max(x_r, 0)          # (..., 1)
-        a_r     = (hi - lo) / 255,  z_r = round(-lo / a_r)
-        q_r     = clip(round(x_r / a_r) + z_r, 0, 255)           uint8
-        W_q     = round(W / w),  w = max|W[:, n]| / 127          int8, per output column n
-        x @ W  ~= (MatMulInteger(q, W_q) - z_r * colsum(W_q)) * a_r * w
+        a_r    = (max x_r - min x_r) / 253                              (..., 1)
+        z_r    = round((max x_r + min x_r) / 2 / a_r)                  the row's centre, in whole steps
+        q_r    = round(x_r / a_r) - z_r + 128                           uint8, in [1, 255]
+        W_q    = round(W / w),  w = max|W[:, n]| / 127                  int8, per output column n
+        x @ W ~= MatMulIntegerToFloat(q, W_q, 1, w, 128) * a_r + z_r a_r * colsum(W_q w)
 
-    The zero point is per row, which ``MatMulInteger`` does not take for a batched input, so it is
-    subtracted afterwards through the weight's column sums (exact integer arithmetic up to the
-    float32 cast). An input shared by several MatMuls (q/k/v, gate/up) is quantized once.
+    ``MatMulIntegerToFloat`` (ONNX Runtime's com.microsoft domain; the op its own quantization
+    fusions produce) runs the u8 x s8 GEMM and applies the column scales in one kernel. It takes a
+    zero point per tensor only, not per row: so the row is quantized around its own centre with the
+    fixed zero point 128, and the centre's contribution is added back through the weights' column
+    sums. The centre is a whole number of steps so that 0 stays on the grid: near-zero values then
+    round to exactly 0, where an off-grid centre gives them all the same offset, which adds up along
+    K (measured: worse ranking agreement). Not int8 activations: ONNX Runtime's CPU GEMM has a fast
+    u8 x s8 kernel on AVX2 but not s8 x s8 (~9x slower, measured). An input shared by several
+    MatMuls (q/k/v, gate/up) is quantized once.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    skip = set(keep)
-    targets = [n for n in graph.node if n.op_type == "MatMul" and n.name not in skip and n.input[1] in inits
-               and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].dims[1] != 1]
+    targets = _quantizable(model, keep)
     if not targets:
         return 0
-    consts = {"axes": np.array([-1], np.int64), "zero": np.array(0.0, np.float32),
-              "u8_max": np.array(255.0, np.float32), "eps": np.array(1e-12, np.float32)}
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    consts = {"axes": np.array([-1], np.int64),
+              "eps": np.array(1e-12, np.float32), "shift": np.array(128.0, np.float32),
+              "one": np.array(1.0, np.float32), "zp": np.array(128, np.uint8),
+              "half": np.array(0.5, np.float32), "steps": np.array(253.0, np.float32),
+              "max_steps": np.array(127.0 * 128.0, np.float32)}
     prefix = "ptq"
     graph.initializer.extend(numpy_helper.from_array(v, f"{prefix}/{k}") for k, v in consts.items())
     c = {k: f"{prefix}/{k}" for k in consts}
-    quantized_inputs: dict[str, tuple[str, str, str]] = {}
+    quantized_inputs: dict[str, tuple[str, str]] = {}
     new_nodes: dict[int, list] = {}  # position of the first consumer -> nodes to insert before it
     order = {id(n): i for i, n in enumerate(graph.node)}
     for number, node in enumerate(targets):
         x, weight_name = node.input[0], node.input[1]
-        at = order[id(node)]
-        added = new_nodes.setdefault(at, [])
+        added = new_nodes.setdefault(order[id(node)], [])
         if x not in quantized_inputs:  # per-token uint8 of x, once per input tensor
             t = f"{prefix}/x{len(quantized_inputs)}"
             added += [
-                helper.make_node("ReduceMin", [x, c["axes"]], [t + "/min"], keepdims=1),
                 helper.make_node("ReduceMax", [x, c["axes"]], [t + "/max"], keepdims=1),
-                helper.make_node("Min", [t + "/min", c["zero"]], [t + "/lo"]),
-                helper.make_node("Max", [t + "/max", c["zero"]], [t + "/hi"]),
-                helper.make_node("Sub", [t + "/hi", t + "/lo"], [t + "/range"]),
-                helper.make_node("Div", [t + "/range", c["u8_max"]], [t + "/scale0"]),
-                helper.make_node("Max", [t + "/scale0", c["eps"]], [t + "/scale"]),
-                helper.make_node("Div", [t + "/lo", t + "/scale"], [t + "/neg_zp"]),
-                helper.make_node("Neg", [t + "/neg_zp"], [t + "/zp_f"]),
-                helper.make_node("Round", [t + "/zp_f"], [t + "/zp"]),
+                helper.make_node("ReduceMin", [x, c["axes"]], [t + "/min"], keepdims=1),
+                helper.make_node("Sub", [t + "/max", t + "/min"], [t + "/range"]),
+                helper.make_node("Div", [t + "/range", c["steps"]], [t + "/scale0"]),
+                # floor: a (near-)constant row keeps its centre within 16,256 steps (exact in float32)
+                helper.make_node("Neg", [t + "/min"], [t + "/neg_min"]),
+                helper.make_node("Max", [t + "/max", t + "/neg_min"], [t + "/absmax"]),
+                helper.make_node("Div", [t + "/absmax", c["max_steps"]], [t + "/floor"]),
+                helper.make_node("Max", [t + "/scale0", t + "/floor"], [t + "/scale1"]),
+                helper.make_node("Max", [t + "/scale1", c["eps"]], [t + "/scale"]),
+                helper.make_node("Add", [t + "/max", t + "/min"], [t + "/sum"]),
+                helper.make_node("Mul", [t + "/sum", c["half"]], [t + "/mid"]),
+                helper.make_node("Div", [t + "/mid", t + "/scale"], [t + "/mid_steps"]),
+                helper.make_node("Round", [t + "/mid_steps"], [t + "/zc"]),  # centre, in whole steps
+                helper.make_node("Mul", [t + "/zc", t + "/scale"], [t + "/centre"]),
+                helper.make_node("Sub", [c["shift"], t + "/zc"], [t + "/offset"]),
                 helper.make_node("Div", [x, t + "/scale"], [t + "/scaled"]),
                 helper.make_node("Round", [t + "/scaled"], [t + "/rounded"]),
-                helper.make_node("Add", [t + "/rounded", t + "/zp"], [t + "/shifted"]),
-                helper.make_node("Clip", [t + "/shifted", c["zero"], c["u8_max"]], [t + "/clipped"]),
-                helper.make_node("Cast", [t + "/clipped"], [t + "/q"], to=TensorProto.UINT8),
+                helper.make_node("Add", [t + "/rounded", t + "/offset"], [t + "/shifted"]),
             ]
-            quantized_inputs[x] = (t + "/q", t + "/scale", t + "/zp")
-        q, scale, zp = quantized_inputs[x]
+            added.append(helper.make_node("Cast", [t + "/shifted"], [t + "/q"], to=TensorProto.UINT8))
+            quantized_inputs[x] = (t + "/q", t + "/scale", t + "/centre")
+        q, scale, centre = quantized_inputs[x]
         w = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
         w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0  # (N,)
         w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
         m = f"{prefix}/mm{number}"
         graph.initializer.extend([numpy_helper.from_array(w_q, m + "/w_q"),
-                                  numpy_helper.from_array(w_scale.astype(np.float32), m + "/w_scale"),
-                                  numpy_helper.from_array(w_q.astype(np.float32).sum(axis=0), m + "/colsum")])
+                                  numpy_helper.from_array(w_scale.astype(np.float32), m + "/w_scale")])
         added += [
-            helper.make_node("MatMulInteger", [q, m + "/w_q"], [m + "/acc"], name=m),
-            helper.make_node("Cast", [m + "/acc"], [m + "/acc_f"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [zp, m + "/colsum"], [m + "/zp_term"]),
-            helper.make_node("Sub", [m + "/acc_f", m + "/zp_term"], [m + "/centred"]),
-            helper.make_node("Mul", [m + "/centred", scale], [m + "/by_row"]),
-            helper.make_node("Mul", [m + "/by_row", m + "/w_scale"], [node.output[0]]),
+            helper.make_node("MatMulIntegerToFloat", [q, m + "/w_q", c["one"], m + "/w_scale", c["zp"]],
+                             [m + "/by_column"], name=m, domain="com.microsoft"),
+        ]
+        # x @ W = (x - c) @ W + c * colsum(W), with the dequantized weight's column sums
+        colsum = (w_q.astype(np.float32).sum(axis=0) * w_scale).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(colsum, m + "/colsum"))
+        added += [
+            helper.make_node("Mul", [m + "/by_column", scale], [m + "/by_row"]),
+            helper.make_node("Mul", [centre, m + "/colsum"], [m + "/shift"]),
+            helper.make_node("Add", [m + "/by_row", m + "/shift"], [node.output[0]]),
         ]
     replaced = {id(n) for n in targets}
     nodes = []
@@ -183,3 +218,110 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return len(targets)
+
+
+def channel_maxima(model, feeds: Sequence[dict], keep: Sequence[str] = ()) -> dict:
+    """{input name: max |x_k| per channel k} for every MatMul input ``per_token_int8`` would
+    quantize, over the calibration batches ``feeds`` (ONNX Runtime, CPU)."""
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    names = list(dict.fromkeys(n.input[0] for n in _quantizable(model, keep)))
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in session.get_inputs()}
+    maxima: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in inputs})):
+            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], m) if name in maxima else m
+    return maxima
+
+
+def smooth(model, maxima: dict, alpha: float, keep: Sequence[str] = ()) -> int:
+    """SmoothQuant: ``x @ W = (x / s) @ (diag(s) W)`` with ``s_k = max|x_k|^alpha / max|W_k|^(1-alpha)``,
+    moving the few activation channels with values thousands of times the median into the weights
+    (whose per-column int8 has room to spare: weights alone quantized keep Spearman 0.998 at exit
+    30, measured). Rewrites ``model`` in place, returns how many inputs were smoothed.
+
+    ``1 / s`` is folded where it costs nothing at run time: into the constant of the Mul that makes
+    ``x`` (an RMSNorm weight, for q/k/v and gate/up), or into the columns of the MatMul whose output
+    is multiplied into ``x`` (up_proj, for down_proj's input ``SiLU(gate) * up``); elsewhere (the
+    attention output, o_proj's input) a Mul by ``1 / s`` is inserted.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    uses = {name: len(nodes) for name, nodes in consumers.items()}
+    targets: dict[str, list] = {}
+    for node in _quantizable(model, keep):
+        targets.setdefault(node.input[0], []).append(node)
+    inserted: dict[str, object] = {}  # first consumer's name -> Mul to put before it
+    for x, nodes in targets.items():
+        if x not in maxima:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
+        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        s = np.maximum(maxima[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)
+        s = np.clip(s, 1e-5, 1e5).astype(np.float32)
+        for node, w in zip(nodes, weights):
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], node.input[1]))
+        if not _fold_into_producer(x, 1.0 / s, producers, consumers, uses, inits, len(nodes)):
+            name = f"smooth/{len(inserted)}"
+            graph.initializer.append(numpy_helper.from_array(1.0 / s, name + "/inverse"))
+            inserted[nodes[0].name] = helper.make_node("Mul", [x, name + "/inverse"], [name + "/x"])
+            for node in nodes:
+                node.input[0] = name + "/x"
+    if inserted:
+        ordered = []
+        for n in graph.node:
+            if n.name in inserted:
+                ordered.append(inserted[n.name])
+            ordered.append(n)
+        del graph.node[:]
+        graph.node.extend(ordered)
+    return sum(1 for x in targets if x in maxima)
+
+
+def _fold_into_producer(x, factor, producers, consumers, uses, inits, matmuls: int) -> bool:
+    """Multiplies ``x``'s channels by ``factor`` inside the node that makes it, if that is free and
+    changes nothing else (``x`` feeds only the MatMuls being smoothed; the constant feeds only that node)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    node = producers.get(x)
+    if node is None or node.op_type != "Mul" or len(consumers.get(x, [])) != matmuls:
+        return False
+    for operand in node.input:  # RMSNorm: h * gamma, gamma a (K,) constant
+        t = inits.get(operand)
+        if t is not None and list(t.dims) == [factor.size] and uses.get(operand) == 1:
+            value = numpy_helper.to_array(t).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array((value * factor).astype(np.float32), operand))
+            return True
+    for operand in node.input:  # SiLU(gate) * up: scale up_proj's output columns
+        up = producers.get(operand)
+        if (up is not None and up.op_type == "MatMul" and uses.get(operand) == 1 and up.input[1] in inits
+                and list(inits[up.input[1]].dims)[-1:] == [factor.size] and uses.get(up.input[1]) == 1):
+            value = numpy_helper.to_array(inits[up.input[1]]).astype(np.float32)
+            inits[up.input[1]].CopyFrom(numpy_helper.from_array((value * factor).astype(np.float32), up.input[1]))
+            return True
+    return False
+
+
+def _quantizable(model, keep: Sequence[str] = ()) -> list:
+    """The MatMul nodes ``per_token_int8`` rewrites: a constant 2-D weight that is not a score head."""
+    inits = {t.name: t for t in model.graph.initializer}
+    skip = set(keep)
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in skip and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].dims[1] != 1]
