@@ -159,7 +159,32 @@ def test_smoothing_shrinks_the_per_token_error_of_a_channel_outlier(tmp_path):
     onnx.save(_norm_then_two_matmuls(gamma, w1, w2), str(source))
     with pytest.raises(ValueError, match="needs calibration batches"):
         quantize_model(source, tmp_path / "q.onnx", "int8-token", smoothing=0.75)
-    info = quantize_model(source, tmp_path / "q.onnx", "int8-token", calibration=[{"x": x}], smoothing=0.75)
-    assert info["smoothing"]["inputs"] == 1 and info["kept_fp32"] == ["score_heads"]
+    info = quantize_model(source, tmp_path / "q.onnx", "int8-token", keep_fp32=["score_heads"],
+                          calibration=[{"x": x}], smoothing=0.75)
+    assert info["smoothing"]["inputs"] == 1 and info["nodes_kept_fp32"] == 0
     quantized = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(quantized - exact).mean() / np.abs(exact).mean() < 0.02
+
+
+def test_parts_kept_in_fp32_are_found_by_shape_and_order(tmp_path):
+    """Exported graphs name weights generically: parts are found by weight shape and graph order."""
+    from matryoshka_reranker.pipeline.quantize import _matmuls_to_keep
+
+    hidden, intermediate = 8, 24
+    shapes = [("l1_q", (hidden, hidden)), ("l1_up", (hidden, intermediate)), ("l1_down", (intermediate, hidden)),
+              ("l2_q", (hidden, hidden)), ("l2_up", (hidden, intermediate)), ("l2_down", (intermediate, hidden)),
+              ("head", (hidden, 1))]
+    nodes, inits, x = [], [], "x"
+    for name, shape in shapes:
+        nodes.append(helper.make_node("MatMul", [x if name != "head" else "h", name + "_w"], [name + "_y"], name=name))
+        inits.append(numpy_helper.from_array(np.zeros(shape, np.float32), name + "_w"))
+        x = name + "_y"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden]),
+                                           helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, hidden])],
+                              [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert _matmuls_to_keep(path, ["first_layer"]) == ["l1_q", "l1_up", "l1_down"]
+    assert _matmuls_to_keep(path, ["down_proj", "score_heads"]) == ["l1_down", "l2_down", "head"]
+    with pytest.raises(ValueError, match="unknown part"):
+        _matmuls_to_keep(path, ["lm_head"])

@@ -176,7 +176,7 @@ class ExportParams(Section):
     # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
     quantize: list[Literal["int8", "int8-token", "int8-weight-only", "int4"]] = []
     # MatMuls left in fp32; null: the scheme's default (int8: down_proj; the others: nothing)
-    quantize_keep_fp32: list[Literal["score_heads", "down_proj", "all_mlp"]] | None = None
+    quantize_keep_fp32: list[Literal["score_heads", "down_proj", "all_mlp", "first_layer"]] | None = None
     # SmoothQuant alpha for int8 / int8-token (0 = off): activation outlier channels moved into the
     # weights, from per-channel maxima over the calibration pairs (docs/export.md)
     quantize_smoothing: float = Field(0.75, ge=0, le=1)
