@@ -175,7 +175,7 @@ class ExportParams(Section):
     calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
     # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
     quantize: list[Literal["int8", "int8-token", "int8-weight-only", "int4"]] = []
-    # MatMuls left in fp32; null: the scheme's default (int8: down_proj; the others: nothing)
+    # MatMuls left in fp32; null: the scheme's default (int8: down_proj; int8-token: first_layer; others: none)
     quantize_keep_fp32: list[Literal["score_heads", "down_proj", "all_mlp", "first_layer"]] | None = None
     # SmoothQuant alpha for int8 / int8-token (0 = off): activation outlier channels moved into the
     # weights, from per-channel maxima over the calibration pairs (docs/export.md)
