@@ -38,7 +38,7 @@ def main() -> None:
                         "the scheme's own)")
     parser.add_argument("--smoothing", type=float, nargs="+", default=None,
                         help="SmoothQuant alphas to compare (default: export.quantize_smoothing)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds; 0: agreement and nDCG only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     params = load_params(args.params)
@@ -93,6 +93,10 @@ def main() -> None:
                 rho = np.mean([spearmanr(a, b).statistic for a, b in zip(by_query(base).values(),
                                                                          by_query(quantized).values())])
                 ndcg_q = np.mean(list(per_query(queries, by_query(quantized), qrels, ["nDCG@10"])["nDCG@10"].values()))
+                if args.rounds == 0:  # agreement only (e.g. on every held-out query)
+                    print(f"{k:>4} {spec:>24} {alpha:5.2f} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} "
+                          f"{ndcg_q:7.3f} {'-':>12} {'-':>10} {'-':>9}", flush=True)
+                    continue
                 seconds = interleaved_timing({"fp32": lambda: run(fp32.session), "q": lambda: run(session)}, args.rounds)
                 print(f"{k:>4} {spec:>24} {alpha:5.2f} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "
                       f"{len(pairs) / seconds['fp32']:12.2f} {len(pairs) / seconds['q']:10.2f} "
