@@ -185,3 +185,80 @@ def test_two_workers_score_their_shards_and_merge_byte_identically(tmp_path, tok
         if workers == 2:
             assert "worker 1 of 2 scores 1" in result.stderr and "worker 0 of 2 scores 2" in result.stderr
     assert outputs[1] == outputs[2]
+
+
+def lora_dir(tmp_path, llama_dir, tokenizer, seed: int):
+    """A saved LoRA adapter with non-zero weights (as a trained round would leave)."""
+    from peft import LoraConfig, get_peft_model
+
+    from matryoshka_reranker.model.modeling import MatryoshkaModel
+
+    torch.manual_seed(seed)
+    model = MatryoshkaModel.from_pretrained(llama_dir, tokenizer=tokenizer)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                            init_lora_weights=False))
+    path = tmp_path / f"adapter-{seed}"
+    peft.save_pretrained(path)
+    return path
+
+
+def test_second_round_teacher_fuses_bm25_with_a_trained_matryoshka_model(tmp_path, tokenizer, llama_dir):
+    """hybrid + hybrid_neural matryoshka: BM25 fused with the adapted model's score at exit_layer;
+    a retrained adapter (same path, new weights) is another teacher, so every shard is scored again."""
+    from matryoshka_reranker.serving.ranking import fuse
+    from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+
+    adapter = lora_dir(tmp_path, llama_dir, tokenizer, seed=1)
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="matryoshka", teacher__adapters=[str(adapter)],
+                         teacher__exit_layer=4)
+    write_jsonl(tmp_path / "groups.jsonl", ROWS)
+    rows = read(score_training_file(params))
+    reference = MatryoshkaReranker(llama_dir, peft_path=[adapter], input_format=params.model.input_format)
+    plain = MatryoshkaReranker(llama_dir, input_format=params.model.input_format)
+    pairs = [(row["query"], p) for row in ROWS for p in row["pos"] + row["neg"]]
+    got = [s for row in rows for s in row["pos_scores"] + row["neg_scores"]]
+    assert got == pytest.approx(reference.compute_score(pairs, cutoff_layers=[4]), abs=1e-5)
+    assert got != pytest.approx(plain.compute_score(pairs, cutoff_layers=[4]), abs=1e-3)  # the adapter counts
+    assert rows[0]["teacher"]["exit_layer"] == 4 and len(rows[0]["teacher"]["adapters"][0]["sha256"]) == 64
+
+    fused_params = tiny_params(tmp_path, llama_dir, teacher__kind="hybrid", teacher__hybrid_neural="matryoshka",
+                               teacher__adapters=[str(adapter)], teacher__exit_layer=4, teacher__hybrid_weight=0.0,
+                               teacher__name_or_path=str(llama_dir), paths__teacher_shards=str(tmp_path / "fused"))
+    fused = read(score_training_file(fused_params))
+    cursor = 0
+    for row, source in zip(fused, ROWS):  # weight 0: the min-max normalised model score, x 10
+        n = len(source["pos"]) + len(source["neg"])
+        expected = [10 * s for s in fuse([0.0] * n, got[cursor:cursor + n], 0.0)]
+        assert row["pos_scores"] + row["neg_scores"] == pytest.approx(expected, abs=1e-4)
+        cursor += n
+    assert fused[0]["teacher"]["hybrid_neural"] == "matryoshka"
+
+    lora_dir(tmp_path, llama_dir, tokenizer, seed=2).rename(tmp_path / "retrained")
+    import shutil
+
+    shutil.rmtree(adapter)
+    (tmp_path / "retrained").rename(adapter)
+    rescored = read(score_training_file(params))
+    assert rescored[0]["teacher"]["adapters"] != rows[0]["teacher"]["adapters"]
+    assert rescored[0]["pos_scores"] != pytest.approx(rows[0]["pos_scores"], abs=1e-4)
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"kind": "bi_encoder", "adapters": ["x"]}, "Matryoshka teacher"),
+    ({"kind": "hybrid", "exit_layer": 8}, "hybrid_neural 'bi_encoder'"),
+])
+def test_adapters_are_only_for_a_matryoshka_teacher(tmp_path, llama_dir, update, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_params(tmp_path, llama_dir, **{f"teacher__{k}": v for k, v in update.items()})
+
+
+def test_a_missing_adapter_or_exit_fails_before_any_shard_is_written(tmp_path, tokenizer, llama_dir):
+    write_jsonl(tmp_path / "groups.jsonl", ROWS)
+    params = tiny_params(tmp_path, llama_dir, teacher__adapters=[str(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        score_training_file(params)
+    adapter = lora_dir(tmp_path, llama_dir, tokenizer, seed=1)
+    params = tiny_params(tmp_path, llama_dir, teacher__adapters=[str(adapter)], teacher__exit_layer=2)
+    with pytest.raises(ValueError, match=r"teacher.exit_layer 2: the teacher's exits are \[4\]"):
+        score_training_file(params)
+    assert not list((tmp_path / "shards").glob("shard-*"))

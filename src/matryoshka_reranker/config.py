@@ -71,7 +71,22 @@ class TeacherParams(Section):
     max_length: int = Field(128, ge=8)
     shard_size: int = Field(64, ge=1)  # training lines per resumable shard
     score_scale: float | None = Field(None, gt=0)  # scores x this; null: 20 bi_encoder, 10 hybrid, else 1
-    hybrid_weight: float = Field(0.5, ge=0, le=1)  # hybrid: weight of BM25 vs the bi-encoder (min-max per line)
+    hybrid_weight: float = Field(0.5, ge=0, le=1)  # hybrid: weight of BM25 vs the neural score (min-max per line)
+    # hybrid: the neural half, a bi-encoder (name_or_path) or a Matryoshka re-ranker (name_or_path + adapters)
+    hybrid_neural: Literal["bi_encoder", "matryoshka"] = "bi_encoder"
+    # Matryoshka teacher: LoRA folders merged in order onto name_or_path (e.g. a trained run's
+    # models/self_distill, models/compensation/layer): a second round distils from the first's model
+    adapters: list[str] = []
+    exit_layer: int | None = Field(None, ge=1)  # Matryoshka teacher: score at this exit (null: deepest)
+
+    @model_validator(mode="after")
+    def _matryoshka_only(self) -> TeacherParams:
+        neural = self.hybrid_neural if self.kind == "hybrid" else self.kind
+        if neural != "matryoshka" and (self.adapters or self.exit_layer is not None):
+            raise ValueError(f"teacher.adapters / teacher.exit_layer are for a Matryoshka teacher (teacher.kind "
+                             f"matryoshka, or hybrid with hybrid_neural matryoshka), not {self.kind!r}"
+                             + (f" with hybrid_neural {self.hybrid_neural!r}" if self.kind == "hybrid" else ""))
+        return self
 
 
 class CompressionParams(Section):

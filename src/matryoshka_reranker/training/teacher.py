@@ -9,12 +9,19 @@ Four kinds of teacher (``teacher.kind``):
   sequence-classification re-ranker folder).
 * ``matryoshka``: a Matryoshka / causal-LM re-ranker folder; its full-depth score, in the input
   format saved with it (the pipeline's format for a raw checkpoint).
-* ``hybrid``: a fusion of the first-stage lexical score and a bi-encoder, as rank fusion does in
+* ``hybrid``: a fusion of the first-stage lexical score and a neural score, as rank fusion does in
   hybrid search: per training line, BM25 (over the distinct passages of the whole training file)
-  and the bi-encoder cosine are each min-max normalised over the line's passages and mixed
-  ``hybrid_weight * bm25 + (1 - hybrid_weight) * bi_encoder``. On SciFact the bi-encoder alone
+  and the neural score are each min-max normalised over the line's passages and mixed
+  ``hybrid_weight * bm25 + (1 - hybrid_weight) * neural``. On SciFact the bi-encoder alone
   ranks *below* BM25 (0.645 vs 0.662 nDCG@10) while their fusion ranks above both (0.710); a
-  student distilled from a teacher below the first stage is capped below it.
+  student distilled from a teacher below the first stage is capped below it. The neural half can
+  also be a trained Matryoshka re-ranker (``hybrid_neural: matryoshka``, its ``adapters``): a
+  second round of distillation from the first round's model fused with BM25, a teacher above
+  both (0.741 on the SciFact test candidates, README).
+
+A Matryoshka teacher is ``name_or_path`` with ``adapters`` merged in order, scored at
+``exit_layer`` (default its deepest exit); each adapter file's sha256 is part of the teacher's
+identity, so retrained adapters re-score every shard.
 
 Scores are multiplied by ``teacher.score_scale`` (default 20 for cosines, whose [-1, 1] range
 would give an almost flat softmax, 10 for the hybrid's [0, 1], 1 for logit-valued kinds), so
@@ -66,6 +73,12 @@ def teacher_identity(params: TeacherParams) -> dict:
                 "score_scale": score_scale(params)}
     if params.kind == "hybrid":
         identity["hybrid_weight"] = params.hybrid_weight
+        identity["hybrid_neural"] = params.hybrid_neural
+    if params.adapters:  # content, not just the path: a retrained adapter is another teacher
+        identity["adapters"] = [{"path": a, "sha256": sha256_file(Path(a) / "adapter_model.safetensors")}
+                                for a in params.adapters]
+    if params.exit_layer is not None:
+        identity["exit_layer"] = params.exit_layer
     return identity
 
 
@@ -133,23 +146,32 @@ class CrossEncoderTeacher:
 
 
 class MatryoshkaTeacher:
-    """A Matryoshka re-ranker (or raw causal LM) scored at its deepest exit."""
+    """A Matryoshka re-ranker (or raw causal LM, plus any ``adapters``) scored at ``exit_layer``."""
 
     def __init__(self, params: TeacherParams, input_format):
         from ..model.inputs import InputFormat, resolve_format
         from ..serving.reranker import MatryoshkaReranker
 
         path = resolve_model_path(params.name_or_path)
-        saved = InputFormat.load(path)  # a trained teacher keeps its own format; a raw one uses ours
-        self.reranker = MatryoshkaReranker(path, batch_size=params.batch_size,
-                                           input_format=resolve_format([path], None if saved else input_format))
+        adapters = [Path(a) for a in params.adapters]
+        missing = [str(a) for a in adapters if not (a / "adapter_config.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"teacher.adapters: {missing} are not LoRA adapter folders (no adapter_config.json)")
+        # a trained teacher keeps its own format; a raw one uses ours
+        saved = any(InputFormat.load(p) for p in [path, *adapters])
+        self.reranker = MatryoshkaReranker(path, peft_path=adapters or None, batch_size=params.batch_size,
+                                           input_format=resolve_format([path, *adapters],
+                                                                       None if saved else input_format))
+        self.exit = params.exit_layer or self.reranker.exit_layers[-1]
+        if self.exit not in self.reranker.exit_layers:
+            raise ValueError(f"teacher.exit_layer {self.exit}: the teacher's exits are {self.reranker.exit_layers}")
         self.batch_size = params.batch_size
 
     def score_pairs(self, queries: Sequence[str], passages: Sequence[str], progress: Progress) -> list[float]:
         scores, step = [], self.batch_size * 8
         for start in range(0, len(queries), step):  # chunks, so the bar moves
             chunk = list(zip(queries[start : start + step], passages[start : start + step]))
-            scores += self.reranker.compute_score(chunk, cutoff_layers=[self.reranker.exit_layers[-1]])
+            scores += self.reranker.compute_score(chunk, cutoff_layers=[self.exit])
             progress(len(chunk))
         return scores
 
@@ -158,12 +180,13 @@ class MatryoshkaTeacher:
 
 
 class HybridTeacher:
-    """Per-line min-max fusion of BM25 and a bi-encoder (see the module docstring)."""
+    """Per-line min-max fusion of BM25 and a bi-encoder or Matryoshka score (see the module docstring)."""
 
-    def __init__(self, params: TeacherParams, all_passages: Sequence[str]):
+    def __init__(self, params: TeacherParams, all_passages: Sequence[str], input_format=None):
         from ..core.bm25 import BM25Index
 
-        self.neural = BiEncoderTeacher(params)
+        self.neural = BiEncoderTeacher(params) if params.hybrid_neural == "bi_encoder" else \
+            MatryoshkaTeacher(params, input_format)
         self.weight = params.hybrid_weight
         passages = list(dict.fromkeys(all_passages))
         self.index = BM25Index(dict(zip(map(str, range(len(passages))), passages)))
@@ -193,7 +216,7 @@ def load_teacher(params: Params, all_passages: Sequence[str] = ()):
     if kind == "cross_encoder":
         return CrossEncoderTeacher(params.teacher)
     if kind == "hybrid":
-        return HybridTeacher(params.teacher, all_passages)
+        return HybridTeacher(params.teacher, all_passages, params.model.input_format)
     return MatryoshkaTeacher(params.teacher, params.model.input_format)
 
 
