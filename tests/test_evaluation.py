@@ -19,10 +19,14 @@ from matryoshka_reranker.model.adapters import target_pattern
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.model.modeling import MatryoshkaModel
 from matryoshka_reranker.pipeline.evaluation import (
+    Candidate,
+    EvalQuery,
     EvaluationCheckFailed,
     evaluate,
     learning_curve,
+    per_query,
     pytorch_scorer,
+    random_order_per_query,
     ratio_models,
     read_candidates,
     untrained_baseline,
@@ -137,6 +141,19 @@ def test_metrics_on_a_hand_checkable_fixture(tmp_path):
     assert [r["config"] for r in plot_rows] == ["exit-08-ratio-1", "exit-16-ratio-1"]
     for png in ("quality_vs_exit_layer.png", "quality_vs_latency.png"):
         assert (tmp_path / "metrics" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_subset_of_queries_scored_with_the_full_qrels_keeps_its_own_mean():
+    """Values are keyed by the queries scored: the qrels of queries not run add no zeros."""
+    queries = [EvalQuery(q, q, (Candidate("a", "a", 2.0), Candidate("b", "b", 1.0))) for q in ("q1", "q2")]
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}, "q3": {"a": 1}, "q4": {"b": 1}}
+    scores = {"q1": [2.0, 1.0], "q2": [2.0, 1.0]}
+    got = per_query(queries, scores, qrels, ["RR@10"])["RR@10"]
+    assert got == {"q1": 1.0, "q2": 0.5}
+    unjudged = per_query(queries + [EvalQuery("q9", "q9", (Candidate("a", "a", 0.0),))],
+                         {**scores, "q9": [1.0]}, qrels, ["RR@10"])["RR@10"]
+    assert unjudged["q9"] == 0.0  # run but without relevant docs: 0, as before
+    assert set(random_order_per_query(queries, qrels, ["RR@10"], seeds=3)["RR@10"]) == {"q1", "q2"}
 
 
 def test_failed_scoring_leaves_last_metrics_in_place(tmp_path):

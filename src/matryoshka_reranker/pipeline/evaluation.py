@@ -218,14 +218,17 @@ def pytorch_scorer(params: Params, ratio: int) -> PyTorchScorer:
 
 def per_query(queries: list[EvalQuery], scores: dict[str, Sequence[float]], qrels: dict[str, dict[str, int]],
               measures: list[str]) -> dict[str, dict[str, float]]:
-    """{measure: {query id: value}} for one system (ir-measures; a query with no relevant doc scores 0)."""
+    """{measure: {query id: value}} for one system, over ``queries`` (ir-measures; a query with no
+    relevant doc scores 0). Keyed by the queries scored, not by ``qrels``: a caller scoring a subset
+    with the full qrels gets the subset's mean, not one diluted by zeros for queries it never ran."""
     import ir_measures
 
     parsed = {name: ir_measures.parse_measure(name) for name in measures}
     run = {q.query_id: {c.doc_id: float(s) for c, s in zip(q.candidates, scores[q.query_id])} for q in queries}
-    values: dict[str, dict[str, float]] = {name: {q: 0.0 for q in qrels} for name in measures}
+    judged = {q: qrels[q] for q in run if q in qrels}
+    values: dict[str, dict[str, float]] = {name: {q: 0.0 for q in run} for name in measures}
     by_measure = {m: name for name, m in parsed.items()}
-    for metric in ir_measures.iter_calc(list(parsed.values()), qrels, run):
+    for metric in ir_measures.iter_calc(list(parsed.values()), judged, run):
         values[by_measure[metric.measure]][metric.query_id] = float(metric.value)
     return values
 
@@ -233,7 +236,7 @@ def per_query(queries: list[EvalQuery], scores: dict[str, Sequence[float]], qrel
 def random_order_per_query(queries: list[EvalQuery], qrels: dict[str, dict[str, int]], measures: list[str],
                            seeds: int = RANDOM_SEEDS) -> dict[str, dict[str, float]]:
     """The expected value of a random order of each query's candidates (mean over seeded shuffles)."""
-    total: dict[str, dict[str, float]] = {m: {q: 0.0 for q in qrels} for m in measures}
+    total: dict[str, dict[str, float]] = {m: {q.query_id: 0.0 for q in queries} for m in measures}
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
         scores = {q.query_id: rng.random(len(q.candidates)).tolist() for q in queries}

@@ -165,7 +165,7 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
     prefix = "ptq"
     graph.initializer.extend(numpy_helper.from_array(v, f"{prefix}/{k}") for k, v in consts.items())
     c = {k: f"{prefix}/{k}" for k in consts}
-    quantized_inputs: dict[str, tuple[str, str]] = {}
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}
     new_nodes: dict[int, list] = {}  # position of the first consumer -> nodes to insert before it
     order = {id(n): i for i, n in enumerate(graph.node)}
     for number, node in enumerate(targets):
