@@ -186,5 +186,11 @@ def test_parts_kept_in_fp32_are_found_by_shape_and_order(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     assert _matmuls_to_keep(path, ["first_layer"]) == ["l1_q", "l1_up", "l1_down"]
     assert _matmuls_to_keep(path, ["down_proj", "score_heads"]) == ["l1_down", "l2_down", "head"]
+    assert _matmuls_to_keep(path, ["down_proj@2"]) == ["l2_down"]
+    assert _matmuls_to_keep(path, ["all@2-3", "score_heads"]) == ["l2_q", "l2_up", "l2_down", "head"]
+    assert _matmuls_to_keep(path, ["all_mlp@1-2"]) == ["l1_up", "l1_down", "l2_up", "l2_down"]
     with pytest.raises(ValueError, match="unknown part"):
         _matmuls_to_keep(path, ["lm_head"])
+    for bad in ("down_proj@x", "all@3-2", "all@0"):
+        with pytest.raises(ValueError, match="@a-b"):
+            _matmuls_to_keep(path, [bad])

@@ -176,6 +176,9 @@ class DistributedParams(Section):
     processes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 
+KEEP_PART = r"^(score_heads|down_proj|all_mlp|all|first_layer)(@[1-9][0-9]*(-[1-9][0-9]*)?)?$"
+
+
 class ExportParams(Section):
     exit_layers: list[int] = [8, 16, 24, 30]
     ratios: list[int] = [1, 2, 4]
@@ -190,8 +193,9 @@ class ExportParams(Section):
     calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
     # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
     quantize: list[Literal["int8", "int8-token", "int8-weight-only", "int4"]] = []
-    # MatMuls left in fp32; null: the scheme's default (int8: down_proj; int8-token: first_layer; others: none)
-    quantize_keep_fp32: list[Literal["score_heads", "down_proj", "all_mlp", "first_layer"]] | None = None
+    # MatMuls left in fp32; null: the scheme's default (int8: down_proj; int8-token: first_layer; others: none);
+    # a part may name decoder layers: down_proj@25-30, all@1 (= first_layer)
+    quantize_keep_fp32: list[Annotated[str, Field(pattern=KEEP_PART)]] | None = None
     # SmoothQuant alpha for int8 / int8-token (0 = off): activation outlier channels moved into the
     # weights, from per-channel maxima over the calibration pairs (docs/export.md)
     quantize_smoothing: float = Field(0.75, ge=0, le=1)

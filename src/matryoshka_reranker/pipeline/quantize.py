@@ -46,8 +46,10 @@ def _matmuls_to_keep(model_path: Path, keep_fp32: Sequence[str]) -> list[str]:
     After export and constant folding the weights have generic names, so parts are recognised
     structurally: ``score_heads`` = a (hidden, 1) weight; ``down_proj`` = the MLP output projection,
     the (intermediate, hidden) weights (the largest input dimension among the MatMul weights);
-    ``all_mlp`` = every weight touching the intermediate dimension (gate, up and down);
-    ``first_layer`` = the first decoder layer's projections (graph order, up to its down_proj).
+    ``all_mlp`` = every weight touching the intermediate dimension (gate, up and down); ``all`` =
+    every projection. A part may name decoder layers, ``down_proj@25-30`` or ``all@1`` (1-based,
+    inclusive; layers counted in graph order, each ending at its down_proj); ``first_layer`` is
+    ``all@1``.
     """
     import onnx
 
@@ -60,22 +62,35 @@ def _matmuls_to_keep(model_path: Path, keep_fp32: Sequence[str]) -> list[str]:
     if not weights:
         return []
     intermediate = max(dims[0] for dims in weights.values())
-    first = []  # the first decoder layer: projections in graph order, up to its down_proj
+    layer_of, layer = {}, 1  # decoder layer of each projection: graph order, a layer ends at its down_proj
     for name, dims in weights.items():
         if dims[1] != 1:
-            first.append(name)
-            if dims[0] == intermediate:
-                break
+            layer_of[name] = layer
+            layer += dims[0] == intermediate
     rules = {
         "score_heads": lambda name, d: d[1] == 1,
         "down_proj": lambda name, d: d[0] == intermediate and d[1] != 1,
         "all_mlp": lambda name, d: intermediate in d and d[1] != 1,
-        "first_layer": lambda name, d: name in first,
+        "all": lambda name, d: d[1] != 1,
     }
-    unknown = [k for k in keep_fp32 if k not in rules]
-    if unknown:
-        raise ValueError(f"keep_fp32: unknown part(s) {unknown}; known: {sorted(rules)}")
-    return [name for name, dims in weights.items() if any(rules[k](name, dims) for k in keep_fp32)]
+    chosen = []
+    for part in keep_fp32:
+        kind, _, span = ("all@1" if part == "first_layer" else part).partition("@")
+        if kind not in rules:
+            raise ValueError(f"keep_fp32: unknown part {part!r}; known: {sorted(rules)} and first_layer, "
+                             "each optionally @a-b (decoder layers a..b)")
+        layers = None
+        if span:
+            first, _, last = span.partition("-")
+            try:
+                layers = range(int(first), int(last or first) + 1)
+            except ValueError:
+                raise ValueError(f"keep_fp32: {part!r}: layers must read @a or @a-b (1-based)") from None
+            if not layers or layers.start < 1:
+                raise ValueError(f"keep_fp32: {part!r}: layers must read @a or @a-b with 1 <= a <= b")
+        chosen.append((rules[kind], layers))
+    return [name for name, dims in weights.items()
+            if any(rule(name, dims) and (layers is None or layer_of.get(name) in layers) for rule, layers in chosen)]
 
 
 def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[str] | None = None,
