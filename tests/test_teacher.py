@@ -255,7 +255,7 @@ def test_adapters_are_only_for_a_matryoshka_teacher(tmp_path, llama_dir, update,
 def test_a_missing_adapter_or_exit_fails_before_any_shard_is_written(tmp_path, tokenizer, llama_dir):
     write_jsonl(tmp_path / "groups.jsonl", ROWS)
     params = tiny_params(tmp_path, llama_dir, teacher__adapters=[str(tmp_path / "nowhere")])
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="nowhere is not a LoRA adapter folder"):
         score_training_file(params)
     adapter = lora_dir(tmp_path, llama_dir, tokenizer, seed=1)
     params = tiny_params(tmp_path, llama_dir, teacher__adapters=[str(adapter)], teacher__exit_layer=2)

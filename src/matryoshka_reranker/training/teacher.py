@@ -75,11 +75,22 @@ def teacher_identity(params: TeacherParams) -> dict:
         identity["hybrid_weight"] = params.hybrid_weight
         identity["hybrid_neural"] = params.hybrid_neural
     if params.adapters:  # content, not just the path: a retrained adapter is another teacher
-        identity["adapters"] = [{"path": a, "sha256": sha256_file(Path(a) / "adapter_model.safetensors")}
-                                for a in params.adapters]
+        identity["adapters"] = [{"path": a, "sha256": _adapter_digest(Path(a))} for a in params.adapters]
     if params.exit_layer is not None:
         identity["exit_layer"] = params.exit_layer
     return identity
+
+
+def _adapter_digest(folder: Path) -> str:
+    """sha256 of a LoRA folder's config and weights (what makes it this adapter)."""
+    files = [folder / "adapter_config.json", *sorted(folder.glob("adapter_model.*"))]
+    if not files[0].is_file() or len(files) < 2:
+        raise FileNotFoundError(f"teacher.adapters: {folder} is not a LoRA adapter folder "
+                                "(needs adapter_config.json and adapter_model.*)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ teachers
