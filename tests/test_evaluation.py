@@ -317,6 +317,18 @@ def test_compensation_effect_and_run_comparison(tiny_pipeline):
     curve = learning_curve(params)
     same = compare_runs(curve, curve, [3, 4])
     assert [r["difference"]["mean"] for r in same] == [0.0, 0.0]
+    # The CLI also pairs each run with BM25's order on the params' eval set: A - BM25 = the stored difference.
+    import yaml
+
+    (Path(params.paths.learning_curve).parent / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    shown = CliRunner().invoke(app, ["compare-runs", "--a", params.paths.learning_curve, "--b",
+                                     params.paths.learning_curve, "--exits", "4", "-p",
+                                     str(Path(params.paths.learning_curve).parent / "params.yaml")])
+    assert shown.exit_code == 0, shown.output
+    final = max((p for p in curve["points"] if p["exit_layer"] == 4), key=lambda p: p["step"])
+    expected = final["nDCG@10"] - bm25
+    lines = [line for line in shown.output.splitlines() if "A-BM25" in line]
+    assert len(lines) == 1 and f"A-BM25 {expected:+.4f}" in lines[0], shown.output
     off = compensation_effect(with_evaluation(params, effects=False))
     assert off["compensation"] == []
 

@@ -437,6 +437,8 @@ def compare_runs_command(
     b: Annotated[str, typer.Option(help="learning-curve JSON of run B, on the same eval set")],
     exits: Annotated[Optional[list[int]], typer.Option(help="exit layers to compare")] = None,
     measure: str = "nDCG@10",
+    params: Annotated[Optional[Path], typer.Option("--params", "-p", help="also pair A and B with the first "
+                                                   "stage's (BM25) order on this params file's eval set")] = None,
 ) -> None:
     """Paired per-query difference A - B of two self-distilled models at each exit (final snapshots)."""
     from .pipeline.effects import compare_runs
@@ -453,11 +455,25 @@ def compare_runs_command(
         return json.loads(shown.stdout)
 
     first, second = load(a), load(b)
-    rows = compare_runs(first, second, exits or sorted({p["exit_layer"] for p in first["points"]}), measure)
+    exits = exits or sorted({p["exit_layer"] for p in first["points"]})
+    rows = compare_runs(first, second, exits, measure)
     for row in rows:
         d = row["difference"]
         typer.echo(f"exit {row['exit_layer']:>2}: A {row['a']:.4f}  B {row['b']:.4f}  A-B {d['mean']:+.4f} "
                    f"[{d['low']:+.4f}, {d['high']:+.4f}] p={d['p_value']:.3g} (n={d['n']})")
+    if params is not None:  # BM25's order as a third "run" on the same eval set (the identity must match)
+        from .pipeline.evaluation import eval_identity, load_eval_set, per_query
+
+        cfg = _params(params, None)
+        queries, qrels = load_eval_set(cfg)
+        bm25 = per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, [measure])
+        first_stage = {"identity": eval_identity(queries, qrels, cfg.data.eval_split),
+                       "points": [{"exit_layer": k, "step": 0, "per_query": bm25} for k in exits]}
+        for name, curve in (("A", first), ("B", second)):
+            for row in compare_runs(curve, first_stage, exits, measure):
+                d = row["difference"]
+                typer.echo(f"exit {row['exit_layer']:>2}: {name} {row['a']:.4f}  BM25 {row['b']:.4f}  {name}-BM25 "
+                           f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] p={d['p_value']:.3g} (n={d['n']})")
 
 
 @app.command()
