@@ -105,9 +105,10 @@ def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, 
     method = TrainMethod("same_layer")
     step = MatryoshkaTrainingModel.from_model(model, method, 3)
     peft = get_peft_model(step, lora_config(params.self_distill.lora, model.exit_layers)).train()
+    generator = torch.Generator().manual_seed(0)  # its own seed: the global RNG depends on the tests before
     for name, p in peft.named_parameters():  # a non-zero adapter (LoRA B starts at 0), heads changed too
         if "lora_B" in name or "modules_to_save" in name:
-            p.data.add_(0.05 * torch.randn_like(p))
+            p.data.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
     out = peft(**batch, compress_layers=[2], compress_ratio=2)
     out["loss"].backward()
@@ -127,7 +128,7 @@ def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, 
     torch.testing.assert_close(out["per_layer_loss"], per_layer, atol=1e-5, rtol=1e-5)
     # The targets really are the adapter-free model's: with the adapter on they would differ.
     wrong, _ = matryoshka_loss(grouped(student), method, grouped(adapted))
-    assert wrong.item() != pytest.approx(expected.item(), rel=1e-3)
+    assert wrong.item() != pytest.approx(expected.item(), rel=1e-2)  # 6% apart with this seed
 
 
 def test_same_layer_is_refused_where_its_reference_is_wrong(tmp_path, llama_dir):
