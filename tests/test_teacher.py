@@ -193,10 +193,11 @@ def lora_dir(tmp_path, llama_dir, tokenizer, seed: int):
 
     from matryoshka_reranker.model.modeling import MatryoshkaModel
 
-    torch.manual_seed(seed)
-    model = MatryoshkaModel.from_pretrained(llama_dir, tokenizer=tokenizer)
-    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
-                                            init_lora_weights=False))
+    with torch.random.fork_rng():  # seeded here, without moving the global RNG later tests start from
+        torch.manual_seed(seed)
+        model = MatryoshkaModel.from_pretrained(llama_dir, tokenizer=tokenizer)
+        peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                init_lora_weights=False))
     path = tmp_path / f"adapter-{seed}"
     peft.save_pretrained(path)
     return path
