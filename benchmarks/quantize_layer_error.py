@@ -63,7 +63,10 @@ def main() -> None:
     calibration = calibration_set(queries, qrels, params.export.calibration_queries)
     encoder = params.model.input_format.encoder(AutoTokenizer.from_pretrained(resolve_model_path(
         params.model.name_or_path)))
-    encoded = encoder.encode_many(list(calibration.pairs))
+    from matryoshka_reranker.pipeline.export import VALIDATION_PAIRS
+
+    # the export's own choice: the calibration pairs, else the fixed validation pairs
+    encoded = encoder.encode_many(list(calibration.pairs) if calibration is not None else list(VALIDATION_PAIRS))
     feeds = [encoder.collate_numpy(encoded[s:s + 16]) for s in range(0, len(encoded), 16)]
     path = f"{params.paths.onnx}/{ratio_folder(1)}/{exit_model_file(args.exit)}"
     keep = _matmuls_to_keep(path, DEFAULT_KEEP_FP32["int8-token"])
@@ -79,8 +82,10 @@ def main() -> None:
     inputs = {i.name for i in session.get_inputs()}
     captured: dict[str, list] = {n: [] for n in names}
     for feed in feeds[:args.batches]:
+        real = feed["attention_mask"].reshape(-1).astype(bool)  # (B*T,) the rows of real tokens
         for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in inputs})):
-            captured[name].append(value.reshape(-1, value.shape[-1]))
+            rows = value.reshape(-1, value.shape[-1])
+            captured[name].append(rows[real] if len(rows) == len(real) else rows)
     weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes}
     intermediate = max(w.shape[0] for w in weights.values())
     print(f"# exit {args.exit}, alpha {alpha}, kept fp32 {DEFAULT_KEEP_FP32['int8-token']}, "
@@ -89,7 +94,6 @@ def main() -> None:
     for node in nodes:
         w = weights[node.name]
         x = np.concatenate(captured[node.input[0]]).astype(np.float64)
-        x = x[np.abs(x).sum(1) > 0]  # padding rows
         reference = x @ w
         error = np.linalg.norm(quantize_rows(x) @ quantize_columns(w) - reference) / np.linalg.norm(reference)
         kind = "down" if w.shape[0] == intermediate else "gate/up" if w.shape[1] == intermediate else \

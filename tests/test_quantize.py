@@ -194,3 +194,13 @@ def test_parts_kept_in_fp32_are_found_by_shape_and_order(tmp_path):
     for bad in ("down_proj@x", "all@3-2", "all@0"):
         with pytest.raises(ValueError, match="@a-b"):
             _matmuls_to_keep(path, [bad])
+    with pytest.raises(ValueError, match="unknown part"):  # score heads have no layer
+        _matmuls_to_keep(path, ["score_heads@1"])
+
+
+@pytest.mark.parametrize("bad", ["first_layer@2", "all@3-2", "score_heads@5", "down_proj@0", "lm_head"])
+def test_params_refuse_a_part_export_would_refuse_or_ignore(bad):
+    from matryoshka_reranker.config import parse_params
+
+    with pytest.raises(ValueError, match="quantize_keep_fp32"):
+        parse_params({"export": {"quantize_keep_fp32": [bad]}})

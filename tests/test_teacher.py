@@ -214,13 +214,15 @@ def test_second_round_teacher_fuses_bm25_with_a_trained_matryoshka_model(tmp_pat
                          teacher__exit_layer=4)
     write_jsonl(tmp_path / "groups.jsonl", ROWS)
     rows = read(score_training_file(params))
-    reference = MatryoshkaReranker(llama_dir, peft_path=[adapter], input_format=params.model.input_format)
-    plain = MatryoshkaReranker(llama_dir, input_format=params.model.input_format)
+    reference = MatryoshkaReranker(llama_dir, peft_path=[adapter], input_format=params.model.input_format,
+                                   start_layer=params.model.start_layer)
+    plain = MatryoshkaReranker(llama_dir, input_format=params.model.input_format, start_layer=params.model.start_layer)
     pairs = [(row["query"], p) for row in ROWS for p in row["pos"] + row["neg"]]
     got = [s for row in rows for s in row["pos_scores"] + row["neg_scores"]]
     assert got == pytest.approx(reference.compute_score(pairs, cutoff_layers=[4]), abs=1e-5)
     assert got != pytest.approx(plain.compute_score(pairs, cutoff_layers=[4]), abs=1e-3)  # the adapter counts
     assert rows[0]["teacher"]["exit_layer"] == 4 and len(rows[0]["teacher"]["adapters"][0]["sha256"]) == 64
+    assert rows[0]["teacher"]["input_format"] == params.model.input_format.to_dict()  # what it read, recorded
 
     fused_params = tiny_params(tmp_path, llama_dir, teacher__kind="hybrid", teacher__hybrid_neural="matryoshka",
                                teacher__adapters=[str(adapter)], teacher__exit_layer=4, teacher__hybrid_weight=0.0,
@@ -247,6 +249,7 @@ def test_second_round_teacher_fuses_bm25_with_a_trained_matryoshka_model(tmp_pat
 @pytest.mark.parametrize("update, message", [
     ({"kind": "bi_encoder", "adapters": ["x"]}, "Matryoshka teacher"),
     ({"kind": "hybrid", "exit_layer": 8}, "hybrid_neural 'bi_encoder'"),
+    ({"kind": "matryoshka", "hybrid_neural": "matryoshka"}, "is for teacher.kind hybrid"),
 ])
 def test_adapters_are_only_for_a_matryoshka_teacher(tmp_path, llama_dir, update, message):
     with pytest.raises(ValueError, match=message):
@@ -259,7 +262,7 @@ def test_a_missing_adapter_or_exit_fails_before_any_shard_is_written(tmp_path, t
     with pytest.raises(FileNotFoundError, match="nowhere is not a LoRA adapter folder"):
         score_training_file(params)
     adapter = lora_dir(tmp_path, llama_dir, tokenizer, seed=1)
-    params = tiny_params(tmp_path, llama_dir, teacher__adapters=[str(adapter)], teacher__exit_layer=2)
-    with pytest.raises(ValueError, match=r"teacher.exit_layer 2: the teacher's exits are \[4\]"):
+    params = tiny_params(tmp_path, llama_dir, teacher__adapters=[str(adapter)], teacher__exit_layer=7)
+    with pytest.raises(ValueError, match=r"teacher.exit_layer 7: the teacher's exits are \[1, 2, 3, 4\]"):
         score_training_file(params)
     assert not list((tmp_path / "shards").glob("shard-*"))

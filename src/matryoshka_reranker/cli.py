@@ -469,6 +469,9 @@ def compare_runs_command(
         bm25 = per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, [measure])
         first_stage = {"identity": eval_identity(queries, qrels, cfg.data.eval_split),
                        "points": [{"exit_layer": k, "step": 0, "per_query": bm25} for k in exits]}
+        if first["identity"] != first_stage["identity"]:
+            _fail(f"{params}: its eval set ({cfg.paths.eval_candidates}) is not the one the learning curves "
+                  "were computed on; give the params of the run that produced them")
         for name, curve in (("A", first), ("B", second)):
             for row in compare_runs(curve, first_stage, exits, measure):
                 d = row["difference"]

@@ -81,6 +81,8 @@ class TeacherParams(Section):
 
     @model_validator(mode="after")
     def _matryoshka_only(self) -> TeacherParams:
+        if self.kind != "hybrid" and self.hybrid_neural != "bi_encoder":
+            raise ValueError(f"teacher.hybrid_neural {self.hybrid_neural!r} is for teacher.kind hybrid, not {self.kind!r}")
         neural = self.hybrid_neural if self.kind == "hybrid" else self.kind
         if neural != "matryoshka" and (self.adapters or self.exit_layer is not None):
             raise ValueError(f"teacher.adapters / teacher.exit_layer are for a Matryoshka teacher (teacher.kind "
@@ -176,7 +178,7 @@ class DistributedParams(Section):
     processes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 
-KEEP_PART = r"^(score_heads|down_proj|all_mlp|all|first_layer)(@[1-9][0-9]*(-[1-9][0-9]*)?)?$"
+KEEP_PART = r"^(score_heads|first_layer|(down_proj|all_mlp|all)(@[1-9][0-9]*(-[1-9][0-9]*)?)?)$"
 
 
 class ExportParams(Section):
@@ -193,9 +195,19 @@ class ExportParams(Section):
     calibration_queries: int = Field(8, ge=0)  # eval queries (calibration half) for Platt scaling; 0 = none
     # quantized copies of every config (exit-KK-ratio-R-<scheme>), evaluated and gated like the others
     quantize: list[Literal["int8", "int8-token", "int8-weight-only", "int4"]] = []
-    # MatMuls left in fp32; null: the scheme's default (int8: down_proj; int8-token: first_layer; others: none);
+    # MatMuls left in fp32 besides the score heads (always kept); null: the scheme's default (int8: down_proj;
+    # int8-token: first_layer; others: nothing more);
     # a part may name decoder layers: down_proj@25-30, all@1 (= first_layer)
     quantize_keep_fp32: list[Annotated[str, Field(pattern=KEEP_PART)]] | None = None
+
+    @field_validator("quantize_keep_fp32")
+    @classmethod
+    def _layer_ranges(cls, value: list[str] | None) -> list[str] | None:
+        for part in value or []:
+            first, _, last = part.partition("@")[2].partition("-")
+            if last and int(last) < int(first):
+                raise ValueError(f"{part!r}: layers @a-b need a <= b")
+        return value
     # SmoothQuant alpha for int8 / int8-token (0 = off): activation outlier channels moved into the
     # weights, from per-channel maxima over the calibration pairs (docs/export.md)
     quantize_smoothing: float = Field(0.75, ge=0, le=1)

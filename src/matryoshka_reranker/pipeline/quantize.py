@@ -76,7 +76,7 @@ def _matmuls_to_keep(model_path: Path, keep_fp32: Sequence[str]) -> list[str]:
     chosen = []
     for part in keep_fp32:
         kind, _, span = ("all@1" if part == "first_layer" else part).partition("@")
-        if kind not in rules:
+        if kind not in rules or (span and kind == "score_heads"):
             raise ValueError(f"keep_fp32: unknown part {part!r}; known: {sorted(rules)} and first_layer, "
                              "each optionally @a-b (decoder layers a..b)")
         layers = None
@@ -106,6 +106,7 @@ def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     keep_fp32 = DEFAULT_KEEP_FP32[scheme] if keep_fp32 is None else tuple(keep_fp32)
+    keep_fp32 = keep_fp32 if "score_heads" in keep_fp32 else ("score_heads", *keep_fp32)  # never quantized
     # The exported graph opens as it lies (format 3: weights beside it, one link). It is given to the
     # quantizer loaded, not by path: with a path, quantize_dynamic writes a "-inferred" copy beside
     # the source, an unlisted file in a verified folder while it runs.

@@ -7,8 +7,9 @@ Four kinds of teacher (``teacher.kind``):
   Each distinct query and passage is embedded once per shard.
 * ``cross_encoder``: ``sentence_transformers.CrossEncoder.predict`` logits (an HF
   sequence-classification re-ranker folder).
-* ``matryoshka``: a Matryoshka / causal-LM re-ranker folder; its full-depth score, in the input
-  format saved with it (the pipeline's format for a raw checkpoint).
+* ``matryoshka``: a Matryoshka / causal-LM re-ranker folder (plus ``adapters``); its score at
+  ``exit_layer`` (default the deepest), with the pipeline's ``model.start_layer`` / ``layer_sep``, in
+  the input format saved with it (the pipeline's format for a raw checkpoint).
 * ``hybrid``: a fusion of the first-stage lexical score and a neural score, as rank fusion does in
   hybrid search: per training line, BM25 (over the distinct passages of the whole training file)
   and the neural score are each min-max normalised over the line's passages and mixed
@@ -20,8 +21,10 @@ Four kinds of teacher (``teacher.kind``):
   both (0.741 on the SciFact test candidates, README).
 
 A Matryoshka teacher is ``name_or_path`` with ``adapters`` merged in order, scored at
-``exit_layer`` (default its deepest exit); each adapter file's sha256 is part of the teacher's
-identity, so retrained adapters re-score every shard.
+``exit_layer`` (default its deepest exit); each adapter's digest (config, weights, input format) and
+the input format it scores in are part of the teacher's identity, so retrained adapters re-score
+every shard once the stage runs (DVC does not track the adapter folders: after retraining them, run
+``dvc repro -f -s teacher_score``).
 
 Scores are multiplied by ``teacher.score_scale`` (default 20 for cosines, whose [-1, 1] range
 would give an almost flat softmax, 10 for the hybrid's [0, 1], 1 for logit-valued kinds), so
@@ -82,8 +85,9 @@ def teacher_identity(params: TeacherParams) -> dict:
 
 
 def _adapter_digest(folder: Path) -> str:
-    """sha256 of a LoRA folder's config and weights (what makes it this adapter)."""
-    files = [folder / "adapter_config.json", *sorted(folder.glob("adapter_model.*"))]
+    """sha256 of a LoRA folder's config, weights and saved input format (what makes it this adapter)."""
+    files = [folder / "adapter_config.json", *sorted(folder.glob("adapter_model.*")),
+             *sorted(folder.glob("input_format.json"))]
     if not files[0].is_file() or len(files) < 2:
         raise FileNotFoundError(f"teacher.adapters: {folder} is not a LoRA adapter folder "
                                 "(needs adapter_config.json and adapter_model.*)")
@@ -159,7 +163,8 @@ class CrossEncoderTeacher:
 class MatryoshkaTeacher:
     """A Matryoshka re-ranker (or raw causal LM, plus any ``adapters``) scored at ``exit_layer``."""
 
-    def __init__(self, params: TeacherParams, input_format):
+    def __init__(self, params: TeacherParams, input_format, start_layer: int | None = None,
+                 layer_sep: int | None = None):
         from ..model.inputs import InputFormat, resolve_format
         from ..serving.reranker import MatryoshkaReranker
 
@@ -172,7 +177,8 @@ class MatryoshkaTeacher:
         saved = any(InputFormat.load(p) for p in [path, *adapters])
         self.reranker = MatryoshkaReranker(path, peft_path=adapters or None, batch_size=params.batch_size,
                                            input_format=resolve_format([path, *adapters],
-                                                                       None if saved else input_format))
+                                                                       None if saved else input_format),
+                                           start_layer=start_layer, layer_sep=layer_sep)
         self.exit = params.exit_layer or self.reranker.exit_layers[-1]
         if self.exit not in self.reranker.exit_layers:
             raise ValueError(f"teacher.exit_layer {self.exit}: the teacher's exits are {self.reranker.exit_layers}")
@@ -193,11 +199,12 @@ class MatryoshkaTeacher:
 class HybridTeacher:
     """Per-line min-max fusion of BM25 and a bi-encoder or Matryoshka score (see the module docstring)."""
 
-    def __init__(self, params: TeacherParams, all_passages: Sequence[str], input_format=None):
+    def __init__(self, params: TeacherParams, all_passages: Sequence[str], input_format=None,
+                 start_layer: int | None = None, layer_sep: int | None = None):
         from ..core.bm25 import BM25Index
 
         self.neural = BiEncoderTeacher(params) if params.hybrid_neural == "bi_encoder" else \
-            MatryoshkaTeacher(params, input_format)
+            MatryoshkaTeacher(params, input_format, start_layer, layer_sep)
         self.weight = params.hybrid_weight
         passages = list(dict.fromkeys(all_passages))
         self.index = BM25Index(dict(zip(map(str, range(len(passages))), passages)))
@@ -220,15 +227,25 @@ class HybridTeacher:
         return self.neural.work(queries, passages)
 
 
+def _matryoshka_format(params: Params):
+    """The input format a Matryoshka teacher scores in: the one saved with it, else the pipeline's."""
+    from ..model.inputs import InputFormat
+
+    folders = [resolve_model_path(params.teacher.name_or_path), *map(Path, params.teacher.adapters)]
+    saved = next((f for f in map(InputFormat.load, folders) if f is not None), None)
+    return saved or params.model.input_format
+
+
 def load_teacher(params: Params, all_passages: Sequence[str] = ()):
     kind = params.teacher.kind
     if kind == "bi_encoder":
         return BiEncoderTeacher(params.teacher)
     if kind == "cross_encoder":
         return CrossEncoderTeacher(params.teacher)
+    m = params.model
     if kind == "hybrid":
-        return HybridTeacher(params.teacher, all_passages, params.model.input_format)
-    return MatryoshkaTeacher(params.teacher, params.model.input_format)
+        return HybridTeacher(params.teacher, all_passages, m.input_format, m.start_layer, m.layer_sep)
+    return MatryoshkaTeacher(params.teacher, m.input_format, m.start_layer, m.layer_sep)
 
 
 # -------------------------------------------------------------------------------------- shards
@@ -287,6 +304,9 @@ def score_training_file(params: Params, teacher=None) -> Path:
         parse_example(obj, where)  # validate before any scoring
         lines.append((number, obj))
     all_passages = [p for _, obj in lines for p in [*obj["pos"], *obj["neg"]]]
+    if (params.teacher.hybrid_neural if params.teacher.kind == "hybrid" else params.teacher.kind) == "matryoshka":
+        identity["input_format"] = _matryoshka_format(params).to_dict()  # what the teacher reads
+        identity["start_layer"], identity["layer_sep"] = params.model.start_layer, params.model.layer_sep
     if params.teacher.kind == "hybrid":  # BM25 statistics come from the whole file: part of every shard's identity
         identity["bm25_corpus_sha256"] = hashlib.sha256("\n".join(sorted(set(all_passages))).encode()).hexdigest()
     if not lines:
