@@ -79,12 +79,16 @@ class TeacherParams(Section):
     adapters: list[str] = []
     exit_layer: int | None = Field(None, ge=1)  # Matryoshka teacher: score at this exit (null: deepest)
 
+    @property
+    def neural(self) -> str:
+        """The neural model that scores: the kind itself, or hybrid's neural half."""
+        return self.hybrid_neural if self.kind == "hybrid" else self.kind
+
     @model_validator(mode="after")
     def _matryoshka_only(self) -> TeacherParams:
         if self.kind != "hybrid" and self.hybrid_neural != "bi_encoder":
             raise ValueError(f"teacher.hybrid_neural {self.hybrid_neural!r} is for teacher.kind hybrid, not {self.kind!r}")
-        neural = self.hybrid_neural if self.kind == "hybrid" else self.kind
-        if neural != "matryoshka" and (self.adapters or self.exit_layer is not None):
+        if self.neural != "matryoshka" and (self.adapters or self.exit_layer is not None):
             raise ValueError(f"teacher.adapters / teacher.exit_layer are for a Matryoshka teacher (teacher.kind "
                              f"matryoshka, or hybrid with hybrid_neural matryoshka), not {self.kind!r}"
                              + (f" with hybrid_neural {self.hybrid_neural!r}" if self.kind == "hybrid" else ""))

@@ -70,18 +70,32 @@ def score_scale(params: TeacherParams) -> float:
     return {"bi_encoder": 20.0, "hybrid": 10.0}.get(params.kind, 1.0)
 
 
-def teacher_identity(params: TeacherParams) -> dict:
+def teacher_identity(params: Params) -> dict:
     """What determines the scores; recorded per line and in every shard's fingerprint."""
-    identity = {"kind": params.kind, "name_or_path": params.name_or_path, "max_length": params.max_length,
-                "score_scale": score_scale(params)}
-    if params.kind == "hybrid":
-        identity["hybrid_weight"] = params.hybrid_weight
-        identity["hybrid_neural"] = params.hybrid_neural
-    if params.adapters:  # content, not just the path: a retrained adapter is another teacher
-        identity["adapters"] = [{"path": a, "sha256": _adapter_digest(Path(a))} for a in params.adapters]
-    if params.exit_layer is not None:
-        identity["exit_layer"] = params.exit_layer
+    teacher = params.teacher
+    identity = {"kind": teacher.kind, "name_or_path": teacher.name_or_path, "max_length": teacher.max_length,
+                "score_scale": score_scale(teacher)}
+    if teacher.kind == "hybrid":
+        identity["hybrid_weight"] = teacher.hybrid_weight
+        identity["hybrid_neural"] = teacher.hybrid_neural
+    if teacher.adapters:  # content, not just the path: a retrained adapter is another teacher
+        identity["adapters"] = [{"path": a, "sha256": _adapter_digest(Path(a))} for a in teacher.adapters]
+    if teacher.exit_layer is not None:
+        identity["exit_layer"] = teacher.exit_layer
+    if teacher.neural == "matryoshka":  # what it reads, and where its exits are
+        identity["input_format"] = matryoshka_format(teacher, params.model.input_format).to_dict()
+        identity["start_layer"], identity["layer_sep"] = params.model.start_layer, params.model.layer_sep
     return identity
+
+
+def matryoshka_format(params: TeacherParams, pipeline_format):
+    """The input format a Matryoshka teacher scores in: the one saved with it (base or adapters, which
+    must agree), else the pipeline's (a raw checkpoint)."""
+    from ..model.inputs import InputFormat, resolve_format
+
+    folders = [resolve_model_path(params.name_or_path), *map(Path, params.adapters)]
+    saved = any(InputFormat.load(f) is not None for f in folders)
+    return resolve_format(folders, None if saved else pipeline_format)
 
 
 def _adapter_digest(folder: Path) -> str:
@@ -165,19 +179,12 @@ class MatryoshkaTeacher:
 
     def __init__(self, params: TeacherParams, input_format, start_layer: int | None = None,
                  layer_sep: int | None = None):
-        from ..model.inputs import InputFormat, resolve_format
         from ..serving.reranker import MatryoshkaReranker
 
-        path = resolve_model_path(params.name_or_path)
-        adapters = [Path(a) for a in params.adapters]
-        missing = [str(a) for a in adapters if not (a / "adapter_config.json").exists()]
-        if missing:
-            raise FileNotFoundError(f"teacher.adapters: {missing} are not LoRA adapter folders (no adapter_config.json)")
-        # a trained teacher keeps its own format; a raw one uses ours
-        saved = any(InputFormat.load(p) for p in [path, *adapters])
-        self.reranker = MatryoshkaReranker(path, peft_path=adapters or None, batch_size=params.batch_size,
-                                           input_format=resolve_format([path, *adapters],
-                                                                       None if saved else input_format),
+        # a trained teacher keeps its own format; a raw one uses ours (merge_adapters refuses a non-adapter)
+        self.reranker = MatryoshkaReranker(resolve_model_path(params.name_or_path), peft_path=params.adapters or None,
+                                           batch_size=params.batch_size,
+                                           input_format=matryoshka_format(params, input_format),
                                            start_layer=start_layer, layer_sep=layer_sep)
         self.exit = params.exit_layer or self.reranker.exit_layers[-1]
         if self.exit not in self.reranker.exit_layers:
@@ -225,15 +232,6 @@ class HybridTeacher:
 
     def work(self, queries: Sequence[str], passages: Sequence[str]) -> int:
         return self.neural.work(queries, passages)
-
-
-def _matryoshka_format(params: Params):
-    """The input format a Matryoshka teacher scores in: the one saved with it, else the pipeline's."""
-    from ..model.inputs import InputFormat
-
-    folders = [resolve_model_path(params.teacher.name_or_path), *map(Path, params.teacher.adapters)]
-    saved = next((f for f in map(InputFormat.load, folders) if f is not None), None)
-    return saved or params.model.input_format
 
 
 def load_teacher(params: Params, all_passages: Sequence[str] = ()):
@@ -297,16 +295,13 @@ def score_training_file(params: Params, teacher=None) -> Path:
 
     source, target = Path(params.paths.train_groups), Path(params.paths.teacher_scored)
     shard_dir = Path(params.paths.teacher_shards)
-    identity = teacher_identity(params.teacher)
+    identity = teacher_identity(params)
     scale = score_scale(params.teacher)
     lines = []
     for number, (where, obj) in enumerate(read_jsonl(source, what="training groups"), 1):
         parse_example(obj, where)  # validate before any scoring
         lines.append((number, obj))
     all_passages = [p for _, obj in lines for p in [*obj["pos"], *obj["neg"]]]
-    if (params.teacher.hybrid_neural if params.teacher.kind == "hybrid" else params.teacher.kind) == "matryoshka":
-        identity["input_format"] = _matryoshka_format(params).to_dict()  # what the teacher reads
-        identity["start_layer"], identity["layer_sep"] = params.model.start_layer, params.model.layer_sep
     if params.teacher.kind == "hybrid":  # BM25 statistics come from the whole file: part of every shard's identity
         identity["bm25_corpus_sha256"] = hashlib.sha256("\n".join(sorted(set(all_passages))).encode()).hexdigest()
     if not lines:
