@@ -462,11 +462,11 @@ def compare_runs_command(
         typer.echo(f"exit {row['exit_layer']:>2}: A {row['a']:.4f}  B {row['b']:.4f}  A-B {d['mean']:+.4f} "
                    f"[{d['low']:+.4f}, {d['high']:+.4f}] p={d['p_value']:.3g} (n={d['n']})")
     if params is not None:  # BM25's order as a third "run" on the same eval set (the identity must match)
-        from .pipeline.evaluation import eval_identity, load_eval_set, per_query
+        from .pipeline.evaluation import eval_identity, first_stage_per_query, load_eval_set
 
         cfg = _params(params, None)
         queries, qrels = load_eval_set(cfg)
-        bm25 = per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, [measure])
+        bm25 = first_stage_per_query(queries, qrels, [measure])
         first_stage = {"identity": eval_identity(queries, qrels, cfg.data.eval_split),
                        "points": [{"exit_layer": k, "step": 0, "per_query": bm25} for k in exits]}
         if first["identity"] != first_stage["identity"]:

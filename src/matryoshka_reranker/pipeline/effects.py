@@ -34,6 +34,7 @@ from .evaluation import (
     FORMAT_VERSION,
     PyTorchScorer,
     eval_identity,
+    first_stage_per_query,
     load_eval_set,
     per_query,
     pytorch_scorer,
@@ -138,7 +139,7 @@ def compensation_effect(params: Params, scorer_for=None, after_from: str = "eval
                                    "drop": drop_after.to_dict()},
                          **_bootstrap_recovered(b1, br, a1, ar, ev.bootstrap_resamples)})
     # Is the released model above the first stage on its own? The same queries' BM25 order, paired.
-    bm25 = per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, [measure])[measure]
+    bm25 = first_stage_per_query(queries, qrels, [measure])[measure]
     b = [bm25[q] for q in ids]
     vs_first_stage = [{"exit_layer": k, "ratio": r, "measure": measure, "bm25": round(float(np.mean(b)), 4),
                        "before": statistics.paired_difference([before[(k, r)][q] for q in ids], b, ev.confidence,

@@ -233,6 +233,12 @@ def per_query(queries: list[EvalQuery], scores: dict[str, Sequence[float]], qrel
     return values
 
 
+def first_stage_per_query(queries: list[EvalQuery], qrels: dict[str, dict[str, int]],
+                          measures: list[str]) -> dict[str, dict[str, float]]:
+    """The candidates in the first stage's (BM25) order: the reference every re-ranker is paired with."""
+    return per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, measures)
+
+
 def random_order_per_query(queries: list[EvalQuery], qrels: dict[str, dict[str, int]], measures: list[str],
                            seeds: int = RANDOM_SEEDS) -> dict[str, dict[str, float]]:
     """The expected value of a random order of each query's candidates (mean over seeded shuffles)."""
@@ -393,7 +399,7 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
     n_pairs = sum(len(q.candidates) for q in queries)
 
     systems: dict[str, dict[str, dict[str, float]]] = {
-        "bm25": per_query(queries, {q.query_id: [c.bm25 for c in q.candidates] for q in queries}, qrels, measures),
+        "bm25": first_stage_per_query(queries, qrels, measures),
         "random": random_order_per_query(queries, qrels, measures),
     }
     baselines = read_baselines(params, identity)
