@@ -19,6 +19,7 @@ import numpy as np
 from matryoshka_reranker.config import load_params
 from matryoshka_reranker.pipeline.calibration import calibration_set
 from matryoshka_reranker.pipeline.evaluation import load_eval_set
+from matryoshka_reranker.pipeline.export import quantization_batches
 from matryoshka_reranker.pipeline.quantize import (
     DEFAULT_KEEP_FP32,
     _matmuls_to_keep,
@@ -63,11 +64,7 @@ def main() -> None:
     calibration = calibration_set(queries, qrels, params.export.calibration_queries)
     encoder = params.model.input_format.encoder(AutoTokenizer.from_pretrained(resolve_model_path(
         params.model.name_or_path)))
-    from matryoshka_reranker.pipeline.export import VALIDATION_PAIRS
-
-    # the export's own choice: the calibration pairs, else the fixed validation pairs
-    encoded = encoder.encode_many(list(calibration.pairs) if calibration is not None else list(VALIDATION_PAIRS))
-    feeds = [encoder.collate_numpy(encoded[s:s + 16]) for s in range(0, len(encoded), 16)]
+    feeds = quantization_batches(encoder, calibration)  # the export's own choice of pairs and batches
     path = f"{params.paths.onnx}/{ratio_folder(1)}/{exit_model_file(args.exit)}"
     keep = _matmuls_to_keep(path, DEFAULT_KEEP_FP32["int8-token"])
     model = onnx.load(path)

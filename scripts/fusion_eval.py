@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from matryoshka_reranker.config import load_params  # noqa: E402
 from matryoshka_reranker.pipeline import statistics  # noqa: E402
 from matryoshka_reranker.pipeline.evaluation import (  # noqa: E402
+    first_stage_per_query,
     load_eval_set,
     per_query,
     pytorch_scorer,
@@ -65,7 +66,7 @@ def main() -> None:
     def system(scores_of) -> dict[str, float]:
         return per_query(queries, {q.query_id: list(scores_of(q)) for q in queries}, qrels, [measure])[measure]
 
-    bm25 = system(lambda q: [c.bm25 for c in q.candidates])
+    bm25 = first_stage_per_query(queries, qrels, [measure])[measure]  # the reference evaluate pairs with
     rows = {"bm25": bm25}
     for k, values in zip(exits, flat):
         by_query = scores_by_query(queries, values)

@@ -419,7 +419,7 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
 
     target.mkdir()
     info = quantize_model(source.model_path, target / MODEL_FILE, scheme, options.quantize_keep_fp32,
-                          calibration=_quantization_batches(options.input_format.encoder(tokenizer), options),
+                          calibration=quantization_batches(options.input_format.encoder(tokenizer), options.calibration),
                           smoothing=options.quantize_smoothing)
     folder_manifest = json.loads((source.path / MANIFEST).read_text())
     model = next(m for m in folder_manifest["models"] if m["model_file"] == source.model_file)
@@ -442,10 +442,11 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
     write_json(target / MANIFEST, manifest)
 
 
-def _quantization_batches(encoder, options: ExportOptions) -> list[dict]:
-    """ONNX feeds for the quantizer's activation statistics: the calibration pairs (the same held-out
-    eval queries Platt scaling is fitted on), else the fixed validation pairs."""
-    pairs = list(options.calibration.pairs) if options.calibration is not None else list(VALIDATION_PAIRS)
+def quantization_batches(encoder, calibration: CalibrationSet | None) -> list[dict]:
+    """ONNX feeds (16 pairs each) for the quantizer's activation statistics: the calibration pairs (the
+    same held-out eval queries Platt scaling is fitted on), else the fixed validation pairs. Also what
+    ``benchmarks/quantize_layer_error.py`` measures on, so it sees the export's own statistics."""
+    pairs = list(calibration.pairs) if calibration is not None else list(VALIDATION_PAIRS)
     encoded = encoder.encode_many(pairs)
     return [encoder.collate_numpy(encoded[start:start + 16]) for start in range(0, len(encoded), 16)]
 
