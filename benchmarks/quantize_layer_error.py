@@ -1,12 +1,18 @@
 """Local error of every MatMul that ``int8-token`` quantizes, layer by layer (which parts to keep in fp32?).
 
-    python -m benchmarks.quantize_layer_error --params P --exit 30 [--alpha 0.75] [--batches 4]
+    python -m benchmarks.quantize_layer_error --params P --exit 30 [--alpha 0.75] [--alpha-down A]
+        [--batches 4] [--decompose]
 
 Applies the export's SmoothQuant (maxima over the calibration pairs) to the exported exit model, keeps
 the scheme's default parts in fp32, captures each quantized MatMul's input on the first calibration
 batches, and prints ``||Q(x) Q(W) - x W|| / ||x W||`` per projection, with ``int8-token``'s arithmetic
 in numpy (per-row uint8 around a whole-step centre, per-column int8 weights): the error each MatMul
 adds on its own, before it compounds through the layers. Projections are named by weight shape.
+
+``--alpha-down`` smooths down_proj's input with its own alpha (the export uses one for all);
+``--decompose`` splits down_proj's error into its parts: activations alone quantized, weights alone,
+and activations quantized in groups of 128 channels (what a K-split GEMM would give). Together they
+say whether a finer scheme for down_proj could buy back what exit 30 loses (docs/export.md).
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--exit", type=int, default=30)
     parser.add_argument("--alpha", type=float, default=None, help="default: export.quantize_smoothing")
+    parser.add_argument("--alpha-down", type=float, default=None, help="down_proj's own alpha (default: --alpha)")
+    parser.add_argument("--decompose", action="store_true", help="down_proj: activation / weight / grouped error")
     parser.add_argument("--batches", type=int, default=4, help="calibration batches (16 pairs) to measure on")
     args = parser.parse_args()
     params = load_params(args.params)
@@ -69,7 +77,11 @@ def main() -> None:
     keep = _matmuls_to_keep(path, DEFAULT_KEEP_FP32["int8-token"])
     model = onnx.load(path)
     if alpha:
-        smooth(model, channel_maxima(model, feeds, keep), alpha, keep)
+        maxima = channel_maxima(model, feeds, keep)  # before any smoothing: folding keeps every input's values
+        down = set(_matmuls_to_keep(path, ("down_proj",)))
+        others = [n.name for n in _quantizable(model, keep) if n.name not in down]
+        smooth(model, maxima, alpha, [*keep, *down])
+        smooth(model, maxima, alpha if args.alpha_down is None else args.alpha_down, [*keep, *others])
     nodes = _quantizable(model, keep)
     inits = {t.name: t for t in model.graph.initializer}
     names = list(dict.fromkeys(n.input[0] for n in nodes))
@@ -85,7 +97,7 @@ def main() -> None:
             captured[name].append(rows[real] if len(rows) == len(real) else rows)
     weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes}
     intermediate = max(w.shape[0] for w in weights.values())
-    print(f"# exit {args.exit}, alpha {alpha}, kept fp32 {DEFAULT_KEEP_FP32['int8-token']}, "
+    print(f"# exit {args.exit}, alpha {alpha} (down_proj {args.alpha_down or alpha}), kept fp32 {DEFAULT_KEEP_FP32['int8-token']}, "
           f"{min(args.batches, len(feeds)) * 16} calibration pairs; local relative error per quantized MatMul")
     layer, row = 2 if "first_layer" in DEFAULT_KEEP_FP32["int8-token"] else 1, []
     for node in nodes:
@@ -96,6 +108,12 @@ def main() -> None:
         kind = "down" if w.shape[0] == intermediate else "gate/up" if w.shape[1] == intermediate else \
             f"{w.shape[0]}x{w.shape[1]}"
         row.append(f"{kind} {error:.4f}")
+        if args.decompose and kind == "down":
+            grouped = np.concatenate([quantize_rows(x[:, g:g + 128]) for g in range(0, x.shape[1], 128)], 1)
+            parts = {"x only": quantize_rows(x) @ w, "w only": x @ quantize_columns(w),
+                     "x per 128": grouped @ quantize_columns(w)}
+            row.append(" ".join(f"({name} {np.linalg.norm(v - reference) / np.linalg.norm(reference):.4f})"
+                                for name, v in parts.items()))
         if w.shape[0] == intermediate:
             print(f"layer {layer:>2}: " + "  ".join(row))
             layer, row = layer + 1, []
