@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -179,3 +180,35 @@ def test_cli_score(llama_dir, tmp_path):
     bad.write_text('{"query": "q"}\n')
     result = CliRunner().invoke(app, ["score", "--model", str(llama_dir), "--pairs", str(bad)])
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="Inductor needs a C++ compiler on CPU (the fallback is tested below)")
+def test_compiled_layers_score_as_eager_at_every_width(llama_dir):
+    """``compile=True``: the same scores for every exit, ratio and batch shape (batch 1 included,
+    which PyTorch compiles apart), from one reranker whose layers run through torch.compile."""
+    eager = MatryoshkaReranker(llama_dir, start_layer=2, batch_size=2)
+    compiled = MatryoshkaReranker(llama_dir, start_layer=2, batch_size=2, compile=True)
+    assert compiled.compiled and all(layer._compiled_call_impl is not None for layer in compiled.model.decoder.layers)
+    for kwargs in (dict(cutoff_layers=[2, 4]), dict(cutoff_layers=[4], compress_layers=[2], compress_ratio=2)):
+        got, want = compiled.compute_score(PAIRS, **kwargs), eager.compute_score(PAIRS, **kwargs)
+        assert torch.tensor(got) == pytest.approx(torch.tensor(want), abs=1e-4)
+    assert compiled.compute_score(PAIRS[2], cutoff_layers=4) == pytest.approx(
+        eager.compute_score(PAIRS[2], cutoff_layers=4), abs=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(llama_dir, monkeypatch, caplog):
+    """No working compiler (here: torch.compile raising as Inductor does without a C++ toolchain):
+    the reranker warns, keeps the eager layers and scores exactly as an eager one."""
+    def broken_compile(self, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+        self._compiled_call_impl = fail
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
+    reranker = MatryoshkaReranker(llama_dir, start_layer=2, batch_size=2, compile=True)
+    assert reranker.compiled is False
+    assert all(layer._compiled_call_impl is None for layer in reranker.model.decoder.layers)
+    assert "torch.compile failed here, scoring stays eager: InductorError: no C++ compiler found" in caplog.text
+    eager = MatryoshkaReranker(llama_dir, start_layer=2, batch_size=2)
+    assert reranker.compute_score(PAIRS, cutoff_layers=[2, 4]) == eager.compute_score(PAIRS, cutoff_layers=[2, 4])

@@ -26,6 +26,7 @@ the score at exit c itself.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "matryoshka.json"
@@ -258,6 +261,33 @@ class MatryoshkaModel(nn.Module):
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+
+    def compile_layers(self) -> bool:
+        """``torch.compile`` every decoder layer for inference, with dynamic shapes; False (and the
+        layers left eager) where no compiler works here.
+
+        Per layer rather than the whole model: the layer loop, early exit and token merge stay plain
+        Python, and the 30 layers share one compiled graph (their weights are graph inputs), so one
+        compile (~20-50 s on a 2-core CPU, Inductor's C++ backend; Triton on CUDA) serves every exit,
+        ratio, batch size and length. It pays where many pairs are scored with one model (a server,
+        an evaluation); ``benchmarks/bench_compile.py`` measures it end to end. The warm-up compiles
+        batch 1 and batch 2 (PyTorch specialises size 1) so that no request pays for it, and any
+        failure there (no C++ compiler, an unsupported op) reverts to eager with a warning.
+        """
+        for layer in self.decoder.layers:
+            layer.compile(dynamic=True)
+        device = next(self.parameters()).device
+        try:
+            with torch.inference_mode():
+                for batch in (2, 1):
+                    ids = torch.ones(batch, 8, dtype=torch.long, device=device)
+                    self(ids, torch.ones_like(ids), cutoff_layers=[self.exit_layers[0]])
+        except Exception as error:  # noqa: BLE001  (any compiler failure means: run eager)
+            for layer in self.decoder.layers:
+                layer._compiled_call_impl = None  # what nn.Module.compile set; None = the eager forward
+            log.warning("torch.compile failed here, scoring stays eager: %s", str(error).splitlines()[0][:300])
+            return False
+        return True
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute each decoder layer in backward (memory for time), as transformers does."""

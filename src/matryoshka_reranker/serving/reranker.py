@@ -32,7 +32,9 @@ class MatryoshkaReranker:
     needs giving for a raw checkpoint (and must agree with a saved one). ``start_layer`` and
     ``layer_sep`` only matter for a raw causal-LM checkpoint (defaults 4 and 1). ``compress_layers``
     and ``compress_ratio`` set the default width of ``compute_score`` and ``rank``. ``dtype``
-    defaults to float32 on CPU, bfloat16 on CUDA.
+    defaults to float32 on CPU, bfloat16 on CUDA. ``compile=True`` compiles the decoder layers with
+    ``torch.compile`` at construction (one compile for every exit, ratio and batch shape; eager if
+    no compiler works here; measured in the README's Speed section); ``self.compiled`` says which.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class MatryoshkaReranker:
         dtype: str | torch.dtype | None = None,
         compress_layers: Sequence[int] = (),
         compress_ratio: int = 1,
+        compile: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -76,6 +79,7 @@ class MatryoshkaReranker:
         self.model.check_compression(compress_layers, compress_ratio)
         self.compress_layers, self.compress_ratio = tuple(compress_layers), compress_ratio
         self.model_path = Path(path)
+        self.compiled = compile and self.model.compile_layers()
 
     @classmethod
     def from_pipeline(cls, params="params.yaml", ratio: int = 1, **kwargs) -> MatryoshkaReranker:
