@@ -97,7 +97,7 @@ def main() -> None:
             captured[name].append(rows[real] if len(rows) == len(real) else rows)
     weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes}
     intermediate = max(w.shape[0] for w in weights.values())
-    print(f"# exit {args.exit}, alpha {alpha} (down_proj {args.alpha_down or alpha}), kept fp32 {DEFAULT_KEEP_FP32['int8-token']}, "
+    print(f"# exit {args.exit}, alpha {alpha} (down_proj {alpha if args.alpha_down is None else args.alpha_down}), kept fp32 {DEFAULT_KEEP_FP32['int8-token']}, "
           f"{min(args.batches, len(feeds)) * 16} calibration pairs; local relative error per quantized MatMul")
     layer, row = 2 if "first_layer" in DEFAULT_KEEP_FP32["int8-token"] else 1, []
     for node in nodes:

@@ -267,25 +267,30 @@ class MatryoshkaModel(nn.Module):
         layers left eager) where no compiler works here.
 
         Per layer rather than the whole model: the layer loop, early exit and token merge stay plain
-        Python, and the 30 layers share one compiled graph (their weights are graph inputs), so one
-        compile (~20-50 s on a 2-core CPU, Inductor's C++ backend; Triton on CUDA) serves every exit,
-        ratio, batch size and length. It pays where many pairs are scored with one model (a server,
-        an evaluation); ``benchmarks/bench_compile.py`` measures it end to end. The warm-up compiles
-        batch 1 and batch 2 (PyTorch specialises size 1) so that no request pays for it, and any
-        failure there (no C++ compiler, an unsupported op) reverts to eager with a warning.
+        Python, and the layers share one compiled graph (their weights are graph inputs), so one
+        compile serves every exit, ratio, batch size and length (Inductor: C++ on CPU, Triton on
+        CUDA; cost and gain measured by ``benchmarks/bench_compile.py``, README "Speed"). The warm-up
+        compiles batch 2 and batch 1 (PyTorch specialises size 1) at a length no model dimension
+        has, under ``inference_mode`` as ``compute_score`` runs, so that requests do not recompile.
+        Any failure there (no C++ compiler, an unsupported op, Dynamo's recompile limit, which every
+        compiled model in a process shares, since all layers run one transformers function) reverts
+        to eager with a warning. Calls under other settings (grad mode, thread count) recompile once.
         """
+        import torch._dynamo
+
         for layer in self.decoder.layers:
             layer.compile(dynamic=True)
         device = next(self.parameters()).device
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
                 for batch in (2, 1):
-                    ids = torch.ones(batch, 8, dtype=torch.long, device=device)
+                    ids = torch.ones(batch, 11, dtype=torch.long, device=device)  # 11: not a head/hidden size
                     self(ids, torch.ones_like(ids), cutoff_layers=[self.exit_layers[0]])
-        except Exception as error:  # noqa: BLE001  (any compiler failure means: run eager)
+        except Exception as error:  # noqa: BLE001  (whatever failed, eager scoring still works)
             for layer in self.decoder.layers:
                 layer._compiled_call_impl = None  # what nn.Module.compile set; None = the eager forward
-            log.warning("torch.compile failed here, scoring stays eager: %s", str(error).splitlines()[0][:300])
+            first = (str(error).splitlines() or [type(error).__name__])[0]
+            log.warning("torch.compile failed here, scoring stays eager: %s", first[:300])
             return False
         return True
 
