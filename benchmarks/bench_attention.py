@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.common import interleaved_timing, scifact_pairs
+from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
 from matryoshka_reranker.model import modeling
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the default path under torch.compile")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     torch.set_num_threads(args.threads)
 
     reranker = MatryoshkaReranker(args.model, input_format=InputFormat(query_max_len=64, passage_max_len=160),

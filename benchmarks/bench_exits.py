@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-from benchmarks.common import interleaved_timing, scifact_pairs
+from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker
 from matryoshka_reranker.model.inputs import InputFormat
 
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compress-layer", type=int, default=8)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
 
     reranker = MatryoshkaReranker(args.model, batch_size=args.batch_size,
                                   input_format=InputFormat(query_max_len=32, passage_max_len=args.passage_max_len))

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import interleaved_timing, scifact_pairs
+from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker, OnnxReranker
 from matryoshka_reranker.config import load_params
 from matryoshka_reranker.pipeline.export import (
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the exit-30 variants")
     parser.add_argument("--keep", action="store_true", help="keep the temporary exports (~6 GB)")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     try:
         measure(args, work)

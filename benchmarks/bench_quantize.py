@@ -8,6 +8,8 @@ For each exit (ratio 1), scheme and smoothing alpha, quantizes the exported exit
 the export does), scores the first N eval queries of the *other* half with both (``scheme:part+part``
 keeps those parts in fp32 instead of the scheme's default), and prints the mean per-query Spearman
 correlation with the fp32 scores, nDCG@10 of both, and pairs/s of both timed round-robin in one run.
+``--rounds 0 --queries 0``: agreement only, on every held-out query, with 95% bootstrap intervals
+(Spearman's mean over queries; nDCG@10 quantized - fp32, paired over queries).
 Targets (issue): Spearman >= 0.98, nDCG@10 within 0.01, >= 1.5x fp32 pairs/s.
 """
 
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import interleaved_timing
+from benchmarks.common import interleaved_timing, machine_line
 from matryoshka_reranker.config import load_params
 from matryoshka_reranker.pipeline.calibration import calibration_set, in_calibration_half
 from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
+from matryoshka_reranker.pipeline.statistics import aligned, mean_interval, paired_difference
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
 from matryoshka_reranker.serving.onnx_runtime import OnnxReranker, create_session
 
@@ -31,7 +34,7 @@ from matryoshka_reranker.serving.onnx_runtime import OnnxReranker, create_sessio
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--queries", type=int, default=20, help="first N held-out eval queries; 0: all of them")
     parser.add_argument("--exits", type=int, nargs="+", default=[8, 16, 30])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="scheme or scheme:part+part (kept fp32)")
     parser.add_argument("--keep-fp32", nargs="*", default=None, help="MatMul weights to keep in fp32 (default: "
@@ -41,10 +44,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; 0: agreement and nDCG only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     params = load_params(args.params)
     queries, qrels = load_eval_set(params)
     calibration = calibration_set(queries, qrels, max(params.export.calibration_queries, 8))
-    queries = [q for q in queries if not in_calibration_half(q.query_id)][: args.queries]
+    queries = [q for q in queries if not in_calibration_half(q.query_id)][: args.queries or None]
     smoothing = args.smoothing if args.smoothing is not None else [params.export.quantize_smoothing]
     qrels = {q.query_id: qrels[q.query_id] for q in queries}
     pairs = [p for q in queries for p in q.pairs]
@@ -65,7 +69,8 @@ def main() -> None:
         folder = Path(params.paths.onnx) / ratio_folder(1)
         fp32 = OnnxReranker(folder, k, threads=args.threads, batch_size=len(queries[0].candidates))
         base = np.array(fp32.compute_score(pairs))
-        ndcg_base = np.mean(list(per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"].values()))
+        ndcg_base_per_query = per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"]
+        ndcg_base = np.mean(list(ndcg_base_per_query.values()))
         encoded_calibration = fp32.encoder.encode_many(list(calibration.pairs))
         feeds = [fp32.encoder.collate_numpy(encoded_calibration[i:i + 16]) for i in range(0, len(encoded_calibration), 16)]
         runs = [(spec, alpha) for spec in args.schemes
@@ -90,12 +95,15 @@ def main() -> None:
                     return np.array(out)
 
                 quantized = run(session)
-                rho = np.mean([spearmanr(a, b).statistic for a, b in zip(by_query(base).values(),
-                                                                         by_query(quantized).values())])
-                ndcg_q = np.mean(list(per_query(queries, by_query(quantized), qrels, ["nDCG@10"])["nDCG@10"].values()))
-                if args.rounds == 0:  # agreement only (e.g. on every held-out query)
+                rhos = [spearmanr(a, b).statistic for a, b in zip(by_query(base).values(), by_query(quantized).values())]
+                rho = np.mean(rhos)
+                ndcg_q_per_query = per_query(queries, by_query(quantized), qrels, ["nDCG@10"])["nDCG@10"]
+                ndcg_q = np.mean(list(ndcg_q_per_query.values()))
+                if args.rounds == 0:  # agreement only (e.g. on every held-out query), with 95% intervals
                     print(f"{k:>4} {spec:>24} {alpha:5.2f} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} "
                           f"{ndcg_q:7.3f} {'-':>12} {'-':>10} {'-':>9}", flush=True)
+                    print(f"     Spearman {mean_interval(rhos)} (lowest query {min(rhos):.3f}); nDCG@10 quantized - "
+                          f"fp32 {paired_difference(*aligned(ndcg_q_per_query, ndcg_base_per_query))}", flush=True)
                     continue
                 seconds = interleaved_timing({"fp32": lambda: run(fp32.session), "q": lambda: run(session)}, args.rounds)
                 print(f"{k:>4} {spec:>24} {alpha:5.2f} {info['nodes_kept_fp32']:>10} {rho:9.3f} {ndcg_base:10.3f} {ndcg_q:7.3f} "

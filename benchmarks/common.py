@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 import statistics
 import time
@@ -23,6 +25,28 @@ def scifact_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
             pairs.append((queries[qid], corpus[doc_id]))
     rng.shuffle(pairs)
     return pairs[:count]
+
+
+def machine_line() -> str:
+    """The CPU a run measured and what its int8/fp32 kernels can use: ratios move with it (a session's
+    machine is not fixed; AVX-512 VNNI changes ONNX Runtime's int8 kernels), so every report names it."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags] or ["?"]
+    import onnxruntime
+    import torch
+
+    return (f"# machine: {model}, {os.cpu_count()} cores, {' '.join(simd)}; torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}")
 
 
 def interleaved_timing(systems: dict, rounds: int) -> dict[str, float]:
