@@ -41,7 +41,7 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags] or ["?"]
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags] or ["no avx2/avx512/vnni/amx flag read"]
     import onnxruntime
     import torch
 
