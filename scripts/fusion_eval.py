@@ -1,7 +1,7 @@
 """Does the re-ranker add to BM25? Its scores fused with the first stage's, on the eval candidates.
 
     python scripts/fusion_eval.py -p params.yaml [--ratio 1] [--weight 0.5] [--exits 8 --exits 30]
-                                  [--adapters self_distill] [--out fusion.json]
+                                  [--adapters self_distill] [--out fusion.json] [--scores-out scores.json]
 
 Scores every eval pair once (all asked exits in one PyTorch pass) with the pipeline's model at
 ``--ratio`` (``--adapters pipeline``: the released stack self_distill + layer [+ token]; ``self_distill``:
@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--exits", type=int, action="append", help="default: export.exit_layers")
     parser.add_argument("--adapters", choices=["pipeline", "self_distill"], default="pipeline")
     parser.add_argument("--limit", type=int, default=0, help="first N eval queries only (a smoke test)")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="the table as JSON, with every system's per-query values")
+    parser.add_argument("--scores-out", type=Path, help="every pair's score per exit (JSON), to reuse without rescoring")
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -61,6 +62,10 @@ def main() -> None:
         queries = queries[:args.limit]
         qrels = {q.query_id: qrels[q.query_id] for q in queries}
     flat = score([p for q in queries for p in q.pairs], exits, compress)  # one list of scores per exit
+    if args.scores_out:
+        args.scores_out.write_text(json.dumps({"exits": exits, "ratio": args.ratio, "adapters": args.adapters,
+                                               "query_ids": [q.query_id for q in queries],
+                                               "scores": {str(k): list(map(float, v)) for k, v in zip(exits, flat)}}) + "\n")
     measure, ev = params.evaluation.measures[0], params.evaluation
 
     def system(scores_of) -> dict[str, float]:
@@ -79,7 +84,7 @@ def main() -> None:
         a, b = statistics.aligned(values, bm25)
         mean = statistics.mean_interval(a, ev.confidence, ev.bootstrap_resamples)
         diff = statistics.paired_difference(a, b, ev.confidence, ev.bootstrap_resamples)
-        result["systems"][name] = {"mean": mean.to_dict(), "vs_bm25": diff.to_dict()}
+        result["systems"][name] = {"mean": mean.to_dict(), "vs_bm25": diff.to_dict(), "per_query": values}
         print(f"{name:<14} {measure} {mean.mean:.3f} [{mean.low:.3f}, {mean.high:.3f}]   vs BM25 "
               f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] p {diff.p_value:.3f}")
     if args.out:
