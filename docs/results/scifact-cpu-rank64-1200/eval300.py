@@ -10,6 +10,10 @@ scifact-cpu table uses):
         --exits 8 --exits 16 --exits 24 --exits 30 --scores-out scores_1200.json
     python docs/results/scifact-cpu-rank64-1200/eval300.py -p params300.yaml --scores scores_1200.json \
         --first100 derived/eval_candidates.jsonl
+    # + the layer adapter, against the self-distilled model alone:
+    python scripts/fusion_eval.py -p params300.yaml --ratio 1 --adapters pipeline ... --scores-out scores_layer.json
+    python docs/results/scifact-cpu-rank64-1200/eval300.py -p params300.yaml --scores scores_layer.json \
+        --first100 derived/eval_candidates.jsonl --against scores_1200.json
 
 Prints, for all 300 queries, for the 100 the earlier tables used and for the 200 never looked at
 before: nDCG@10 / RR@10 / R@10 per exit with 95% bootstrap intervals, each exit's paired difference
@@ -46,6 +50,7 @@ def main() -> None:
     parser.add_argument("-p", "--params", default="params.yaml")
     parser.add_argument("--scores", type=Path, required=True)
     parser.add_argument("--first100", type=Path, required=True, help="the 100-query eval file of the other tables")
+    parser.add_argument("--against", type=Path, help="another scores file of the same eval set: paired differences per exit")
     parser.add_argument("--resamples", type=int, default=10000)
     args = parser.parse_args()
 
@@ -68,24 +73,36 @@ def main() -> None:
                "the other 200 (new)": [q.query_id for q in queries if q.query_id not in first100]}
     for label, ids in subsets.items():
         print(f"\n## {label}: {len(ids)} queries x 20 BM25 candidates (mean [95% CI]; vs BM25: paired, sign-flip p)")
-        print("| system | nDCG@10 | RR@10 | R@10 | nDCG@10 vs BM25 | p |")
-        print("|---|---|---|---|---|---|")
-        bm25 = [systems["bm25 order"]["nDCG@10"][q] for q in ids]
+        print("| system | nDCG@10 | RR@10 | R@10 | nDCG@10 - BM25 (p) | RR@10 - BM25 (p) | R@10 - BM25 (p) |")
+        print("|---|---|---|---|---|---|---|")
         for name, values in systems.items():
             cells = []
             for m in MEASURES:
                 iv = statistics.mean_interval([values[m][q] for q in ids], 0.95, args.resamples)
                 cells.append(f"{iv.mean:.3f} [{iv.low:.3f}, {iv.high:.3f}]")
-            diff, p = "", ""
-            if name not in ("bm25 order", "random order"):
-                d = statistics.paired_difference([values["nDCG@10"][q] for q in ids], bm25, 0.95, args.resamples)
-                diff, p = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3f}"
-            print(f"| {name} | " + " | ".join(cells) + f" | {diff} | {p} |")
+            for m in MEASURES:
+                if name in ("bm25 order", "random order"):
+                    cells.append("")
+                    continue
+                d = statistics.paired_difference([values[m][q] for q in ids],
+                                                 [systems["bm25 order"][m][q] for q in ids], 0.95, args.resamples)
+                cells.append(f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({d.p_value:.3f})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
         deepest = max(saved["scores"], key=int)
         for k in sorted(saved["scores"], key=int)[:-1]:
             d = statistics.paired_difference([systems[f"exit {k}"]["nDCG@10"][q] for q in ids],
                                              [systems[f"exit {deepest}"]["nDCG@10"][q] for q in ids], 0.95, args.resamples)
             print(f"exit {k} - exit {deepest}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] p {d.p_value:.3f}")
+        if args.against:
+            other = json.loads(args.against.read_text())
+            if other["query_ids"] != saved["query_ids"]:
+                raise SystemExit("--against was scored on another eval set")
+            for k in sorted(saved["scores"], key=int):
+                theirs = per_query(queries, scores_by_query(queries, other["scores"][k]), qrels, ["nDCG@10"])["nDCG@10"]
+                d = statistics.paired_difference([systems[f"exit {k}"]["nDCG@10"][q] for q in ids],
+                                                 [theirs[q] for q in ids], 0.95, args.resamples)
+                print(f"exit {k}: these scores - {args.against.name}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] "
+                      f"p {d.p_value:.3f}")
 
 
 if __name__ == "__main__":
