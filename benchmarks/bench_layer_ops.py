@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_layer_ops [--batch 16] [--length 214] [--real-tokens 3140] [--threads 2]
 
-Times, in one run and on the same input (fp32, the embedded SmolLM2-135M's layer 10, a batch of
+Times, round-robin in one run (``benchmarks.common.interleaved_timing``) and on the same input (fp32, the embedded SmolLM2-135M's layer 10, a batch of
 ``--batch`` rows of ``--length`` tokens: bench_attention's 16 SciFact pairs padded to 214), the whole
 layer (SDPA is_causal, our default path) and each GEMM at the layer's own shapes (q/k/v, o, gate/up,
 down, fused q|k|v and gate|up as an inference engine would stack them), the elementwise parts
@@ -19,24 +19,13 @@ down, fused q|k|v and gate|up as an inference engine would stack them), the elem
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from benchmarks.common import machine_line
+from benchmarks.common import interleaved_timing, machine_line
 from matryoshka_reranker.core.assets import resolve_model_path
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn(), fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -78,13 +67,15 @@ def main() -> None:
         "gate|up fused": (lambda: F.linear(flat, gate_up), 2 * rows * hidden * 2 * inter),
         "down": (lambda: F.linear(wide, mlp.down_proj.weight), 2 * rows * inter * hidden),
     }
+    others = {"silu(gate) * up": lambda: F.silu(wide) * wide, "RMSNorm": lambda: layer.input_layernorm(x)}
+    systems = {"peak": lambda: peak_a @ peak_b,
+               "whole layer": lambda: layer(x, attention_mask=None, position_embeddings=cos_sin, position_ids=positions),
+               **{name: fn for name, (fn, _) in gemms.items()}, **others}
     with torch.inference_mode():
-        peak = 2 * args.real_tokens * hidden * inter / median_seconds(lambda: peak_a @ peak_b, args.repeats)
-        whole = median_seconds(lambda: layer(x, attention_mask=None, position_embeddings=cos_sin,
-                                             position_ids=positions), args.repeats)
-        gemm_times = {name: median_seconds(fn, args.repeats) for name, (fn, _) in gemms.items()}
-        other = {"silu(gate) * up": median_seconds(lambda: F.silu(wide) * wide, args.repeats),
-                 "RMSNorm": median_seconds(lambda: layer.input_layernorm(x), args.repeats)}
+        seconds = interleaved_timing(systems, args.repeats)  # median per call, round-robin
+        peak, whole = 2 * args.real_tokens * hidden * inter / seconds["peak"], seconds["whole layer"]
+        gemm_times = {name: seconds[name] for name in gemms}
+        other = {name: seconds[name] for name in others}
         with torch.profiler.profile() as profile:
             for _ in range(3):
                 layer(x, attention_mask=None, position_embeddings=cos_sin, position_ids=positions)

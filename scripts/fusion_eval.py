@@ -17,7 +17,6 @@ answers whether the student's signal complements the first stage's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from matryoshka_reranker.config import load_params  # noqa: E402
+from matryoshka_reranker.core.atomic import write_json  # noqa: E402
 from matryoshka_reranker.pipeline import statistics  # noqa: E402
 from matryoshka_reranker.pipeline.evaluation import (  # noqa: E402
     first_stage_per_query,
@@ -63,9 +63,9 @@ def main() -> None:
         qrels = {q.query_id: qrels[q.query_id] for q in queries}
     flat = score([p for q in queries for p in q.pairs], exits, compress)  # one list of scores per exit
     if args.scores_out:
-        args.scores_out.write_text(json.dumps({"exits": exits, "ratio": args.ratio, "adapters": args.adapters,
-                                               "query_ids": [q.query_id for q in queries],
-                                               "scores": {str(k): list(map(float, v)) for k, v in zip(exits, flat)}}) + "\n")
+        write_json(args.scores_out, {"exits": exits, "ratio": args.ratio, "adapters": args.adapters,
+                                     "query_ids": [q.query_id for q in queries],
+                                     "scores": {str(k): list(map(float, v)) for k, v in zip(exits, flat)}}, indent=None)
     measure, ev = params.evaluation.measures[0], params.evaluation
 
     def system(scores_of) -> dict[str, float]:
@@ -88,7 +88,7 @@ def main() -> None:
         print(f"{name:<14} {measure} {mean.mean:.3f} [{mean.low:.3f}, {mean.high:.3f}]   vs BM25 "
               f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] p {diff.p_value:.3f}")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

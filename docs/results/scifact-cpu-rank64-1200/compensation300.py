@@ -21,11 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from matryoshka_reranker.config import load_params  # noqa: E402
 from matryoshka_reranker.pipeline import statistics  # noqa: E402
 from matryoshka_reranker.pipeline.effects import _bootstrap_recovered  # noqa: E402
-from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query, scores_by_query  # noqa: E402
+from matryoshka_reranker.pipeline.evaluation import load_eval_set  # noqa: E402
+from eval300 import load_scores  # noqa: E402  (the same folder)
 
 
 def main() -> None:
@@ -39,18 +41,12 @@ def main() -> None:
 
     params = load_params(args.params)
     queries, qrels = load_eval_set(params)
-    files = {"before": [json.loads(p.read_text()) for p in args.before],
-             "after": [json.loads(p.read_text()) for p in args.after]}
-    values = {}
-    for when, (one, r) in files.items():
-        for saved in (one, r):
-            if saved["query_ids"] != [q.query_id for q in queries]:
-                raise SystemExit("a scores file was made on another eval set")
-        for k in one["scores"]:
-            for ratio, saved in ((1, one), (r["ratio"], r)):
-                by_query = scores_by_query(queries, saved["scores"][k])
-                values[(when, int(k), ratio)] = per_query(queries, by_query, qrels, ["nDCG@10"])["nDCG@10"]
-    ratio = files["before"][1]["ratio"]
+    values, ratio = {}, None
+    for when, (one, other) in (("before", args.before), ("after", args.after)):
+        (_, at_1), (saved_r, at_r) = (load_scores(p, queries, qrels, ["nDCG@10"]) for p in (one, other))
+        ratio = saved_r["ratio"]
+        for k in at_1:
+            values[(when, int(k), 1)], values[(when, int(k), ratio)] = at_1[k]["nDCG@10"], at_r[k]["nDCG@10"]
     first100 = {json.loads(line)["query_id"] for line in args.first100.open()}
     subsets = {"all 300": [q.query_id for q in queries],
                "the first 100": [q.query_id for q in queries if q.query_id in first100],

@@ -45,6 +45,16 @@ from matryoshka_reranker.serving.ranking import fuse_scores  # noqa: E402
 MEASURES = ["nDCG@10", "RR@10", "R@10"]
 
 
+def load_scores(path: Path, queries, qrels, measures=MEASURES) -> tuple[dict, dict[str, dict[str, dict[str, float]]]]:
+    """A scores file of ``fusion_eval.py --scores-out`` -> (the file, {exit: {measure: {query id: value}}}),
+    refused unless it was scored on exactly these eval queries."""
+    saved = json.loads(path.read_text())
+    if saved["query_ids"] != [q.query_id for q in queries]:
+        raise SystemExit(f"{path} was scored on another eval set")
+    return saved, {k: per_query(queries, scores_by_query(queries, flat), qrels, measures)
+                   for k, flat in saved["scores"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-p", "--params", default="params.yaml")
@@ -56,15 +66,13 @@ def main() -> None:
 
     params = load_params(args.params)
     queries, qrels = load_eval_set(params)
-    saved = json.loads(args.scores.read_text())
-    if saved["query_ids"] != [q.query_id for q in queries]:
-        raise SystemExit("the scores were made on another eval set")
+    saved, by_exit = load_scores(args.scores, queries, qrels)
     first100 = {json.loads(line)["query_id"] for line in args.first100.open()}
     systems = {"random order": random_order_per_query(queries, qrels, MEASURES),
                "bm25 order": first_stage_per_query(queries, qrels, MEASURES)}
     for k, flat in saved["scores"].items():
         by_query = scores_by_query(queries, flat)
-        systems[f"exit {k}"] = per_query(queries, by_query, qrels, MEASURES)
+        systems[f"exit {k}"] = by_exit[k]
         systems[f"exit {k} + bm25"] = per_query(
             queries, {q.query_id: fuse_scores(by_query[q.query_id], [c.bm25 for c in q.candidates], 0.5)
                       for q in queries}, qrels, MEASURES)
@@ -94,11 +102,9 @@ def main() -> None:
                                              [systems[f"exit {deepest}"]["nDCG@10"][q] for q in ids], 0.95, args.resamples)
             print(f"exit {k} - exit {deepest}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] p {d.p_value:.3f}")
         if args.against:
-            other = json.loads(args.against.read_text())
-            if other["query_ids"] != saved["query_ids"]:
-                raise SystemExit("--against was scored on another eval set")
+            _, other = load_scores(args.against, queries, qrels, ["nDCG@10"])
             for k in sorted(saved["scores"], key=int):
-                theirs = per_query(queries, scores_by_query(queries, other["scores"][k]), qrels, ["nDCG@10"])["nDCG@10"]
+                theirs = other[k]["nDCG@10"]
                 d = statistics.paired_difference([systems[f"exit {k}"]["nDCG@10"][q] for q in ids],
                                                  [theirs[q] for q in ids], 0.95, args.resamples)
                 print(f"exit {k}: these scores - {args.against.name}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] "
