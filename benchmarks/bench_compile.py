@@ -1,6 +1,6 @@
 """``MatryoshkaReranker(compile=True)`` against eager, end to end through ``compute_score``.
 
-    python -m benchmarks.bench_compile [--model embedded:smollm2-135m-instruct] [--pairs 64] [--rounds 3]
+    python -m benchmarks.bench_compile [--model embedded:smollm2-135m-instruct] [--pairs 64] [--rounds 3] [--dtype auto]
 
 Two rerankers on the same weights, one with its decoder layers under ``torch.compile`` (dynamic
 shapes, compiled once at construction: the extra construction time over the eager reranker's is
@@ -8,7 +8,8 @@ printed, what a server pays at start-up; run with ``TORCHINDUCTOR_FORCE_DISABLE_
 cold compile, else Inductor's on-disk cache may serve it), score the same real SciFact pairs at
 several exits and widths with the mix of lengths ``compute_score`` builds (sorted by length, so
 each batch has its own length), timed round-robin in one run. Prints pairs/s and compiled / eager
-per config, and the largest score difference.
+per config, and the largest score difference. ``--dtype`` is both rerankers' (default float32, as
+the README's table; "auto" is ``MatryoshkaReranker``'s own default: bf16 on CPUs with AMX-BF16).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def main() -> None:
     parser.add_argument("--passage-max-len", type=int, default=96, help="the pipeline's default cut")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compress-layer", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     args = parser.parse_args()
     print(machine_line(), flush=True)
 
-    options = dict(batch_size=args.batch_size, input_format=InputFormat(query_max_len=32,
+    options = dict(batch_size=args.batch_size, dtype=args.dtype, input_format=InputFormat(query_max_len=32,
                                                                         passage_max_len=args.passage_max_len))
     started = time.perf_counter()
     eager = MatryoshkaReranker(args.model, **options)
@@ -64,7 +66,7 @@ def main() -> None:
         systems[f"{name} | compiled"] = run(compiled, *cfg)
     seconds = interleaved_timing(systems, args.rounds)
     print(f"# {args.model}: {len(pairs)} SciFact pairs, batch {args.batch_size}, passages <= {args.passage_max_len} "
-          f"tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"tokens, {eager.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; compile at construction {construct:.1f} s; "
           f"largest |score difference| {worst:.2e}")
     print(f"{'configuration':32s} {'eager pairs/s':>14s} {'compiled pairs/s':>17s} {'compiled / eager':>17s}")

@@ -8,8 +8,9 @@ and prints the export wall time per ratio and per configuration. Then, on the sa
 pairs, timed round-robin in one run (``benchmarks.common.interleaved_timing``):
 
 1. pairs/s of ``OnnxReranker`` and of ``MatryoshkaReranker`` (PyTorch eager mode, sdpa attention,
-   its default) for every configuration, the ORT/PyTorch speed-up, and latency(exit k) /
-   latency(exit 30) against the ideal k / 30 (ratio 1);
+   fp32 as the exports) for every configuration, the ORT/PyTorch speed-up, and latency(exit k) /
+   latency(exit 30) against the ideal k / 30 (ratio 1); where the CPU has AMX-BF16 (or with
+   ``--bf16``) also PyTorch in bf16, ``MatryoshkaReranker``'s default there, and ORT / that;
 2. unless ``--quick``, variants at exit 30 ratio 1: 1 vs N threads for both, ORT graph-optimisation
    level and spin-waiting, an sdpa-attention export, onnxscript's ORT transformer fusions, and our
    PyTorch path with eager attention.
@@ -40,6 +41,7 @@ import torch
 from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
 from matryoshka_reranker import MatryoshkaReranker, OnnxReranker
 from matryoshka_reranker.config import load_params
+from matryoshka_reranker.core.hardware import cpu_has_amx_bf16
 from matryoshka_reranker.pipeline.export import (
     ExportOptions,
     export_models,
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="skip the exit-30 variants")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time PyTorch in bf16 (default: where the CPU has AMX-BF16)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary exports (~6 GB)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
@@ -105,7 +109,10 @@ def measure(args, work: Path) -> None:
         export(onnx_dir)
 
     pairs = scifact_pairs(args.pairs)
-    torch_reranker = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT)  # as the exports
+    torch_reranker = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT,
+                                        dtype="float32")  # as the exports
+    half = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT, dtype="bfloat16") \
+        if (args.bf16 if args.bf16 is not None else cpu_has_amx_bf16()) else None
     tokens = statistics.mean(len(torch_reranker.encoder.encode(q, p).input_ids) for q, p in pairs)
     configs = [(k, r) for r in RATIOS for k in EXITS]
     ort = {c: OnnxReranker(onnx_dir / ratio_folder(c[1]), c[0], threads=args.threads) for c in configs}
@@ -121,16 +128,21 @@ def measure(args, work: Path) -> None:
           f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     diffs = {c: float(np.abs(np.array(ort[c].compute_score(pairs)) - run_torch(*c)()).max()) for c in configs}
     systems = {("ort", c): run_ort(ort[c]) for c in configs} | {("torch", c): run_torch(*c) for c in configs}
+    if half is not None:
+        systems |= {("bf16", c): run_torch(*c, reranker=half) for c in configs}
     seconds = interleaved_timing(systems, args.rounds)
 
     print("\n## ONNX Runtime vs PyTorch (eager mode, sdpa), same pairs, round-robin")
     print(f"{'config':18s} {'ORT pairs/s':>11s} {'torch pairs/s':>13s} {'ORT/torch':>9s} "
-          f"{'ORT lat/exit30':>14s} {'torch lat/exit30':>16s} {'ideal k/30':>10s} {'max|diff|':>9s}")
+          f"{'ORT lat/exit30':>14s} {'torch lat/exit30':>16s} {'ideal k/30':>10s} {'max|diff|':>9s}"
+          + (f" {'torch bf16 pairs/s':>18s} {'ORT/bf16':>8s}" if half is not None else ""))
     for k, r in configs:
         o, t = seconds[("ort", (k, r))], seconds[("torch", (k, r))]
         o30, t30 = seconds[("ort", (30, r))], seconds[("torch", (30, r))]
         print(f"{config_name(k, r):18s} {len(pairs) / o:11.2f} {len(pairs) / t:13.2f} {t / o:8.2f}x "
-              f"{o / o30:14.3f} {t / t30:16.3f} {k / 30:10.3f} {diffs[(k, r)]:9.1e}")
+              f"{o / o30:14.3f} {t / t30:16.3f} {k / 30:10.3f} {diffs[(k, r)]:9.1e}"
+              + (f" {len(pairs) / seconds[('bf16', (k, r))]:18.2f} {seconds[('bf16', (k, r))] / o:7.2f}x"
+                 if half is not None else ""))
     for r in RATIOS[1:]:
         speed = [seconds[("ort", (k, 1))] / seconds[("ort", (k, r))] for k in EXITS[1:]]
         print(f"ratio {r} vs ratio 1, ORT speed-up at exits {EXITS[1:]}: " + ", ".join(f"{s:.2f}x" for s in speed))
@@ -160,7 +172,7 @@ def measure(args, work: Path) -> None:
     print(f"(variant exports took {time.perf_counter() - start:.0f} s)")
     for threads in sorted({1, args.threads}):
         variants[f"torch, sdpa attention, {threads} thread(s)"] = _with_threads(run_torch(30, 1), threads)
-    eager = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT)
+    eager = MatryoshkaReranker(MODEL, batch_size=args.batch_size, input_format=FORMAT, dtype="float32")
     eager.model.decoder.config._attn_implementation = "eager"
     variants[f"torch, eager attention, {args.threads} thread(s)"] = run_torch(30, 1, eager)
     seconds = interleaved_timing(variants, args.rounds)

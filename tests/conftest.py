@@ -12,6 +12,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning workers starve the
 # test's own subprocesses (DVC stages, Prefect server). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Score in fp32 on every CPU, AMX or not, so the suite (and the DVC/CLI subprocesses it starts) checks
+# the same numbers on every machine; tests/test_hardware.py covers the AMX bf16 choice itself.
+os.environ["MATRYOSHKA_CPU_BF16"] = "0"
 
 import pytest
 import torch

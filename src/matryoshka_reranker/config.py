@@ -54,6 +54,14 @@ class ModelParams(Section):
     passage_max_len: int = Field(_FORMAT.passage_max_len, ge=4)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
+    def torch_dtype(self):
+        """The dtype every stage trains and measures in (``core.hardware.pick_dtype`` on this machine's
+        device). Pipeline measurements stay fp32 on every CPU, so they do not depend on whether it has
+        AMX; ``MatryoshkaReranker``'s own default ("auto" for scoring) may pick bf16 there."""
+        from .core.hardware import pick_device, pick_dtype
+
+        return pick_dtype(self.dtype, pick_device())
+
     @property
     def input_format(self) -> InputFormat:
         """The one input format of this pipeline; saved with every adapter and export."""

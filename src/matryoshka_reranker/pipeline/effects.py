@@ -50,7 +50,7 @@ def _self_distilled_scorer(params: Params, ratio: int) -> PyTorchScorer:
     m = params.model
     reranker = MatryoshkaReranker(m.name_or_path, peft_path=[params.paths.self_distill], input_format=m.input_format,
                                   start_layer=m.start_layer, layer_sep=m.layer_sep,
-                                  batch_size=params.evaluation.batch_size)
+                                  batch_size=params.evaluation.batch_size, dtype=m.torch_dtype())
 
     def score(pairs, exits, compress_layers):
         scores = reranker.compute_score(pairs, cutoff_layers=list(exits), compress_layers=compress_layers,

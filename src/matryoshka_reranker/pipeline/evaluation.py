@@ -201,7 +201,8 @@ def pytorch_scorer(params: Params, ratio: int) -> PyTorchScorer:
     """The PyTorch model at one width: base model + the ratio's adapter stack, merged in order."""
     from ..serving.reranker import MatryoshkaReranker
 
-    reranker = MatryoshkaReranker.from_pipeline(params, ratio=ratio, batch_size=params.evaluation.batch_size)
+    reranker = MatryoshkaReranker.from_pipeline(params, ratio=ratio, batch_size=params.evaluation.batch_size,
+                                                dtype=params.model.torch_dtype())
 
     def score(pairs: list[Pair], exit_layers: list[int], compress_layers: tuple[int, ...]) -> list[list[float]]:
         scores = reranker.compute_score(pairs, cutoff_layers=list(exit_layers), compress_layers=compress_layers,
@@ -582,7 +583,7 @@ def untrained_baseline(params: Params, scorer: PyTorchScorer | None = None) -> d
     exits = sorted(set(params.export.exit_layers))
     if scorer is None:
         reranker = MatryoshkaReranker(m.name_or_path, input_format=m.input_format, start_layer=m.start_layer,
-                                      layer_sep=m.layer_sep, batch_size=ev.batch_size)
+                                      layer_sep=m.layer_sep, batch_size=ev.batch_size, dtype=m.torch_dtype())
 
         def scorer(pairs, exit_layers, compress_layers):
             scores = reranker.compute_score(pairs, cutoff_layers=list(exit_layers))
@@ -633,7 +634,8 @@ def learning_curve(params: Params, scorer_for: Callable[[Path], PyTorchScorer] |
 
     def default_scorer(adapter: Path) -> PyTorchScorer:
         reranker = MatryoshkaReranker(m.name_or_path, peft_path=[adapter], input_format=m.input_format,
-                                      start_layer=m.start_layer, layer_sep=m.layer_sep, batch_size=ev.batch_size)
+                                      start_layer=m.start_layer, layer_sep=m.layer_sep, batch_size=ev.batch_size,
+                                      dtype=m.torch_dtype())
         def score(ps, ks, cs):
             scores = reranker.compute_score(ps, cutoff_layers=list(ks))
             return [scores] if len(ks) == 1 else scores  # one list per exit, as PyTorchScorer says

@@ -50,7 +50,7 @@ from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_file, sha256_file, write_json
 from ..core.distributed import barrier, rank_and_world
 from ..core.errors import CheckFailed
-from ..core.hardware import pick_device
+from ..core.hardware import pick_device, pick_dtype
 from ..core.jsonl import read_jsonl
 from .data import parse_example
 
@@ -181,11 +181,13 @@ class MatryoshkaTeacher:
                  layer_sep: int | None = None):
         from ..serving.reranker import MatryoshkaReranker
 
-        # a trained teacher keeps its own format; a raw one uses ours (merge_adapters refuses a non-adapter)
+        # a trained teacher keeps its own format; a raw one uses ours (merge_adapters refuses a non-adapter).
+        # Its scores are training targets: the training dtype (fp32 on any CPU), not scoring's AMX bf16
         self.reranker = MatryoshkaReranker(resolve_model_path(params.name_or_path), peft_path=params.adapters or None,
                                            batch_size=params.batch_size,
                                            input_format=matryoshka_format(params, input_format),
-                                           start_layer=start_layer, layer_sep=layer_sep)
+                                           start_layer=start_layer, layer_sep=layer_sep,
+                                           dtype=pick_dtype(None, pick_device()))
         self.exit = params.exit_layer or self.reranker.exit_layers[-1]
         if self.exit not in self.reranker.exit_layers:
             raise ValueError(f"teacher.exit_layer {self.exit}: the teacher's exits are {self.reranker.exit_layers}")

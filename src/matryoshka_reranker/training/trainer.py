@@ -39,7 +39,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..config import Params, TrainParams
 from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_dir, sha256_file, write_json
-from ..core.hardware import pick_device, pick_dtype
 from ..model.adapters import lora_config
 from ..model.inputs import InputFormat, PairEncoder
 from ..model.losses import TrainMethod, matryoshka_loss
@@ -453,7 +452,7 @@ def load_base(params: Params, tokenizer=None) -> tuple[MatryoshkaModel, object, 
 
     path = resolve_model_path(params.model.name_or_path)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    dtype = pick_dtype(params.model.dtype, pick_device())
+    dtype = params.model.torch_dtype()
     model = MatryoshkaModel.from_pretrained(path, start_layer=params.model.start_layer,
                                             layer_sep=params.model.layer_sep, dtype=dtype, tokenizer=tokenizer)
     return model, tokenizer, path

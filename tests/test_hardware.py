@@ -1,0 +1,62 @@
+"""Device and dtype choice: training fp32 on every CPU; scoring bf16 where the CPU has AMX-BF16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from matryoshka_reranker import MatryoshkaReranker
+from matryoshka_reranker.core import hardware
+from matryoshka_reranker.core.hardware import CPU_BF16_ENV, pick_dtype, pick_inference_dtype
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """This CPU as one with AMX-BF16 tiles (or without: ``amx(False)``), whatever it really has."""
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+
+    def set_amx(present: bool = True):
+        monkeypatch.setattr(hardware, "cpu_has_amx_bf16", lambda: present)
+    return set_amx
+
+
+def test_training_dtype_is_fp32_on_any_cpu(amx):
+    amx(True)
+    assert pick_dtype(None, CPU) == pick_dtype("auto", CPU) == torch.float32
+    assert pick_dtype("bfloat16", CPU) == torch.bfloat16 and pick_dtype(torch.float16, CPU) == torch.float16
+    with pytest.raises(ValueError, match="float16 is not supported on CPU"):
+        pick_dtype("float16", CPU)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        pick_dtype("int8", CPU)
+
+
+def test_scoring_dtype_is_bf16_only_on_amx_cpus(amx, monkeypatch):
+    amx(False)
+    assert pick_inference_dtype(None, CPU) == torch.float32
+    amx(True)
+    assert pick_inference_dtype(None, CPU) == pick_inference_dtype("auto", CPU) == torch.bfloat16
+    assert pick_inference_dtype("float32", CPU) == torch.float32  # an explicit choice always wins
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert pick_inference_dtype(None, CPU) == torch.float32
+
+
+def test_amx_detection_answers_without_raising():
+    assert isinstance(hardware.cpu_has_amx_bf16(), bool)
+
+
+def test_reranker_scores_in_bf16_on_amx_and_keeps_the_ranking(amx, llama_dir):
+    pairs = [("what causes colds?", f"passage {i}: " + "rhinovirus and sneezing " * (i + 1)) for i in range(8)]
+    amx(True)
+    half = MatryoshkaReranker(llama_dir, start_layer=2)
+    amx(False)
+    full = MatryoshkaReranker(llama_dir, start_layer=2)
+    assert half.dtype == torch.bfloat16 and next(half.model.parameters()).dtype == torch.bfloat16
+    assert full.dtype == torch.float32
+    a, b = half.compute_score(pairs, cutoff_layers=4), full.compute_score(pairs, cutoff_layers=4)
+    assert all(isinstance(x, float) for x in a)  # scores come back as Python floats from fp32 tensors
+    spread = max(b) - min(b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.1 * spread + 1e-2
+    assert spearmanr(a, b).statistic > 0.8
