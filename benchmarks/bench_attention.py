@@ -139,12 +139,12 @@ def main() -> None:
     print(f"# same-run fp32 GEMM {'x'.join(map(str, shape))}: {gemm:.0f} GFLOP/s (best of before/after)")
     if gemm_bf16:
         print(f"# same-run bf16 GEMM of that shape: {gemm_bf16:.0f} GFLOP/s ({gemm_bf16 / gemm:.1f}x fp32)")
-    header = f"{'config':28s}" + "".join(f"{s:>24s}" for s in systems)
+    header = f"{'config':28s}" + "".join(f"{s:>26s}" for s in systems)
     print(header + "   (pairs/s; x = vs upstream-style eager)")
     for cfg in configs:
         base = seconds[("upstream-style eager", cfg)]
         cells = [f"{len(pairs) / seconds[(s, cfg)]:8.2f} ({base / seconds[(s, cfg)]:.2f}x)" for s in systems]
-        print(f"{cfg:28s}" + "".join(f"{c:>24s}" for c in cells))
+        print(f"{cfg:28s}" + "".join(f"{c:>26s}" for c in cells))
     full = "exit 30, ratio 1"
     print("effective GFLOP/s at full depth (linear layers, real tokens) and share of the GEMM peak:")
     for system in systems:

@@ -28,6 +28,8 @@ import json
 import sys
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -102,13 +104,16 @@ def main() -> None:
                                              [systems[f"exit {deepest}"]["nDCG@10"][q] for q in ids], 0.95, args.resamples)
             print(f"exit {k} - exit {deepest}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] p {d.p_value:.3f}")
         if args.against:
-            _, other = load_scores(args.against, queries, qrels, ["nDCG@10"])
+            other_saved, other = load_scores(args.against, queries, qrels, ["nDCG@10"])
             for k in sorted(saved["scores"], key=int):
                 theirs = other[k]["nDCG@10"]
                 d = statistics.paired_difference([systems[f"exit {k}"]["nDCG@10"][q] for q in ids],
                                                  [theirs[q] for q in ids], 0.95, args.resamples)
+                ours_q, theirs_q = (scores_by_query(queries, f[k]) for f in (saved["scores"], other_saved["scores"]))
+                rho = statistics.mean_interval([spearmanr(ours_q[q], theirs_q[q]).statistic for q in ids],
+                                               0.95, args.resamples)
                 print(f"exit {k}: these scores - {args.against.name}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] "
-                      f"p {d.p_value:.3f}")
+                      f"p {d.p_value:.3f}; Spearman per query {rho.mean:.4f} [{rho.low:.4f}, {rho.high:.4f}]")
 
 
 if __name__ == "__main__":
