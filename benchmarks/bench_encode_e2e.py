@@ -24,12 +24,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1024)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--exits", type=int, nargs="+", default=[8, 30])
+    parser.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"])
     args = parser.parse_args()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     pairs = scifact_pairs(args.pairs)
-    print(f"{len(pairs)} pairs on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}")
+    print(f"{len(pairs)} pairs on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}, dtype {args.dtype}")
     for size in args.batch_sizes:
-        reranker = MatryoshkaReranker(args.model, batch_size=size)
+        reranker = MatryoshkaReranker(args.model, batch_size=size, dtype=args.dtype)
         batched = reranker.encoder.encode_many
         encoders = {"per-pair": lambda ps: [batched([p])[0] for p in ps], "batched": batched}
         for k in args.exits:

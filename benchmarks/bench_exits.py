@@ -26,10 +26,12 @@ def main() -> None:
     parser.add_argument("--passage-max-len", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compress-layer", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="auto: MatryoshkaReranker's default (bf16 on CPUs with AMX-BF16)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
 
-    reranker = MatryoshkaReranker(args.model, batch_size=args.batch_size,
+    reranker = MatryoshkaReranker(args.model, batch_size=args.batch_size, dtype=args.dtype,
                                   input_format=InputFormat(query_max_len=32, passage_max_len=args.passage_max_len))
     depth = reranker.exit_layers[-1]
     pairs = scifact_pairs(args.pairs)
@@ -44,7 +46,7 @@ def main() -> None:
     seconds = interleaved_timing({name: run(*cfg) for name, cfg in configs.items()}, args.rounds)
     full = seconds[f"exit {depth:2d}, ratio 1"]
     print(f"# {args.model}: {len(pairs)} SciFact pairs, mean {tokens:.0f} tokens, batch {args.batch_size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{reranker.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'configuration':32s} {'pairs/s':>8s} {'speed vs full':>14s} {'ideal (depth)':>14s}")
     for name, (layer, ratio) in configs.items():
         ideal = f"{depth / layer:.2f}x" if ratio == 1 else "-"

@@ -167,9 +167,11 @@ def main() -> int:
     for ratio in RATIOS:
         def load_torch(ratio=ratio):
             if trained:
-                return MatryoshkaReranker.from_pipeline(params, ratio=ratio, batch_size=args.batch_size)
+                return MatryoshkaReranker.from_pipeline(params, ratio=ratio, batch_size=args.batch_size,
+                                                        dtype=params.model.torch_dtype())  # bf16 on CUDA, fp32 CPU
             return MatryoshkaReranker(model, compress_layers=[8] if ratio > 1 else (), compress_ratio=ratio,
-                                      batch_size=args.batch_size, input_format=params.model.input_format)
+                                      batch_size=args.batch_size, input_format=params.model.input_format,
+                                      dtype=params.model.torch_dtype())
 
         torch_model = load_torch()
         for k in EXITS:

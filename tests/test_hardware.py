@@ -53,10 +53,31 @@ def test_reranker_scores_in_bf16_on_amx_and_keeps_the_ranking(amx, llama_dir):
     half = MatryoshkaReranker(llama_dir, start_layer=2)
     amx(False)
     full = MatryoshkaReranker(llama_dir, start_layer=2)
-    assert half.dtype == torch.bfloat16 and next(half.model.parameters()).dtype == torch.bfloat16
+    assert half.dtype == torch.bfloat16 and next(half.model.decoder.parameters()).dtype == torch.bfloat16
     assert full.dtype == torch.float32
+    # the heads score in fp32 under the bf16 decoder: bf16 logits are coarse enough to tie candidates
+    assert {p.dtype for p in half.model.score_heads.parameters()} == {torch.float32}
     a, b = half.compute_score(pairs, cutoff_layers=4), full.compute_score(pairs, cutoff_layers=4)
-    assert all(isinstance(x, float) for x in a)  # scores come back as Python floats from fp32 tensors
+    assert all(isinstance(x, float) for x in a) and len(set(a)) == len(a)
     spread = max(b) - min(b)
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.1 * spread + 1e-2
     assert spearmanr(a, b).statistic > 0.8
+
+
+def test_cli_takes_a_dtype(llama_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "what causes colds?", "passage": "Rhinoviruses."}) + "\n")
+    base = ["score", "--model", str(llama_dir), "--pairs", str(pairs), "--start-layer", "2", "--cutoff-layers", "4"]
+    fp32 = CliRunner().invoke(app, [*base, "--dtype", "float32"])
+    bf16 = CliRunner().invoke(app, [*base, "--dtype", "bfloat16"])
+    assert fp32.exit_code == 0 and bf16.exit_code == 0, fp32.output + bf16.output
+    a, b = json.loads(fp32.stdout)["4"], json.loads(bf16.stdout)["4"]
+    assert a != b and abs(a - b) < 0.5  # bf16 rounds, by a little
+    bad = CliRunner().invoke(app, [*base, "--dtype", "int8"])
+    assert bad.exit_code == 2 and "dtype must be one of" in bad.output

@@ -161,24 +161,26 @@ def _input_format(prompt, query_max_len, passage_max_len):
 
 
 def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, input_format, compress_layers=(),
-                   compress_ratio=1, exit_layer=None):
+                   compress_ratio=1, exit_layer=None, dtype="auto"):
     """An exported ONNX folder (has manifest.json) -> OnnxReranker at ``exit_layer`` (None: the folder's
     deepest); anything else -> MatryoshkaReranker."""
     if (Path(model) / "manifest.json").is_file():
         from .serving.onnx_runtime import OnnxReranker
 
-        if peft_path or start_layer or layer_sep or input_format:
-            raise ValueError(f"{model} is an exported ONNX model: adapters, layers and input format are fixed in it")
+        if peft_path or start_layer or layer_sep or input_format or dtype != "auto":
+            raise ValueError(f"{model} is an exported ONNX model: adapters, layers, input format and dtype are fixed in it")
         return OnnxReranker(model, exit_layer, batch_size=batch_size)
     from .serving.reranker import MatryoshkaReranker
 
     return MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
                               batch_size=batch_size, input_format=input_format, compress_layers=compress_layers or (),
-                              compress_ratio=compress_ratio)
+                              compress_ratio=compress_ratio, dtype=dtype)
 
 
 ModelOpt = Annotated[str, typer.Option(help="model folder, embedded:smollm2-135m-instruct, or an exported ONNX folder")]
 PeftOpt = Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order (PyTorch models)")]
+DtypeOpt = Annotated[str, typer.Option(help="PyTorch models: auto (bf16 on a GPU or an AMX-BF16 CPU, else fp32), "
+                                            "float32 or bfloat16")]
 
 
 @app.command(cls=_ListOptionsCommand)
@@ -196,13 +198,14 @@ def score(
     passage_max_len: Annotated[Optional[int], typer.Option(help="input format of a raw checkpoint")] = None,
     batch_size: int = 32,
     normalize: bool = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Score query-passage pairs; prints one JSON line per pair ({"layer": score, ...})."""
     try:
         rows = _read_pairs(pairs)
         fmt = _input_format(prompt, query_max_len, passage_max_len)
         reranker = _load_reranker(model, peft_path, start_layer, layer_sep, batch_size, fmt,
-                                  exit_layer=(cutoff_layers or [None])[-1])
+                                  exit_layer=(cutoff_layers or [None])[-1], dtype=dtype)
         if hasattr(reranker, "exit_layer"):  # ONNX: one graph per exit in the folder
             layers = cutoff_layers or [reranker.exit_layer]
             per_layer = [(reranker if k == reranker.exit_layer else
@@ -231,12 +234,13 @@ def rank(
     compress_ratio: int = 1,
     batch_size: int = 32,
     return_documents: Annotated[bool, typer.Option(help="include each document's text")] = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Rank documents for one query, best first; prints [{"corpus_id", "score"(, "text")}] as JSON."""
     try:
         docs = _read_documents(documents)
         reranker = _load_reranker(model, peft_path, None, None, batch_size, None, compress_layers, compress_ratio,
-                                  exit_layer=cutoff_layer)
+                                  exit_layer=cutoff_layer, dtype=dtype)
         options = {} if hasattr(reranker, "exit_layer") else {"cutoff_layer": cutoff_layer}
         ranked = reranker.rank(query, docs, top_k=top_k, return_documents=return_documents, **options)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -52,7 +52,9 @@ class ModelParams(Section):
     prompt: str = Field(_FORMAT.prompt, min_length=1)
     query_max_len: int = Field(_FORMAT.query_max_len, ge=4)
     passage_max_len: int = Field(_FORMAT.passage_max_len, ge=4)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA, fp32 on CPU for training and the pipeline's measurements; MatryoshkaReranker /
+    # from_pipeline scoring with auto also picks bf16 on CPUs with AMX-BF16 (core.hardware)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def torch_dtype(self):
         """The dtype every stage trains and measures in (``core.hardware.pick_dtype`` on this machine's

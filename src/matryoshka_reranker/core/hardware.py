@@ -2,10 +2,11 @@
 
 Training: bf16 on a GPU, fp32 on CPU. Scoring (``pick_inference_dtype``): bf16 on a GPU and on CPUs
 with AMX-BF16 tiles (Intel Sapphire Rapids and later), fp32 on other CPUs. Measured on a 2-core
-AMX Xeon (``benchmarks/bench_cpu_dtype.py``, README "Speed"): a bf16 GEMM of the model's MLP
-shape runs ~6x a fp32 one, scoring ~3x, with the ranking kept; on AVX2/AVX-512 CPUs without AMX,
-bf16 is ~3x *slower* than fp32. A training step gains only ~1.3x there (its non-GEMM work and the
-casts dominate), so training stays fp32 on every CPU.
+AMX Xeon (``benchmarks/bench_attention.py``, ``bench_onnx.py``; README "Speed", "bf16 on AMX CPUs"):
+a bf16 GEMM of the model's MLP shape runs ~8x a fp32 one, scoring 2.4-3.5x, the ranking kept; on
+the earlier AVX2 machine (no AMX) bf16 was ~3x *slower* than fp32. A training step gains only
+~1.3x on AMX (``benchmarks/bench_train_dtype.py``: its non-GEMM work and the casts dominate), so
+training stays fp32 on every CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 
 import torch
 
-CPU_BF16_ENV = "MATRYOSHKA_CPU_BF16"  # "0": score in fp32 on AMX CPUs too (exact parity with fp32 exports)
+CPU_BF16_ENV = "MATRYOSHKA_CPU_BF16"  # "0"/"false"/"off"/"no": score in fp32 on AMX CPUs too (parity with fp32 exports)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,11 +29,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 @functools.cache
 def cpu_has_amx_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls on AMX tiles (oneDNN's fast bf16 path)."""
-    cpu = getattr(torch, "cpu", None)
+    """True when this CPU runs bf16 matmuls on AMX tiles (oneDNN's fast bf16 path): the ``amx_bf16``
+    capability, oneDNN present, and the kernel granting AMX state to this process."""
     try:
-        return bool(cpu._is_amx_tile_supported() and cpu._is_avx512_bf16_supported() and cpu._init_amx())
-    except (AttributeError, RuntimeError):  # private helpers; an older/newer torch without them: assume no AMX
+        capabilities = torch.cpu.get_capabilities()
+        return bool(capabilities.get("amx_bf16") and torch.backends.mkldnn.is_available() and torch.cpu._init_amx())
+    except (AttributeError, RuntimeError):  # an older/newer torch without these helpers: assume no AMX
         return False
 
 
@@ -54,7 +56,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 def pick_inference_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The scoring dtype. ``None``/"auto": as ``pick_dtype``, and bfloat16 on a CPU with AMX-BF16
     unless ``MATRYOSHKA_CPU_BF16=0``."""
-    if (dtype in (None, "auto") and device.type == "cpu" and os.environ.get(CPU_BF16_ENV, "1") != "0"
+    if (dtype in (None, "auto") and device.type == "cpu" and os.environ.get(CPU_BF16_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
             and cpu_has_amx_bf16()):
         return torch.bfloat16
     return pick_dtype(dtype, device)

@@ -169,8 +169,11 @@ class MatryoshkaModel(nn.Module):
         return self.decoder.norm(gather_rows(state.hidden, last))
 
     def score(self, state: LayerState) -> torch.Tensor:
-        """(B,) float32: the exit head on the final-norm'd last real token."""
-        return self.score_heads[str(state.depth)](self.exit_state(state)).squeeze(-1).float()
+        """(B,) float32: the exit head on the final-norm'd last real token, in the head's own dtype
+        (``MatryoshkaReranker`` keeps heads fp32 under a bf16 decoder: bf16 logits step by 0.25 at
+        |score| ~ 48 and tied most of a query's candidates at exit 8)."""
+        head = self.score_heads[str(state.depth)]
+        return head(self.exit_state(state).to(next(head.parameters()).dtype)).squeeze(-1).float()
 
     def compress(self, state: LayerState, ratio: int) -> LayerState:
         """Merges passage tokens in groups of ``ratio`` using the last token's attention at layer depth."""

@@ -72,6 +72,7 @@ class MatryoshkaReranker:
         if adapters:
             model = merge_adapters(model, adapters)
         self.model = model.to(self.device).eval()
+        self.model.score_heads.float()  # (hidden -> 1) per exit: fp32 scores even under a bf16 decoder
         self.batch_size = batch_size
         self.encoder = self.input_format.encoder(self.tokenizer)
         if self.encoder.longest > model.max_sequence_length:
