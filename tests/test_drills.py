@@ -96,7 +96,11 @@ def test_sigkill_during_teacher_scoring_resumes_shard_by_shard(tmp_path, llama_d
     for name in ("killed", "straight"):
         folder = tmp_path / name
         folder.mkdir()
-        params_file, params = tiny_project(folder, llama_dir, teacher__shard_size=2)
+        params_file, params = tiny_project(folder, llama_dir, teacher__shard_size=1)
+        # enough one-line shards that the scoring cannot finish between the first shard and the kill
+        # (with 3x the rows and 2-line shards a fast CPU wrote them all within the 20 ms poll)
+        write_jsonl(folder / "groups.jsonl", [{k: v for k, v in r.items() if not k.endswith("_scores")}
+                                              for r in TRAIN_ROWS * 30])
         (folder / "scored.jsonl").unlink()
         process = cli(params_file, "teacher-score")
         if name == "killed":
