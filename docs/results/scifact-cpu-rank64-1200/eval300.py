@@ -81,6 +81,9 @@ def main() -> None:
     subsets = {"all 300": [q.query_id for q in queries],
                "the first 100 (earlier tables)": [q.query_id for q in queries if q.query_id in first100],
                "the other 200 (new)": [q.query_id for q in queries if q.query_id not in first100]}
+    if args.against:  # read and evaluated once, compared on every subset
+        other_saved, other = load_scores(args.against, queries, qrels, ["nDCG@10"])
+        theirs_by_query = {k: scores_by_query(queries, f) for k, f in other_saved["scores"].items()}
     for label, ids in subsets.items():
         print(f"\n## {label}: {len(ids)} queries x 20 BM25 candidates (mean [95% CI]; vs BM25: paired, sign-flip p)")
         print("| system | nDCG@10 | RR@10 | R@10 | nDCG@10 - BM25 (p) | RR@10 - BM25 (p) | R@10 - BM25 (p) |")
@@ -104,12 +107,11 @@ def main() -> None:
                                              [systems[f"exit {deepest}"]["nDCG@10"][q] for q in ids], 0.95, args.resamples)
             print(f"exit {k} - exit {deepest}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] p {d.p_value:.3f}")
         if args.against:
-            other_saved, other = load_scores(args.against, queries, qrels, ["nDCG@10"])
             for k in sorted(saved["scores"], key=int):
                 theirs = other[k]["nDCG@10"]
                 d = statistics.paired_difference([systems[f"exit {k}"]["nDCG@10"][q] for q in ids],
                                                  [theirs[q] for q in ids], 0.95, args.resamples)
-                ours_q, theirs_q = (scores_by_query(queries, f[k]) for f in (saved["scores"], other_saved["scores"]))
+                ours_q, theirs_q = scores_by_query(queries, saved["scores"][k]), theirs_by_query[k]
                 rho = statistics.mean_interval([spearmanr(ours_q[q], theirs_q[q]).statistic for q in ids],
                                                0.95, args.resamples)
                 print(f"exit {k}: these scores - {args.against.name}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] "
