@@ -151,6 +151,11 @@ class TrainParams(Section):
     logging_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     deepspeed: str | None = "configs/deepspeed/zero1.json"  # null: plain Trainer
+    # bf16 mixed precision for a fp32 model (CPU): weights, optimizer state and score heads stay fp32, the
+    # forward/backward run under torch.autocast(bfloat16) (DeepSpeed's `torch_autocast`, or the Trainer's
+    # bf16 without DeepSpeed), the probe's forward passes too. On CPUs with AMX-BF16 a step is ~1.4x faster
+    # (benchmarks/bench_train_dtype.py); on CPUs without AMX it is slower. No effect on a bf16 model (GPU).
+    bf16_autocast: bool = False
     lora: LoraParams = LoraParams()
     seed: int = 42
     # keep: heads as the model has them ("Yes" row of a raw LM; trained heads of a merged model);

@@ -169,11 +169,14 @@ class MatryoshkaModel(nn.Module):
         return self.decoder.norm(gather_rows(state.hidden, last))
 
     def score(self, state: LayerState) -> torch.Tensor:
-        """(B,) float32: the exit head on the final-norm'd last real token, in the head's own dtype
-        (``MatryoshkaReranker`` keeps heads fp32 under a bf16 decoder: bf16 logits step by 0.25 at
-        |score| ~ 48 and tied most of a query's candidates at exit 8)."""
+        """(B,) float32: the exit head on the final-norm'd last real token, in the head's own dtype and
+        outside any autocast (``MatryoshkaReranker`` keeps heads fp32 under a bf16 decoder, bf16-autocast
+        training keeps them fp32 too: bf16 logits step by 0.25 at |score| ~ 48 and tied most of a
+        query's candidates at exit 8)."""
         head = self.score_heads[str(state.depth)]
-        return head(self.exit_state(state).to(next(head.parameters()).dtype)).squeeze(-1).float()
+        x = self.exit_state(state)  # (B, D)
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast training: fp32 logits all the same
+            return head(x.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
     def compress(self, state: LayerState, ratio: int) -> LayerState:
         """Merges passage tokens in groups of ``ratio`` using the last token's attention at layer depth."""

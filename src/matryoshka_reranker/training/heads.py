@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def last_token_states(model: MatryoshkaModel, encoder: PairEncoder, pairs: Sequence[tuple[str, str]],
-                      batch_size: int = 16) -> torch.Tensor:
-    """(N, L, D) float32: every exit's final-norm'd last-token state for each pair (one pass)."""
+                      batch_size: int = 16, bf16_autocast: bool = False) -> torch.Tensor:
+    """(N, L, D) float32: every exit's final-norm'd last-token state for each pair (one pass), under
+    bf16 autocast when training runs under it (the heads are then fitted on the states they will read)."""
     encoded = encoder.encode_many(pairs)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # less padding
     exits = model.exit_layers
@@ -44,8 +45,9 @@ def last_token_states(model: MatryoshkaModel, encoder: PairEncoder, pairs: Seque
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in encoder.collate([encoded[i] for i in rows]).items()}
-        state = model.embed(batch["input_ids"], batch["attention_mask"])
-        _, found = model.advance(state, exits[-1], set(exits), states=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+            state = model.embed(batch["input_ids"], batch["attention_mask"])
+            _, found = model.advance(state, exits[-1], set(exits), states=True)
         for j, k in enumerate(exits):
             out[rows, j] = found[k].float().cpu()
     return out
@@ -81,13 +83,14 @@ def fit_listwise(features: torch.Tensor, teacher: torch.Tensor | None, l2: float
 
 
 def probe_heads(model: MatryoshkaModel, encoder: PairEncoder, examples: Sequence[TrainingExample], queries: int,
-                group_size: int, seed: int, l2: float, use_teacher: bool, temperature: float = 1.0) -> dict:
+                group_size: int, seed: int, l2: float, use_teacher: bool, temperature: float = 1.0,
+                bf16_autocast: bool = False) -> dict:
     """Fits and sets every exit's head in place; returns a small log (queries, seconds, train accuracy)."""
     started = time.perf_counter()
     dataset = GroupDataset(list(examples)[:queries] if queries else list(examples), group_size, seed)
     groups = [dataset[i] for i in range(len(dataset))]
     pairs = [(g.query, p) for g in groups for p in g.passages]
-    states = last_token_states(model, encoder, pairs).view(len(groups), group_size, len(model.exit_layers), -1)
+    states = last_token_states(model, encoder, pairs, bf16_autocast=bf16_autocast).view(len(groups), group_size, len(model.exit_layers), -1)
     teacher = None
     if use_teacher and all(g.teacher_scores is not None for g in groups):
         teacher = torch.tensor([g.teacher_scores for g in groups], dtype=torch.float32)

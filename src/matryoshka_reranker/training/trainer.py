@@ -313,12 +313,28 @@ class AdapterRun:
     callbacks: list[TrainerCallback] = field(default_factory=list)
 
 
+def bf16_autocast(train: TrainParams, dtype: torch.dtype) -> bool:
+    """Whether this run computes under bf16 autocast: asked for, and the model is fp32."""
+    return train.bf16_autocast and dtype == torch.float32
+
+
 def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    """The Trainer's arguments. ``train.bf16_autocast`` on a fp32 model: DeepSpeed's ``torch_autocast``
+    (fp32 weights and ZeRO partitions, bf16 compute) added to its config, or the Trainer's ``bf16``
+    (autocast through accelerate) without DeepSpeed; DeepSpeed's own ``bf16`` mode would cast every
+    weight, trainable ones and score heads included, to bf16."""
     deepspeed = None
+    autocast = bf16_autocast(train, dtype)
+    if train.bf16_autocast and not autocast:
+        log.info("bf16_autocast: the model is already %s; training runs in it", dtype)
     if train.deepspeed:
-        deepspeed = str(Path(train.deepspeed))
-        if not Path(deepspeed).exists():
-            raise FileNotFoundError(f"DeepSpeed config {deepspeed} does not exist")
+        path = Path(train.deepspeed)
+        if not path.exists():
+            raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+        deepspeed = str(path)
+        if autocast:
+            deepspeed = {**json.loads(path.read_text(encoding="utf-8")),
+                         "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
         ensure_distributed_env()
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -334,7 +350,7 @@ def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dt
         save_steps=train.save_steps,
         save_total_limit=1,  # rotated only after the new checkpoint is complete
         seed=train.seed,
-        bf16=dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16 or (autocast and not deepspeed),
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed,
@@ -359,6 +375,7 @@ def train_adapter(run: AdapterRun) -> dict:
     if too_deep:
         raise ValueError(f"lora.layer_ranks names layer(s) {too_deep}; the model has {run.model.num_layers}")
     dtype = next(run.model.parameters()).dtype
+    launcher_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED")  # TrainingArguments sets it for DeepSpeed
     args = training_arguments(run.train, run.checkpoint_dir, dtype)
     fingerprint = {**run.fingerprint, "stage": run.stage, "world_size": args.world_size}
     with args.main_process_first(desc="checkpoint check"):
@@ -370,7 +387,8 @@ def train_adapter(run: AdapterRun) -> dict:
     if run.train.head_init == "probe" and not resume:  # a resumed run restores its trained heads
         probe = probe_heads(run.model, run.encoder, run.examples, run.train.probe_queries,
                             run.train.train_group_size, run.train.seed, run.train.probe_l2,
-                            use_teacher=method.needs_teacher_scores, temperature=method.temperature)
+                            use_teacher=method.needs_teacher_scores, temperature=method.temperature,
+                            bf16_autocast=bf16_autocast(run.train, dtype))
     model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size, run.train.layer_weights)
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -400,7 +418,7 @@ def train_adapter(run: AdapterRun) -> dict:
         }
         _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
     finally:
-        _release_trainer_state(trainer)
+        _release_trainer_state(trainer, launcher_deepspeed)
     return summary
 
 
@@ -434,8 +452,10 @@ def _describe_adapter(config_file: Path, base_name: str) -> None:
     write_json(config_file, config)
 
 
-def _release_trainer_state(trainer: Trainer) -> None:
-    """Lets a later training in the same process start clean (DeepSpeed/accelerate singletons)."""
+def _release_trainer_state(trainer: Trainer, launcher_deepspeed: str | None) -> None:
+    """Lets a later training in the same process start clean (DeepSpeed/accelerate singletons, and
+    ``ACCELERATE_USE_DEEPSPEED`` as it was before: left set, a later run without DeepSpeed but with
+    bf16 autocast took accelerate's DeepSpeed route and had its fp32 weights cast to bf16)."""
     from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -443,6 +463,10 @@ def _release_trainer_state(trainer: Trainer) -> None:
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    if launcher_deepspeed is None:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    else:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = launcher_deepspeed
 
 
 # -------------------------------------------------------------------------- the pipeline stage
