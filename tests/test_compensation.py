@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,51 @@ def test_same_layer_token_adapter_trains_under_deepspeed(trained, tmp_path):
     log = compensate(ours, only=["token-ratio-2"])["token-ratio-2"]
     assert log["steps"] == 8 and log["train_method"] == "same_layer" and log["deepspeed"] == token.deepspeed
     assert distance(True) != pytest.approx(before, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_serve_pipeline_serves_the_trained_stack_per_ratio(trained, tmp_path):
+    """``matryoshka serve --pipeline params.yaml``: the PyTorch backend over ``from_pipeline`` per ratio
+    (a real uvicorn process), scores equal to ``from_pipeline``'s at each exit and ratio."""
+    import subprocess
+    import sys
+
+    import httpx
+    import yaml
+
+    from tests.test_server import free_port
+
+    params, _ = trained
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))  # run where no export lies
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "matryoshka_reranker.cli", "serve", "--pipeline", "params.yaml",
+                                "--ratios", "1", "--ratios", "2", "--layers", "2", "--layers", "4", "--dtype", "float32",
+                                "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            process.kill()
+            raise AssertionError(process.communicate()[0][-3000:])
+        query, texts = PAIRS[0][0], [p for _, p in PAIRS]
+        for ratio in (1, 2):
+            reranker = MatryoshkaReranker.from_pipeline(params, ratio=ratio, dtype="float32")
+            for exit_layer in (2, 4):
+                body = {"query": query, "texts": texts, "raw_scores": True, "exit_layer": exit_layer, "ratio": ratio,
+                        "truncate": True}  # the passages are over the tiny format's 20 tokens
+                response = httpx.post(f"{url}/rerank", json=body)
+                assert response.status_code == 200, response.text
+                got = {r["index"]: r["score"] for r in response.json()}
+                want = reranker.compute_score([(query, t) for t in texts], cutoff_layers=exit_layer)
+                assert [got[i] for i in range(len(texts))] == pytest.approx(want, abs=1e-5), (exit_layer, ratio)
+        refused = httpx.post(f"{url}/rerank", json={"query": query, "texts": texts, "exit_layer": 3, "truncate": True})
+        assert refused.status_code == 422  # only --layers 2 4 are served
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -262,3 +262,45 @@ def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
         "v1", [exported / f"ratio-{ratios[0]}"]))
     assert OnnxReranker.from_release("v1", exit_layer=2, ratio=2).exit_layer == 2
     assert OnnxReranker.from_release("v1", ratio=1).exit_layer == 3
+
+
+# ---------------------------------------------------------------- the PyTorch backend (`serve --pipeline`)
+def test_pytorch_backend_answers_like_the_onnx_export(exported, llama_dir):
+    """``TorchPool``: the same API over ``MatryoshkaReranker``s, one per ratio, every exit; raw scores equal
+    the ONNX export of the same model (fp32), probabilities use the export's Platt calibration."""
+    from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+    from matryoshka_reranker.serving.server import TorchPool
+
+    fmt = InputFormat(query_max_len=16, passage_max_len=16)
+    rerankers = {1: MatryoshkaReranker(llama_dir, start_layer=1, input_format=fmt, dtype="float32"),
+                 2: MatryoshkaReranker(llama_dir, start_layer=1, input_format=fmt, dtype="float32",
+                                       compress_layers=[2], compress_ratio=2)}
+    calibration = {"a": 0.5, "b": -1.0}
+    options = ServerOptions(max_texts=5)
+    pool = TorchPool(rerankers, options, exit_layers=[2, 3], calibrations={(3, 1): calibration})
+    assert sorted(pool.configs) == [(2, 1), (2, 2), (3, 1), (3, 2)] and pool.default == (3, 1)
+    server, thread, url = run_in_thread(create_app(pool, options))
+    try:
+        for exit_layer, ratio in [(2, 1), (3, 2), (2, 2), (None, None)]:
+            body = {"query": QUERY, "texts": TEXTS, "raw_scores": True, "exit_layer": exit_layer, "ratio": ratio}
+            got = {r["index"]: r["score"] for r in httpx.post(f"{url}/rerank", json=body).json()}
+            want = OnnxReranker(exported / f"ratio-{ratio or 1}", exit_layer or 3).compute_score(
+                [(QUERY, t) for t in TEXTS])
+            assert [got[i] for i in range(3)] == pytest.approx(want, abs=1e-4), (exit_layer, ratio)
+        raw = OnnxReranker(exported / "ratio-1", 3).compute_score([(QUERY, t) for t in TEXTS])
+        ranked = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+        expected = 1 / (1 + np.exp(-(0.5 * np.array(raw) - 1.0)))
+        assert sorted(r["score"] for r in ranked) == pytest.approx(sorted(expected), abs=1e-5)
+        response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "exit_layer": 4})
+        assert response.status_code == 422 and "(exit_layer=3, ratio=2)" in response.json()["error"]
+        long = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": ["word " * 40]})
+        assert long.status_code == 413 and "texts[0]" in long.json()["error"]  # the model's own token budget
+        info = httpx.get(f"{url}/info").json()
+        assert {c["backend"] for c in info["configs"]} == {"pytorch"} and info["input_format"]["passage_max_len"] == 16
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    with pytest.raises(ValueError, match="no head at exit layer"):
+        TorchPool(rerankers, options, exit_layers=[9])
+    with pytest.raises(ValueError, match="no compression layers"):
+        TorchPool({2: rerankers[1]}, options)

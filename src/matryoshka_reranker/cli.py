@@ -612,8 +612,12 @@ def serve(
     models: Annotated[Optional[Path], typer.Option(help="export folder with index.json (e.g. models/onnx)")] = None,
     version: Annotated[Optional[str], typer.Option(help="serve a release instead: vYYYY.MMDD.N or latest")] = None,
     repo: Annotated[str, typer.Option(help="with --version: git URL or path of the project")] = ".",
+    pipeline: Annotated[Optional[Path], typer.Option(
+        help="serve the pipeline's trained PyTorch model instead (its params.yaml): bf16 on GPUs and AMX CPUs")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="with --pipeline: auto (default), float32 or bfloat16")] = None,
     layers: Annotated[Optional[list[int]], typer.Option(help="exit layers to serve (default all)")] = None,
-    ratios: Annotated[Optional[list[int]], typer.Option(help="with --version: ratios to fetch (default all)")] = None,
+    ratios: Annotated[Optional[list[int]], typer.Option(
+        help="with --version: ratios to fetch; with --pipeline: ratios to load (default export.ratios)")] = None,
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
     port: int = 8080,
     max_texts: Annotated[int, typer.Option(help="texts per request")] = 1000,
@@ -623,13 +627,19 @@ def serve(
     workers: Annotated[int, typer.Option(help="threads running sessions")] = 1,
 ) -> None:
     """Serve exported models over HTTP: TEI-compatible POST /rerank, with exit_layer and ratio per request."""
-    from .serving.server import ServerOptions
+    from .serving.server import ServerOptions, pipeline_pool
     from .serving.server import serve as run_server
 
-    if (models is None) == (version is None):
-        raise ValueError("give --models DIR or --version V (with --repo)")
+    if sum(x is not None for x in (models, version, pipeline)) != 1:
+        raise ValueError("give one of --models DIR, --version V (with --repo) or --pipeline params.yaml")
+    if dtype is not None and pipeline is None:
+        raise ValueError("--dtype applies to --pipeline (ONNX exports have their own dtype)")
     options = ServerOptions(max_texts=max_texts, max_queue=max_queue, batch_window_ms=batch_window_ms,
                             threads=threads, workers=workers)
+    if pipeline is not None:
+        pool = pipeline_pool(pipeline, ratios=ratios, exit_layers=layers, options=options, dtype=dtype)
+        run_server(pool, host=host, port=port, options=options)
+        return
     source = models
     if version is not None:
         from .release.registry import fetch_release

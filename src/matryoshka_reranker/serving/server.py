@@ -14,7 +14,13 @@ Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension
 * ``GET /health``, ``GET /info`` (model, version, exits x ratios, calibration, limits),
   ``GET /metrics`` (Prometheus text: requests and latency histogram per config, queue depth).
 
-How it serves: one ONNX Runtime session per (exit, ratio), loaded on first use; the exits of a
+Two backends behind the same API. ``ModelPool`` (``--models`` / ``--version``): the exported ONNX graphs,
+what a release carries. ``TorchPool`` (``--pipeline``): the pipeline's trained PyTorch model, one
+``MatryoshkaReranker`` per ratio serving every exit of it; on CPUs with AMX-BF16 it scores in bf16,
+2.0-2.7x ONNX Runtime fp32 there (whose CPU provider has no bf16: README, "bf16 on AMX CPUs"), and on
+a GPU in bf16 too; its probabilities use the export's Platt calibration when the export is there.
+
+How the ONNX backend serves: one ONNX Runtime session per (exit, ratio), loaded on first use; the exits of a
 ratio share one weights file (their folder's ``weights.bin``), so their sessions are given the same
 memory-mapped initializers (ONNX Runtime's ``add_initializer``) and the weights are in memory once
 per ratio. Requests for a
@@ -189,6 +195,81 @@ def mapped_initializers(model_file: Path) -> dict:
         values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
     values["__keepalive__"] = maps  # the memmaps must outlive the sessions
     return values
+
+
+class TorchConfig:
+    """One (exit, ratio) of a ``TorchPool``: what the server asks of a loaded config (``compute_score``,
+    ``encoder``, ``manifest``), backed by the ratio's ``MatryoshkaReranker``."""
+
+    def __init__(self, reranker, exit_layer: int, ratio: int, calibration: dict | None, batch_size: int):
+        self.reranker, self.exit_layer, self.ratio, self.batch_size = reranker, exit_layer, ratio, batch_size
+        self.encoder = reranker.encoder
+        self.manifest = {"calibration": calibration} if calibration else {}
+
+    def compute_score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return self.reranker.compute_score(list(pairs), cutoff_layers=[self.exit_layer], compress_ratio=self.ratio,
+                                           batch_size=self.batch_size)
+
+
+class TorchPool(ModelPool):
+    """The PyTorch backend: ``{ratio: MatryoshkaReranker}`` (e.g. ``MatryoshkaReranker.from_pipeline(params,
+    ratio)``), each scoring at its own compression; every exit of ``exit_layers`` (default: every exit
+    the model has a head for) is served at every ratio. ``calibrations``: ``{(exit, ratio): Platt (a, b)}``
+    from an export of the same model; configs without one answer ``raw_scores: false`` with a sigmoid."""
+
+    def __init__(self, rerankers: dict, options: ServerOptions = ServerOptions(), version: str | None = None,
+                 exit_layers: Sequence[int] | None = None, calibrations: dict | None = None, source: str = ""):
+        if not rerankers:
+            raise ServerInputError("models", "no PyTorch model to serve")
+        self.options, self.version, self.rerankers = options, version, dict(rerankers)
+        first = next(iter(self.rerankers.values()))
+        for ratio, reranker in self.rerankers.items():
+            if ratio > 1 and not reranker.compress_layers:
+                raise ServerInputError("ratios", f"the ratio-{ratio} model has no compression layers to merge at")
+        exits = list(first.exit_layers) if exit_layers is None else sorted(set(exit_layers))
+        unknown = sorted(set(exits) - set(first.exit_layers))
+        if unknown or not exits:
+            raise ServerInputError("exit_layer", f"the model has no head at exit layer(s) {unknown or exits}; "
+                                                 f"it has {first.exit_layers}")
+        self.folder = Path(source or first.model_path)
+        self.index = {"input_format": first.input_format.to_dict(), "source_model": source or str(first.model_path)}
+        calibrations = calibrations or {}
+        self.configs = {(k, r): TorchConfig(reranker, k, r, calibrations.get((k, r)), options.max_batch_pairs)
+                        for r, reranker in sorted(self.rerankers.items()) for k in exits}
+        self._loaded = self.configs  # every config is ready: the models were loaded at construction
+        ratio_1 = any(r == 1 for _, r in self.configs)
+        deepest = max(k for k, r in self.configs if r == 1 or not ratio_1)
+        self.default = (deepest, 1 if ratio_1 else min(self.rerankers))
+
+    def get(self, key: tuple[int, int]) -> TorchConfig:
+        return self.configs[key]
+
+    def describe(self) -> list[dict]:
+        return [{"name": config_name(k, r), "exit_layer": k, "ratio": r, "loaded": True, "backend": "pytorch",
+                 "dtype": str(c.reranker.dtype).removeprefix("torch."), "calibration": c.manifest.get("calibration")}
+                for (k, r), c in sorted(self.configs.items())]
+
+
+def pipeline_pool(params, ratios: Sequence[int] | None = None, exit_layers: Sequence[int] | None = None,
+                  options: ServerOptions = ServerOptions(), dtype: str | None = None) -> TorchPool:
+    """A ``TorchPool`` of the pipeline's trained model: ``from_pipeline`` per ratio (default: the exported
+    ratios, ``export.ratios``), the exits ``export.exit_layers`` unless given, and the export's Platt
+    calibrations where ``paths.onnx`` holds an export."""
+    from ..config import Params, load_params
+    from .reranker import MatryoshkaReranker
+
+    params = params if isinstance(params, Params) else load_params(params)
+    ratios = list(ratios or params.export.ratios)
+    exits = list(exit_layers or params.export.exit_layers)
+    calibrations = {}
+    if (Path(params.paths.onnx) / "index.json").is_file():
+        for config in read_index(params.paths.onnx):
+            if config.variant is None and config.ratio in ratios:
+                calibrations[config.exit_layer, config.ratio] = config_manifest(config).get("calibration")
+    rerankers = {r: MatryoshkaReranker.from_pipeline(params, ratio=r, **({"dtype": dtype} if dtype else {}))
+                 for r in ratios}
+    return TorchPool(rerankers, options, exit_layers=exits, calibrations=calibrations,
+                     source=str(params.model.name_or_path))
 
 
 # --------------------------------------------------------------------------------- batching
@@ -388,14 +469,15 @@ def probabilities(pool: ModelPool, key: tuple[int, int], scores: np.ndarray) -> 
     return calibrated_probability(pool.get(key).manifest.get("calibration"), scores)
 
 
-def serve(models: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
+def serve(models: str | os.PathLike | ModelPool, host: str = "127.0.0.1", port: int = 8080,
           options: ServerOptions = ServerOptions(), version: str | None = None,
           graceful_seconds: float = 30.0, exit_layers: Sequence[int] | None = None) -> None:
-    """Runs the server until SIGTERM/SIGINT (in-flight requests finish first)."""
+    """Runs the server until SIGTERM/SIGINT (in-flight requests finish first). ``models``: an export
+    folder, a list of exported model folders, or a ready pool (``pipeline_pool`` for PyTorch)."""
     import uvicorn
 
-    pool = ModelPool(models, options, version, exit_layers)
-    log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs), models,
-             host, port, *pool.default)
+    pool = models if isinstance(models, ModelPool) else ModelPool(models, options, version, exit_layers)
+    log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs),
+             pool.folder if isinstance(models, ModelPool) else models, host, port, *pool.default)
     uvicorn.run(create_app(pool, options), host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=graceful_seconds)
