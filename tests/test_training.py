@@ -241,11 +241,13 @@ class RecordDtypes(TrainerCallback):
     """At the first step: the dtype of every trainable weight, and of a decoder projection's output."""
 
     def __init__(self):
-        self.weights, self.compute = {}, set()
+        self.weights, self.compute, self.reduce = {}, set(), set()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self.weights = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+            # DeepSpeed reduces a gradient in its parameter's ``comm_dtype`` when torch_autocast set one
+            self.reduce = {getattr(p, "comm_dtype", p.dtype) for p in model.parameters() if p.requires_grad}
             proj = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
             self.hook = proj.register_forward_hook(lambda module, inputs, output: self.compute.add(output.dtype))
 
@@ -262,13 +264,15 @@ def test_bf16_autocast_trains_fp32_weights_with_bf16_compute(tmp_path, scored, l
     the decoder's GEMMs run in bf16, the heads' logits in fp32, and the run learns."""
     params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=deepspeed, self_distill__max_steps=6,
                          self_distill__save_steps=6, self_distill__learning_rate=0.05,
-                         self_distill__per_device_batch_size=3, self_distill__bf16_autocast=True)
+                         self_distill__per_device_batch_size=3, self_distill__bf16_autocast=True,
+                         self_distill__head_init="probe")
     batch = fixed_batch(params, tokenizer)
     before = ranking_loss(load_base(params)[0], params, batch)
     dtypes, capture = RecordDtypes(), CaptureScores(batch)
     summary = self_distill(params, callbacks=[dtypes, capture])
-    assert summary["steps"] == 6 and summary["dtype"] == "float32"
-    assert dtypes.weights and set(dtypes.weights.values()) == {torch.float32}
+    assert summary["steps"] == 6 and summary["dtype"] == "float32" and summary["bf16_autocast"] is True
+    assert summary["head_init"]["groups"] > 0  # the probe's forward passes ran under autocast too
+    assert dtypes.weights and set(dtypes.weights.values()) == {torch.float32} and dtypes.reduce == {torch.float32}
     assert any("score_heads" in n for n in dtypes.weights)
     assert dtypes.compute == {torch.bfloat16}
     reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])

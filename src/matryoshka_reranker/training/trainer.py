@@ -333,8 +333,10 @@ def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dt
             raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
         deepspeed = str(path)
         if autocast:
+            # no "lower precision safe" modules: DeepSpeed's default list (nn.Linear) would reduce the
+            # LoRA and head gradients in bf16; here only the forward/backward compute is bf16
             deepspeed = {**json.loads(path.read_text(encoding="utf-8")),
-                         "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+                         "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
         ensure_distributed_env()
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -363,7 +365,22 @@ def training_arguments(train: TrainParams, checkpoint_dir: Path, dtype: torch.dt
 
 
 def train_adapter(run: AdapterRun) -> dict:
-    """Trains one LoRA adapter and saves it atomically to ``run.output_dir``; returns its log."""
+    """Trains one LoRA adapter and saves it atomically to ``run.output_dir``; returns its log.
+
+    ``ACCELERATE_USE_DEEPSPEED`` (set by TrainingArguments for DeepSpeed) is put back as it was, even
+    when the run fails: left set, a later run in this process without DeepSpeed but with bf16 autocast
+    took accelerate's DeepSpeed route and had its fp32 weights cast to bf16."""
+    launcher_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    try:
+        return _train_adapter(run)
+    finally:
+        if launcher_deepspeed is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = launcher_deepspeed
+
+
+def _train_adapter(run: AdapterRun) -> dict:
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -375,7 +392,6 @@ def train_adapter(run: AdapterRun) -> dict:
     if too_deep:
         raise ValueError(f"lora.layer_ranks names layer(s) {too_deep}; the model has {run.model.num_layers}")
     dtype = next(run.model.parameters()).dtype
-    launcher_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED")  # TrainingArguments sets it for DeepSpeed
     args = training_arguments(run.train, run.checkpoint_dir, dtype)
     fingerprint = {**run.fingerprint, "stage": run.stage, "world_size": args.world_size}
     with args.main_process_first(desc="checkpoint check"):
@@ -412,13 +428,14 @@ def train_adapter(run: AdapterRun) -> dict:
             "resumed_from": str(resume) if resume else None, "wall_seconds": round(time.perf_counter() - started, 2),
             "exit_layers": run.model.exit_layers, "world_size": args.world_size,
             "deepspeed": run.train.deepspeed, "dtype": str(dtype).removeprefix("torch."),
+            "bf16_autocast": bf16_autocast(run.train, dtype),
             "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
             "head_init": probe, "snapshots": snapshots.steps_saved(),
             "log_history": history,
         }
         _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
     finally:
-        _release_trainer_state(trainer, launcher_deepspeed)
+        _release_trainer_state(trainer)
     return summary
 
 
@@ -452,10 +469,8 @@ def _describe_adapter(config_file: Path, base_name: str) -> None:
     write_json(config_file, config)
 
 
-def _release_trainer_state(trainer: Trainer, launcher_deepspeed: str | None) -> None:
-    """Lets a later training in the same process start clean (DeepSpeed/accelerate singletons, and
-    ``ACCELERATE_USE_DEEPSPEED`` as it was before: left set, a later run without DeepSpeed but with
-    bf16 autocast took accelerate's DeepSpeed route and had its fp32 weights cast to bf16)."""
+def _release_trainer_state(trainer: Trainer) -> None:
+    """Lets a later training in the same process start clean (DeepSpeed/accelerate singletons)."""
     from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -463,10 +478,6 @@ def _release_trainer_state(trainer: Trainer, launcher_deepspeed: str | None) -> 
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    if launcher_deepspeed is None:
-        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    else:
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = launcher_deepspeed
 
 
 # -------------------------------------------------------------------------- the pipeline stage
