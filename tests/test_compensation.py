@@ -206,7 +206,9 @@ def test_serve_pipeline_serves_the_trained_stack_per_ratio(trained, tmp_path):
                                text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        for _ in range(1200):
+            if process.poll() is not None:
+                raise AssertionError(process.communicate()[0][-3000:])  # the server died: its output says why
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -231,3 +233,37 @@ def test_serve_pipeline_serves_the_trained_stack_per_ratio(trained, tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.mark.slow
+def test_served_probabilities_use_the_export_calibration_only_for_the_adapters_it_was_made_from(trained, tmp_path,
+                                                                                               caplog):
+    """``serve --pipeline`` reads Platt (a, b) from ``paths.onnx`` per (exit, ratio), and refuses it (plain
+    sigmoid, a warning) for a ratio whose adapters changed since the export: stale calibrations would
+    answer with wrong probabilities."""
+    from matryoshka_reranker.pipeline.calibration import CalibrationSet
+    from matryoshka_reranker.pipeline.export import ExportOptions, export_models
+    from matryoshka_reranker.serving.server import export_calibrations
+
+    params, _ = trained
+    labelled = CalibrationSet(query_ids=("q1",), pairs=tuple(PAIRS * 2), labels=(1, 0, 0, 1))
+    onnx = tmp_path / "onnx"
+    export_models(params.model.name_or_path, onnx, [2, 4], [1, 2], params.compression.layers,
+                  adapters=params.adapter_stack, options=ExportOptions(start_layer=1, calibration=labelled,
+                                                                       input_format=params.model.input_format))
+    exported = params.model_copy(update={"paths": params.paths.model_copy(update={"onnx": str(onnx)})})
+    calibrations = export_calibrations(exported, [1, 2])
+    assert sorted(calibrations) == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    assert all({"a", "b"} <= set(c) for c in calibrations.values())
+
+    token = tmp_path / "token-ratio-2"  # the ratio-2 token adapter retrained after the export
+    shutil.copytree(Path(params.paths.compensation) / "token-ratio-2", token)
+    with open(token / "adapter_model.safetensors", "ab") as f:
+        f.write(b"retrained")
+    compensation = tmp_path / "compensation"
+    compensation.mkdir()
+    (compensation / "layer").symlink_to(Path(params.paths.compensation) / "layer")
+    (compensation / "token-ratio-2").symlink_to(token)
+    retrained = exported.model_copy(update={"paths": exported.paths.model_copy(update={"compensation": str(compensation)})})
+    assert sorted(export_calibrations(retrained, [1, 2])) == [(2, 1), (4, 1)]
+    assert "ratio(s) [2] were exported from other adapters" in caplog.text

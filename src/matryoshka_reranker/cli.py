@@ -615,7 +615,8 @@ def serve(
     pipeline: Annotated[Optional[Path], typer.Option(
         help="serve the pipeline's trained PyTorch model instead (its params.yaml): bf16 on GPUs and AMX CPUs")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="with --pipeline: auto (default), float32 or bfloat16")] = None,
-    layers: Annotated[Optional[list[int]], typer.Option(help="exit layers to serve (default all)")] = None,
+    layers: Annotated[Optional[list[int]], typer.Option(
+        help="exit layers to serve (default: all exported; with --pipeline export.exit_layers)")] = None,
     ratios: Annotated[Optional[list[int]], typer.Option(
         help="with --version: ratios to fetch; with --pipeline: ratios to load (default export.ratios)")] = None,
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
@@ -623,7 +624,8 @@ def serve(
     max_texts: Annotated[int, typer.Option(help="texts per request")] = 1000,
     max_queue: Annotated[int, typer.Option(help="queued requests per config before 429")] = 64,
     batch_window_ms: Annotated[float, typer.Option(help="micro-batching window")] = 2.0,
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads per session")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="ONNX Runtime intra-op threads per session (--pipeline: PyTorch's threads)")] = None,
     workers: Annotated[int, typer.Option(help="threads running sessions")] = 1,
 ) -> None:
     """Serve exported models over HTTP: TEI-compatible POST /rerank, with exit_layer and ratio per request."""

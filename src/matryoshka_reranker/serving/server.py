@@ -226,6 +226,9 @@ class TorchPool(ModelPool):
         for ratio, reranker in self.rerankers.items():
             if ratio > 1 and not reranker.compress_layers:
                 raise ServerInputError("ratios", f"the ratio-{ratio} model has no compression layers to merge at")
+            if reranker.compress_ratio not in (1, ratio):
+                raise ServerInputError("ratios", f"the model given for ratio {ratio} was set up for ratio "
+                                                 f"{reranker.compress_ratio} (its token adapter)")
         exits = list(first.exit_layers) if exit_layers is None else sorted(set(exit_layers))
         unknown = sorted(set(exits) - set(first.exit_layers))
         if unknown or not exits:
@@ -261,15 +264,46 @@ def pipeline_pool(params, ratios: Sequence[int] | None = None, exit_layers: Sequ
     params = params if isinstance(params, Params) else load_params(params)
     ratios = list(ratios or params.export.ratios)
     exits = list(exit_layers or params.export.exit_layers)
-    calibrations = {}
-    if (Path(params.paths.onnx) / "index.json").is_file():
-        for config in read_index(params.paths.onnx):
-            if config.variant is None and config.ratio in ratios:
-                calibrations[config.exit_layer, config.ratio] = config_manifest(config).get("calibration")
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
     rerankers = {r: MatryoshkaReranker.from_pipeline(params, ratio=r, **({"dtype": dtype} if dtype else {}))
                  for r in ratios}
-    return TorchPool(rerankers, options, exit_layers=exits, calibrations=calibrations,
+    return TorchPool(rerankers, options, exit_layers=exits, calibrations=export_calibrations(params, ratios),
                      source=str(params.model.name_or_path))
+
+
+def export_calibrations(params, ratios: Sequence[int]) -> dict[tuple[int, int], dict]:
+    """{(exit, ratio): Platt (a, b)} of the pipeline's export (``paths.onnx``), for the ratios whose export
+    was made from the very adapters ``from_pipeline`` loads (same files by sha256, same compression
+    layers); a ratio exported from other adapters (retrained, not re-exported) or an unreadable export
+    gets none (a plain sigmoid) and a warning: a stale calibration would answer with wrong probabilities."""
+    from ..core.atomic import sha256_file
+
+    folder = Path(params.paths.onnx)
+    if not (folder / "index.json").is_file():
+        return {}
+    calibrations, stale = {}, set()
+    try:
+        configs = [c for c in read_index(folder) if c.variant is None and c.ratio in ratios]
+        current = {r: [sha256_file(p / "adapter_model.safetensors") if (p / "adapter_model.safetensors").is_file()
+                       else None for p in params.adapter_stack(r)] for r in ratios}
+        for config in configs:
+            manifest = config_manifest(config)
+            exported = [a.get("sha256") for a in manifest.get("adapters", [])]
+            layers = list(manifest.get("compression", {}).get("layers", []))
+            if exported != current[config.ratio] or (config.ratio > 1 and layers != list(params.compression.layers)):
+                stale.add(config.ratio)
+            elif manifest.get("calibration"):
+                calibrations[config.exit_layer, config.ratio] = manifest["calibration"]
+    except Exception as err:  # noqa: BLE001 - calibration is optional: serve with a sigmoid rather than not at all
+        log.warning("%s: cannot read the export's calibration (%s); probabilities are a plain sigmoid", folder, err)
+        return {}
+    if stale:
+        log.warning("%s: ratio(s) %s were exported from other adapters than the ones served; their probabilities "
+                    "are a plain sigmoid (re-run the export stage for calibrated ones)", folder, sorted(stale))
+    return {k: v for k, v in calibrations.items() if k[1] not in stale}
 
 
 # --------------------------------------------------------------------------------- batching
