@@ -4,9 +4,10 @@ Training: bf16 on a GPU, fp32 on CPU. Scoring (``pick_inference_dtype``): bf16 o
 with AMX-BF16 tiles (Intel Sapphire Rapids and later), fp32 on other CPUs. Measured on a 2-core
 AMX Xeon (``benchmarks/bench_attention.py``, ``bench_onnx.py``; README "Speed", "bf16 on AMX CPUs"):
 a bf16 GEMM of the model's MLP shape runs ~8x a fp32 one, scoring 2.4-3.5x, the ranking kept; on
-the earlier AVX2 machine (no AMX) bf16 was ~3x *slower* than fp32. A training step gains only
-~1.3x on AMX (``benchmarks/bench_train_dtype.py``: its non-GEMM work and the casts dominate), so
-training stays fp32 on every CPU.
+the earlier AVX2 machine (no AMX) bf16 was ~3x *slower* than fp32. A training step gains
+1.4-1.5x on AMX (``benchmarks/bench_train_dtype.py``: its non-GEMM work and the casts dominate), so
+training stays fp32 on every CPU by default, machine-independent; ``bf16_autocast: true`` in a
+training section opts in (fp32 weights, bf16 GEMMs; ``training/trainer.py``).
 """
 
 from __future__ import annotations
