@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import shutil
 from pathlib import Path
 
@@ -195,7 +194,7 @@ def test_serve_pipeline_serves_the_trained_stack_per_ratio(trained, tmp_path):
     import httpx
     import yaml
 
-    from tests.test_server import free_port
+    from tests.test_server import free_port, wait_until_healthy
 
     params, _ = trained
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))  # run where no export lies
@@ -206,17 +205,7 @@ def test_serve_pipeline_serves_the_trained_stack_per_ratio(trained, tmp_path):
                                text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):
-            if process.poll() is not None:
-                raise AssertionError(process.communicate()[0][-3000:])  # the server died: its output says why
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            process.kill()
-            raise AssertionError(process.communicate()[0][-3000:])
+        wait_until_healthy(process, url, tries=1200)  # two merged models to load
         query, texts = PAIRS[0][0], [p for _, p in PAIRS]
         for ratio in (1, 2):
             reranker = MatryoshkaReranker.from_pipeline(params, ratio=ratio, dtype="float32")

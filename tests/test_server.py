@@ -45,6 +45,20 @@ def exported(tmp_path_factory, llama_dir):
     return out
 
 
+def wait_until_healthy(process: subprocess.Popen, url: str, tries: int = 300) -> None:
+    """Polls ``/health`` until the server answers; one that exits or never answers fails with its output."""
+    for _ in range(tries):
+        if process.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(process.communicate()[0][-3000:])
+
+
 @pytest.fixture(scope="module")
 def server(exported):
     port = free_port()
@@ -52,15 +66,7 @@ def server(exported):
                                 "--port", str(port), "--max-texts", "5"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        raise AssertionError(process.communicate()[0][-3000:])
+    wait_until_healthy(process, url)
     yield url, process
     if process.poll() is None:
         process.terminate()
