@@ -150,6 +150,7 @@ def test_info_health_and_metrics(server):
     assert {(c["exit_layer"], c["ratio"]) for c in info["configs"]} == {(2, 1), (3, 1), (2, 2), (3, 2)}
     assert info["default"] == {"exit_layer": 3, "ratio": 1} and info["max_client_batch_size"] == 5
     assert info["input_format"]["query_max_len"] == 16
+    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).status_code == 200  # one to count
     metrics = httpx.get(f"{url}/metrics").text
     assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="200"}' in metrics
     assert "matryoshka_request_seconds_bucket" in metrics
@@ -261,6 +262,7 @@ def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
     assert pool.get((2, 2)).exit_layer == 2 and pool.get((2, 2)).compress_ratio == 2
     assert pool._shared[2]  # the ratio's weights mapped once, from its all-exits graph
     assert sorted(ModelPool([exported / "ratio-2"], exit_layers=[3]).configs) == [(3, 2)]  # serve --layers 3
+    assert ModelPool([exported / "ratio-2"]).default == (3, 2)  # no ratio 1: the deepest exit, its smallest ratio
 
     from matryoshka_reranker.release import registry
 

@@ -83,7 +83,45 @@ class ServerInputError(ValueError):
 
 
 # --------------------------------------------------------------------------------- models
-class ModelPool:
+class Pool:
+    """What the app asks of a backend: ``configs`` ({(exit, ratio): config}), ``default`` (the key a request
+    naming neither gets), ``folder`` / ``index`` / ``version`` / ``options`` (for ``/info``), ``get(key)``
+    (the config's scorer: ``compute_score``, ``encoder``, ``manifest``) and ``describe()``."""
+
+    options: ServerOptions
+    version: str | None
+    folder: Path
+    index: dict
+    configs: dict
+    default: tuple[int, int]
+
+    @staticmethod
+    def default_key(keys) -> tuple[int, int]:
+        """The deepest exit at ratio 1; without ratio 1, the deepest exit at its smallest ratio."""
+        keys = list(keys)
+        at_1 = [k for k, r in keys if r == 1]
+        deepest = max(at_1) if at_1 else max(k for k, _ in keys)
+        return deepest, (1 if at_1 else min(r for k, r in keys if k == deepest))
+
+    def resolve(self, exit_layer: int | None, ratio: int | None) -> tuple[int, int]:
+        key = (self.default[0] if exit_layer is None else exit_layer, 1 if ratio is None else ratio)
+        if exit_layer is None and ratio is not None:
+            key = (max(k for k, r in self.configs if r == ratio), ratio) if any(r == ratio for _, r in self.configs) \
+                else key
+        if key not in self.configs:
+            available = ", ".join(f"(exit_layer={k}, ratio={r})" for k, r in sorted(self.configs))
+            raise ServerInputError("exit_layer", f"no exported model for exit_layer={key[0]}, ratio={key[1]}; "
+                                                 f"exported: {available}")
+        return key
+
+    def get(self, key: tuple[int, int]):
+        raise NotImplementedError
+
+    def describe(self) -> list[dict]:
+        raise NotImplementedError
+
+
+class ModelPool(Pool):
     """The exported configs of one export folder, each loaded on first request."""
 
     def __init__(self, folder: str | os.PathLike | Sequence[str | os.PathLike], options: ServerOptions = ServerOptions(),
@@ -114,20 +152,7 @@ class ModelPool:
         self._loaded: dict[tuple[int, int], object] = {}
         self._shared: dict[int, dict] = {}  # ratio -> name -> OrtValue (memory-mapped, shared by its exits)
         self._lock = threading.Lock()
-        deepest = max(k for k, r in self.configs if r == 1) if any(r == 1 for _, r in self.configs) else \
-            max(self.configs)[0]
-        self.default = (deepest, 1 if (deepest, 1) in self.configs else min(r for k, r in self.configs if k == deepest))
-
-    def resolve(self, exit_layer: int | None, ratio: int | None) -> tuple[int, int]:
-        key = (self.default[0] if exit_layer is None else exit_layer, 1 if ratio is None else ratio)
-        if exit_layer is None and ratio is not None:
-            key = (max(k for k, r in self.configs if r == ratio), ratio) if any(r == ratio for _, r in self.configs) \
-                else key
-        if key not in self.configs:
-            available = ", ".join(f"(exit_layer={k}, ratio={r})" for k, r in sorted(self.configs))
-            raise ServerInputError("exit_layer", f"no exported model for exit_layer={key[0]}, ratio={key[1]}; "
-                                                 f"exported: {available}")
-        return key
+        self.default = self.default_key(self.configs)
 
     def get(self, key: tuple[int, int]):
         """The key's ``OnnxReranker`` (loaded once; concurrent first requests load it once)."""
@@ -211,7 +236,7 @@ class TorchConfig:
                                            batch_size=self.batch_size)
 
 
-class TorchPool(ModelPool):
+class TorchPool(Pool):
     """The PyTorch backend: ``{ratio: MatryoshkaReranker}`` (e.g. ``MatryoshkaReranker.from_pipeline(params,
     ratio)``), each scoring at its own compression; every exit of ``exit_layers`` (default: every exit
     the model has a head for) is served at every ratio. ``calibrations``: ``{(exit, ratio): Platt (a, b)}``
@@ -239,10 +264,7 @@ class TorchPool(ModelPool):
         calibrations = calibrations or {}
         self.configs = {(k, r): TorchConfig(reranker, k, r, calibrations.get((k, r)), options.max_batch_pairs)
                         for r, reranker in sorted(self.rerankers.items()) for k in exits}
-        self._loaded = self.configs  # every config is ready: the models were loaded at construction
-        ratio_1 = any(r == 1 for _, r in self.configs)
-        deepest = max(k for k, r in self.configs if r == 1 or not ratio_1)
-        self.default = (deepest, 1 if ratio_1 else min(self.rerankers))
+        self.default = self.default_key(self.configs)
 
     def get(self, key: tuple[int, int]) -> TorchConfig:
         return self.configs[key]
@@ -317,7 +339,7 @@ class _Job:
 class Batcher:
     """Per-config queue: requests arriving within ``batch_window_ms`` share one ONNX Runtime call."""
 
-    def __init__(self, pool: ModelPool, key: tuple[int, int], executor: ThreadPoolExecutor, options: ServerOptions):
+    def __init__(self, pool: Pool, key: tuple[int, int], executor: ThreadPoolExecutor, options: ServerOptions):
         self.pool, self.key, self.executor, self.options = pool, key, executor, options
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=options.max_queue)
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -376,7 +398,7 @@ class RerankRequest(BaseModel):
     first_stage_weight: StrictFloat | StrictInt = Field(default=0.5, ge=0.0, le=1.0)
 
 
-def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
+def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
     """The FastAPI application (tests drive it through a real uvicorn server)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -485,7 +507,7 @@ def create_app(pool: ModelPool, options: ServerOptions = ServerOptions()):
     return app
 
 
-def check_lengths(pool: ModelPool, key: tuple[int, int], query: str, texts: Sequence[str]) -> None:
+def check_lengths(pool: Pool, key: tuple[int, int], query: str, texts: Sequence[str]) -> None:
     """With ``truncate: false``, a query or text over the model's token budget is refused, not cut."""
     encoder = pool.get(key).encoder
     fmt = encoder.format
@@ -498,20 +520,20 @@ def check_lengths(pool: ModelPool, key: tuple[int, int], query: str, texts: Sequ
                                                   "budget; send truncate: true to cut it", 413)
 
 
-def probabilities(pool: ModelPool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
+def probabilities(pool: Pool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
     """Calibrated probabilities when the config's manifest carries Platt (a, b), else a sigmoid."""
     return calibrated_probability(pool.get(key).manifest.get("calibration"), scores)
 
 
-def serve(models: str | os.PathLike | ModelPool, host: str = "127.0.0.1", port: int = 8080,
+def serve(models: str | os.PathLike | Pool, host: str = "127.0.0.1", port: int = 8080,
           options: ServerOptions = ServerOptions(), version: str | None = None,
           graceful_seconds: float = 30.0, exit_layers: Sequence[int] | None = None) -> None:
     """Runs the server until SIGTERM/SIGINT (in-flight requests finish first). ``models``: an export
     folder, a list of exported model folders, or a ready pool (``pipeline_pool`` for PyTorch)."""
     import uvicorn
 
-    pool = models if isinstance(models, ModelPool) else ModelPool(models, options, version, exit_layers)
+    pool = models if isinstance(models, Pool) else ModelPool(models, options, version, exit_layers)
     log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs),
-             pool.folder if isinstance(models, ModelPool) else models, host, port, *pool.default)
+             pool.folder if isinstance(models, Pool) else models, host, port, *pool.default)
     uvicorn.run(create_app(pool, options), host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=graceful_seconds)
