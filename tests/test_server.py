@@ -254,6 +254,15 @@ def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
     assert result.exit_code == 2 and "no exit layer 9" in result.output  # bad input, not a damaged model
 
 
+def test_default_config_is_the_deepest_exit_at_the_smallest_ratio():
+    """A request naming neither exit nor ratio gets the deepest exit at ratio 1, or, when ratio 1 is not
+    served, the deepest exit at its smallest ratio (both backends share ``Pool.default_key``)."""
+    from matryoshka_reranker.serving.server import Pool
+
+    assert Pool.default_key([(8, 1), (30, 1), (30, 2), (31, 4)]) == (30, 1)
+    assert Pool.default_key([(8, 2), (30, 4), (30, 2), (16, 2)]) == (30, 2)
+
+
 def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
     """A downloaded release is a list of ratio folders (``fetch_release``): each exit in them is served,
     and ``OnnxReranker.from_release`` opens the asked exit of the fetched folder (default: the deepest)."""

@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,9 +68,9 @@ class ServerOptions:
     max_texts: int = 1000  # texts per request
     max_queue: int = 64  # queued requests per config before 429
     batch_window_ms: float = 2.0  # how long a batch waits for more requests
-    max_batch_pairs: int = 256  # pairs per ONNX Runtime call
-    threads: int | None = None  # ONNX Runtime intra-op threads per session (None: its default)
-    workers: int = 1  # threads running sessions (ORT releases the GIL)
+    max_batch_pairs: int = 256  # pairs per model call
+    threads: int | None = None  # intra-op threads (ONNX Runtime per session, PyTorch per process; None: default)
+    workers: int = 1  # threads running model calls (ORT and PyTorch release the GIL)
     verify: bool = True  # sha256 of every file before loading
 
 
@@ -85,7 +85,7 @@ class ServerInputError(ValueError):
 # --------------------------------------------------------------------------------- models
 class Pool:
     """What the app asks of a backend: ``configs`` ({(exit, ratio): config}), ``default`` (the key a request
-    naming neither gets), ``folder`` / ``index`` / ``version`` / ``options`` (for ``/info``), ``get(key)``
+    naming neither gets), ``folder`` / ``index`` / ``version`` (for ``/info`` and the log), ``get(key)``
     (the config's scorer: ``compute_score``, ``encoder``, ``manifest``) and ``describe()``."""
 
     options: ServerOptions
@@ -96,7 +96,7 @@ class Pool:
     default: tuple[int, int]
 
     @staticmethod
-    def default_key(keys) -> tuple[int, int]:
+    def default_key(keys: Iterable[tuple[int, int]]) -> tuple[int, int]:
         """The deepest exit at ratio 1; without ratio 1, the deepest exit at its smallest ratio."""
         keys = list(keys)
         at_1 = [k for k, r in keys if r == 1]
@@ -337,7 +337,7 @@ class _Job:
 
 
 class Batcher:
-    """Per-config queue: requests arriving within ``batch_window_ms`` share one ONNX Runtime call."""
+    """Per-config queue: requests arriving within ``batch_window_ms`` share one model call."""
 
     def __init__(self, pool: Pool, key: tuple[int, int], executor: ThreadPoolExecutor, options: ServerOptions):
         self.pool, self.key, self.executor, self.options = pool, key, executor, options
