@@ -36,6 +36,7 @@ def _inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_per_token_int8_matches_its_arithmetic():
     x, w = _inputs()
+    x[1, 2] = 3.0 + np.abs(x[1, 2])  # a row of one sign, far from 0: the step's floor binds there
     model = _matmul_model(w)
     assert per_token_int8(model) == 1
     onnx.checker.check_model(model)
@@ -43,10 +44,14 @@ def test_per_token_int8_matches_its_arithmetic():
     assert "w" not in {t.name for t in model.graph.initializer}  # the float weight is gone
     # The same quantization written out in numpy: per row, 253 steps over its range, the grid
     # centred on the middle of the range in whole steps (so 0 stays on the grid: near-zero values
-    # round to exactly 0 instead of sharing one offset, which would add up along K).
+    # round to exactly 0 instead of sharing one offset, which would add up along K), the step no
+    # finer than |middle| / 127 (so the per-row uint8 zero point 128 - centre exists).
     hi, lo = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
-    scale = (hi - lo) / 253
-    zc = np.round((hi + lo) / 2 / scale)
+    mid = (hi + lo) / 2
+    scale = np.maximum((hi - lo) / 253, np.abs(mid) / 127)
+    assert (scale > (hi - lo) / 253).sum() == 1  # only the one-sign row
+    zc = np.round(mid / scale)
+    assert np.abs(zc).max() <= 127
     q = np.round(x / scale) - zc
     assert np.abs(q).max() <= 127  # so uint8 with zero point 128 holds it without clipping
     centre = zc * scale

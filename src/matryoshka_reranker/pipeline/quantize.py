@@ -147,21 +147,29 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
 
     For x of shape (..., K) and W (K, N), per row r of x (one token)::
 
-        a_r    = (max x_r - min x_r) / 253                              (..., 1)
-        z_r    = round((max x_r + min x_r) / 2 / a_r)                  the row's centre, in whole steps
-        q_r    = round(x_r / a_r) - z_r + 128                           uint8, in [1, 255]
+        a_r    = max((max x_r - min x_r) / 253, |c_r| / 127)           (..., 1), c_r the row's middle
+        z_r    = round(c_r / a_r)                                      the centre, in whole steps: |z_r| <= 127
+        q_r    = round(x_r / a_r) + (128 - z_r)                        uint8, in [1, 255]
         W_q    = round(W / w),  w = max|W[:, n]| / 127                  int8, per output column n
-        x @ W ~= MatMulIntegerToFloat(q, W_q, 1, w, 128) * a_r + z_r a_r * colsum(W_q w)
+        x @ W ~= MatMulIntegerToFloat(q, W_q, a_r, w, 128) + z_r a_r * colsum(W_q w)
 
     ``MatMulIntegerToFloat`` (ONNX Runtime's com.microsoft domain; the op its own quantization
-    fusions produce) runs the u8 x s8 GEMM and applies the column scales in one kernel. It takes a
-    zero point per tensor only, not per row: so the row is quantized around its own centre with the
-    fixed zero point 128, and the centre's contribution is added back through the weights' column
-    sums. The centre is a whole number of steps so that 0 stays on the grid: near-zero values then
-    round to exactly 0, where an off-grid centre gives them all the same offset, which adds up along
-    K (measured: worse ranking agreement). Not int8 activations: ONNX Runtime's CPU GEMM has a fast
-    u8 x s8 kernel on AVX2 but not s8 x s8 (~9x slower, measured). An input shared by several
-    MatMuls (q/k/v, gate/up) is quantized once.
+    fusions produce) runs the u8 x s8 GEMM and applies the column scales in one kernel, and the row
+    scales in place on its output. It takes a zero point per tensor only, not per row: so the row is
+    quantized around its own centre with the fixed zero point 128, and the centre's contribution is
+    added back through the weights' column sums. The centre is a whole number of steps so that 0
+    stays on the grid: near-zero values then round to exactly 0, where an off-grid centre gives them
+    all the same offset, which adds up along K (measured: worse ranking agreement). Not int8
+    activations: ONNX Runtime's CPU GEMM has a fast u8 x s8 kernel on AVX2 but not s8 x s8 (~9x
+    slower, measured). An input shared by several MatMuls (q/k/v, gate/up) is quantized once.
+
+    Why this form: the quantization is one standard per-axis ``QuantizeLinear`` over the rows (row
+    scales and zero points ``128 - z_r`` computed at run time), one pass over the input where
+    Div, Round, Add and Cast took four; the row scale rides inside the GEMM's output step. That
+    needs the zero point in uint8, hence ``|z_r| <= 127``: the floor ``|c_r| / 127`` on the step. A
+    row with values of both signs (every decoder input measured) has ``|c_r| <= range / 2``, so the
+    floor never binds there and the arithmetic is that of a plain 253-step grid; a row of one sign
+    gets a coarser step (a constant row stays exact: it sits on its centre).
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -173,11 +181,10 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
         return 0
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    consts = {"axes": np.array([-1], np.int64),
+    consts = {"axes": np.array([-1], np.int64), "flat": np.array([-1], np.int64),
               "eps": np.array(1e-12, np.float32), "shift": np.array(128.0, np.float32),
-              "one": np.array(1.0, np.float32), "zp": np.array(128, np.uint8),
-              "half": np.array(0.5, np.float32), "steps": np.array(253.0, np.float32),
-              "max_steps": np.array(127.0 * 128.0, np.float32)}
+              "zp": np.array(128, np.uint8), "half": np.array(0.5, np.float32),
+              "steps": np.array(253.0, np.float32), "centre_steps": np.array(127.0, np.float32)}
     prefix = "ptq"
     graph.initializer.extend(numpy_helper.from_array(v, f"{prefix}/{k}") for k, v in consts.items())
     c = {k: f"{prefix}/{k}" for k in consts}
@@ -186,50 +193,51 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
     order = {id(n): i for i, n in enumerate(graph.node)}
     for number, node in enumerate(targets):
         x, weight_name = node.input[0], node.input[1]
+        k_dim = int(inits[weight_name].dims[0])
         added = new_nodes.setdefault(order[id(node)], [])
         if x not in quantized_inputs:  # per-token uint8 of x, once per input tensor
             t = f"{prefix}/x{len(quantized_inputs)}"
-            added += [
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, k_dim], np.int64), t + "/rows"))
+            added += [  # per row: (..., 1)
                 helper.make_node("ReduceMax", [x, c["axes"]], [t + "/max"], keepdims=1),
                 helper.make_node("ReduceMin", [x, c["axes"]], [t + "/min"], keepdims=1),
                 helper.make_node("Sub", [t + "/max", t + "/min"], [t + "/range"]),
-                helper.make_node("Div", [t + "/range", c["steps"]], [t + "/scale0"]),
-                # floor: a (near-)constant row keeps its centre within 16,256 steps (exact in float32)
-                helper.make_node("Neg", [t + "/min"], [t + "/neg_min"]),
-                helper.make_node("Max", [t + "/max", t + "/neg_min"], [t + "/absmax"]),
-                helper.make_node("Div", [t + "/absmax", c["max_steps"]], [t + "/floor"]),
-                helper.make_node("Max", [t + "/scale0", t + "/floor"], [t + "/scale1"]),
-                helper.make_node("Max", [t + "/scale1", c["eps"]], [t + "/scale"]),
+                helper.make_node("Div", [t + "/range", c["steps"]], [t + "/step"]),
                 helper.make_node("Add", [t + "/max", t + "/min"], [t + "/sum"]),
                 helper.make_node("Mul", [t + "/sum", c["half"]], [t + "/mid"]),
+                helper.make_node("Abs", [t + "/mid"], [t + "/abs_mid"]),
+                helper.make_node("Div", [t + "/abs_mid", c["centre_steps"]], [t + "/floor"]),
+                helper.make_node("Max", [t + "/step", t + "/floor", c["eps"]], [t + "/scale"]),
                 helper.make_node("Div", [t + "/mid", t + "/scale"], [t + "/mid_steps"]),
                 helper.make_node("Round", [t + "/mid_steps"], [t + "/zc"]),  # centre, in whole steps
                 helper.make_node("Mul", [t + "/zc", t + "/scale"], [t + "/centre"]),
-                helper.make_node("Sub", [c["shift"], t + "/zc"], [t + "/offset"]),
-                helper.make_node("Div", [x, t + "/scale"], [t + "/scaled"]),
-                helper.make_node("Round", [t + "/scaled"], [t + "/rounded"]),
-                helper.make_node("Add", [t + "/rounded", t + "/offset"], [t + "/shifted"]),
+                helper.make_node("Sub", [c["shift"], t + "/zc"], [t + "/zp_float"]),
+                helper.make_node("Cast", [t + "/zp_float"], [t + "/zp"], to=TensorProto.UINT8),
+                # the rows as one (rows, K) matrix, quantized per row (axis 0), then back to x's shape
+                helper.make_node("Reshape", [x, t + "/rows"], [t + "/x_rows"]),
+                helper.make_node("Reshape", [t + "/scale", c["flat"]], [t + "/scale_rows"]),
+                helper.make_node("Reshape", [t + "/zp", c["flat"]], [t + "/zp_rows"]),
+                helper.make_node("QuantizeLinear", [t + "/x_rows", t + "/scale_rows", t + "/zp_rows"], [t + "/q_rows"],
+                                 axis=0),
+                helper.make_node("Shape", [x], [t + "/shape"]),
+                helper.make_node("Reshape", [t + "/q_rows", t + "/shape"], [t + "/q"]),
             ]
-            added.append(helper.make_node("Cast", [t + "/shifted"], [t + "/q"], to=TensorProto.UINT8))
             quantized_inputs[x] = (t + "/q", t + "/scale", t + "/centre")
         q, scale, centre = quantized_inputs[x]
         w = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
         w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0  # (N,)
         w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
         m = f"{prefix}/mm{number}"
-        graph.initializer.extend([numpy_helper.from_array(w_q, m + "/w_q"),
-                                  numpy_helper.from_array(w_scale.astype(np.float32), m + "/w_scale")])
-        added += [
-            helper.make_node("MatMulIntegerToFloat", [q, m + "/w_q", c["one"], m + "/w_scale", c["zp"]],
-                             [m + "/by_column"], name=m, domain="com.microsoft"),
-        ]
         # x @ W = (x - c) @ W + c * colsum(W), with the dequantized weight's column sums
         colsum = (w_q.astype(np.float32).sum(axis=0) * w_scale).astype(np.float32)
-        graph.initializer.append(numpy_helper.from_array(colsum, m + "/colsum"))
+        graph.initializer.extend([numpy_helper.from_array(w_q, m + "/w_q"),
+                                  numpy_helper.from_array(w_scale.astype(np.float32), m + "/w_scale"),
+                                  numpy_helper.from_array(colsum, m + "/colsum")])
         added += [
-            helper.make_node("Mul", [m + "/by_column", scale], [m + "/by_row"]),
+            helper.make_node("MatMulIntegerToFloat", [q, m + "/w_q", scale, m + "/w_scale", c["zp"]],
+                             [m + "/scaled"], name=m, domain="com.microsoft"),
             helper.make_node("Mul", [centre, m + "/colsum"], [m + "/shift"]),
-            helper.make_node("Add", [m + "/by_row", m + "/shift"], [node.output[0]]),
+            helper.make_node("Add", [m + "/scaled", m + "/shift"], [node.output[0]]),
         ]
     replaced = {id(n) for n in targets}
     nodes = []
