@@ -61,6 +61,22 @@ def test_per_token_int8_matches_its_arithmetic():
     np.testing.assert_allclose(_run(model, x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_rows_of_a_two_dimensional_input_are_quantized_the_same_way():
+    """The rewrite views each input as (rows, K) and back through the input's own shape: a (tokens, K)
+    input gives the same rows as the same tokens inside a (batch, sequence, K) one."""
+    x, w = _inputs()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", N])],
+        [numpy_helper.from_array(w, "w")])
+    flat = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    batched = _matmul_model(w)
+    per_token_int8(flat)
+    per_token_int8(batched)
+    np.testing.assert_array_equal(_run(flat, x.reshape(-1, K)), _run(batched, x).reshape(-1, N))
+
+
 def test_one_outlier_token_does_not_flatten_the_others(tmp_path):
     """Why the scheme exists: with one scale per tensor (quantize_dynamic) the outlier token sets the
     step for every token; per token, the other tokens keep their resolution."""

@@ -3,18 +3,23 @@ by side in one run: agreement with fp32 and pairs/s of fp32, the previous rewrit
 
     python docs/results/quantize-lean/compare_rewrites.py [--old-rev 9cdfb1b] [--queries 10] [--exits 8 16 30]
 
-Run from a checkout whose params point at an exported model (models/onnx). The previous rewrite is read from
-git (``per_token_int8`` at --old-rev); both copies are made as the export makes them (default fp32 parts,
-export.quantize_smoothing from the calibration pairs), so they differ only in the rewrite.
+Run from the root of a checkout whose params point at an exported model (models/onnx). The previous rewrite
+is read from git (``per_token_int8`` at --old-rev); both copies are made the same way as
+``benchmarks/bench_quantize.py`` makes them (the scheme's default fp32 parts, export.quantize_smoothing from
+the calibration pairs), so they differ only in the rewrite. Timing is round-robin in a fixed order
+(fp32, old, lean) per round.
 """
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 import tempfile
 import types
 from pathlib import Path
+
+sys.path.insert(0, str(Path.cwd()))  # benchmarks/ of the checkout it runs in
 
 import numpy as np
 from scipy.stats import spearmanr

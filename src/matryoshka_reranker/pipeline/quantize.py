@@ -147,7 +147,7 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
 
     For x of shape (..., K) and W (K, N), per row r of x (one token)::
 
-        a_r    = max((max x_r - min x_r) / 253, |c_r| / 127)           (..., 1), c_r the row's middle
+        a_r    = max((max x_r - min x_r) / 253, |c_r| / 127, 1e-12)    (..., 1), c_r the row's middle
         z_r    = round(c_r / a_r)                                      the centre, in whole steps: |z_r| <= 127
         q_r    = round(x_r / a_r) + (128 - z_r)                        uint8, in [1, 255]
         W_q    = round(W / w),  w = max|W[:, n]| / 127                  int8, per output column n
@@ -155,7 +155,9 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
 
     ``MatMulIntegerToFloat`` (ONNX Runtime's com.microsoft domain; the op its own quantization
     fusions produce) runs the u8 x s8 GEMM and applies the column scales in one kernel, and the row
-    scales in place on its output. It takes a zero point per tensor only, not per row: so the row is
+    scales in place on its output, in a pass after the GEMM (ONNX Runtime's CPU kernel broadcasts an A
+    scale of shape (..., 1) over the output; its schema documents only scalar or per-column A scales,
+    so tests/test_quantize.py pins this against the numpy arithmetic). It takes a zero point per tensor only, not per row: so the row is
     quantized around its own centre with the fixed zero point 128, and the centre's contribution is
     added back through the weights' column sums. The centre is a whole number of steps so that 0
     stays on the grid: near-zero values then round to exactly 0, where an off-grid centre gives them
@@ -164,12 +166,14 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
     slower, measured). An input shared by several MatMuls (q/k/v, gate/up) is quantized once.
 
     Why this form: the quantization is one standard per-axis ``QuantizeLinear`` over the rows (row
-    scales and zero points ``128 - z_r`` computed at run time), one pass over the input where
-    Div, Round, Add and Cast took four; the row scale rides inside the GEMM's output step. That
-    needs the zero point in uint8, hence ``|z_r| <= 127``: the floor ``|c_r| / 127`` on the step. A
-    row with values of both signs (every decoder input measured) has ``|c_r| <= range / 2``, so the
-    floor never binds there and the arithmetic is that of a plain 253-step grid; a row of one sign
-    gets a coarser step (a constant row stays exact: it sits on its centre).
+    scales and zero points ``128 - z_r`` computed at run time): besides the two reductions, one pass
+    over the input where Div, Round, Add and Cast took four; and the row scale needs no node of its
+    own. That needs the zero point in uint8, hence ``|z_r| <= 127``: the floor ``|c_r| / 127`` on the
+    step. A row with values of both signs (every decoder input measured) has ``|c_r| <= range / 2``,
+    so the floor never binds there and the arithmetic is that of the plain 253-step grid; only a row
+    whose middle is far from 0 (``|c_r| > 127/253 range``: one sign, away from 0) gets a coarser step,
+    ``253 |c_r| / (127 range)`` times the plain one (a constant row stays exact up to rounding: it
+    sits on its centre).
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
