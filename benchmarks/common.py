@@ -50,13 +50,15 @@ def machine_line() -> str:
 
 
 def interleaved_timing(systems: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each system, measured round-robin so load changes hit all alike."""
+    """Median seconds per call of each system, measured round-robin so load changes hit all alike; the
+    order rotates every round, so no system always runs first (after an idle gap) or after the same one."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     for fn in systems.values():  # warm-up
         fn()
-    for _ in range(rounds):
-        for name, fn in systems.items():
+    names = list(systems)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             start = time.perf_counter()
-            fn()
+            systems[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
