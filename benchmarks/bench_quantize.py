@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import interleaved_timing, machine_line
-from matryoshka_reranker.config import load_params
-from matryoshka_reranker.pipeline.calibration import calibration_set, in_calibration_half
-from matryoshka_reranker.pipeline.evaluation import load_eval_set, per_query
+from benchmarks.common import calibration_feeds, interleaved_timing, quantization_inputs
+from matryoshka_reranker.pipeline.calibration import in_calibration_half
+from matryoshka_reranker.pipeline.evaluation import per_query
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
 from matryoshka_reranker.pipeline.statistics import aligned, mean_interval, paired_difference
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
@@ -44,10 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; 0: agreement and nDCG only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    print(machine_line(), flush=True)
-    params = load_params(args.params)
-    queries, qrels = load_eval_set(params)
-    calibration = calibration_set(queries, qrels, max(params.export.calibration_queries, 8))
+    params, queries, qrels, calibration = quantization_inputs(args.params)
     queries = [q for q in queries if not in_calibration_half(q.query_id)][: args.queries or None]
     smoothing = args.smoothing if args.smoothing is not None else [params.export.quantize_smoothing]
     qrels = {q.query_id: qrels[q.query_id] for q in queries}
@@ -71,8 +67,7 @@ def main() -> None:
         base = np.array(fp32.compute_score(pairs))
         ndcg_base_per_query = per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"]
         ndcg_base = np.mean(list(ndcg_base_per_query.values()))
-        encoded_calibration = fp32.encoder.encode_many(list(calibration.pairs))
-        feeds = [fp32.encoder.collate_numpy(encoded_calibration[i:i + 16]) for i in range(0, len(encoded_calibration), 16)]
+        feeds = calibration_feeds(fp32.encoder, calibration)
         runs = [(spec, alpha) for spec in args.schemes
                 for alpha in (smoothing if spec.partition(":")[0] in ("int8", "int8-token") else [0.0])]
         for spec, alpha in runs:

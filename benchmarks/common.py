@@ -62,3 +62,23 @@ def interleaved_timing(systems: dict, rounds: int) -> dict[str, float]:
             systems[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def quantization_inputs(params_path: str):
+    """What the quantization benchmarks share: (params, eval queries, qrels, calibration set), after printing
+    the machine line. The calibration pairs are those the export takes (``pipeline/calibration.py``), from at
+    least 8 queries, so that a short eval set still gives SmoothQuant's channel maxima some spread."""
+    from matryoshka_reranker.config import load_params
+    from matryoshka_reranker.pipeline.calibration import calibration_set
+    from matryoshka_reranker.pipeline.evaluation import load_eval_set
+
+    print(machine_line(), flush=True)
+    params = load_params(params_path)
+    queries, qrels = load_eval_set(params)
+    return params, queries, qrels, calibration_set(queries, qrels, max(params.export.calibration_queries, 8))
+
+
+def calibration_feeds(encoder, calibration, batch: int = 16) -> list[dict]:
+    """The calibration pairs as ONNX feed dicts of ``batch`` pairs (what ``quantize_model`` smooths with)."""
+    encoded = encoder.encode_many(list(calibration.pairs))
+    return [encoder.collate_numpy(encoded[i:i + batch]) for i in range(0, len(encoded), batch)]

@@ -20,10 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_line
-from matryoshka_reranker.config import load_params
-from matryoshka_reranker.pipeline.calibration import calibration_set
-from matryoshka_reranker.pipeline.evaluation import load_eval_set
+from benchmarks.common import calibration_feeds, quantization_inputs
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
 from matryoshka_reranker.serving.onnx_runtime import OnnxReranker
@@ -65,16 +62,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=14)
     args = parser.parse_args()
-    print(machine_line(), flush=True)
-    params = load_params(args.params)
-    queries, qrels = load_eval_set(params)
-    calibration = calibration_set(queries, qrels, max(params.export.calibration_queries, 8))
+    params, queries, _, calibration = quantization_inputs(args.params)
     folder = Path(params.paths.onnx) / ratio_folder(1)
     fp32 = OnnxReranker(folder, args.exit, threads=args.threads, batch_size=args.batch)
     pairs = [p for q in queries for p in q.pairs][: args.batch]
     feed = fp32.encoder.collate_numpy(fp32.encoder.encode_many(pairs))
-    encoded = fp32.encoder.encode_many(list(calibration.pairs))
-    feeds = [fp32.encoder.collate_numpy(encoded[i:i + 16]) for i in range(0, len(encoded), 16)]
+    feeds = calibration_feeds(fp32.encoder, calibration)
     print(f"# exit {args.exit}, {len(pairs)} pairs padded to {feed['input_ids'].shape[1]} tokens, {args.threads} threads")
     base = profile(folder / exit_model_file(args.exit), feed, args.threads, "fp32", args.top)
     with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:

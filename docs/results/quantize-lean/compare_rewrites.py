@@ -24,11 +24,9 @@ sys.path.insert(0, str(Path.cwd()))  # benchmarks/ of the checkout it runs in
 import numpy as np
 from scipy.stats import spearmanr
 
-from benchmarks.common import interleaved_timing, machine_line
-from matryoshka_reranker.config import load_params
+from benchmarks.common import calibration_feeds, interleaved_timing, quantization_inputs
 from matryoshka_reranker.pipeline import quantize
-from matryoshka_reranker.pipeline.calibration import calibration_set, in_calibration_half
-from matryoshka_reranker.pipeline.evaluation import load_eval_set
+from matryoshka_reranker.pipeline.calibration import in_calibration_half
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
 from matryoshka_reranker.serving.onnx_runtime import OnnxReranker, create_session
 
@@ -50,10 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    print(machine_line(), flush=True)
-    params = load_params(args.params)
-    queries, _ = load_eval_set(params)
-    calibration = calibration_set(queries, _, max(params.export.calibration_queries, 8))
+    params, queries, _, calibration = quantization_inputs(args.params)
     queries = [q for q in queries if not in_calibration_half(q.query_id)][: args.queries]
     pairs = [p for q in queries for p in q.pairs]
     rewrites = {"old": old_rewrite(args.old_rev), "lean": quantize.per_token_int8}
@@ -65,8 +60,7 @@ def main() -> None:
         folder = Path(params.paths.onnx) / ratio_folder(1)
         fp32 = OnnxReranker(folder, k, threads=args.threads, batch_size=len(queries[0].candidates))
         encoded = fp32.encoder.encode_many(pairs)
-        calib = fp32.encoder.encode_many(list(calibration.pairs))
-        feeds = [fp32.encoder.collate_numpy(calib[i:i + 16]) for i in range(0, len(calib), 16)]
+        feeds = calibration_feeds(fp32.encoder, calibration)
         sessions = {"fp32": fp32.session}
         with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:
             for name, rewrite in rewrites.items():
