@@ -155,15 +155,16 @@ def per_token_int8(model, keep: Sequence[str] = ()) -> int:
 
     ``MatMulIntegerToFloat`` (ONNX Runtime's com.microsoft domain; the op its own quantization
     fusions produce) runs the u8 x s8 GEMM and applies the column scales in one kernel, and the row
-    scales in place on its output, in a pass after the GEMM (ONNX Runtime's CPU kernel broadcasts an A
-    scale of shape (..., 1) over the output; its schema documents only scalar or per-column A scales,
-    so tests/test_quantize.py pins this against the numpy arithmetic). It takes a zero point per tensor only, not per row: so the row is
-    quantized around its own centre with the fixed zero point 128, and the centre's contribution is
-    added back through the weights' column sums. The centre is a whole number of steps so that 0
-    stays on the grid: near-zero values then round to exactly 0, where an off-grid centre gives them
-    all the same offset, which adds up along K (measured: worse ranking agreement). Not int8
-    activations: ONNX Runtime's CPU GEMM has a fast u8 x s8 kernel on AVX2 but not s8 x s8 (~9x
-    slower, measured). An input shared by several MatMuls (q/k/v, gate/up) is quantized once.
+    scales in place on its output, in a pass after the GEMM (ONNX Runtime's CPU kernel broadcasts an
+    A scale of shape (..., 1) over the output; its schema documents only scalar or per-column A
+    scales, so tests/test_quantize.py pins this against the numpy arithmetic). It takes a zero point
+    per tensor only, not per row: so the row is quantized around its own centre with the fixed zero
+    point 128, and the centre's contribution is added back through the weights' column sums. The
+    centre is a whole number of steps so that 0 stays on the grid: near-zero values then round to
+    exactly 0, where an off-grid centre gives them all the same offset, which adds up along K
+    (measured: worse ranking agreement). Not int8 activations: ONNX Runtime's CPU GEMM has a fast
+    u8 x s8 kernel on AVX2 but not s8 x s8 (~9x slower, measured). An input shared by several
+    MatMuls (q/k/v, gate/up) is quantized once.
 
     Why this form: the quantization is one standard per-axis ``QuantizeLinear`` over the rows (row
     scales and zero points ``128 - z_r`` computed at run time): besides the two reductions, one pass
