@@ -13,11 +13,11 @@ from matryoshka_reranker.pipeline.quantize import channel_maxima, per_token_int8
 K, N = 64, 48
 
 
-def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
+def _matmul_model(weight: np.ndarray, leading: tuple[str, ...] = ("batch", "sequence")) -> onnx.ModelProto:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", N])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*leading, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*leading, N])],
         [numpy_helper.from_array(weight, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
@@ -65,13 +65,7 @@ def test_rows_of_a_two_dimensional_input_are_quantized_the_same_way():
     """The rewrite views each input as (rows, K) and back through the input's own shape: a (tokens, K)
     input gives the same rows as the same tokens inside a (batch, sequence, K) one."""
     x, w = _inputs()
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", N])],
-        [numpy_helper.from_array(w, "w")])
-    flat = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    batched = _matmul_model(w)
+    flat, batched = _matmul_model(w, ("tokens",)), _matmul_model(w)
     per_token_int8(flat)
     per_token_int8(batched)
     np.testing.assert_array_equal(_run(flat, x.reshape(-1, K)), _run(batched, x).reshape(-1, N))
