@@ -13,6 +13,9 @@ Every system scores the same real SciFact pairs in one right-padded batch (as th
 * ``sdpa is_causal``: SDPA's fused causal kernel, no mask tensor at all;
 * with ``--compile``, also ``sdpa is_causal + compile``: the same model under ``torch.compile``
   (inductor, C++ codegen on CPU; compiled once per config before timing, compile time printed);
+* with ``--autotune``, also ``sdpa is_causal + autotune``: a copy of the model compiled with Inductor's
+  ``freezing`` (weights folded in as constants, prepacked for oneDNN) and ``max_autotune`` with its
+  C++ GEMM templates (each GEMM shape benchmarked against ATen's, epilogues fused into the winner);
 * with ``--bf16`` (on by default where the CPU has AMX-BF16 tiles, i.e. where ``MatryoshkaReranker``'s
   "auto" dtype picks bf16), also ``sdpa is_causal, bf16``: the same weights loaded as that default does. Its scores
   are not fp32's to 1e-4, so it reports their Spearman correlation and largest difference instead.
@@ -66,6 +69,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the default path under torch.compile")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also time torch.compile with freezing + max_autotune (C++ GEMM templates)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time a bf16 copy (default: where the CPU has AMX-BF16)")
     args = parser.parse_args()
@@ -84,10 +89,16 @@ def main() -> None:
     systems = {"upstream-style eager": ("eager", padded_mask_bias), "sdpa + (B,1,T,T) mask": ("sdpa", padded_mask_bias),
                "eager, causal only": ("eager", modeling.attention_bias), "sdpa is_causal": ("sdpa", modeling.attention_bias)}
     real_bias = modeling.attention_bias
-    compiled = half = None
+    compiled = tuned = half = None
     if args.compile:
         systems["sdpa is_causal + compile"] = ("sdpa", modeling.attention_bias)
         compiled = torch.compile(model)
+    if args.autotune:  # a copy: Dynamo caches per module instance, and freezing folds the weights in
+        import copy
+
+        systems["sdpa is_causal + autotune"] = ("sdpa", modeling.attention_bias)
+        tuned = torch.compile(copy.deepcopy(model), options={"freezing": True, "max_autotune": True,
+                                                             "max_autotune_gemm_backends": "CPP,ATEN"})
     if args.bf16 if args.bf16 is not None else cpu_has_amx_bf16():
         systems["sdpa is_causal, bf16"] = ("sdpa", modeling.attention_bias)
         half = MatryoshkaReranker(args.model, input_format=reranker.input_format, dtype="bfloat16").model  # as the
@@ -95,7 +106,8 @@ def main() -> None:
 
     def run(system: str, exit_layer: int, ratio: int):
         implementation, bias = systems[system]
-        forward = compiled if system.endswith("+ compile") else half if system.endswith("bf16") else model
+        forward = (compiled if system.endswith("+ compile") else tuned if system.endswith("+ autotune")
+                   else half if system.endswith("bf16") else model)
 
         def call():
             forward.config._attn_implementation = implementation
@@ -109,11 +121,13 @@ def main() -> None:
         return call
 
     reference = {cfg: run("upstream-style eager", *values)() for cfg, values in configs.items()}
-    if compiled is not None:  # compile every config before timing (each is its own graph)
+    for system in ("sdpa is_causal + compile", "sdpa is_causal + autotune"):  # compile every config before
+        if system not in systems:  # timing (each is its own graph)
+            continue
         for cfg, values in configs.items():
             started = time.perf_counter()
-            run("sdpa is_causal + compile", *values)()
-            print(f"# torch.compile {cfg}: {time.perf_counter() - started:.0f} s to compile")
+            run(system, *values)()
+            print(f"# {system.split('+ ')[1]} {cfg}: {time.perf_counter() - started:.0f} s to compile")
     for system in systems:  # same scores (padding never reaches a real token)
         for cfg, values in configs.items():
             if system.endswith("bf16"):

@@ -139,10 +139,11 @@ def git(root: Path, *args: str) -> str:
     return run(["git", *args], root).stdout.strip()
 
 
-def make_params(remote: Path, git_remote: str | None = None, scheme: str = "semver") -> Params:
+def make_params(remote: Path, git_remote: str | None = None, scheme: str = "semver",
+                remote_name: str = "releases") -> Params:
     raw = Params().model_dump()
     raw["export"].update(exit_layers=[4, 6], ratios=[1, 2])
-    raw["release"].update(remote_url=str(remote), version_scheme=scheme, git_remote=git_remote)
+    raw["release"].update(remote_url=str(remote), version_scheme=scheme, git_remote=git_remote, remote_name=remote_name)
     return parse_params(raw)
 
 
@@ -153,7 +154,7 @@ def set_knobs(root: Path, **changes) -> None:
 
 
 def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
-                 per_config_outs: bool = False) -> tuple[Path, Params]:
+                 per_config_outs: bool = False, remote_name: str = "releases") -> tuple[Path, Params]:
     """``base/project`` (committed, not yet reproduced), ``base/origin.git`` (bare), remote at ``base/dvc-remote``.
 
     ``per_config_outs``: the export stage declares one DVC output per ratio folder instead of
@@ -161,7 +162,7 @@ def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
     """
     root = base / "project"
     root.mkdir(parents=True)
-    params = make_params(base / "dvc-remote", "origin" if git_remote else None, scheme)
+    params = make_params(base / "dvc-remote", "origin" if git_remote else None, scheme, remote_name)
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     (root / "knobs.yaml").write_text(yaml.safe_dump(KNOBS))
     (root / "fake_pipeline.py").write_text(FAKE_PIPELINE)

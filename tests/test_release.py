@@ -211,6 +211,23 @@ def test_dvc_artifacts_get_and_releases_listing(published, tmp_path):
     assert cli.exit_code == 0 and "## v0.1.0" in cli.output and "| exit-06-ratio-1 | 0.5600 |" in cli.output
 
 
+def test_a_release_remote_with_its_own_name_is_found_from_the_params_at_the_tag(tmp_path):
+    """``release.remote_name: models``: downloads, listings and ``fetch_release`` (``from_release``,
+    ``serve --version``) find the remote by the name the tagged params.yaml gives, with no option."""
+    from matryoshka_reranker.release.registry import fetch_release
+
+    root, params = make_project(tmp_path, remote_name="models")
+    repro(root)
+    assert publish(params, root).version == "v0.1.0"
+    assert "['remote \"models\"']" in git(root, "show", "v0.1.0:.dvc/config")
+    origin = str(tmp_path / "origin.git")
+    dest = download("v0.1.0", 6, 2, repo=origin, out=tmp_path / "downloaded")
+    verify_manifest(dest)
+    assert [r["version"] for r in list_releases(origin)] == ["v0.1.0"]
+    version, folders = fetch_release("latest", origin, [4], [1], cache=tmp_path / "cache")
+    assert version == "v0.1.0" and [f.name for f in folders] == ["ratio-1"]
+
+
 def test_nothing_changed_means_nothing_to_publish(published):
     base, root, params, result = published
     again = publish(params, root)
@@ -464,6 +481,27 @@ def test_an_interrupted_publish_is_completed_by_the_next_run(tmp_path, monkeypat
     record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
     assert record["status"] == "published" and record["commit"] == resumed.commit
     assert publish(params, root).status == "unchanged"
+
+
+def test_a_publish_interrupted_right_after_its_claim_leaves_no_orphan_record(tmp_path, monkeypatch):
+    """A signal between the remote claim and the journal must not leave a claimed version that no
+    journal names (the next publish would skip it and the gate would take it as the last release)."""
+    from matryoshka_reranker.release import records, registry
+
+    root, params = make_project(tmp_path)
+    repro(root)
+    real_claim = records.RecordStore.claim
+
+    def claim_then_signal(self, *args, **kwargs):
+        nonce = real_claim(self, *args, **kwargs)
+        raise registry.PublishInterrupted("publish interrupted by signal 15")  # the claim is written
+
+    monkeypatch.setattr(records.RecordStore, "claim", claim_then_signal)
+    with pytest.raises(registry.PublishInterrupted):
+        publish(params, root)
+    assert not (tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").exists()  # rolled back
+    monkeypatch.setattr(records.RecordStore, "claim", real_claim)
+    assert publish(params, root).version == "v0.1.0"  # not v0.1.1: nothing was left behind
 
 
 def test_fetch_release_downloads_once_and_reuses_a_verified_cache(published, tmp_path, monkeypatch):

@@ -223,3 +223,25 @@ def test_compile_failure_falls_back_to_eager(llama_dir, monkeypatch, caplog):
     assert "torch.compile failed here, scoring stays eager: InductorError: no C++ compiler found" in caplog.text
     eager = MatryoshkaReranker(llama_dir, start_layer=2, batch_size=2)
     assert reranker.compute_score(PAIRS, cutoff_layers=[2, 4]) == eager.compute_score(PAIRS, cutoff_layers=[2, 4])
+
+
+def test_fusion_uses_raw_scores_when_normalize_is_asked():
+    """``rank(normalize=True, first_stage_scores=...)`` fuses the raw scores (as the server does) and reports
+    the normalized ones: min-max of a sigmoid is not min-max of the logits, and here the order would flip."""
+    import math
+
+    from matryoshka_reranker.serving.ranking import fuse_scores, rank_documents
+
+    raw, first = [4.0, 5.0, -5.0], [1.0, 0.92, 0.0]
+
+    def sigmoid(values):
+        return [1 / (1 + math.exp(-v)) for v in values]
+
+    ranked = rank_documents(lambda pairs: raw, "q", ["a", "b", "c"], first_stage_scores=first, normalize=sigmoid)
+    fused = fuse_scores(raw, first)
+    assert [r["corpus_id"] for r in ranked] == [1, 0, 2]  # fused sigmoids would put document 0 first
+    assert sorted(range(3), key=lambda i: -fuse_scores(sigmoid(raw), first)[i])[0] == 0
+    assert [r["score"] for r in ranked] == pytest.approx([fused[1], fused[0], fused[2]])
+    assert [r["reranker_score"] for r in ranked] == pytest.approx([sigmoid(raw)[i] for i in (1, 0, 2)])
+    alone = rank_documents(lambda pairs: raw, "q", ["a", "b", "c"], normalize=sigmoid)
+    assert [r["score"] for r in alone] == pytest.approx([sigmoid(raw)[i] for i in (1, 0, 2)])

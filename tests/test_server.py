@@ -118,7 +118,7 @@ def test_first_stage_scores_are_fused_like_rank(server, exported):
     ({"query": QUERY, "texts": TEXTS, "first_stage_scores": [1, "2", 3]}, 422, "first_stage_scores"),
     ({"query": QUERY, "texts": TEXTS, "first_stage_scores": [1, 2, 3], "first_stage_weight": 1.5}, 422,
      "first_stage_weight"),
-    ({"query": QUERY, "texts": []}, 422, "texts"),
+    ({"query": QUERY, "texts": []}, 400, "texts"),  # TEI: 400, error_type "Empty"
     ({"query": QUERY, "texts": TEXTS * 2}, 413, "texts"),
     ({"query": QUERY, "texts": ["word " * 200]}, 413, "texts[0]"),
     ({"query": "word " * 200, "texts": TEXTS}, 413, "query"),
@@ -134,6 +134,31 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, field):
     response = httpx.post(f"{url}/rerank", json=body)
     assert response.status_code == status, response.text
     assert field in response.json()["error"]
+
+
+def test_truncate_null_is_false_and_the_length_check_matches_the_encoder(server, exported):
+    """``truncate: null`` (TEI's Option<bool>) refuses what is too long, as false does; a long query leaves a
+    text less room (``PairEncoder.passage_room``), and the check refuses what encoding would cut."""
+    url, _ = server
+    long_text = {"query": QUERY, "texts": ["word " * 200], "truncate": None}
+    assert httpx.post(f"{url}/rerank", json=long_text).status_code == 413
+    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "truncate": None}).status_code == 200
+    encoder = OnnxReranker(exported / "ratio-1", 3).encoder
+    fmt = encoder.format
+
+    def fill(prefix: str, tokens: int) -> str:  # the longest "x y z ..." whose prefixed form has <= tokens
+        words = []
+        while len(encoder._ids(f"{prefix}{' '.join(words + ['x'])}")) <= tokens:
+            words.append("x")
+        return " ".join(words)
+
+    query = fill("A: ", fmt.query_max_len)  # the query's whole budget: bos + separator overflow into the text's
+    text = fill("B: ", fmt.passage_max_len)
+    room = encoder.passage_room(len(encoder.bos) + len(encoder._ids(f"A: {query}")) + len(encoder.sep))
+    assert room < len(encoder._ids(f"B: {text}")) <= fmt.passage_max_len  # encode_many would cut this text
+    response = httpx.post(f"{url}/rerank", json={"query": query, "texts": [TEXTS[0], text]})
+    assert response.status_code == 413 and "texts[1]" in response.json()["error"], response.text
+    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": [text]}).status_code == 200
 
 
 def test_undecodable_bodies_are_4xx_not_500(server):
@@ -263,6 +288,23 @@ def test_default_config_is_the_deepest_exit_at_the_smallest_ratio():
     assert Pool.default_key([(8, 2), (30, 4), (30, 2), (16, 2)]) == (30, 2)
 
 
+def test_a_request_naming_one_of_exit_and_ratio_gets_a_served_config():
+    """Without ratio 1 served (``serve --ratios 2``), a request naming neither, or only the exit, still gets a
+    served config (TEI clients name neither); only the ratio: the deepest exit at it."""
+    from matryoshka_reranker.serving.server import Pool, ServerInputError
+
+    pool = Pool()
+    pool.configs = dict.fromkeys([(8, 2), (30, 2), (30, 4)])
+    pool.default = Pool.default_key(pool.configs)
+    assert pool.resolve(None, None) == (30, 2) and pool.resolve(8, None) == (8, 2)
+    assert pool.resolve(None, 4) == (30, 4) and pool.resolve(30, 4) == (30, 4)
+    pool.configs[(8, 1)] = None
+    assert pool.resolve(8, None) == (8, 1) and pool.resolve(None, None) == (30, 2)  # default fixed at start
+    for exit_layer, ratio in ((9, None), (None, 3), (8, 4)):
+        with pytest.raises(ServerInputError, match="no exported model"):
+            pool.resolve(exit_layer, ratio)
+
+
 def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
     """A downloaded release is a list of ratio folders (``fetch_release``): each exit in them is served,
     and ``OnnxReranker.from_release`` opens the asked exit of the fetched folder (default: the deepest)."""
@@ -321,3 +363,38 @@ def test_pytorch_backend_answers_like_the_onnx_export(exported, llama_dir):
         TorchPool(rerankers, options, exit_layers=[9])
     with pytest.raises(ValueError, match="no compression layers"):
         TorchPool({2: rerankers[1]}, options)
+
+
+class BrokenPool(ModelPool):
+    """The real pool with a failing backend: ``"load"`` (a damaged model file) or ``"nan"`` scores."""
+
+    def __init__(self, folder, options, failure):
+        super().__init__(folder, options)
+        self.failure = failure
+
+    def get(self, key):
+        if self.failure == "load":
+            raise RuntimeError("sha256 mismatch in model.onnx")
+        reranker = super().get(key)
+        reranker.compute_score = lambda pairs, **kwargs: [float("nan")] * len(pairs)
+        return reranker
+
+
+@pytest.mark.parametrize("failure, message", [("load", "model unavailable"), ("nan", "non-finite")])
+def test_a_failing_backend_is_a_424_json_error_and_the_queue_gauge_drains(exported, failure, message):
+    """TEI answers a backend failure with 424 and a JSON error; so does a model that cannot load (found
+    while checking lengths, off the event loop) or that returns NaN. The queue gauge reads the live queue."""
+    options = ServerOptions()
+    server, thread, url = run_in_thread(create_app(BrokenPool(exported, options, failure), options))
+    try:
+        response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=60)
+        assert response.status_code == 424, response.text
+        assert response.json()["error_type"] == "Backend" and message in response.json()["error"]
+        assert httpx.get(f"{url}/health").status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="424"} 1.0' in metrics
+        if failure == "nan":  # the request reached the batcher: its queue is empty again
+            assert 'matryoshka_queue_depth{config="exit-03-ratio-1"} 0.0' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(30)

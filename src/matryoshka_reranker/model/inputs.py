@@ -170,6 +170,11 @@ class PairEncoder:
     def _ids_many(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
+    def passage_room(self, head: int) -> int:
+        """How many passage tokens a pair keeps after a head (bos + query + separator) of ``head`` tokens:
+        ``passage_max_len``, less whatever the head took beyond the query's share of ``max_length``."""
+        return min(self.format.passage_max_len, max(self.format.max_length - head, 0))
+
     def encode(self, query: str, passage: str) -> EncodedPair:
         return self.encode_many([(query, passage)])[0]
 
@@ -190,8 +195,7 @@ class PairEncoder:
         encoded = []
         for (query, _), body in zip(pairs, bodies):
             head = heads[query]
-            room = max(fmt.max_length - len(head), 0)
-            ids = head + body[: min(fmt.passage_max_len, room)] + self.prompt_ids
+            ids = head + body[: self.passage_room(len(head))] + self.prompt_ids
             encoded.append(EncodedPair(ids, len(head), len(self.prompt_ids)))
         return encoded
 

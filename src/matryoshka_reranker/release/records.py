@@ -104,9 +104,10 @@ class RecordStore:
             raise RecordError(f"release {version}: record in {redact(self.url)} is malformed")
         return record
 
-    def claim(self, version: str, record: dict[str, Any]) -> str:
-        """Creates the record of ``version`` atomically; returns this claim's nonce. Refuses a taken version."""
-        nonce = secrets.token_hex(16)
+    def claim(self, version: str, record: dict[str, Any], nonce: str | None = None) -> str:
+        """Creates the record of ``version`` atomically; returns this claim's nonce (``nonce`` where the
+        caller chose it first, to journal it before the claim exists). Refuses a taken version."""
+        nonce = nonce or secrets.token_hex(16)
         payload = (json.dumps({**record, "format_version": RECORD_FORMAT_VERSION, "version": version,
                                "claim": nonce}, indent=2) + "\n").encode()
         path = self.path(version)

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -538,11 +539,13 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
         return PublishResult("dry_run", version, head, redact(remote_url), gate=report)
 
     # 1. Claim the version in the remote first: a concurrent publish of the same version loses here,
-    #    before it has committed or tagged anything.
+    #    before it has committed or tagged anything. The claim's nonce is journalled before the claim
+    #    exists, so an interruption at any point after it is rolled back (here or by the next run).
     record = release_record(params, root, version, report, folders, waived)
-    nonce = store.claim(version, {**record, "status": "claimed"})
+    nonce = secrets.token_hex(16)
     journal.save(version=version, nonce=nonce)
     try:
+        store.claim(version, {**record, "status": "claimed"}, nonce)
         # 2. The reproduced state, the release record (file hashes) and the remote config: one commit.
         ensure_remote(root, params.release.remote_name, params.release.remote_url)
         record_file = Path(RECORDS_DIR) / f"{version}.json"
@@ -750,11 +753,9 @@ def _cached_and_intact(folder: Path, expected: dict[str, str], quiet: bool = Fal
 
 def _remote_url_of(fs, remote_name: str | None) -> str | None:
     """The release remote's URL as configured in the (already open) repository at the tag."""
-    from .revisions import RELEASE_REMOTE
+    from .revisions import release_remote
 
-    config = fs.repo.config
-    name = remote_name or (RELEASE_REMOTE if RELEASE_REMOTE in config["remote"] else config["core"].get("remote"))
-    return (config["remote"].get(name) or {}).get("url")
+    return (fs.repo.config["remote"].get(release_remote(fs, remote_name)) or {}).get("url")
 
 
 def _check_tag_commit(repo: str, version: str, url: str | None) -> None:

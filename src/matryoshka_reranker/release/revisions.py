@@ -98,6 +98,26 @@ def remote_config(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     return {"core": {"remote": name}, "remote": {name: dict(settings)}}
 
 
+def release_remote(fs, remote_name: str | None = None) -> str | None:
+    """The DVC remote that holds a revision's release data: ``remote_name`` where given, else the
+    revision's own ``release.remote_name`` (its params.yaml; default "releases") where the revision's
+    DVC config has it, else DVC's default remote (the release remote is deliberately never the default,
+    so that ``dvc gc -c`` cannot reach it: its name must come from the params)."""
+    if remote_name:
+        return remote_name
+    import yaml
+
+    configured = RELEASE_REMOTE
+    try:
+        raw = yaml.safe_load(fs.read_text("params.yaml")) if fs.exists("params.yaml") else None
+        name = ((raw or {}).get("release") or {}).get("remote_name") if isinstance(raw, dict) else None
+        configured = name if isinstance(name, str) and name else RELEASE_REMOTE
+    except Exception as err:  # noqa: BLE001 - an unreadable params.yaml: the default name
+        logger.debug("cannot read release.remote_name at this revision: %s", err)
+    config = fs.repo.config
+    return configured if configured in config["remote"] else config["core"].get("remote")
+
+
 def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = None,
             remote_url: str | None = None):
     """A ``dvc.api.DVCFileSystem`` of ``repo`` at ``rev`` whose data resolves through the release remote.
@@ -114,8 +134,7 @@ def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = 
         return DVCFileSystem(repo, rev=rev, config=remote_config(name, {"url": remote_url}))
     fs = DVCFileSystem(repo, rev=rev)
     config = fs.repo.config
-    # The release remote is deliberately not DVC's default remote (so `dvc gc -c` cannot reach it).
-    wanted = remote_name or (RELEASE_REMOTE if RELEASE_REMOTE in config["remote"] else config["core"].get("remote"))
+    wanted = release_remote(fs, remote_name)
     if wanted and wanted in config["remote"]:
         if wanted == config["core"].get("remote"):
             return fs
@@ -123,8 +142,7 @@ def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = 
         return DVCFileSystem(repo, rev=rev, config={"core": {"remote": wanted}})
     fs.close()
     head = DVCFileSystem(repo)
-    name = remote_name or (RELEASE_REMOTE if RELEASE_REMOTE in head.repo.config["remote"]
-                           else head.repo.config["core"].get("remote"))
+    name = release_remote(head, remote_name)
     settings = dict(head.repo.config["remote"].get(name) or {}) if name else {}
     head.close()
     if not settings:  # git-tracked files still read; DVC data only from a local cache

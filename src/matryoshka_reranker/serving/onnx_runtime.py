@@ -223,5 +223,7 @@ class OnnxReranker:
         """Documents ranked for one query, best first, as sentence-transformers' ``CrossEncoder.rank``:
         ``[{"corpus_id": index in documents, "score": float(, "text": document)}]``. With
         ``first_stage_scores`` (e.g. BM25's) ranks by their fusion with ours (``ranking.fuse_scores``)."""
-        return rank_documents(lambda pairs: self.compute_score(pairs, normalize=normalize, batch_size=batch_size),
-                              query, documents, top_k, return_documents, first_stage_scores, first_stage_weight)
+        calibration = self.manifest.get("calibration")
+        return rank_documents(lambda pairs: self.compute_score(pairs, batch_size=batch_size),
+                              query, documents, top_k, return_documents, first_stage_scores, first_stage_weight,
+                              (lambda raw: calibrated_probability(calibration, raw)) if normalize else None)

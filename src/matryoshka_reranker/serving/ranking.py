@@ -38,12 +38,15 @@ def fuse_scores(reranker: Sequence[float], first_stage: Sequence[float], weight:
 
 def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], query: str, documents: Sequence[str],
                    top_k: int | None = None, return_documents: bool = False,
-                   first_stage_scores: Sequence[float] | None = None, first_stage_weight: float = 0.5) -> list[dict]:
+                   first_stage_scores: Sequence[float] | None = None, first_stage_weight: float = 0.5,
+                   normalize: Callable[[list[float]], Sequence[float]] | None = None) -> list[dict]:
     """``[{"corpus_id": i, "score": s(, "text": documents[i])}]`` sorted by score, best first.
 
-    Ties keep the documents' order (a stable sort), so results are deterministic. With
-    ``first_stage_scores`` the score is the fusion (``fuse_scores``) and each item also carries
-    ``reranker_score``, the re-ranker's own.
+    ``score`` gives raw scores; ``normalize`` (e.g. the calibrated probability) maps them to what is
+    reported. Ties keep the documents' order (a stable sort), so results are deterministic. With
+    ``first_stage_scores`` the score is the fusion (``fuse_scores``) of the *raw* scores, as the
+    server fuses (min-max of a sigmoid is not min-max of the logits: the order could differ), and
+    each item also carries ``reranker_score``, the re-ranker's own (normalized where asked).
     """
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, got {type(query).__name__}")
@@ -60,13 +63,14 @@ def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], qu
         fuse_scores([0.0] * len(documents), list(first_stage_scores), first_stage_weight)
     raw = score([(query, d) for d in documents])
     raw = [raw] if isinstance(raw, float) else list(raw)
-    scores = raw if first_stage_scores is None else fuse_scores(raw, list(first_stage_scores), first_stage_weight)
+    ours = raw if normalize is None else [float(v) for v in normalize(raw)]
+    scores = ours if first_stage_scores is None else fuse_scores(raw, list(first_stage_scores), first_stage_weight)
     order = sorted(range(len(documents)), key=lambda i: -scores[i])
     results = []
     for i in order[:top_k]:
         item = {"corpus_id": i, "score": float(scores[i])}
         if first_stage_scores is not None:
-            item["reranker_score"] = float(raw[i])
+            item["reranker_score"] = float(ours[i])
         if return_documents:
             item["text"] = documents[i]
         results.append(item)

@@ -175,9 +175,10 @@ class MatryoshkaReranker:
         (``serving.ranking.fuse_scores``)."""
         def score(pairs):
             return self.compute_score(pairs, cutoff_layers=cutoff_layer, compress_layers=compress_layers,
-                                      compress_ratio=compress_ratio, normalize=normalize, batch_size=batch_size)
+                                      compress_ratio=compress_ratio, batch_size=batch_size)
 
-        return rank_documents(score, query, documents, top_k, return_documents, first_stage_scores, first_stage_weight)
+        return rank_documents(score, query, documents, top_k, return_documents, first_stage_scores, first_stage_weight,
+                              (lambda raw: torch.sigmoid(torch.tensor(raw)).tolist()) if normalize else None)
 
 
 def _one_layer(cutoff_layers) -> bool:

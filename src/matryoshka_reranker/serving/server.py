@@ -104,10 +104,18 @@ class Pool:
         return deepest, (1 if at_1 else min(r for k, r in keys if k == deepest))
 
     def resolve(self, exit_layer: int | None, ratio: int | None) -> tuple[int, int]:
-        key = (self.default[0] if exit_layer is None else exit_layer, 1 if ratio is None else ratio)
-        if exit_layer is None and ratio is not None:
-            key = (max(k for k, r in self.configs if r == ratio), ratio) if any(r == ratio for _, r in self.configs) \
-                else key
+        """The (exit, ratio) a request gets: neither named, ``default``; only the ratio, the deepest exit
+        served at it; only the exit, ratio 1 there, or its smallest served ratio where ratio 1 is not."""
+        if exit_layer is None and ratio is None:
+            key = self.default
+        elif exit_layer is None:
+            exits = [k for k, r in self.configs if r == ratio]
+            key = (max(exits) if exits else self.default[0], ratio)
+        elif ratio is None:
+            ratios = sorted(r for k, r in self.configs if k == exit_layer)
+            key = (exit_layer, 1 if 1 in ratios or not ratios else ratios[0])
+        else:
+            key = (exit_layer, ratio)
         if key not in self.configs:
             available = ", ".join(f"(exit_layer={k}, ratio={r})" for k, r in sorted(self.configs))
             raise ServerInputError("exit_layer", f"no exported model for exit_layer={key[0]}, ratio={key[1]}; "
@@ -387,10 +395,10 @@ class RerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(min_length=1)
-    texts: list[StrictStr] = Field(min_length=1)
+    texts: list[StrictStr]  # empty: TEI's 400 "Empty", answered by the handler
     raw_scores: StrictBool = False
     return_text: StrictBool = False
-    truncate: StrictBool = False
+    truncate: StrictBool | None = None  # TEI's Option<bool>: null = false (refuse what is too long)
     truncation_direction: Literal["Right", "right"] = "Right"
     exit_layer: StrictInt | None = None  # the Matryoshka extension: depth ...
     ratio: StrictInt | None = None  # ... and width, per request
@@ -446,6 +454,8 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
 
     @app.post("/rerank")
     async def rerank(body: RerankRequest):
+        if not body.texts:
+            return error(400, "texts: `texts` cannot be empty", "Empty")
         if len(body.texts) > options.max_texts:
             raise ServerInputError("texts", f"{len(body.texts)} texts; this server takes at most {options.max_texts} "
                                             "per request (--max-texts)", 413)
@@ -456,28 +466,41 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
                 raise ServerInputError("first_stage_scores", str(err), 422) from None
         key = pool.resolve(body.exit_layer, body.ratio)
         name = config_name(*key)
-        if not body.truncate:
-            check_lengths(pool, key, body.query, body.texts)
+        if not body.truncate:  # tokenizing (and a config's first load) off the event loop
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, check_lengths, pool, key, body.query,
+                                                                 body.texts)
+            except ServerInputError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the model failed to load (e.g. a damaged file)
+                requests.labels(name, "424").inc()
+                log.exception("loading %s failed", name)
+                return error(424, f"{name}: model unavailable: {err}", "Backend")
         batcher = state["batchers"].get(key)
         if batcher is None:
             batcher = state["batchers"][key] = Batcher(pool, key, state["executor"], options)
+            queued.labels(name).set_function(batcher.queue.qsize)  # read at scrape time: it also falls
         started = time.perf_counter()
         try:
             future = batcher.submit([(body.query, t) for t in body.texts])
         except asyncio.QueueFull:
             requests.labels(name, "429").inc()
             return error(429, f"{name}: {options.max_queue} requests already queued; retry later", "Overloaded")
-        queued.labels(name).set(batcher.queue.qsize())
         try:
             scores = await future
-        except Exception as err:  # noqa: BLE001
-            requests.labels(name, "500").inc()
+        except Exception as err:  # noqa: BLE001 - TEI answers a failed backend with 424
+            requests.labels(name, "424").inc()
             log.exception("scoring failed for %s", name)
-            return error(500, f"{name}: scoring failed: {err}", "Backend")
+            return error(424, f"{name}: scoring failed: {err}", "Backend")
+        values = np.asarray(scores, dtype=np.float64)
+        if not np.isfinite(values).all():  # NaN would sort arbitrarily and is not JSON
+            requests.labels(name, "424").inc()
+            log.error("%s returned non-finite scores for %d of %d texts", name, int((~np.isfinite(values)).sum()),
+                      len(values))
+            return error(424, f"{name}: the model returned non-finite scores", "Backend")
         latency.labels(name).observe(time.perf_counter() - started)
         requests.labels(name, "200").inc()
         pairs_scored.labels(name).inc(len(body.texts))
-        values = np.asarray(scores, dtype=np.float64)
         ours = values if body.raw_scores else probabilities(pool, key, values)
         ranked_by = ours if body.first_stage_scores is None else np.asarray(
             fuse_scores(values.tolist(), body.first_stage_scores, body.first_stage_weight))
@@ -508,16 +531,19 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
 
 
 def check_lengths(pool: Pool, key: tuple[int, int], query: str, texts: Sequence[str]) -> None:
-    """With ``truncate: false``, a query or text over the model's token budget is refused, not cut."""
+    """With ``truncate: false``, a query or text over the model's token budget is refused, not cut: the
+    same budget ``PairEncoder.encode_many`` cuts at (a long query leaves a text less room)."""
     encoder = pool.get(key).encoder
     fmt = encoder.format
-    if len(encoder._ids(f"A: {query}")) > fmt.query_max_len:
+    query_ids = encoder._ids(f"A: {query}")
+    if len(query_ids) > fmt.query_max_len:
         raise ServerInputError("query", f"longer than the model's {fmt.query_max_len}-token query budget; "
                                         "send truncate: true to cut it", 413)
-    for i, text in enumerate(texts):
-        if len(encoder._ids(f"B: {text}")) > fmt.passage_max_len:
-            raise ServerInputError(f"texts[{i}]", f"longer than the model's {fmt.passage_max_len}-token passage "
-                                                  "budget; send truncate: true to cut it", 413)
+    room = encoder.passage_room(len(encoder.bos) + len(query_ids) + len(encoder.sep))
+    for i, ids in enumerate(encoder._ids_many([f"B: {text}" for text in texts])):
+        if len(ids) > room:
+            raise ServerInputError(f"texts[{i}]", f"longer than the {room}-token passage budget this query leaves "
+                                                  f"(at most {fmt.passage_max_len}); send truncate: true to cut it", 413)
 
 
 def probabilities(pool: Pool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
