@@ -45,6 +45,9 @@ def test_overrides_are_dotted_and_yaml_typed():
         ({"model": {"prompt": ""}}, "model.prompt"),
         ({"teacher": {"kind": "oracle"}}, "teacher.kind"),
         ({"self_distill": {"head_init": "magic"}}, "self_distill.head_init"),
+        ({"evaluation": {"measures": ["ndcg@10"]}}, "evaluation.measures: Value error, 'ndcg@10' is not an ir-measures"),
+        ({"evaluation": {"measures": []}}, "evaluation.measures"),
+        ({"evaluation": {"effects": True}, "export": {"ratios": [2]}}, "evaluation.effects measures each ratio's drop"),
     ],
 )
 def test_errors_name_the_key(raw, key):

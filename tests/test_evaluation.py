@@ -259,8 +259,12 @@ def test_pytorch_check_failure_fails_the_stage_and_writes_nothing(tiny_pipeline,
         evaluate(params, scorer_factory=quality, latency_factory=latency)
     assert not (tmp_path / "metrics" / "per_layer.json").exists()
     bad = with_evaluation(params, pytorch_check="exit-30-ratio-9")
-    with pytest.raises(ValueError, match="names no exported model"):
-        evaluate(bad, scorer_factory=quality, latency_factory=latency)
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the misnamed check was refused")
+
+    with pytest.raises(ValueError, match="names no exported model"):  # before any scoring pass
+        evaluate(bad, scorer_factory=never, latency_factory=never)
 
 
 def test_untrained_baseline_and_learning_curve(tiny_pipeline, llama_dir):

@@ -73,3 +73,23 @@ def test_user_training_file_is_copied_as_the_training_groups(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train_file"):
         prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(tmp_path / "missing.jsonl")))
     assert open(params.paths.train_groups).read() == bad.read_text()  # the last output stays
+
+
+def test_mined_negatives_pass_validation_with_copies_and_odd_lengths_in_the_corpus(tmp_path):
+    """An unjudged copy of a positive's text (same BM25 score: it would be mined right after it) and a
+    passage outside the validation bounds are not mined: prepare's output passes its own `validate`."""
+    import gzip
+
+    from matryoshka_reranker.pipeline.validation import validate_training_data
+
+    beir = write_beir(tmp_path / "beir")
+    with gzip.open(beir / "corpus.jsonl.gz", "at") as handle:
+        handle.write(json.dumps({"_id": "d8", "title": "France", "text": "Paris is the capital of France."}) + "\n")
+        handle.write(json.dumps({"_id": "d9", "title": "", "text": "Paris?"}) + "\n")  # 6 characters < 10
+    params = tiny_params(tmp_path, tmp_path)
+    prepare(params)
+    groups = {g["query_id"]: g for g in read(params.paths.train_groups)}
+    assert groups["q2"]["neg_ids"] and not {"d8", "d9"} & set(groups["q2"]["neg_ids"])
+    assert all(len(set(g["neg"])) == len(g["neg"]) and not set(g["pos"]) & set(g["neg"]) for g in groups.values())
+    report = validate_training_data(params.paths.train_groups, bounds=params.validation, prompt=params.model.prompt)
+    assert report.success, report.failed

@@ -211,15 +211,20 @@ def test_dvc_artifacts_get_and_releases_listing(published, tmp_path):
     assert cli.exit_code == 0 and "## v0.1.0" in cli.output and "| exit-06-ratio-1 | 0.5600 |" in cli.output
 
 
-def test_a_release_remote_with_its_own_name_is_found_from_the_params_at_the_tag(tmp_path):
-    """``release.remote_name: models``: downloads, listings and ``fetch_release`` (``from_release``,
-    ``serve --version``) find the remote by the name the tagged params.yaml gives, with no option."""
+@pytest.mark.parametrize("how", ["params.yaml", "override"])
+def test_a_release_remote_with_its_own_name_is_found_without_options(tmp_path, how):
+    """``release.remote_name: models``, set in the committed params.yaml or only for the publish (as
+    ``-S release.remote_name=models`` does): downloads, listings and ``fetch_release`` (``from_release``,
+    ``serve --version``) find the remote with no option, from the release record at the tag."""
     from matryoshka_reranker.release.registry import fetch_release
 
-    root, params = make_project(tmp_path, remote_name="models")
+    root, params = make_project(tmp_path, remote_name="models" if how == "params.yaml" else "releases")
+    if how == "override":
+        params = params.model_copy(update={"release": params.release.model_copy(update={"remote_name": "models"})})
     repro(root)
     assert publish(params, root).version == "v0.1.0"
-    assert "['remote \"models\"']" in git(root, "show", "v0.1.0:.dvc/config")
+    assert "['remote \\"models\\"']" in git(root, "show", "v0.1.0:.dvc/config")
+    assert ("remote_name: models" in git(root, "show", "v0.1.0:params.yaml")) == (how == "params.yaml")
     origin = str(tmp_path / "origin.git")
     dest = download("v0.1.0", 6, 2, repo=origin, out=tmp_path / "downloaded")
     verify_manifest(dest)

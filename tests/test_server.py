@@ -109,6 +109,11 @@ def test_first_stage_scores_are_fused_like_rank(server, exported):
     assert [r["score"] for r in ranked] == pytest.approx([w["score"] for w in want], abs=1e-5)
     probability = {r["index"]: r["score"] for r in httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).json()}
     assert [r["reranker_score"] for r in ranked] == pytest.approx([probability[r["index"]] for r in ranked], abs=1e-6)
+    calibrated = OnnxReranker(exported / "ratio-1", 3).rank(QUERY, TEXTS, normalize=True, first_stage_scores=bm25,
+                                                         first_stage_weight=0.7)  # fuses raw scores too
+    assert [w["corpus_id"] for w in calibrated] == [w["corpus_id"] for w in want]
+    assert [w["score"] for w in calibrated] == pytest.approx([w["score"] for w in want])
+    assert [w["reranker_score"] for w in calibrated] == pytest.approx([r["reranker_score"] for r in ranked], abs=1e-6)
     first_stage_only = httpx.post(f"{url}/rerank", json={**body, "first_stage_weight": 1}).json()
     assert [r["index"] for r in first_stage_only] == [1, 2, 0]  # weight 1: BM25's order
 
@@ -134,6 +139,7 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, field):
     response = httpx.post(f"{url}/rerank", json=body)
     assert response.status_code == status, response.text
     assert field in response.json()["error"]
+    assert response.json()["error_type"] == ("Empty" if body.get("texts") == [] else "Validation")
 
 
 def test_truncate_null_is_false_and_the_length_check_matches_the_encoder(server, exported):

@@ -254,7 +254,7 @@ class ValidationParams(Section):
 
 class EvaluationParams(Section):
     batch_size: int = Field(16, ge=1)
-    measures: list[str] = ["nDCG@10", "RR@10", "R@10"]
+    measures: list[str] = Field(["nDCG@10", "RR@10", "R@10"], min_length=1)  # the first is the headline
     confidence: float = Field(0.95, gt=0, lt=1)  # bootstrap intervals over queries
     bootstrap_resamples: int = Field(10_000, ge=100)
     latency_queries: int = Field(3, ge=1)  # queries each exported model is timed on (one call per query)
@@ -266,6 +266,19 @@ class EvaluationParams(Section):
     pytorch_check: bool | str = True
     pytorch_check_queries: int = Field(3, ge=0)  # eval queries the check scores (0 = all)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads (0 = its default)
+
+    @field_validator("measures")
+    @classmethod
+    def _known_measures(cls, measures: list[str]) -> list[str]:
+        """Each name must parse as an ir-measures measure (a typo fails here, not after the export)."""
+        import ir_measures
+
+        for name in measures:
+            try:
+                ir_measures.parse_measure(name)
+            except Exception as err:  # noqa: BLE001 - ir_measures raises several kinds
+                raise ValueError(f"{name!r} is not an ir-measures measure (e.g. nDCG@10, RR@10, R@10): {err}") from None
+        return measures
 
 
 class GateParams(Section):
@@ -358,6 +371,9 @@ class Params(Section):
                              "model that never saw it; add the ratio to compression.ratios")
         if token and not comp.layers:
             raise ValueError(f"compensation.token_ratios {token} need compression.layers (where tokens are merged)")
+        if self.evaluation.effects and 1 not in export.ratios:
+            raise ValueError(f"evaluation.effects measures each ratio's drop against ratio 1: add 1 to export.ratios "
+                             f"(now {export.ratios}) or turn effects off")
         if exported and sorted(set(export.compress_layers)) != sorted(set(comp.layers)):
             raise ValueError(f"export.compress_layers {export.compress_layers} differ from compression.layers "
                              f"{comp.layers}: the token adapters of export.ratios {exported} were trained merging "

@@ -296,6 +296,23 @@ def time_config(sample: list[EvalQuery], score: ScoreFn) -> tuple[list[float], d
     return seconds, scores
 
 
+def pytorch_check_configs(params: Params, groups: list[RatioModels]) -> list:
+    """The exported configs ``evaluation.pytorch_check`` names (none when it is false); a name that is not
+    exported is an error, raised before any scoring (``evaluate`` asks first)."""
+    setting = params.evaluation.pytorch_check
+    if setting is False:
+        return []
+    configs = [c for g in groups for c in g.configs]
+    if setting is True:
+        ratio = max(g.ratio for g in groups)
+        return [c for c in configs if c.ratio == ratio]
+    checked = [c for c in configs if c.name == setting]
+    if not checked:
+        raise InputError(f"evaluation.pytorch_check={setting!r} names no exported model; "
+                         f"exported: {[c.name for c in configs]}")
+    return checked
+
+
 def check_against_pytorch(params: Params, queries: list[EvalQuery], groups: list[RatioModels],
                           scores: dict[str, dict[str, list[float]]],
                           pytorch_factory: Callable[[Params, int], PyTorchScorer] = pytorch_scorer) -> dict[str, Any]:
@@ -306,19 +323,10 @@ def check_against_pytorch(params: Params, queries: list[EvalQuery], groups: list
     adapters); a config name = that config; false = skipped. The tolerance is the export's
     (``export.fp16_tolerance`` for float16 exports), on |ORT - PyTorch| / max(1, |PyTorch|).
     """
-    setting = params.evaluation.pytorch_check
-    if setting is False:
+    checked = pytorch_check_configs(params, groups)
+    if not checked:
         return {"enabled": False}
-    configs = [c for g in groups for c in g.configs]
-    if setting is True:
-        ratio = max(g.ratio for g in groups)
-        checked = [c for c in configs if c.ratio == ratio]
-    else:
-        checked = [c for c in configs if c.name == setting]
-        if not checked:
-            raise InputError(f"evaluation.pytorch_check={setting!r} names no exported model; "
-                             f"exported: {[c.name for c in configs]}")
-        ratio = checked[0].ratio
+    ratio = checked[0].ratio
     limit = params.evaluation.pytorch_check_queries
     sample = queries[:limit] if limit else queries
     pairs = [p for q in sample for p in q.pairs]
@@ -392,6 +400,7 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
     """
     ev = params.evaluation
     groups = ratio_models(params.paths.onnx)
+    pytorch_check_configs(params, groups)  # a misnamed config fails now, not after every pass
     queries, qrels = load_eval_set(params)
     measures = list(ev.measures)
     quality = scorer_factory or onnx_all_exits(ev.batch_size, ev.threads)

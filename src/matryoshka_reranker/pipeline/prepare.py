@@ -51,9 +51,19 @@ def mine_training_groups(params: Params, corpus, queries, index: BM25Index) -> l
     # Ask for enough documents that skipping the judged ones still leaves negatives_per_query.
     depth = data.negatives_per_query + max((len(qrels[q]) for q in query_ids), default=0)
     hits = index.search([queries[q] for q in query_ids], depth)
+    bounds = params.validation
     for q, ranked in zip(query_ids, hits):
         judged = set(qrels[q])  # any judgement, even 0, is not a safe negative
-        neg_ids = [d for d, _ in ranked if d not in judged][: data.negatives_per_query]
+        seen = {corpus[d] for d in positives[q]}  # a copy of a positive's text is not a negative either
+        neg_ids = []
+        for d, _ in ranked:
+            text = corpus[d]
+            if d in judged or text in seen or not bounds.min_passage_chars <= len(text) <= bounds.max_passage_chars:
+                continue  # what `validate` would refuse: a positive's text, a repeat, a length out of bounds
+            seen.add(text)
+            neg_ids.append(d)
+            if len(neg_ids) == data.negatives_per_query:
+                break
         if not neg_ids:
             log.warning("query %s: no BM25 negative left after skipping judged documents; dropped", q)
             continue

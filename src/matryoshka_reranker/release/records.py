@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import MatryoshkaError
-from .revisions import absolute_remote_url, is_local_path, list_tags, redact
+from .revisions import RECORDS_DIR, absolute_remote_url, is_local_path, list_tags, redact
 from .versions import parse_version, release_versions
 
-RECORDS_DIR = "releases"
 RECORD_FORMAT_VERSION = 2
 
 

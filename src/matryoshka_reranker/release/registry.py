@@ -465,6 +465,7 @@ def release_record(params: Params, root: Path, version: str, report: GateReport,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "artifacts": {n: {"path": a["path"]} for n, a in expected_artifacts(params).items()},
         "files": file_hashes(folders),
+        "remote_name": params.release.remote_name,  # where downloads find the data (release_remote)
         "policy": {"gate": params.gate.model_dump(), "measures": list(params.evaluation.measures)},
         "gate": {"passed": report.passed, "waived": waived, "baseline": report.baseline_version,
                  "regressions": report.regressions},
@@ -651,7 +652,7 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
         expected = (record.get("files") or {}).get(name)
         if not expected:
             raise ReleaseError(f"release {version}: its record lists no files for {name}")
-        _check_tag_commit(repo, version, remote_url or _remote_url_of(fs, remote_name))
+        _check_tag_commit(repo, version, remote_url or _remote_url_of(fs, remote_name, version))
         path = declared[name]["path"]
         dest = Path(out) / version / PurePosixPath(path).name
         if _cached_and_intact(dest, expected, quiet=True):  # another exit of the same ratio folder, already here
@@ -751,11 +752,11 @@ def _cached_and_intact(folder: Path, expected: dict[str, str], quiet: bool = Fal
     return True
 
 
-def _remote_url_of(fs, remote_name: str | None) -> str | None:
+def _remote_url_of(fs, remote_name: str | None, version: str) -> str | None:
     """The release remote's URL as configured in the (already open) repository at the tag."""
     from .revisions import release_remote
 
-    return (fs.repo.config["remote"].get(release_remote(fs, remote_name)) or {}).get("url")
+    return (fs.repo.config["remote"].get(release_remote(fs, remote_name, version)) or {}).get("url")
 
 
 def _check_tag_commit(repo: str, version: str, url: str | None) -> None:

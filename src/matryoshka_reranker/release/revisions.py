@@ -24,6 +24,7 @@ class RevisionError(MatryoshkaError):
 
 
 RELEASE_REMOTE = "releases"  # release.remote_name's default
+RECORDS_DIR = "releases"  # releases/<version>.json: the release records committed in git
 
 
 def git(root: str | os.PathLike, *args: str, check: bool = True) -> str:
@@ -98,24 +99,37 @@ def remote_config(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     return {"core": {"remote": name}, "remote": {name: dict(settings)}}
 
 
-def release_remote(fs, remote_name: str | None = None) -> str | None:
-    """The DVC remote that holds a revision's release data: ``remote_name`` where given, else the
-    revision's own ``release.remote_name`` (its params.yaml; default "releases") where the revision's
-    DVC config has it, else DVC's default remote (the release remote is deliberately never the default,
-    so that ``dvc gc -c`` cannot reach it: its name must come from the params)."""
+def release_remote(fs, remote_name: str | None = None, rev: str | None = None) -> str | None:
+    """The DVC remote that holds a revision's release data: ``remote_name`` where given; else the one the
+    release record of ``rev`` names (``releases/<rev>.json``, written by ``publish``: right even when
+    ``-S release.remote_name=...`` or another params file was used); else the revision's params.yaml
+    ``release.remote_name`` (default "releases"; records from before the name was kept); each only where
+    the revision's DVC config has that remote; else DVC's default remote. (The release remote is never
+    the default, so that ``dvc gc -c`` cannot reach it: its name has to come from somewhere else.)"""
     if remote_name:
         return remote_name
+    import json
+
     import yaml
 
-    configured = RELEASE_REMOTE
-    try:
-        raw = yaml.safe_load(fs.read_text("params.yaml")) if fs.exists("params.yaml") else None
-        name = ((raw or {}).get("release") or {}).get("remote_name") if isinstance(raw, dict) else None
-        configured = name if isinstance(name, str) and name else RELEASE_REMOTE
-    except Exception as err:  # noqa: BLE001 - an unreadable params.yaml: the default name
-        logger.debug("cannot read release.remote_name at this revision: %s", err)
-    config = fs.repo.config
-    return configured if configured in config["remote"] else config["core"].get("remote")
+    remotes = fs.repo.config["remote"]
+    candidates = []
+    for path, read in (((f"{RECORDS_DIR}/{rev}.json", json.loads) if rev else (None, None)),
+                       ("params.yaml", yaml.safe_load)):
+        if path is None:
+            continue
+        try:
+            raw = read(fs.read_text(path)) if fs.exists(path) else None
+        except Exception as err:  # noqa: BLE001 - unreadable: try the next source
+            logger.debug("cannot read %s at %s: %s", path, rev, err)
+            continue
+        if isinstance(raw, dict):
+            name = raw.get("remote_name") if path != "params.yaml" else (raw.get("release") or {}).get("remote_name")
+            candidates.append(name)
+    for name in [*candidates, RELEASE_REMOTE]:
+        if isinstance(name, str) and name in remotes:
+            return name
+    return fs.repo.config["core"].get("remote")
 
 
 def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = None,
@@ -134,7 +148,7 @@ def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = 
         return DVCFileSystem(repo, rev=rev, config=remote_config(name, {"url": remote_url}))
     fs = DVCFileSystem(repo, rev=rev)
     config = fs.repo.config
-    wanted = release_remote(fs, remote_name)
+    wanted = release_remote(fs, remote_name, rev)
     if wanted and wanted in config["remote"]:
         if wanted == config["core"].get("remote"):
             return fs
@@ -142,7 +156,7 @@ def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = 
         return DVCFileSystem(repo, rev=rev, config={"core": {"remote": wanted}})
     fs.close()
     head = DVCFileSystem(repo)
-    name = release_remote(head, remote_name)
+    name = release_remote(head, remote_name, rev)
     settings = dict(head.repo.config["remote"].get(name) or {}) if name else {}
     head.close()
     if not settings:  # git-tracked files still read; DVC data only from a local cache

@@ -4,8 +4,9 @@ Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension
 
 * ``POST /rerank`` ``{"query", "texts", "raw_scores": false, "return_text": false, "truncate": false,
   "exit_layer": null, "ratio": null}`` -> ``[{"index", "score"(, "text")}]`` best first.
-  ``exit_layer``/``ratio`` pick the exported model (default: the deepest exit at ratio 1; an
-  unknown pair is a 422 listing what is exported). ``raw_scores: false`` returns probabilities:
+  ``exit_layer``/``ratio`` pick the exported model (default: the deepest exit at ratio 1, or, where
+  ratio 1 is not served, the deepest exit at its own smallest ratio; ``Pool.resolve``; an unknown pair
+  is a 422 listing what is exported). ``raw_scores: false`` returns probabilities:
   the model's calibrated (Platt) probability when its manifest carries a calibration, else a sigmoid.
   ``first_stage_scores`` (one number per text, e.g. BM25's) and ``first_stage_weight`` (0.5) rank
   by their fusion with the re-ranker, as ``rank(first_stage_scores=...)`` does (``serving.ranking``):
@@ -26,8 +27,9 @@ memory-mapped initializers (ONNX Runtime's ``add_initializer``) and the weights 
 per ratio. Requests for a
 config are micro-batched (``batch_window_ms``), run off the event loop in a worker thread, and
 queued up to ``max_queue`` requests per config; beyond that the server answers 429. Bad input
-(empty or too many texts, a text over the model's budget with ``truncate: false``, wrong JSON
-types, a body that is not UTF-8 JSON) is a 4xx naming the field, never a 500. Uvicorn stops
+(empty texts: 400 ``Empty`` as TEI; too many texts, a text over the model's budget with ``truncate:
+false``, wrong JSON types, a body that is not UTF-8 JSON) is a 4xx naming the field, never a 500; a
+model that cannot load or returns non-finite scores is TEI's backend error, 424. Uvicorn stops
 accepting on SIGTERM and lets in-flight requests finish before the workers stop.
 """
 
@@ -466,26 +468,31 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
                 raise ServerInputError("first_stage_scores", str(err), 422) from None
         key = pool.resolve(body.exit_layer, body.ratio)
         name = config_name(*key)
-        if not body.truncate:  # tokenizing (and a config's first load) off the event loop
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, check_lengths, pool, key, body.query,
-                                                                 body.texts)
-            except ServerInputError:
-                raise
-            except Exception as err:  # noqa: BLE001 - the model failed to load (e.g. a damaged file)
-                requests.labels(name, "424").inc()
-                log.exception("loading %s failed", name)
-                return error(424, f"{name}: model unavailable: {err}", "Backend")
         batcher = state["batchers"].get(key)
         if batcher is None:
             batcher = state["batchers"][key] = Batcher(pool, key, state["executor"], options)
             queued.labels(name).set_function(batcher.queue.qsize)  # read at scrape time: it also falls
+
+        def overloaded() -> JSONResponse:
+            requests.labels(name, "429").inc()
+            return error(429, f"{name}: {options.max_queue} requests already queued; retry later", "Overloaded")
+
+        if batcher.queue.full():  # before any tokenizing: a refused request costs nothing
+            return overloaded()
+        loop = asyncio.get_running_loop()
+        try:  # a config's first request loads it (sha256 of its files, a session): off the event loop
+            encoder = (await loop.run_in_executor(None, pool.get, key)).encoder
+        except Exception as err:  # noqa: BLE001 - the model cannot load (e.g. a damaged file): TEI's 424
+            requests.labels(name, "424").inc()
+            log.exception("loading %s failed", name)
+            return error(424, f"{name}: model unavailable: {err}", "Backend")
+        if not body.truncate:  # TEI: false (or null) refuses what is too long; tokenizing off the loop too
+            await loop.run_in_executor(None, check_lengths, encoder, body.query, body.texts)
         started = time.perf_counter()
         try:
             future = batcher.submit([(body.query, t) for t in body.texts])
         except asyncio.QueueFull:
-            requests.labels(name, "429").inc()
-            return error(429, f"{name}: {options.max_queue} requests already queued; retry later", "Overloaded")
+            return overloaded()
         try:
             scores = await future
         except Exception as err:  # noqa: BLE001 - TEI answers a failed backend with 424
@@ -530,10 +537,9 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
     return app
 
 
-def check_lengths(pool: Pool, key: tuple[int, int], query: str, texts: Sequence[str]) -> None:
+def check_lengths(encoder, query: str, texts: Sequence[str]) -> None:
     """With ``truncate: false``, a query or text over the model's token budget is refused, not cut: the
     same budget ``PairEncoder.encode_many`` cuts at (a long query leaves a text less room)."""
-    encoder = pool.get(key).encoder
     fmt = encoder.format
     query_ids = encoder._ids(f"A: {query}")
     if len(query_ids) > fmt.query_max_len:
