@@ -87,6 +87,26 @@ def test_a_ratio_dropped_from_the_config_loses_its_adapter(trained, tmp_path):
         compensate(fewer, only=["token-ratio-9"])
 
 
+def test_a_token_adapter_trained_on_another_layer_adapter_is_refused(trained, tmp_path):
+    """A new layer adapter beside token adapters trained on the old one (``compensate --only layer``, or a
+    run that stopped half way) is not merged silently: the stack is refused until they are trained again."""
+    from matryoshka_reranker.model.adapters import AdapterStackError
+
+    params, _ = trained
+    shutil.copytree(Path(params.paths.compensation).parent, tmp_path / "copy")
+    paths = {k: v.replace(str(Path(params.paths.compensation).parent), str(tmp_path / "copy"))
+             for k, v in params.paths.model_dump().items()}
+    layer = params.compensation.layer.model_copy(update={"seed": 7})
+    copy = params.model_copy(update={"compensation": params.compensation.model_copy(update={"layer": layer}),
+                                     "paths": params.paths.model_copy(update=paths)})
+    compensate(copy, only=["layer"])
+    MatryoshkaReranker.from_pipeline(copy, ratio=1)  # self-distillation + the new layer adapter: consistent
+    with pytest.raises(AdapterStackError, match="token-ratio-2 was trained on top of other adapter files"):
+        MatryoshkaReranker.from_pipeline(copy, ratio=2)
+    compensate(copy, only=["token-ratio-2"])
+    MatryoshkaReranker.from_pipeline(copy, ratio=2)
+
+
 def test_compensation_needs_the_self_distillation_adapter(tmp_path, llama_dir):
     write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
     with pytest.raises(FileNotFoundError, match="self-distillation adapter"):

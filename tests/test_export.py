@@ -237,6 +237,10 @@ def test_bad_layers_fail_clearly(llama_model, tmp_path):
         export_models(llama_model, tmp_path / "out", [5], [1], options=ExportOptions(start_layer=1))
     with pytest.raises(ValueError, match="compress layer"):
         export_models(llama_model, tmp_path / "out", [3], [2], [4], options=ExportOptions(start_layer=1))
+    too_long = InputFormat(query_max_len=64, passage_max_len=MatryoshkaModel.from_pretrained(
+        llama_model, start_layer=1).max_sequence_length)
+    with pytest.raises(ValueError, match="more than the model attends to"):
+        export_models(llama_model, tmp_path / "out", [3], [1], options=ExportOptions(start_layer=1, input_format=too_long))
     assert not (tmp_path / "out").exists()
 
 

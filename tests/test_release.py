@@ -223,7 +223,7 @@ def test_a_release_remote_with_its_own_name_is_found_without_options(tmp_path, h
         params = params.model_copy(update={"release": params.release.model_copy(update={"remote_name": "models"})})
     repro(root)
     assert publish(params, root).version == "v0.1.0"
-    assert "['remote \\"models\\"']" in git(root, "show", "v0.1.0:.dvc/config")
+    assert """['remote "models"']""" in git(root, "show", "v0.1.0:.dvc/config")
     assert ("remote_name: models" in git(root, "show", "v0.1.0:params.yaml")) == (how == "params.yaml")
     origin = str(tmp_path / "origin.git")
     dest = download("v0.1.0", 6, 2, repo=origin, out=tmp_path / "downloaded")

@@ -143,6 +143,25 @@ def test_same_layer_is_refused_where_its_reference_is_wrong(tmp_path, llama_dir)
                     compensation__token__head_init="probe")
 
 
+def test_settings_that_depend_on_the_model_fail_when_it_loads(tmp_path, llama_dir):
+    """Depth and positions are the model's, so params alone cannot check them: ``load_base`` does, before
+    the probe or any step (a 24-layer model with exit 30, say, would otherwise fail at the export)."""
+    from matryoshka_reranker.core.errors import InputError
+
+    model, _, _ = load_base(tiny_params(tmp_path, llama_dir))  # the tiny model: 4 layers, exits 1..4
+    assert model.num_layers == 4
+    params = tiny_params(tmp_path, llama_dir, export__exit_layers=[2, 6], compression__layers=[4],
+                         export__compress_layers=[4], self_distill__layer_weights={5: 2.0},
+                         compensation__layer__lora__layer_ranks={9: 8},
+                         model__passage_max_len=model.max_sequence_length)
+    with pytest.raises(InputError) as err:
+        load_base(params)
+    for key in ("export.exit_layers [6]", "compression.layers [4] outside [1, 3]", "export.compress_layers [4]",
+                "self_distill.layer_weights [5]", "compensation.layer.lora.layer_ranks [9]",
+                "model.query_max_len + model.passage_max_len"):
+        assert key in str(err.value), key
+
+
 def test_layer_weights_weigh_the_step_loss_per_exit(tmp_path, scored, llama_dir, tokenizer):
     params = tiny_params(tmp_path, llama_dir)
     batch = fixed_batch(params, tokenizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from peft import LoraConfig, PeftModel
 
+from ..core.errors import InputError
 from .modeling import MatryoshkaModel
 
 if TYPE_CHECKING:  # the model layer reads params but does not depend on the config module
@@ -66,15 +69,52 @@ def layer_rank_patterns(params: LoraParams, targets: Sequence[str]) -> tuple[dic
     return ranks, alphas
 
 
-def merge_adapters(model: MatryoshkaModel, adapter_paths: Sequence[str | Path]) -> MatryoshkaModel:
+class AdapterStackError(InputError):
+    """Adapters that were not trained on top of each other, asked to be merged as a stack."""
+
+
+TRAINING_LOG = "training_log.json"  # written beside each trained adapter; ``trained_on`` is read here
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_digest(path: str | Path) -> str:
+    """sha256 of an adapter's weights file: what an adapter trained on top of it records."""
+    digest = hashlib.sha256()
+    with open(Path(path) / WEIGHTS_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_stack(adapter_paths: Sequence[str | Path]) -> None:
+    """Each adapter that records what it was trained on top of (``trained_on`` in its training log: the
+    digests of the adapters below it) must sit on exactly those files. A stack mixing a new layer adapter
+    with a token adapter trained on the old one (a compensation run that stopped half way, or
+    ``compensate --only layer``) would merge an adapter onto weights it never saw, silently."""
+    digests: list[str] = []
+    for path in map(Path, adapter_paths):
+        log_file = path / TRAINING_LOG
+        recorded = json.loads(log_file.read_text()).get("trained_on") if log_file.exists() else None
+        if recorded is not None and recorded != digests:
+            raise AdapterStackError(f"{path} was trained on top of other adapter files than "
+                                    f"{[str(Path(p)) for p in adapter_paths][:len(digests)] or 'the base model'}: "
+                                    "merging it there gives a model nobody trained; train it again "
+                                    "(`matryoshka compensate`, or `dvc repro`)")
+        digests.append(adapter_digest(path))
+
+
+def merge_adapters(model: MatryoshkaModel, adapter_paths: Sequence[str | Path],
+                   merged: Sequence[str | Path] = ()) -> MatryoshkaModel:
     """Applies saved adapters in order, merging each into the weights before the next.
 
     The order matters and mirrors training: self-distillation, then the vertical (layer) adapter,
-    then a horizontal (token) adapter.
+    then a horizontal (token) adapter; each must have been trained on the ones before it (``check_stack``),
+    ``merged`` (those already merged into ``model``, e.g. the export's shared prefix) included.
     """
     for path in adapter_paths:
-        path = Path(path)
-        if not (path / "adapter_config.json").exists():
+        if not (Path(path) / "adapter_config.json").exists():
             raise FileNotFoundError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
+    check_stack([*merged, *adapter_paths])
+    for path in adapter_paths:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model

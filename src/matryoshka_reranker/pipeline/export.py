@@ -212,11 +212,15 @@ def export_models(
         base = _load_merged(path, tokenizer, common, options)
         base.check_cutoff_layers(sorted(set(exit_layers)))  # clear errors before the slow part
         base.check_compression(compress_layers, max(ratios))
+        longest = input_format.encoder(tokenizer).longest
+        if longest > base.max_sequence_length:
+            raise ValueError(f"the input format allows {longest} tokens per pair, more than the model attends to "
+                             f"exactly ({base.max_sequence_length}: position limit or sliding window)")
         _save_tokenizer(tokenizer, tmp / ".tokenizer")
         listed = []
         for ratio, stack in stacks.items():
             rest = stack[len(common):]
-            model = _merge(copy.deepcopy(base), rest) if rest else base
+            model = _merge(copy.deepcopy(base), rest, merged=common) if rest else base
             ratio_configs = [c for c in configs if c.ratio == ratio]
             listed += _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
             del model
@@ -287,10 +291,10 @@ def _load_merged(path: Path, tokenizer, adapters: Sequence[Path], options: Expor
     return _merge(model, adapters)
 
 
-def _merge(model, adapters: Sequence[Path]):
+def _merge(model, adapters: Sequence[Path], merged: Sequence[Path] = ()):
     from ..model.adapters import merge_adapters
 
-    return merge_adapters(model, adapters).eval() if adapters else model
+    return merge_adapters(model, adapters, merged).eval() if adapters else model
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:

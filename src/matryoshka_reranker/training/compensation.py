@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..config import Params
-from ..model.adapters import merge_adapters
+from ..model.adapters import adapter_digest, merge_adapters
 from ..model.losses import TrainMethod
 from .data import load_training_file
 from .trainer import (
@@ -83,14 +83,14 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
         model = merge_adapters(model, stack)
         fingerprint = {**base_fingerprint(params, path, data_file), "train": train.model_dump(),
                        "plan": [list(plan.layers), list(plan.ratios), plan.sample],
-                       "stack_sha256": [sha256_file(a / "adapter_model.safetensors") for a in stack],
+                       "stack_sha256": [adapter_digest(a) for a in stack],
                        "deepspeed_sha256": sha256_file(train.deepspeed) if train.deepspeed else None}
         log.info("compensation %s: training on top of %s", name, [str(a) for a in stack])
         results[name] = train_adapter(AdapterRun(
             stage=f"compensation_{name}", model=model, tokenizer=tokenizer, encoder=pair_encoder(params, tokenizer),
             examples=examples, train=train, plan=plan, output_dir=output_dir,
             checkpoint_dir=Path(paths.checkpoints) / f"compensation_{name}", fingerprint=fingerprint,
-            base_name=params.model.name_or_path, callbacks=list(callbacks),
+            base_name=params.model.name_or_path, callbacks=list(callbacks), stack=list(stack),
         ))
         del model
     _remove_stale_token_adapters(params)

@@ -39,7 +39,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..config import Params, TrainParams
 from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_dir, sha256_file, write_json
-from ..model.adapters import lora_config
+from ..core.errors import InputError
+from ..model.adapters import TRAINING_LOG, adapter_digest, lora_config
 from ..model.inputs import InputFormat, PairEncoder
 from ..model.losses import TrainMethod, matryoshka_loss
 from ..model.modeling import MatryoshkaModel
@@ -48,7 +49,6 @@ from .heads import probe_heads
 
 log = logging.getLogger(__name__)
 
-TRAINING_LOG = "training_log.json"
 FINGERPRINT_FILE = "fingerprint.json"
 
 
@@ -311,6 +311,7 @@ class AdapterRun:
     fingerprint: dict
     base_name: str = ""  # recorded in adapter_config.json
     callbacks: list[TrainerCallback] = field(default_factory=list)
+    stack: Sequence[Path] = ()  # the adapters ``model`` has merged (recorded: ``adapters.check_stack``)
 
 
 def bf16_autocast(train: TrainParams, dtype: torch.dtype) -> bool:
@@ -431,6 +432,7 @@ def _train_adapter(run: AdapterRun) -> dict:
             "bf16_autocast": bf16_autocast(run.train, dtype),
             "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
             "head_init": probe, "snapshots": snapshots.steps_saved(),
+            "trained_on": [adapter_digest(a) for a in run.stack],  # what merging must put below it
             "log_history": history,
         }
         _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
@@ -490,7 +492,38 @@ def load_base(params: Params, tokenizer=None) -> tuple[MatryoshkaModel, object, 
     dtype = params.model.torch_dtype()
     model = MatryoshkaModel.from_pretrained(path, start_layer=params.model.start_layer,
                                             layer_sep=params.model.layer_sep, dtype=dtype, tokenizer=tokenizer)
+    check_against_model(params, model, pair_encoder(params, tokenizer), path)
     return model, tokenizer, path
+
+
+def check_against_model(params: Params, model: MatryoshkaModel, encoder: PairEncoder, path: Path | str) -> None:
+    """The settings that depend on the model's depth and positions, checked as soon as it loads (before
+    the probe and the first step, not at the first sampled compression or at the export after all the
+    training): every problem in one error, each naming its key. ``params`` cannot check these alone."""
+    n, exits = model.num_layers, list(model.exit_layers)
+    problems = []
+    if encoder.longest > model.max_sequence_length:
+        problems.append(f"model.query_max_len + model.passage_max_len (+ bos, separator, prompt) = {encoder.longest} "
+                        f"tokens per pair, more than the model attends to exactly ({model.max_sequence_length}: "
+                        "position limit or sliding window)")
+    missing = [k for k in params.export.exit_layers if k not in exits]
+    if missing:
+        problems.append(f"export.exit_layers {missing}: the model has {n} layers, score heads at {exits}")
+    for key, layers in (("compression.layers", params.compression.layers),
+                        ("export.compress_layers", params.export.compress_layers)):
+        outside = [c for c in layers if not 1 <= c < n]
+        if outside:
+            problems.append(f"{key} {outside} outside [1, {n - 1}] (the model has {n} layers)")
+    for key, train in (("self_distill", params.self_distill), ("compensation.layer", params.compensation.layer),
+                       ("compensation.token", params.compensation.token)):
+        unknown = sorted(set(train.layer_weights) - set(exits))
+        if unknown:
+            problems.append(f"{key}.layer_weights {unknown}: no exit there (exits {exits})")
+        deep = sorted(k for k in train.lora.layer_ranks if k > n)
+        if deep:
+            problems.append(f"{key}.lora.layer_ranks {deep}: the model has {n} layers")
+    if problems:
+        raise InputError(f"params do not fit the model {path}: " + "; ".join(problems))
 
 
 def pair_encoder(params: Params, tokenizer) -> PairEncoder:
