@@ -276,3 +276,26 @@ def test_served_probabilities_use_the_export_calibration_only_for_the_adapters_i
     retrained = exported.model_copy(update={"paths": exported.paths.model_copy(update={"compensation": str(compensation)})})
     assert sorted(export_calibrations(retrained, [1, 2])) == [(2, 1), (4, 1)]
     assert "ratio(s) [2] were exported from other adapters" in caplog.text
+
+
+def test_check_stack_compares_recorded_digests_and_skips_unrecorded_adapters(tmp_path):
+    """Only an adapter with a ``trained_on`` record is checked (PEFT's older ``adapter_model.bin`` counts as its
+    weights); an unreadable or foreign training log is no record."""
+    import hashlib
+
+    from matryoshka_reranker.model.adapters import AdapterStackError, check_stack
+
+    below, above, foreign = tmp_path / "below", tmp_path / "above", tmp_path / "foreign"
+    for folder in (below, above, foreign):
+        folder.mkdir()
+    (below / "adapter_model.bin").write_bytes(b"old-format weights")
+    (foreign / "training_log.json").write_text("[1, 2]")
+    digest = hashlib.sha256(b"old-format weights").hexdigest()
+    (above / "training_log.json").write_text(json.dumps({"trained_on": [digest]}))
+    check_stack([below, above])
+    check_stack([foreign, tmp_path / "no-weights-needed"])  # nothing recorded: nothing read
+    with pytest.raises(AdapterStackError, match="above was trained on top of other adapter files than the base"):
+        check_stack([above])
+    (below / "adapter_model.bin").write_bytes(b"retrained weights")
+    with pytest.raises(AdapterStackError, match="above was trained on top"):
+        check_stack([below, above])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from peft import LoraConfig, PeftModel
 
+from ..core.atomic import sha256_file
 from ..core.errors import InputError
 from .modeling import MatryoshkaModel
 
@@ -74,33 +74,41 @@ class AdapterStackError(InputError):
 
 
 TRAINING_LOG = "training_log.json"  # written beside each trained adapter; ``trained_on`` is read here
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def adapter_digest(path: str | Path) -> str:
-    """sha256 of an adapter's weights file: what an adapter trained on top of it records."""
-    digest = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of an adapter's weights file (``adapter_model.safetensors``, or PEFT's older ``.bin``): what an
+    adapter trained on top of it records."""
+    path = Path(path)
+    weights = next((f for f in (path / "adapter_model.safetensors", path / "adapter_model.bin") if f.exists()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path} has no adapter weights (adapter_model.safetensors or .bin)")
+    return sha256_file(weights)
+
+
+def trained_on(path: str | Path) -> list[str] | None:
+    """The digests of the adapters ``path`` was trained on top of (its training log), None where unrecorded."""
+    try:
+        log = json.loads((Path(path) / TRAINING_LOG).read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = log.get("trained_on") if isinstance(log, dict) else None
+    return recorded if isinstance(recorded, list) else None
 
 
 def check_stack(adapter_paths: Sequence[str | Path]) -> None:
     """Each adapter that records what it was trained on top of (``trained_on`` in its training log: the
     digests of the adapters below it) must sit on exactly those files. A stack mixing a new layer adapter
     with a token adapter trained on the old one (a compensation run that stopped half way, or
-    ``compensate --only layer``) would merge an adapter onto weights it never saw, silently."""
-    digests: list[str] = []
-    for path in map(Path, adapter_paths):
-        log_file = path / TRAINING_LOG
-        recorded = json.loads(log_file.read_text()).get("trained_on") if log_file.exists() else None
-        if recorded is not None and recorded != digests:
+    ``compensate --only layer``) would merge an adapter onto weights it never saw, silently. Adapters
+    without a record (older ones, snapshots, other tools' adapters) are not checked."""
+    paths = [Path(p) for p in adapter_paths]
+    for i, path in enumerate(paths):
+        recorded = trained_on(path)
+        if recorded is not None and recorded != [adapter_digest(p) for p in paths[:i]]:
             raise AdapterStackError(f"{path} was trained on top of other adapter files than "
-                                    f"{[str(Path(p)) for p in adapter_paths][:len(digests)] or 'the base model'}: "
-                                    "merging it there gives a model nobody trained; train it again "
-                                    "(`matryoshka compensate`, or `dvc repro`)")
-        digests.append(adapter_digest(path))
+                                    f"{[str(p) for p in paths[:i]] or 'the base model'}: merging it there gives "
+                                    "a model nobody trained; train it again (`matryoshka compensate`, or `dvc repro`)")
 
 
 def merge_adapters(model: MatryoshkaModel, adapter_paths: Sequence[str | Path],

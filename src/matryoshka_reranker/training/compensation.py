@@ -79,18 +79,19 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
             continue
         for adapter in stack:
             _check_adapter(adapter, adapter.name)
+        digests = [adapter_digest(a) for a in stack]  # before merging: what this adapter is trained on
         model, tokenizer, path = load_base(params)
         model = merge_adapters(model, stack)
         fingerprint = {**base_fingerprint(params, path, data_file), "train": train.model_dump(),
                        "plan": [list(plan.layers), list(plan.ratios), plan.sample],
-                       "stack_sha256": [adapter_digest(a) for a in stack],
+                       "stack_sha256": digests,
                        "deepspeed_sha256": sha256_file(train.deepspeed) if train.deepspeed else None}
         log.info("compensation %s: training on top of %s", name, [str(a) for a in stack])
         results[name] = train_adapter(AdapterRun(
             stage=f"compensation_{name}", model=model, tokenizer=tokenizer, encoder=pair_encoder(params, tokenizer),
             examples=examples, train=train, plan=plan, output_dir=output_dir,
             checkpoint_dir=Path(paths.checkpoints) / f"compensation_{name}", fingerprint=fingerprint,
-            base_name=params.model.name_or_path, callbacks=list(callbacks), stack=list(stack),
+            base_name=params.model.name_or_path, callbacks=list(callbacks), trained_on=digests,
         ))
         del model
     _remove_stale_token_adapters(params)

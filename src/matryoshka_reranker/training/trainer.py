@@ -40,7 +40,7 @@ from ..config import Params, TrainParams
 from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_dir, sha256_file, write_json
 from ..core.errors import InputError
-from ..model.adapters import TRAINING_LOG, adapter_digest, lora_config
+from ..model.adapters import TRAINING_LOG, lora_config
 from ..model.inputs import InputFormat, PairEncoder
 from ..model.losses import TrainMethod, matryoshka_loss
 from ..model.modeling import MatryoshkaModel
@@ -311,7 +311,7 @@ class AdapterRun:
     fingerprint: dict
     base_name: str = ""  # recorded in adapter_config.json
     callbacks: list[TrainerCallback] = field(default_factory=list)
-    stack: Sequence[Path] = ()  # the adapters ``model`` has merged (recorded: ``adapters.check_stack``)
+    trained_on: Sequence[str] = ()  # digests of the adapters ``model`` has merged, taken before merging them
 
 
 def bf16_autocast(train: TrainParams, dtype: torch.dtype) -> bool:
@@ -432,7 +432,7 @@ def _train_adapter(run: AdapterRun) -> dict:
             "bf16_autocast": bf16_autocast(run.train, dtype),
             "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
             "head_init": probe, "snapshots": snapshots.steps_saved(),
-            "trained_on": [adapter_digest(a) for a in run.stack],  # what merging must put below it
+            "trained_on": list(run.trained_on),  # what merging must put below it (adapters.check_stack)
             "log_history": history,
         }
         _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
