@@ -8,7 +8,7 @@ scheduled run loads this file by path.)
 
 Run once:      python flows/release.py                     (ephemeral Prefect server, ~20 s to start)
 On a schedule: prefect server start  &&  export PREFECT_API_URL=http://127.0.0.1:4200/api
-               matryoshka serve --cron "0 3 * * 0"         (long-lived; each run is a subprocess)
+               matryoshka schedule --cron "0 3 * * 0"      (long-lived; each run is a subprocess)
 """
 
 from pathlib import Path

@@ -283,6 +283,18 @@ def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
     assert [r["corpus_id"] for r in json.loads(result.stdout)] == sorted(range(3), key=lambda i: -exit_2[i])
     result = CliRunner().invoke(app, ["score", "--model", str(folder), "--pairs", str(pairs), "--cutoff-layers", "9"])
     assert result.exit_code == 2 and "no exit layer 9" in result.output  # bad input, not a damaged model
+    for command in (["score", "--pairs", str(pairs)], ["rank", "--query", QUERY, "--documents", str(docs)]):
+        result = CliRunner().invoke(app, [*command, "--model", str(folder), "--compress-ratio", "2"])  # not ignored
+        assert result.exit_code == 2 and "exported at compression ratio 1" in result.output, result.output
+    result = CliRunner().invoke(app, ["score", "--model", str(exported / "ratio-2"), "--pairs", str(pairs),
+                                      "--compress-ratio", "2"])  # the folder's own ratio: fine
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text(json.dumps({"text": TEXTS[0]}) + '\n"a bare string"\n')
+    for documents, message in ((bad, "docs.jsonl, document line 2"), (tmp_path, "no such file")):
+        result = CliRunner().invoke(app, ["rank", "--model", str(folder), "--query", QUERY, "--documents", str(documents)])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert OnnxReranker(folder, np.int64(2)).exit_layer == 2  # a layer read from a metrics array
 
 
 def test_default_config_is_the_deepest_exit_at_the_smallest_ratio():

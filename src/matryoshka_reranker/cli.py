@@ -169,7 +169,12 @@ def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, in
 
         if peft_path or start_layer or layer_sep or input_format or dtype != "auto":
             raise ValueError(f"{model} is an exported ONNX model: adapters, layers, input format and dtype are fixed in it")
-        return OnnxReranker(model, exit_layer, batch_size=batch_size)
+        reranker = OnnxReranker(model, exit_layer, batch_size=batch_size)
+        layers = tuple(reranker.manifest["compression"]["layers"])
+        if compress_ratio not in (1, reranker.compress_ratio) or (compress_layers and tuple(compress_layers) != layers):
+            raise ValueError(f"{model} is exported at compression ratio {reranker.compress_ratio} (layers {list(layers)}): "
+                             "width is fixed in an ONNX folder; use the export's ratio-<r> folder for another ratio")
+        return reranker
     from .serving.reranker import MatryoshkaReranker
 
     return MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
@@ -204,8 +209,8 @@ def score(
     try:
         rows = _read_pairs(pairs)
         fmt = _input_format(prompt, query_max_len, passage_max_len)
-        reranker = _load_reranker(model, peft_path, start_layer, layer_sep, batch_size, fmt,
-                                  exit_layer=(cutoff_layers or [None])[-1], dtype=dtype)
+        reranker = _load_reranker(model, peft_path, start_layer, layer_sep, batch_size, fmt, compress_layers,
+                                  compress_ratio, exit_layer=(cutoff_layers or [None])[-1], dtype=dtype)
         if hasattr(reranker, "exit_layer"):  # ONNX: one graph per exit in the folder
             layers = cutoff_layers or [reranker.exit_layer]
             per_layer = [(reranker if k == reranker.exit_layer else
@@ -243,18 +248,27 @@ def rank(
                                   exit_layer=cutoff_layer, dtype=dtype)
         options = {} if hasattr(reranker, "exit_layer") else {"cutoff_layer": cutoff_layer}
         ranked = reranker.rank(query, docs, top_k=top_k, return_documents=return_documents, **options)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a missing, unreadable or folder path
         _fail(err, 2)
     typer.echo(json.dumps(ranked, ensure_ascii=False, indent=1))
 
 
 def _read_documents(path: Path) -> list[str]:
+    """Plain text, one document per line; or JSONL with a "text" field, recognised by its suffix (.jsonl,
+    .json) or by lines that all start with "{" (a .jsonl line that does not parse is an error, not text)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (--documents takes a text or JSONL file)")
     lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if lines and all(line.lstrip().startswith("{") for line in lines):
-        try:
-            return [json.loads(line)["text"] for line in lines]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: JSONL documents need a \"text\" field ({err})") from None
+    if lines and (path.suffix in (".jsonl", ".json") or all(line.lstrip().startswith("{") for line in lines)):
+        texts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}, document line {number}: JSONL documents need a \"text\" field ({err})") from None
+            if not isinstance(texts[-1], str):
+                raise ValueError(f"{path}, document line {number}: \"text\" must be a string")
+        return texts
     return lines
 
 

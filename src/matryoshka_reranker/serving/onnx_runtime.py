@@ -13,6 +13,7 @@ serving box can skip them.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,8 +128,9 @@ class OnnxReranker:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if exit_layer is not None and (isinstance(exit_layer, bool) or not isinstance(exit_layer, int)):
+        if exit_layer is not None and (isinstance(exit_layer, bool) or not isinstance(exit_layer, numbers.Integral)):
             raise TypeError(f"exit_layer must be an int or None, got {exit_layer!r}")
+        exit_layer = None if exit_layer is None else int(exit_layer)  # e.g. a numpy integer from a metrics array
         self.folder = Path(folder)
         self.manifest = model_view(read_manifest(self.folder, verify=verify), exit_layer, all_exits=all_exits)
         self.input_format = manifest_input_format(self.manifest)
