@@ -112,24 +112,24 @@ def release_remote(fs, remote_name: str | None = None, rev: str | None = None) -
 
     import yaml
 
+    record = _mapping_at(fs, f"{RECORDS_DIR}/{rev}.json", json.loads) if rev else {}
+    release = _mapping_at(fs, "params.yaml", yaml.safe_load).get("release")
     remotes = fs.repo.config["remote"]
-    candidates = []
-    for path, read in (((f"{RECORDS_DIR}/{rev}.json", json.loads) if rev else (None, None)),
-                       ("params.yaml", yaml.safe_load)):
-        if path is None:
-            continue
-        try:
-            raw = read(fs.read_text(path)) if fs.exists(path) else None
-        except Exception as err:  # noqa: BLE001 - unreadable: try the next source
-            logger.debug("cannot read %s at %s: %s", path, rev, err)
-            continue
-        if isinstance(raw, dict):
-            name = raw.get("remote_name") if path != "params.yaml" else (raw.get("release") or {}).get("remote_name")
-            candidates.append(name)
-    for name in [*candidates, RELEASE_REMOTE]:
+    for name in (record.get("remote_name"), release.get("remote_name") if isinstance(release, dict) else None,
+                 RELEASE_REMOTE):
         if isinstance(name, str) and name in remotes:
             return name
     return fs.repo.config["core"].get("remote")
+
+
+def _mapping_at(fs, path: str, parse) -> dict:
+    """A JSON/YAML mapping read from the revision ``fs`` shows; {} where missing or unreadable."""
+    try:
+        raw = parse(fs.read_text(path)) if fs.exists(path) else None
+    except Exception as err:  # noqa: BLE001 - unreadable: the caller falls back
+        logger.debug("cannot read %s: %s", path, err)
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def open_at(repo: str | os.PathLike, rev: str | None, remote_name: str | None = None,
