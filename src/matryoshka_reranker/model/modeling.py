@@ -97,6 +97,14 @@ class MatryoshkaModel(nn.Module):
         limit = self.config.max_position_embeddings
         return min(limit, window) if window else limit
 
+    def input_length_problem(self, longest: int) -> str | None:
+        """Why pairs of up to ``longest`` tokens (``PairEncoder.longest``) cannot be scored exactly, or None:
+        the one check scoring, training and the export share."""
+        if longest <= self.max_sequence_length:
+            return None
+        return (f"the input format allows {longest} tokens per pair, more than the model attends to exactly "
+                f"({self.max_sequence_length}: position limit or sliding window)")
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,

@@ -212,10 +212,9 @@ def export_models(
         base = _load_merged(path, tokenizer, common, options)
         base.check_cutoff_layers(sorted(set(exit_layers)))  # clear errors before the slow part
         base.check_compression(compress_layers, max(ratios))
-        longest = input_format.encoder(tokenizer).longest
-        if longest > base.max_sequence_length:
-            raise ValueError(f"the input format allows {longest} tokens per pair, more than the model attends to "
-                             f"exactly ({base.max_sequence_length}: position limit or sliding window)")
+        too_long = base.input_length_problem(input_format.encoder(tokenizer).longest)
+        if too_long:
+            raise ValueError(too_long)
         _save_tokenizer(tokenizer, tmp / ".tokenizer")
         listed = []
         for ratio, stack in stacks.items():

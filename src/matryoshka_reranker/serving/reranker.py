@@ -75,9 +75,9 @@ class MatryoshkaReranker:
         self.model.score_heads.float()  # (hidden -> 1) per exit: fp32 scores even under a bf16 decoder
         self.batch_size = batch_size
         self.encoder = self.input_format.encoder(self.tokenizer)
-        if self.encoder.longest > model.max_sequence_length:
-            raise ValueError(f"the input format allows {self.encoder.longest} tokens per pair, more than the model "
-                             f"attends to exactly ({model.max_sequence_length}: position limit or sliding window)")
+        too_long = model.input_length_problem(self.encoder.longest)
+        if too_long:
+            raise ValueError(too_long)
         self.model.check_compression(compress_layers, compress_ratio)
         self.compress_layers, self.compress_ratio = tuple(compress_layers), compress_ratio
         self.model_path = Path(path)

@@ -502,10 +502,9 @@ def check_against_model(params: Params, model: MatryoshkaModel, encoder: PairEnc
     training): every problem in one error, each naming its key. ``params`` cannot check these alone."""
     n, exits = model.num_layers, list(model.exit_layers)
     problems = []
-    if encoder.longest > model.max_sequence_length:
-        problems.append(f"model.query_max_len + model.passage_max_len (+ bos, separator, prompt) = {encoder.longest} "
-                        f"tokens per pair, more than the model attends to exactly ({model.max_sequence_length}: "
-                        "position limit or sliding window)")
+    too_long = model.input_length_problem(encoder.longest)
+    if too_long:
+        problems.append(f"model.query_max_len + model.passage_max_len: {too_long}")
     missing = [k for k in params.export.exit_layers if k not in exits]
     if missing:
         problems.append(f"export.exit_layers {missing}: the model has {n} layers, score heads at {exits}")
