@@ -11,15 +11,18 @@ them, and the teacher pass is computed once instead of every step.
 
 1. Teacher: the stack (``params.adapter_stack(1)``: self-distillation + layer adapter) scores every
    training group of ``paths.teacher_scored`` (its positive and ``--negatives`` hardest negatives) at
-   its deepest exit, once, in the dtype ``MatryoshkaReranker`` picks (bf16 on CUDA and AMX CPUs).
+   its deepest exit, once, in the stack's ``model.dtype`` (``auto``: bf16 on CUDA and AMX CPUs).
 2. Cut: the stack merged in fp32 and cut after layer k, a k-layer model with the heads of exits
    ``start_layer..k``, saved to ``OUT/base``; its exit-k scores are checked against the stack's.
 3. Train: the library's self-distillation on the cut model (``train_method: teacher``: listwise CE +
-   soft CE to the deepest exit's scores, loss at exit k only, fresh LoRA of rank 64 on every module,
-   trained heads kept, no compression), adapter in ``OUT/adapter``; ``-S`` overrides go on top (e.g.
-   ``-S self_distill.bf16_autocast=true``).
+   soft CE to the deepest exit's scores, loss at exit k only, fresh LoRA of rank 64 on the stack's
+   ``self_distill.lora.target_modules``, trained heads kept, groups of 1 + ``--negatives``, no
+   compression, ``model.dtype: auto``: fp32 weights on CPU), adapter in ``OUT/adapter``; ``-S``
+   overrides go on top (e.g. ``-S self_distill.bf16_autocast=true``).
 4. ``OUT/params.yaml`` scores it: ``python scripts/fusion_eval.py -p OUT/params.yaml --adapters
-   self_distill --exits k``.
+   self_distill --exits k`` (on the stack's eval candidates; ``-S model.dtype=float32`` at step 3 for
+   fp32 scoring on an AMX CPU). Every output path in it points under OUT, so no stage run with it
+   can overwrite the stack's models or metrics.
 
 An experiment, not a pipeline stage: the pipeline does not export, gate or serve specialists yet (a
 specialist has its own weights for layers 1..k, so it would ship as a variant of the exit-k config).
@@ -123,6 +126,12 @@ def main() -> None:
         f"export.exit_layers=[{k}]", "export.ratios=[1]", "export.compress_layers=[]", "export.quantize=[]",
         "evaluation.effects=false", "evaluation.learning_curve=false",
         "compensation.layer.layer_weights={}", "compensation.token.layer_weights={}",  # exits past k are gone
+        "compensation.layer.lora.layer_ranks={}", "compensation.token.lora.layer_ranks={}",
+        "model.dtype=auto", f"self_distill.train_group_size={1 + args.negatives}",
+        *(f"paths.{key}={out / key}" for key in ("compensation", "onnx", "teacher_shards", "validation_report",
+                                                  "plots", "gate_report")),
+        *(f"paths.{key}={out / 'metrics' / (key + '.json')}" for key in ("metrics", "per_query", "summary",
+                                                                        "baselines", "learning_curve", "effects")),
         "self_distill.train_method=teacher", "self_distill.head_init=keep",
         "self_distill.layer_weights={" + ", ".join(f"{j}: {1.0 if j == k else 0.0}" for j in exits) + "}",
         "self_distill.lora.rank=64", "self_distill.lora.alpha=128", "self_distill.lora.layer_ranks={}",
