@@ -21,7 +21,8 @@ from tests.dvc_project import dvc, git
 from tests.train_fixtures import TRAIN_ROWS, write_beir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"exit-02-ratio-1", "exit-04-ratio-1", "exit-02-ratio-2", "exit-04-ratio-2"}
+CONFIGS = {"exit-02-ratio-1", "exit-04-ratio-1", "exit-02-ratio-2", "exit-04-ratio-2",
+           "exit-02-ratio-1-specialist"}  # the exit-2 specialist (specialize stage) is evaluated like the rest
 
 TINY = {  # dotted key -> value, applied to the repo's own params.yaml
     "data.beir_dir": "data/tiny", "data.train_queries": 0, "data.negatives_per_query": 2,
@@ -36,6 +37,9 @@ TINY = {  # dotted key -> value, applied to the repo's own params.yaml
     "compensation.token_ratios": [2],
     "compensation.layer.max_steps": 1, "compensation.layer.save_steps": 1, "compensation.layer.deepspeed": None,
     "compensation.token.max_steps": 1, "compensation.token.save_steps": 1, "compensation.token.deepspeed": None,
+    "specialist.exits": [2], "specialist.max_steps": 2, "specialist.save_steps": 2,
+    "specialist.train_group_size": 3, "specialist.deepspeed": None, "specialist.bf16_autocast": False,
+    "specialist.lora.rank": 4, "specialist.lora.alpha": 8,
     "export.exit_layers": [2, 4], "export.ratios": [1, 2], "export.compress_layers": [2],
     "evaluation.batch_size": 4, "evaluation.pytorch_check_queries": 0, "evaluation.threads": 1,
     "validation.min_passage_chars": 5,
@@ -87,8 +91,8 @@ def project(tmp_path_factory, llama_dir):
 @pytest.mark.timeout(900)
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     root, log = project
-    for stage in ("prepare", "validate", "teacher_score", "self_distill", "compensate", "export", "baselines",
-                  "evaluate"):
+    for stage in ("prepare", "validate", "teacher_score", "self_distill", "compensate", "specialize", "export",
+                  "baselines", "evaluate"):
         assert f"Running stage '{stage}'" in log
     assert json.loads((root / "reports/validation/summary.json").read_text())["success"] is True
     assert (root / "reports/validation/index.html").exists()  # GX Data Docs
@@ -97,6 +101,9 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert {m["name"] for m in index["models"]} == CONFIGS
     metrics = json.loads((root / "metrics/per_layer.json").read_text())
     assert set(metrics["configs"]) == CONFIGS and metrics["pytorch_check"]["passed"]
+    specialist = metrics["configs"]["exit-02-ratio-1-specialist"]
+    assert specialist["variant"] == "specialist" and specialist["of"] == "exit-02-ratio-1"
+    assert json.loads((root / "models/specialists/specialists.json").read_text())["exits"] == [2]
     assert metrics["eval"]["identity"]["queries"] == metrics["eval"]["queries"]
     per_query = json.loads((root / "metrics/per_query.json").read_text())["systems"]
     assert CONFIGS | {"bm25", "random"} == set(per_query)

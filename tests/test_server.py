@@ -329,13 +329,13 @@ def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
     pool = ModelPool([exported / "ratio-1", exported / "ratio-2", exported / "ratio-1"])
     assert sorted(pool.configs) == [(2, 1), (2, 2), (3, 1), (3, 2)] and pool.default == (3, 1)
     assert pool.get((2, 2)).exit_layer == 2 and pool.get((2, 2)).compress_ratio == 2
-    assert pool._shared[2]  # the ratio's weights mapped once, from its all-exits graph
+    assert pool._shared[exported / "ratio-2"]  # the folder's weights mapped once, from its all-exits graph
     assert sorted(ModelPool([exported / "ratio-2"], exit_layers=[3]).configs) == [(3, 2)]  # serve --layers 3
     assert ModelPool([exported / "ratio-2"]).default == (3, 2)  # no ratio 1: the deepest exit, its smallest ratio
 
     from matryoshka_reranker.release import registry
 
-    monkeypatch.setattr(registry, "fetch_release", lambda version, repo, exit_layers, ratios: (
+    monkeypatch.setattr(registry, "fetch_release", lambda version, repo, exit_layers, ratios, variant=None: (
         "v1", [exported / f"ratio-{ratios[0]}"]))
     assert OnnxReranker.from_release("v1", exit_layer=2, ratio=2).exit_layer == 2
     assert OnnxReranker.from_release("v1", ratio=1).exit_layer == 3

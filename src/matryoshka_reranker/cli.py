@@ -349,6 +349,26 @@ def compensate(
         typer.echo(f"compensation {name}: {summary['steps']} steps in {summary['wall_seconds']} s")
 
 
+@app.command()
+def specialize(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Exit specialists: the ratio-1 model cut after each specialist.exits layer, trained for that exit
+    alone on its deepest exit's scores -> paths.specialists (empty when specialist.exits is)."""
+    p = _params(params, set_)
+    if p.specialist.exits:
+        _maybe_relaunch(p, ["specialize", "-p", str(params), *_set_args(set_)])
+    from .training.specialist import specialize as run
+
+    try:
+        results = run(p)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err, 2)
+    for k, summary in results.items():
+        typer.echo(f"specialist exit {k}: {summary['steps']} steps in {summary['wall_seconds']} s "
+                   f"(cut changed exit {k} by {summary['cut_max_abs_diff']:.1e})")
+    if not results:
+        typer.echo(f"specialist.exits is empty: {p.paths.specialists} holds no specialist")
+
+
 # ------------------------------------------------------------ validation and evaluation (issue 5)
 @app.command()
 def validate(
@@ -596,13 +616,16 @@ def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.
              out: Annotated[Path, typer.Option(help="folder to put the model folder in")] = Path("downloads"),
              remote: Annotated[Optional[str], typer.Option(help="DVC remote name (default: the release's)")] = None,
              remote_url: Annotated[Optional[str], typer.Option(help="DVC remote URL, for tags made before "
-                                                                    "the remote existed")] = None) -> None:
+                                                                    "the remote existed")] = None,
+             variant: Annotated[Optional[str], typer.Option(
+                 help="specialist: the release's exit specialist at --layer (ratio 1)")] = None) -> None:
     """Download one released exit model into OUT/<version>/ratio-<r> (its ratio's folder: every exit of the
-    ratio beside one weights file), every file's sha256 checked against the release record committed at
-    the version's tag."""
+    ratio beside one weights file; an exit specialist: OUT/<version>/exit-KK-ratio-1-specialist), every
+    file's sha256 checked against the release record committed at the version's tag."""
     from .release.registry import download as do_download
 
-    dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url)
+    dest = do_download(version, layer, ratio, repo=repo, out=out, remote_name=remote, remote_url=remote_url,
+                       variant=variant)
     typer.echo(str(dest))
 
 
@@ -641,6 +664,9 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(
         help="ONNX Runtime intra-op threads per session (--pipeline: PyTorch's threads)")] = None,
     workers: Annotated[int, typer.Option(help="threads running sessions")] = 1,
+    variant: Annotated[Optional[str], typer.Option(
+        help="serve this variant in place of the shared-weight model where there is one: specialist (an exit "
+             "specialist, specialist.exits)")] = None,
 ) -> None:
     """Serve exported models over HTTP: TEI-compatible POST /rerank, with exit_layer and ratio per request."""
     from .serving.server import ServerOptions, pipeline_pool
@@ -650,6 +676,9 @@ def serve(
         raise ValueError("give one of --models DIR, --version V (with --repo) or --pipeline params.yaml")
     if dtype is not None and pipeline is None:
         raise ValueError("--dtype applies to --pipeline (ONNX exports have their own dtype)")
+    if variant is not None and pipeline is not None:
+        raise ValueError("--variant applies to exported models (--models, --version); --pipeline serves the "
+                         "shared-weight PyTorch model")
     options = ServerOptions(max_texts=max_texts, max_queue=max_queue, batch_window_ms=batch_window_ms,
                             threads=threads, workers=workers)
     if pipeline is not None:
@@ -660,9 +689,9 @@ def serve(
     if version is not None:
         from .release.registry import fetch_release
 
-        version, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=ratios)
+        version, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=ratios, variant=variant)
         source = folders
-    run_server(source, host=host, port=port, options=options, version=version, exit_layers=layers)
+    run_server(source, host=host, port=port, options=options, version=version, exit_layers=layers, variant=variant)
 
 
 @app.command()

@@ -189,6 +189,23 @@ class CompensationParams(Section):
         return value
 
 
+class SpecialistParams(TrainParams):
+    """Exit specialists (``training/specialist.py``): the ratio-1 model cut after exit k and trained for
+    exit k alone on the deepest exit's scores. Each ships as ``exit-KK-ratio-1-specialist`` beside the
+    shared-weight exits. Why: on SciFact an exit-8 specialist reached full depth where no shared-weight
+    recipe did (docs/quality.md, "Exit 8's gap"). The training settings are a ``TrainParams``; the stage
+    sets ``layer_weights`` itself (exit k only), and a group is the positive + ``train_group_size - 1``
+    of the query's negatives, in file order (the hardest BM25 negatives first)."""
+
+    exits: list[int] = []  # e.g. [8]; empty: the stage writes an empty folder and the export adds nothing
+    train_method: str = "teacher"  # listwise CE + soft CE to the deepest exit's scores
+    train_group_size: int = Field(8, ge=2)
+    max_steps: int = Field(1600, ge=1)
+    save_steps: int = Field(400, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    lora: LoraParams = LoraParams(rank=64, alpha=128)
+
+
 class DistributedParams(Section):
     """How many worker processes the training stages run (data parallel, one per GPU)."""
 
@@ -311,6 +328,7 @@ class PathParams(Section):
     teacher_shards: str = "derived/teacher_shards"  # resumable shards (DVC `persist`)
     self_distill: str = "models/self_distill"  # LoRA adapter folder (incl. score heads)
     compensation: str = "models/compensation"  # layer/ and token-ratio-<r>/ adapter folders
+    specialists: str = "models/specialists"  # exit-<KK>/ adapter folders + specialists.json
     checkpoints: str = "checkpoints"  # Trainer checkpoints for resume (DVC `persist`)
     onnx: str = "models/onnx"
     metrics: str = "metrics/per_layer.json"
@@ -330,6 +348,7 @@ class Params(Section):
     compression: CompressionParams = CompressionParams()
     self_distill: TrainParams = TrainParams()
     compensation: CompensationParams = CompensationParams()
+    specialist: SpecialistParams = SpecialistParams()
     distributed: DistributedParams = DistributedParams()
     export: ExportParams = ExportParams()
     validation: ValidationParams = ValidationParams()
@@ -378,6 +397,24 @@ class Params(Section):
             raise ValueError(f"export.compress_layers {export.compress_layers} differ from compression.layers "
                              f"{comp.layers}: the token adapters of export.ratios {exported} were trained merging "
                              "tokens at compression.layers, so the export must compress there too")
+        spec = self.specialist
+        if spec.exits:
+            if 1 not in export.ratios:
+                raise ValueError(f"specialist.exits {spec.exits}: a specialist is cut from the ratio-1 model; add 1 to "
+                                 f"export.ratios (now {export.ratios})")
+            bad = sorted(k for k in spec.exits if k not in export.exit_layers)
+            if bad:
+                raise ValueError(f"specialist.exits {bad} are not in export.exit_layers {export.exit_layers}: a "
+                                 "specialist ships beside its exit's shared-weight model")
+            if spec.layer_weights:
+                raise ValueError("specialist.layer_weights: the stage trains exit k alone (weight 1 at k, 0 "
+                                 "elsewhere); leave it empty")
+            if "same_layer" in spec.train_method:
+                raise ValueError(f"specialist.train_method {spec.train_method!r}: same_layer is for token adapters")
+            deep = sorted(r for r in spec.lora.layer_ranks if r > min(spec.exits))
+            if deep:
+                raise ValueError(f"specialist.lora.layer_ranks {deep}: a specialist at exit {min(spec.exits)} has "
+                                 f"{min(spec.exits)} layers")
         return self
 
     def adapter_stack(self, ratio: int) -> list[Path]:
@@ -385,6 +422,10 @@ class Params(Section):
         root = Path(self.paths.compensation)
         stack = [Path(self.paths.self_distill), root / "layer"]
         return stack + [root / f"token-ratio-{ratio}"] if ratio > 1 else stack
+
+    def specialist_dir(self, exit_layer: int) -> Path:
+        """The exit-k specialist's adapter, trained on ``adapter_stack(1)`` cut after layer k."""
+        return Path(self.paths.specialists) / f"exit-{exit_layer:02d}"
 
     def fingerprint(self) -> str:
         """sha256 of the canonical params, recorded in manifests."""

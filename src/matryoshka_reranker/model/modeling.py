@@ -199,6 +199,23 @@ class MatryoshkaModel(nn.Module):
         )
         return replace(state, hidden=hidden, attention_mask=mask, layer_input=None)
 
+    def truncate(self, exit_layer: int) -> MatryoshkaModel:
+        """The first ``exit_layer`` decoder layers with the heads of exits <= ``exit_layer``: the starting
+        point of an exit specialist (``training/specialist.py``). Layers, norm, embeddings and heads are
+        shared with ``self``, not copied, and ``self`` is cut too (its decoder loses the later layers), so
+        take it from a model that is not used afterwards; exit-k scores do not change."""
+        if exit_layer not in self.exit_layers[:-1]:
+            raise ValueError(f"cannot cut after layer {exit_layer}: not an exit below the deepest "
+                             f"(exits {self.exit_layers})")
+        decoder = self.decoder
+        decoder.layers = decoder.layers[:exit_layer]
+        decoder.config.num_hidden_layers = exit_layer
+        if getattr(decoder.config, "layer_types", None):  # per-layer attention kinds, one per layer
+            decoder.config.layer_types = decoder.config.layer_types[:exit_layer]
+        cut = MatryoshkaModel(decoder, self.start_layer, self.layer_sep)
+        cut.score_heads = nn.ModuleDict({k: head for k, head in self.score_heads.items() if int(k) <= exit_layer})
+        return cut.train(self.training)
+
     # -------------------------------------------------------------- validation
     def check_cutoff_layers(self, cutoff_layers) -> list[int]:
         if cutoff_layers is None:

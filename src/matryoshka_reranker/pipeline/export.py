@@ -73,6 +73,7 @@ from ..serving.artifacts import (
     MODEL_CARD,
     MODEL_FILE,
     SCORES,
+    SPECIALIST,
     TOKEN_INPUTS,
     WEIGHTS_FILE,
     ExportedConfig,
@@ -114,10 +115,11 @@ class ExportConfig:
     exit_layer: int
     ratio: int
     compress_layers: tuple[int, ...]  # the configured layers (ratio 1: none applies)
+    variant: str | None = None  # "specialist": an exit specialist's own model (training/specialist.py)
 
     @property
     def name(self) -> str:
-        return config_name(self.exit_layer, self.ratio)
+        return config_name(self.exit_layer, self.ratio, self.variant)
 
     @property
     def applied_layers(self) -> tuple[int, ...]:
@@ -175,11 +177,14 @@ def export_models(
     compress_layers: Sequence[int] = (),
     adapters: Mapping[int, Sequence[str | os.PathLike]] | Callable[[int], Sequence] | None = None,
     options: ExportOptions | None = None,
+    specialists: Mapping[int, str | os.PathLike] | None = None,
 ) -> dict:
     """Exports every configuration into ``out`` (replaced atomically) and returns ``index.json``.
 
     ``adapters`` gives the adapter stack merged for each ratio (a mapping or ``ratio -> paths``);
-    the stacks' common prefix is merged once and the rest per ratio.
+    the stacks' common prefix is merged once and the rest per ratio. ``specialists`` ({exit k: adapter
+    folder}, ``training/specialist.py``): each becomes ``exit-KK-ratio-1-specialist``, its own folder: the
+    ratio-1 stack merged, cut after layer k, the specialist merged (its weights differ from the shared ones).
     """
     from transformers import AutoTokenizer
 
@@ -196,7 +201,14 @@ def export_models(
         raise ValueError("nothing to export: exit_layers and ratios must not be empty")
     configs = plan_configs(exit_layers, ratios, compress_layers)
     stacks = {r: [Path(p) for p in _stack(adapters, r)] for r in sorted({c.ratio for c in configs})}
-    missing = sorted({str(p) for stack in stacks.values() for p in stack if not (p / "adapter_config.json").exists()})
+    specialists = {int(k): Path(p) for k, p in sorted((specialists or {}).items())}
+    if specialists and 1 not in stacks:
+        raise ValueError("specialists are cut from the ratio-1 model: add 1 to the ratios")
+    unexported = sorted(set(specialists) - {c.exit_layer for c in configs})
+    if unexported:
+        raise ValueError(f"specialists at {unexported}: not exported exits {sorted(set(exit_layers))}")
+    missing = sorted({str(p) for stack in [*stacks.values(), specialists.values()] for p in stack
+                      if not (p / "adapter_config.json").exists()})
     if missing:
         raise FileNotFoundError("adapter folder(s) missing (no adapter_config.json): " + ", ".join(missing))
 
@@ -224,6 +236,13 @@ def export_models(
             listed += _export_ratio(model, ratio_configs, stack, tokenizer, tmp, options, source)
             del model
         floats = list(listed)
+        for k, specialist in specialists.items():  # after the floats: quantized copies are of those only
+            model = _merge(_load_merged(path, tokenizer, stacks[1], options).truncate(k), [specialist],
+                           merged=stacks[1])
+            config = ExportConfig(k, 1, (), variant=SPECIALIST)
+            listed += _export_ratio(model, [config], [*stacks[1], specialist], tokenizer, tmp, options, source,
+                                    folder_name=config.name)
+            del model
         for scheme in options.quantize:  # quantized copies, evaluated and gated like the others
             for config in floats:
                 name = config_name(config.exit_layer, config.ratio, scheme)
@@ -254,7 +273,8 @@ def export_from_params(params) -> dict:
         quantize_keep_fp32=None if ex.quantize_keep_fp32 is None else tuple(ex.quantize_keep_fp32),
     )
     return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
-                         adapters=params.adapter_stack, options=options)
+                         adapters=params.adapter_stack, options=options,
+                         specialists={k: params.specialist_dir(k) for k in params.specialist.exits})
 
 
 def _calibration_from_params(params) -> CalibrationSet | None:
@@ -330,8 +350,9 @@ def _attention(model, implementation: str):
 
 
 def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], tokenizer, out: Path,
-                  options: ExportOptions, source: str) -> list[ExportedConfig]:
-    """``out/ratio-<r>/``: every exit's graph and the all-exits graph beside one weights file, checked."""
+                  options: ExportOptions, source: str, folder_name: str | None = None) -> list[ExportedConfig]:
+    """``out/ratio-<r>/`` (or ``out/<folder_name>``): every exit's graph and the all-exits graph beside one
+    weights file, checked. The configs' ``variant`` (one for all) is the folder's."""
     import onnx_ir as ir
 
     ratio = configs[0].ratio
@@ -342,7 +363,8 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     batches = validation_batches(encoder)
     reference = [_reference(model, b, exits, compress, ratio) for b in batches]  # PyTorch float32
 
-    folder = out / ratio_folder(ratio)
+    variant = configs[0].variant
+    folder = out / (folder_name or ratio_folder(ratio))
     folder.mkdir()
     weights = WEIGHTS_FILE if options.share_weights else None
     started = time.perf_counter()
@@ -389,11 +411,13 @@ def _export_ratio(model, configs: list[ExportConfig], adapters: list[Path], toke
     _copy_tokenizer(out, folder)
     manifest = _manifest(folder, ratio, configs[0].compress_layers, entries, adapters, options, source, model,
                          tokenizer)
+    if variant:
+        manifest["variant"] = variant
     (folder / MODEL_CARD).write_text(ratio_card(manifest, options.data_dir), encoding="utf-8")
     manifest["files"] = folder_files(folder)  # the card is one of the folder's files
     write_json(folder / MANIFEST, manifest)
-    return [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, folder, exit_model_file(c.exit_layer))
-            for c in configs]
+    return [ExportedConfig(c.name, c.exit_layer, c.ratio, c.compress_layers, folder, exit_model_file(c.exit_layer),
+                           variant=c.variant) for c in configs]
 
 
 def _model_entry(config: ExportConfig, path: Path, parity: dict, calibration: dict | None) -> dict:

@@ -92,6 +92,10 @@ def ratio_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
         "- Calibration: fitted on held-apart eval queries; `normalize=True` and the server's `raw_scores: false` "
         "return it (a plain sigmoid where there is none).",
     ]
+    if variant == "specialist":
+        lines.append(f"- Exit specialist: decoder layers 1..{depths[-1]} of the ratio-1 model, trained further for exit "
+                     f"{depths[-1]} alone on that model's deepest exit's scores; its weights are its own, so it ships "
+                     f"apart from the shared-weight `exit-{depths[-1]:02d}-ratio-1`.")
     if manifest.get("quantization"):
         lines.append(f"- Quantized ({variant}) from `{manifest['quantization'].get('of')}`: judged by its ranking "
                      "agreement with the float model in evaluation.")

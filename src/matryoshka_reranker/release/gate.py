@@ -39,7 +39,7 @@ from ..config import GateParams, Params
 from ..core.atomic import atomic_dir
 from ..core.errors import CheckFailed, InputError
 from ..pipeline import statistics
-from ..serving.artifacts import NAME_RE, config_name
+from ..serving.artifacts import NAME_RE, SPECIALIST, config_name
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,9 @@ def read_per_query(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def expected_configs(params: Params) -> list[str]:
-    return [config_name(k, r) for k in params.export.exit_layers for r in params.export.ratios]
+    """Every config the export writes and the release needs metrics for (the exit specialists included)."""
+    return ([config_name(k, r) for k in params.export.exit_layers for r in params.export.ratios]
+            + [config_name(k, 1, SPECIALIST) for k in params.specialist.exits])
 
 
 def current_results(params: Params, repo: str | Path = ".") -> dict:

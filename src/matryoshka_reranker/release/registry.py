@@ -50,7 +50,7 @@ from ..config import Params
 from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json, write_text
 from ..core.errors import MatryoshkaError
 from ..pipeline.model_card import release_card
-from ..serving.artifacts import NAME_RE, ModelIntegrityError, config_name, ratio_folder, read_manifest
+from ..serving.artifacts import NAME_RE, SPECIALIST, ModelIntegrityError, config_name, ratio_folder, read_manifest
 from .gate import GateError, GateFailed, GateReport, run_gate
 from .revisions import (
     absolute_remote_url,
@@ -81,15 +81,27 @@ class ManifestError(ReleaseError):
 
 # --- exit models as DVC artifacts ---------------------------------------------------------------
 
-def artifact_name(exit_layer: int, ratio: int) -> str:
-    """DVC artifact name of one exit model: its config name ``exit-08-ratio-1`` (GTO allows no ``_@#``)."""
-    return config_name(exit_layer, ratio)
+def artifact_name(exit_layer: int, ratio: int, variant: str | None = None) -> str:
+    """DVC artifact name of one exit model: its config name ``exit-08-ratio-1`` (GTO allows no ``_@#``),
+    ``exit-08-ratio-1-specialist`` for an exit specialist."""
+    return config_name(exit_layer, ratio, variant)
 
 
 def expected_artifacts(params: Params) -> dict[str, dict]:
     """The ``artifacts:`` entries that ``export.exit_layers x export.ratios`` call for: each exit's path
-    is its ratio's folder (the exits of a ratio share one weights file there)."""
+    is its ratio's folder (the exits of a ratio share one weights file there); an exit specialist
+    (``specialist.exits``) is its own folder."""
     onnx = PurePosixPath(params.paths.onnx)
+    specialists = {
+        artifact_name(k, 1, SPECIALIST): {
+            "path": str(onnx / config_name(k, 1, SPECIALIST)),
+            "type": "model",
+            "desc": f"Matryoshka re-ranker, ONNX, exit specialist at layer {k} (its own weights), ratio 1",
+            "labels": ["onnx", "reranker", f"exit-{k}", "ratio-1", SPECIALIST],
+            "meta": {"exit_layer": k, "compress_ratio": 1, "variant": SPECIALIST},
+        }
+        for k in params.specialist.exits
+    }
     return {
         artifact_name(k, r): {
             "path": str(onnx / ratio_folder(r)),
@@ -99,7 +111,7 @@ def expected_artifacts(params: Params) -> dict[str, dict]:
             "meta": {"exit_layer": k, "compress_ratio": r},
         }
         for k in params.export.exit_layers for r in params.export.ratios
-    }
+    } | specialists
 
 
 def artifacts_out_of_sync(params: Params, root: str | Path = ".") -> list[str]:
@@ -108,7 +120,8 @@ def artifacts_out_of_sync(params: Params, root: str | Path = ".") -> list[str]:
     ours = {n: a for n, a in declared.items() if ARTIFACT_RE.match(n)}
     expected = expected_artifacts(params)
     problems = [f"missing artifact {n}" for n in expected if n not in ours]
-    problems += [f"artifact {n} is not in export.exit_layers x export.ratios" for n in ours if n not in expected]
+    problems += [f"artifact {n} is not in export.exit_layers x export.ratios (or specialist.exits)"
+                 for n in ours if n not in expected]
     for name in set(ours) & set(expected):
         for key in ("path", "type"):
             if (ours[name] or {}).get(key) != expected[name][key]:
@@ -623,10 +636,11 @@ def _commit_body(params: Params, report: GateReport, waived: bool) -> str:
 # --- download and listing -----------------------------------------------------------------------
 
 def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = ".", out: str | Path = "downloads",
-             remote_name: str | None = None, remote_url: str | None = None) -> Path:
+             remote_name: str | None = None, remote_url: str | None = None, variant: str | None = None) -> Path:
     """Fetches one exit model of release ``version`` into ``out/<version>/ratio-<r>``, verified: the
     folder of its ratio (every exit of the ratio beside one weights file; open it with
-    ``OnnxReranker(folder, exit_layer)``).
+    ``OnnxReranker(folder, exit_layer)``). ``variant="specialist"``: the exit specialist, in
+    ``out/<version>/exit-KK-ratio-1-specialist``.
 
     Every file is checked against the sha256 recorded in ``releases/<version>.json`` *in git at the
     release tag* (whoever can write the DVC remote cannot rewrite it), the folder must hold exactly
@@ -637,7 +651,7 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
     available = release_versions(list_tags(repo))
     if version not in available:
         raise ReleaseError(f"{repo} has no release {version}; releases: {', '.join(available) or 'none'}")
-    name = artifact_name(exit_layer, ratio)
+    name = artifact_name(exit_layer, ratio, variant)
     fs = open_at(repo, version, remote_name=remote_name, remote_url=remote_url)
     try:
         declared = (yaml.safe_load(fs.read_text("dvc.yaml")) or {}).get("artifacts") or {}
@@ -706,8 +720,10 @@ def release_cache(repo: str | Path) -> Path:
 
 
 def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: Sequence[int] | None = None,
-                  ratios: Sequence[int] | None = None, cache: Path | None = None) -> tuple[str, list[Path]]:
-    """Exit models of a release in the local cache (downloaded and verified once, reused while they verify)."""
+                  ratios: Sequence[int] | None = None, cache: Path | None = None,
+                  variant: str | None = None) -> tuple[str, list[Path]]:
+    """Exit models of a release in the local cache (downloaded and verified once, reused while they verify):
+    the shared-weight ones, and with ``variant="specialist"`` the release's exit specialists too."""
     from ..serving.artifacts import parse_config_name
 
     version = resolve_version(version, repo)
@@ -721,19 +737,19 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
         fs.close()
     wanted = []
     for name in record.get("files", {}):
-        k, r, variant = parse_config_name(name)
-        if (exit_layers is None or k in exit_layers) and (ratios is None or r in ratios):
-            wanted.append((k, r, name))
+        k, r, kind = parse_config_name(name)
+        if kind in (None, variant) and (exit_layers is None or k in exit_layers) and (ratios is None or r in ratios):
+            wanted.append((k, r, kind, name))
     if not wanted:
         raise ReleaseError(f"release {version} has no exit model for exit_layers={exit_layers}, ratios={ratios}; "
                            f"it has {sorted(record.get('files', {}))}")
     folders = []
-    for k, r, name in wanted:
+    for k, r, kind, name in wanted:
         folder = cache / version / record["artifacts"][name]["path"].rsplit("/", 1)[-1]
         if folder in folders:  # another exit of the same ratio folder, already fetched
             continue
         if not _cached_and_intact(folder, record["files"][name]):
-            folder = download(version, k, r, repo=repo, out=cache)
+            folder = download(version, k, r, repo=repo, out=cache, variant=kind)
         folders.append(folder)
     return version, folders
 

@@ -21,7 +21,8 @@ So the only layout in which every graph opens with standard tools (``onnx.load``
 stored once is all exit graphs beside one regular weights file. A download of any exit of a
 ratio is that ratio's folder (about one full model: a shallow exit reads only its layers).
 
-A configuration's name is ``exit-08-ratio-1`` (``-int8`` etc. for a quantized variant): the same
+A configuration's name is ``exit-08-ratio-1`` (``-int8`` etc. for a quantized variant, ``-specialist``
+for an exit specialist: its own folder, since its layers 1..k have their own weights): the same
 string names the metrics key, the DVC artifact and the release record entry; ``path`` +
 ``model_file`` locate its graph.
 
@@ -50,6 +51,7 @@ MODEL_FILE = "model.onnx"  # the one graph of a quantized copy
 ALL_EXITS_FILE = "all-exits.onnx"
 WEIGHTS_FILE = "weights.bin"
 MODEL_CARD = "README.md"
+SPECIALIST = "specialist"  # the variant of an exit specialist (training/specialist.py); released and served
 SCORES = "scores"
 TOKEN_INPUTS = ["input_ids", "attention_mask"]
 LENGTH_INPUTS = ["query_lengths", "prompt_lengths"]

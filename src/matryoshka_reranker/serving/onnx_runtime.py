@@ -25,6 +25,7 @@ from .artifacts import (
     SCORES,
     ModelIntegrityError,
     calibrated_probability,
+    config_name,
     manifest_input_format,
     model_view,
     read_manifest,
@@ -147,10 +148,11 @@ class OnnxReranker:
 
     @classmethod
     def from_release(cls, version: str = "latest", exit_layer: int | None = None, ratio: int = 1, repo: str = ".",
-                     **kwargs) -> OnnxReranker:
+                     variant: str | None = None, **kwargs) -> OnnxReranker:
         """One exit model of a published release: resolved through DVC at the version's tag, downloaded
         once into a per-version cache folder, sha256-verified against the release record in git, and
-        reused from the cache while it still verifies. ``exit_layer=None``: the deepest exported exit.
+        reused from the cache while it still verifies. ``exit_layer=None``: the deepest exported exit;
+        ``variant="specialist"``: the release's exit specialist at ``exit_layer`` (ratio 1).
 
         This needs the release tooling (git, DVC); serving a folder you already have needs neither.
         """
@@ -158,8 +160,15 @@ class OnnxReranker:
             fetch_release,  # the one call that reaches up into the release layer
         )
 
+        if variant is not None and exit_layer is None:
+            raise ValueError(f"variant {variant!r}: name its exit_layer")
         layers = None if exit_layer is None else [exit_layer]
-        _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio])
+        _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio], variant=variant)
+        if variant is not None:
+            wanted = config_name(exit_layer, ratio, variant)
+            folders = [f for f in folders if f.name == wanted]
+            if not folders:
+                raise ValueError(f"release {version} has no {wanted}")
         return cls(folders[0], exit_layer, **kwargs)  # the ratio's folder; None: its deepest exit
 
     @property

@@ -135,14 +135,15 @@ class ModelPool(Pool):
     """The exported configs of one export folder, each loaded on first request."""
 
     def __init__(self, folder: str | os.PathLike | Sequence[str | os.PathLike], options: ServerOptions = ServerOptions(),
-                 version: str | None = None, exit_layers: Sequence[int] | None = None):
+                 version: str | None = None, exit_layers: Sequence[int] | None = None, variant: str | None = None):
         """``folder``: an export folder with ``index.json``, or a list of exported model folders
         (e.g. the ratio folders of a downloaded release); ``exit_layers``: serve only these exits
-        (a ratio's folder holds all of them), else every exit model found."""
+        (a ratio's folder holds all of them), else every exit model found; ``variant``: serve that
+        variant (``specialist``) in place of the shared-weight model where the folder has one."""
         self.options, self.version = options, version
         if isinstance(folder, (str, os.PathLike)):
             self.folder = Path(folder)
-            configs = [c for c in read_index(self.folder) if c.variant is None]
+            configs = read_index(self.folder)
             self.index = read_index_extra(self.folder)
         else:
             folders = list(dict.fromkeys(Path(f) for f in folder))
@@ -151,16 +152,15 @@ class ModelPool(Pool):
             configs = [ExportedConfig(e["name"], e["exit_layer"], m["compression"]["ratio"],
                                       tuple(m["compression"]["layers"]), f, e["model_file"], m.get("variant"))
                        for f, m in zip(folders, manifests) for e in m["models"] if e.get("kind", "exit") == "exit"]
-            configs = [c for c in configs if c.variant is None]
             self.index = {"input_format": manifests[0].get("input_format"), "source_model": manifests[0].get("source_model")}
         if exit_layers is not None:
             configs = [c for c in configs if c.exit_layer in set(exit_layers)]
-        if not configs:
+        if not any(c.variant is None for c in configs):
             raise ServerInputError("models", f"{folder}: no exported models to serve"
                                    + (f" at exit layers {list(exit_layers)}" if exit_layers is not None else ""))
-        self.configs: dict[tuple[int, int], ExportedConfig] = {(c.exit_layer, c.ratio): c for c in configs}
+        self.configs: dict[tuple[int, int], ExportedConfig] = choose_variant(configs, variant, folder)
         self._loaded: dict[tuple[int, int], object] = {}
-        self._shared: dict[int, dict] = {}  # ratio -> name -> OrtValue (memory-mapped, shared by its exits)
+        self._shared: dict[Path, dict] = {}  # folder -> name -> OrtValue (memory-mapped, shared by its exits)
         self._lock = threading.Lock()
         self.default = self.default_key(self.configs)
 
@@ -188,22 +188,36 @@ class ModelPool(Pool):
         manifest = read_manifest(config.path, verify=False)
         if not manifest.get("shared_weights"):
             return None
-        if config.ratio not in self._shared:
+        if config.path not in self._shared:  # per folder: a specialist is ratio 1 with weights of its own
             widest = ALL_EXITS_FILE if ALL_EXITS_FILE in manifest["files"] else config.model_file
             try:
-                self._shared[config.ratio] = mapped_initializers(config.path / widest)
+                self._shared[config.path] = mapped_initializers(config.path / widest)
             except Exception as err:  # noqa: BLE001 - sharing is an optimisation: fall back to plain loading
                 log.warning("%s: cannot share weights (%s); loading them per session", config.name, err)
-                self._shared[config.ratio] = {}
-        return self._shared[config.ratio] or None
+                self._shared[config.path] = {}
+        return self._shared[config.path] or None
 
     def describe(self) -> list[dict]:
         out = []
         for (k, r), config in sorted(self.configs.items()):
             manifest = config_manifest(config)
-            out.append({"name": config.name, "exit_layer": k, "ratio": r, "loaded": (k, r) in self._loaded,
-                        "calibration": manifest.get("calibration")})
+            out.append({"name": config.name, "exit_layer": k, "ratio": r, "variant": config.variant,
+                        "loaded": (k, r) in self._loaded, "calibration": manifest.get("calibration")})
         return out
+
+
+def choose_variant(configs: Sequence[ExportedConfig], variant: str | None, where) -> dict[tuple[int, int], ExportedConfig]:
+    """{(exit, ratio): config}: the shared-weight models, with ``variant``'s (e.g. ``specialist``) in place of
+    theirs where there is one. Quantized copies are served only when asked for by name here too."""
+    chosen = {(c.exit_layer, c.ratio): c for c in configs if c.variant is None}
+    if variant is not None:
+        special = [c for c in configs if c.variant == variant]
+        if not special:
+            kinds = sorted({c.variant for c in configs if c.variant})
+            raise ServerInputError("variant", f"{where}: no {variant!r} models to serve; variants there: "
+                                              f"{kinds or 'none'}")
+        chosen.update({(c.exit_layer, c.ratio): c for c in special})
+    return chosen
 
 
 def mapped_initializers(model_file: Path) -> dict:
@@ -559,12 +573,13 @@ def probabilities(pool: Pool, key: tuple[int, int], scores: np.ndarray) -> np.nd
 
 def serve(models: str | os.PathLike | Pool, host: str = "127.0.0.1", port: int = 8080,
           options: ServerOptions = ServerOptions(), version: str | None = None,
-          graceful_seconds: float = 30.0, exit_layers: Sequence[int] | None = None) -> None:
+          graceful_seconds: float = 30.0, exit_layers: Sequence[int] | None = None, variant: str | None = None) -> None:
     """Runs the server until SIGTERM/SIGINT (in-flight requests finish first). ``models``: an export
-    folder, a list of exported model folders, or a ready pool (``pipeline_pool`` for PyTorch)."""
+    folder, a list of exported model folders, or a ready pool (``pipeline_pool`` for PyTorch);
+    ``variant="specialist"`` serves the exit specialists in place of their exits' shared-weight models."""
     import uvicorn
 
-    pool = models if isinstance(models, Pool) else ModelPool(models, options, version, exit_layers)
+    pool = models if isinstance(models, Pool) else ModelPool(models, options, version, exit_layers, variant)
     log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs),
              pool.folder if isinstance(models, Pool) else models, host, port, *pool.default)
     uvicorn.run(create_app(pool, options), host=host, port=port, log_level="info",

@@ -508,6 +508,10 @@ def check_against_model(params: Params, model: MatryoshkaModel, encoder: PairEnc
     missing = [k for k in params.export.exit_layers if k not in exits]
     if missing:
         problems.append(f"export.exit_layers {missing}: the model has {n} layers, score heads at {exits}")
+    deepest = [k for k in params.specialist.exits if k >= n]
+    if deepest:
+        problems.append(f"specialist.exits {deepest}: a specialist learns from the deepest exit ({n}), so it must "
+                        "sit below it")
     for key, layers in (("compression.layers", params.compression.layers),
                         ("export.compress_layers", params.export.compress_layers)):
         outside = [c for c in layers if not 1 <= c < n]
