@@ -33,6 +33,7 @@ exits, ratios = params["export"]["exit_layers"], params["export"]["ratios"]
 onnx, metrics = Path(params["paths"]["onnx"]), Path(params["paths"]["metrics"])
 per_query_path = Path(params["paths"]["per_query"])
 names = [(k, r, f"exit-{k:02d}-ratio-{r}") for k in exits for r in ratios]
+specialists = [(k, 1, f"exit-{k:02d}-ratio-1-specialist") for k in params.get("specialist", {}).get("exits", [])]
 QUERIES = [f"q{i}" for i in range(40)]
 IDENTITY = {"split": "test", "queries": len(QUERIES), "query_ids_sha256": "ids" + str(knobs.get("eval_set", 1)),
             "candidates_per_query": 5, "candidates_sha256": "c", "qrels_sha256": "q"}
@@ -55,12 +56,26 @@ elif stage == "export":
         manifest = {"format_version": 3, "name": folder.name, "compression": {"layers": [2], "ratio": r},
                     "models": models, "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in files.items()}}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for k, _, name in specialists:  # an exit specialist: a folder of its own, like the real export's
+        folder = onnx / name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"weights.bin": f"specialist {k} {data} {knobs['model_seed']}\\n".encode() * 16,
+                 f"exit-{k:02d}.onnx": f"graph {k} specialist\\n".encode()}
+        for rel, blob in files.items():
+            (folder / rel).write_bytes(blob)
+        manifest = {"format_version": 3, "name": name, "variant": "specialist", "compression": {"layers": [], "ratio": 1},
+                    "models": [{"name": name, "kind": "exit", "exit_layer": k, "model_file": f"exit-{k:02d}.onnx",
+                                "applied_layers": []}],
+                    "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in files.items()}}
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     index = {"format_version": 3, "models": [{"name": n, "exit_layer": k, "ratio": r, "path": f"ratio-{r}",
-                                              "model_file": f"exit-{k:02d}.onnx"} for k, r, n in names]}
+                                              "model_file": f"exit-{k:02d}.onnx"} for k, r, n in names]
+                                            + [{"name": n, "exit_layer": k, "ratio": 1, "path": n, "variant": "specialist",
+                                                "model_file": f"exit-{k:02d}.onnx"} for k, _, n in specialists]}
     (onnx / "index.json").write_text(json.dumps(index))
 elif stage == "evaluate":
     configs, systems = {}, {}
-    for k, r, name in names:
+    for k, r, name in names + specialists:
         if name in (knobs.get("drop") or []):
             continue
         shift = (knobs.get("delta") or {}).get(name, 0.0)
@@ -72,6 +87,9 @@ elif stage == "evaluate":
                          "R@10": {q: min(1.0, v + 0.05) for q, v in values.items()}}
         configs[name] = {"exit_layer": k, "ratio": r, "nDCG@10": mean, "RR@10": mean - 0.03,
                          "R@10": sum(systems[name]["R@10"].values()) / len(QUERIES), "latency_ms_per_query": 0.5 * k / r}
+        if name.endswith("-specialist"):  # what the real evaluation adds to a variant
+            configs[name].update(variant="specialist", of=name.removesuffix("-specialist"),
+                                 spearman_vs_float=0.9 - 0.1 * knobs["model_seed"])
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps({"format_version": 2, "eval": {"queries": len(QUERIES), "candidates": 5,
                                                                  "identity": IDENTITY},
@@ -113,6 +131,7 @@ stages:
     params:
       - export.exit_layers
       - export.ratios
+      - specialist.exits
       - knobs.yaml:
           - model_seed
     outs: [models/onnx]
@@ -140,9 +159,10 @@ def git(root: Path, *args: str) -> str:
 
 
 def make_params(remote: Path, git_remote: str | None = None, scheme: str = "semver",
-                remote_name: str = "releases") -> Params:
+                remote_name: str = "releases", specialists: list[int] = ()) -> Params:
     raw = Params().model_dump()
     raw["export"].update(exit_layers=[4, 6], ratios=[1, 2])
+    raw["specialist"]["exits"] = list(specialists)
     raw["release"].update(remote_url=str(remote), version_scheme=scheme, git_remote=git_remote, remote_name=remote_name)
     return parse_params(raw)
 
@@ -154,7 +174,8 @@ def set_knobs(root: Path, **changes) -> None:
 
 
 def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
-                 per_config_outs: bool = False, remote_name: str = "releases") -> tuple[Path, Params]:
+                 per_config_outs: bool = False, remote_name: str = "releases",
+                 specialists: list[int] = ()) -> tuple[Path, Params]:
     """``base/project`` (committed, not yet reproduced), ``base/origin.git`` (bare), remote at ``base/dvc-remote``.
 
     ``per_config_outs``: the export stage declares one DVC output per ratio folder instead of
@@ -162,7 +183,7 @@ def make_project(base: Path, git_remote: bool = True, scheme: str = "semver",
     """
     root = base / "project"
     root.mkdir(parents=True)
-    params = make_params(base / "dvc-remote", "origin" if git_remote else None, scheme, remote_name)
+    params = make_params(base / "dvc-remote", "origin" if git_remote else None, scheme, remote_name, specialists)
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     (root / "knobs.yaml").write_text(yaml.safe_dump(KNOBS))
     (root / "fake_pipeline.py").write_text(FAKE_PIPELINE)

@@ -531,3 +531,29 @@ def test_fetch_release_downloads_once_and_reuses_a_verified_cache(published, tmp
     assert (refetched / "weights.bin").read_bytes() == (root / "models/onnx/ratio-2/weights.bin").read_bytes()
     with pytest.raises(ReleaseError, match="no exit model for exit_layers=\\[9\\]"):
         registry.fetch_release("v0.1.0", repo=str(base / "origin.git"), exit_layers=[9], cache=cache)
+
+
+def test_an_exit_specialist_is_released_downloaded_and_gated_beside_the_shared_exits(tmp_path):
+    """``specialist.exits``: the specialist's folder is one more artifact; ``download(variant=...)`` and
+    ``fetch_release(shared=False)`` get it alone; its ``spearman_vs_float`` is not a measure the next
+    release's gate asks of every config."""
+    from matryoshka_reranker.release.registry import fetch_release
+
+    root, params = make_project(tmp_path, specialists=[4])
+    assert "exit-04-ratio-1-specialist:" in (root / "dvc.yaml").read_text()
+    repro(root)
+    assert publish(params, root).status == "published"
+    origin = str(tmp_path / "origin.git")
+    dest = download("v0.1.0", 4, 1, repo=origin, out=tmp_path / "out", variant="specialist")
+    assert dest.name == "exit-04-ratio-1-specialist"
+    assert (dest / "weights.bin").read_bytes() == (root / "models/onnx/exit-04-ratio-1-specialist/weights.bin").read_bytes()
+    cache = tmp_path / "cache"
+    _, alone = fetch_release("v0.1.0", origin, [4], [1], cache=cache, variant="specialist", shared=False)
+    _, both = fetch_release("v0.1.0", origin, [4], [1], cache=cache, variant="specialist")
+    _, plain = fetch_release("v0.1.0", origin, [4], [1], cache=cache)
+    assert [f.name for f in alone] == ["exit-04-ratio-1-specialist"] and [f.name for f in plain] == ["ratio-1"]
+    assert sorted(f.name for f in both) == ["exit-04-ratio-1-specialist", "ratio-1"]
+    set_knobs(root, model_seed=1)  # new weights; the specialist agrees less with its float config
+    repro(root)
+    second = publish(params, root)
+    assert second.status == "published" and second.version == "v0.1.1"

@@ -335,7 +335,7 @@ def test_release_folders_serve_every_exit_they_hold(exported, monkeypatch):
 
     from matryoshka_reranker.release import registry
 
-    monkeypatch.setattr(registry, "fetch_release", lambda version, repo, exit_layers, ratios, variant=None: (
+    monkeypatch.setattr(registry, "fetch_release", lambda version, repo, exit_layers, ratios, **_: (
         "v1", [exported / f"ratio-{ratios[0]}"]))
     assert OnnxReranker.from_release("v1", exit_layer=2, ratio=2).exit_layer == 2
     assert OnnxReranker.from_release("v1", ratio=1).exit_layer == 3

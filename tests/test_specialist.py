@@ -152,6 +152,7 @@ def test_no_exits_writes_an_empty_stage_output(trained, tmp_path):
     ("specialist.exits=[12]", "not in export.exit_layers"),
     ("specialist.layer_weights={8: 1.0}", "leave it empty"),
     ("specialist.train_method=distill_same_layer", "same_layer"),
+    ("specialist.train_method=distill_fix_layer_teacher", "fix_layer would teach exit k"),
     ("specialist.lora.layer_ranks={16: 64}", "has 8 layers"),
 ])
 def test_settings_that_cannot_make_a_specialist_fail_at_parse(override, message):

@@ -573,7 +573,7 @@ def gate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo
 @app.command()
 def artifacts(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, repo: RepoOpt = Path("."),
               check: Annotated[bool, typer.Option(help="only check; exit 1 when out of sync")] = False) -> None:
-    """Write the exit models (export.exit_layers x export.ratios) into dvc.yaml `artifacts:` (type model)."""
+    """Write the exit models (export.exit_layers x export.ratios, and the exit specialists of specialist.exits) into dvc.yaml `artifacts:` (type model)."""
     from .release.registry import ReleaseError, artifacts_out_of_sync, sync_artifacts
 
     p = _params(params, overrides)

@@ -436,7 +436,7 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
                      latency[config.name]["latency_ms_per_query"])
     variants = [c for c in read_index(params.paths.onnx) if c.variant is not None]
     variant_info: dict[str, dict[str, Any]] = {}
-    for config in variants:  # quantized copies: one call per query with their own exit model
+    for config in variants:  # quantized copies and exit specialists: one call per query with their own model
         seconds, scores[config.name] = time_config(queries, cost(config))
         gc.collect()
         systems[config.name] = per_query(queries, scores[config.name], qrels, measures)
@@ -727,10 +727,14 @@ def _render_curve(curve: dict[str, Any], path: Path) -> None:
 
 
 def plot_rows(per_layer_metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per config: the DVC plot data (x: exit_layer or latency, y: a measure, color: ratio)."""
+    """One record per config: the DVC plot data (x: exit_layer or latency, y: a measure, color: ``ratio``,
+    a string: "1", "2", or "1-specialist" / "1-int8" for a variant, which is a series of its own rather
+    than a second point at its exit on the ratio's line)."""
     rows = [{"config": name, **{k: v for k, v in values.items() if not isinstance(v, (dict, list))}}
             for name, values in per_layer_metrics["configs"].items()]
-    return sorted(rows, key=lambda r: (r["ratio"], r["exit_layer"]))
+    for row in rows:
+        row["series"] = str(row["ratio"]) + (f"-{row['variant']}" if row.get("variant") else "")
+    return sorted(rows, key=lambda r: (r["series"], r["exit_layer"]))
 
 
 def write_plots(per_layer_metrics: dict[str, Any], plots_dir: str | Path, measures: list[str]) -> None:
@@ -753,11 +757,11 @@ def _render_png(per_layer_metrics: dict[str, Any], measures: list[str], x: str, 
 
     configs = per_layer_metrics["configs"]
     rows = plot_rows(per_layer_metrics)
-    ratios = sorted({r["ratio"] for r in rows})
+    series = sorted({r["series"] for r in rows})
     fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.6), squeeze=False)
     for ax, name in zip(axes[0], measures):
-        for ratio in ratios:
-            line = sorted((r for r in rows if r["ratio"] == ratio), key=lambda r: r[x])
+        for ratio in series:
+            line = sorted((r for r in rows if r["series"] == ratio), key=lambda r: r[x])
             xs, ys = [r[x] for r in line], [r[name] for r in line]
             low = [configs[r["config"]][f"{name}_ci"][0] for r in line]
             high = [configs[r["config"]][f"{name}_ci"][1] for r in line]

@@ -17,11 +17,12 @@ DATA_LICENSES = {  # the embedded default data; a user's own data: say so in par
 MODEL_LICENSES = {"embedded:smollm2-135m-instruct": ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 
 
-def _usage(folder: str, exit_layer: int, ratio: int) -> str:
+def _usage(folder: str, exit_layer: int, ratio: int, variant: str | None = None) -> str:
+    release = f", variant=\"{variant}\"" if variant else ""
     return f"""```python
 from matryoshka_reranker import OnnxReranker
 
-reranker = OnnxReranker("{folder}", exit_layer={exit_layer})   # or OnnxReranker.from_release("latest", exit_layer={exit_layer}, ratio={ratio})
+reranker = OnnxReranker("{folder}", exit_layer={exit_layer})   # or OnnxReranker.from_release("latest", exit_layer={exit_layer}, ratio={ratio}{release})
 reranker.compute_score([("what causes colds?", "Rhinoviruses cause most colds.")], normalize=True)
 reranker.rank("what causes colds?", ["Rhinoviruses cause most colds.", "Paris is in France."], top_k=1)
 ```
@@ -29,7 +30,7 @@ reranker.rank("what causes colds?", ["Rhinoviruses cause most colds.", "Paris is
 Served over HTTP (TEI-compatible `/rerank`, depth and width per request):
 
 ```bash
-matryoshka serve --models models/onnx --port 8080
+matryoshka serve --models models/onnx --port 8080{f" --variant {variant}" if variant else ""}
 curl -s localhost:8080/rerank -H 'content-type: application/json' \\
   -d '{{"query": "what causes colds?", "texts": ["Rhinoviruses cause most colds."], "exit_layer": {exit_layer}, "ratio": {ratio}}}'
 ```"""
@@ -60,7 +61,7 @@ def ratio_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
         f"A cross-encoder on `{base}`, one ONNX graph per exit depth (decoder layers 1..k and score head k)"
         + (f", with passage tokens merged in groups of {comp['ratio']} at layers {comp['layers']} (an exit at or "
            "before a compression layer runs uncompressed). " if comp["ratio"] > 1 else ", passages uncompressed. ")
-        + ("The graphs share one weights file (`weights.bin`), so the folder costs about one full model. "
+        + ("The graphs share one weights file (`weights.bin`), so the folder costs about one copy of its layers. "
            if manifest.get("shared_weights") else "")
         + f"ONNX ({manifest['dtype']}, opset {manifest['opset']}), exported by matryoshka-reranker; every graph "
         "opens with the standard ONNX tools (`onnx.load`, `onnx.checker`, `onnxruntime.quantization`).",
@@ -102,7 +103,8 @@ def ratio_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
     lines += ["", "## Quality", "",
               "Measured after export by the evaluate stage: see the release card `releases/<version>.md` "
               "(per-layer nDCG@10 / RR@10 / R@10 with 95% intervals) or `metrics/per_layer.json`.",
-              "", "## Use", "", _usage(manifest["name"], depths[-1], comp["ratio"]), ""]
+              "", "## Use", "", _usage(manifest["name"], depths[-1], comp["ratio"],
+                                       variant if variant == "specialist" else None), ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 

@@ -219,7 +219,8 @@ def compare(new: dict, old: dict | None, measures: list[str], gate: GateParams, 
 def _measure_names(configs: dict) -> set[str]:
     return {m for entry in configs.values() for m, v in entry.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and m not in (
-                "exit_layer", "ratio", "latency_ms_per_query", "pairs_per_s", "latency_queries")}
+                "exit_layer", "ratio", "latency_ms_per_query", "pairs_per_s", "latency_queries",
+                "spearman_vs_float")}  # a variant's agreement with its float config: a description, not quality
 
 
 def _paired(new: dict, old: dict, config: str, measure: str, confidence: float, resamples: int, alternative: str):

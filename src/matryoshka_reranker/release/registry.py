@@ -9,7 +9,8 @@ remote named by ``release.remote_name``. ``publish`` refuses unless:
   ``dvc repro`` wrote: ``dvc.lock``, the params files it records, git-tracked (``cache: false``)
   outputs and ``.gitignore`` files, plus the gate report. ``publish`` commits exactly those
   ("Release vX"); any other change (code, dvc.yaml, .dvc/config) must be committed first.
-- ``dvc.yaml``'s ``artifacts:`` match ``export.exit_layers x export.ratios`` (``matryoshka artifacts``).
+- ``dvc.yaml``'s ``artifacts:`` match ``export.exit_layers x export.ratios`` and ``specialist.exits``
+  (``matryoshka artifacts``).
 - every exported folder matches its ``manifest.json`` sha256s, and the gate passes against the last
   release recorded in the release remote (``gate``); ``gate.*`` / ``evaluation.*`` are the committed
   ones (no overrides, no uncommitted edits: the release under test does not set its own policy).
@@ -360,11 +361,13 @@ def verify_exports(root: Path, params: Params) -> dict[str, Path]:
     for name, artifact in expected_artifacts(params).items():
         folder = root / artifact["path"]
         if not folder.is_dir():
-            raise ReleaseError(f"{folder}: exported model folder missing (export.exit_layers x export.ratios)")
+            raise ReleaseError(f"{folder}: exported model folder missing (export.exit_layers x export.ratios, "
+                               "specialist.exits)")
         if folder not in manifests:
             manifests[folder] = verify_manifest(folder)
         if name not in {m.get("name") for m in manifests[folder]["models"]}:
-            raise ReleaseError(f"{folder}: its manifest lists no {name} (export.exit_layers x export.ratios)")
+            raise ReleaseError(f"{folder}: its manifest lists no {name} (export.exit_layers x export.ratios, "
+                               "specialist.exits)")
         folders[name] = folder
     return folders
 
@@ -721,9 +724,10 @@ def release_cache(repo: str | Path) -> Path:
 
 def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: Sequence[int] | None = None,
                   ratios: Sequence[int] | None = None, cache: Path | None = None,
-                  variant: str | None = None) -> tuple[str, list[Path]]:
+                  variant: str | None = None, shared: bool = True) -> tuple[str, list[Path]]:
     """Exit models of a release in the local cache (downloaded and verified once, reused while they verify):
-    the shared-weight ones, and with ``variant="specialist"`` the release's exit specialists too."""
+    the shared-weight ones, and with ``variant="specialist"`` the release's exit specialists too
+    (``shared=False``: those alone, e.g. to open one specialist)."""
     from ..serving.artifacts import parse_config_name
 
     version = resolve_version(version, repo)
@@ -738,7 +742,7 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
     wanted = []
     for name in record.get("files", {}):
         k, r, kind = parse_config_name(name)
-        if kind in (None, variant) and (exit_layers is None or k in exit_layers) and (ratios is None or r in ratios):
+        if kind in ((None, variant) if shared else (variant,)) and (exit_layers is None or k in exit_layers) and (ratios is None or r in ratios):
             wanted.append((k, r, kind, name))
     if not wanted:
         raise ReleaseError(f"release {version} has no exit model for exit_layers={exit_layers}, ratios={ratios}; "

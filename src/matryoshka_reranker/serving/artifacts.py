@@ -13,6 +13,7 @@ An export folder (``paths.onnx``) holds one sub-folder per compression ratio and
         README.md                      model card
         manifest.json                  what the folder is: its models, input format, sha256 of every file
       exit-08-ratio-1-int8/            a quantized copy: model.onnx + model.onnx.data (its own weights)
+      exit-08-ratio-1-specialist/      an exit specialist: a ratio folder of its own (layers 1..8, own weights.bin)
 
 Why one folder per ratio (format 3): the exits of a ratio share their weights, and ONNX's checker
 (onnx >= 1.17) refuses external data that is hard-linked, a symlink, or outside the model's folder.
@@ -102,7 +103,7 @@ class ExportedConfig:
     compress_layers: tuple[int, ...]
     path: Path  # the folder (its ratio's, or a quantized copy's own)
     model_file: str  # the graph inside it
-    variant: str | None = None  # None = the float model; "int8" = a quantized copy
+    variant: str | None = None  # None = the shared-weight float model; "int8" etc. = a quantized copy; "specialist"
 
     @property
     def model_path(self) -> Path:

@@ -163,7 +163,8 @@ class OnnxReranker:
         if variant is not None and exit_layer is None:
             raise ValueError(f"variant {variant!r}: name its exit_layer")
         layers = None if exit_layer is None else [exit_layer]
-        _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio], variant=variant)
+        _, folders = fetch_release(version, repo=repo, exit_layers=layers, ratios=[ratio], variant=variant,
+                                   shared=variant is None)
         if variant is not None:
             wanted = config_name(exit_layer, ratio, variant)
             folders = [f for f in folders if f.name == wanted]

@@ -294,7 +294,8 @@ class TorchPool(Pool):
         return self.configs[key]
 
     def describe(self) -> list[dict]:
-        return [{"name": config_name(k, r), "exit_layer": k, "ratio": r, "loaded": True, "backend": "pytorch",
+        return [{"name": config_name(k, r), "exit_layer": k, "ratio": r, "variant": None, "loaded": True,
+                 "backend": "pytorch",
                  "dtype": str(c.reranker.dtype).removeprefix("torch."), "calibration": c.manifest.get("calibration")}
                 for (k, r), c in sorted(self.configs.items())]
 
@@ -481,7 +482,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
             except ValueError as err:
                 raise ServerInputError("first_stage_scores", str(err), 422) from None
         key = pool.resolve(body.exit_layer, body.ratio)
-        name = config_name(*key)
+        name = getattr(pool.configs.get(key), "name", None) or config_name(*key)  # exit-08-ratio-1-specialist too
         batcher = state["batchers"].get(key)
         if batcher is None:
             batcher = state["batchers"][key] = Batcher(pool, key, state["executor"], options)

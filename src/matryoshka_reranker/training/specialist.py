@@ -2,8 +2,8 @@
 
 Why: the shared-weight model's shallow exits stay under full depth whatever the recipe (on SciFact exit 8
 sat 0.04-0.08 nDCG@10 below exit 30, and an exit-8 adapter on the shared weights bought +0.013), while the
-same weights cut after layer 8 and distilled from exit 30 for 1,600 steps came within 0.01 of full depth in
-two seeds (docs/quality.md, "Exit 8's gap"). Cutting is what makes that affordable: a step runs k layers,
+same weights cut after layer 8 and distilled from exit 30 for 1,600 steps came within 0.05 of full depth at
+95% in two seeds (-0.008 [-0.026, +0.011] and -0.010 [-0.031, +0.011]; docs/quality.md, "Exit 8's gap"). Cutting is what makes that affordable: a step runs k layers,
 and the teacher (the deepest exit) is computed once, not at every step. The price: a specialist has its own
 weights for layers 1..k, so it ships as its own model (``exit-KK-ratio-1-specialist``) beside the shared
 ones, which stay as they are.
@@ -12,7 +12,8 @@ For the exits in ``specialist.exits`` (the stage writes an empty ``specialists.j
 
 1. Teacher: the pipeline's ratio-1 model (``Params.adapter_stack(1)``) scores every training group (the
    positive and the first ``train_group_size - 1`` negatives of each query, the hardest BM25 ones) at its
-   deepest exit, once, in ``model.dtype`` (auto: bf16 on CUDA and AMX CPUs), for every k alike.
+   deepest exit, once, in ``model.dtype`` (auto: bf16 on CUDA and AMX CPUs), for every k alike; under
+   several workers each scores its share of the groups on its own device and all read the merged scores.
 2. Cut: base + that stack merged, cut after layer k (``MatryoshkaModel.truncate``); the exit-k scores of a
    few pairs are checked to be unchanged by the cut.
 3. Train: a fresh LoRA with the ``specialist.*`` training settings (default ``teacher``: listwise CE + soft
@@ -27,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -79,7 +81,8 @@ def specialize(params: Params, callbacks: Sequence[TrainerCallback] = ()) -> dic
         encoder = pair_encoder(params, tokenizer)
         model, drift = cut_stack(merge_adapters(model, stack), k, encoder, examples[:2])
         train = spec.model_copy(update={"layer_weights": {j: float(j == k) for j in model.exit_layers}})
-        fingerprint = {**base_fingerprint(params, path, Path(params.paths.teacher_scored)), "train": train.model_dump(),
+        fingerprint = {**base_fingerprint(params, path, Path(params.paths.teacher_scored)),
+                       "train": train.model_dump(exclude={"exits"}),  # adding an exit keeps the others' checkpoints
                        "exit": k, "stack_sha256": digests, "teacher_scores_sha256": scores_sha256,
                        "deepspeed_sha256": sha256_file(train.deepspeed) if train.deepspeed else None}
         log.info("specialist exit %d: %d layers of %s + %s, %d groups", k, k, params.model.name_or_path,
@@ -117,17 +120,49 @@ def teacher_examples(params: Params, examples: list[TrainingExample]) -> tuple[l
     negatives = params.specialist.train_group_size - 1
     groups = [dataclasses.replace(e, pos=e.pos[:1], neg=e.neg[:negatives], pos_scores=None, neg_scores=None)
               for e in examples]
-    teacher = MatryoshkaReranker.from_pipeline(params, ratio=1)
+    rank, world = rank_and_world()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
+    teacher = MatryoshkaReranker.from_pipeline(params, ratio=1, device=device)
     deepest = teacher.exit_layers[-1]
-    pairs = [(g.query, p) for g in groups for p in g.pos + g.neg]
-    flat = teacher.compute_score(pairs, cutoff_layers=[deepest])
+    too_deep = sorted(k for k in params.specialist.exits if k not in teacher.exit_layers[:-1])
+    if too_deep:  # before the teacher pass, not minutes later at the cut
+        raise ValueError(f"specialist.exits {too_deep}: a specialist needs an exit below the deepest "
+                         f"({deepest}), which teaches it (exits {teacher.exit_layers})")
+    mine = [i for i in range(len(groups)) if i % world == rank]
+    pairs = [(groups[i].query, p) for i in mine for p in groups[i].pos + groups[i].neg]
+    flat = teacher.compute_score(pairs, cutoff_layers=[deepest]) if pairs else []
     del teacher
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if world > 1:
+        flat = _gather_scores(params, groups, mine, flat, rank, world)
     scored, at = [], 0
     for g in groups:
         scored.append(dataclasses.replace(g, pos_scores=flat[at:at + 1], neg_scores=flat[at + 1:at + 1 + len(g.neg)]))
         at += 1 + len(g.neg)
     log.info("specialist teacher: %d pairs scored at exit %d", len(pairs), deepest)
     return scored, deepest
+
+
+def _gather_scores(params: Params, groups: list, mine: list[int], flat: list[float], rank: int, world: int
+                   ) -> list[float]:
+    """Every worker's share (written beside the checkpoints), merged in group order after a barrier."""
+    from ..core.distributed import barrier
+
+    folder = Path(params.paths.checkpoints) / "specialist-teacher"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [1 + len(groups[i].neg) for i in mine]
+    shares, at = {}, 0
+    for i, n in zip(mine, sizes):
+        shares[i] = flat[at:at + n]
+        at += n
+    write_json(folder / f"rank-{rank}.json", {str(i): v for i, v in shares.items()})
+    barrier()
+    merged: dict[int, list[float]] = {}
+    for r in range(world):
+        merged.update({int(i): v for i, v in json.loads((folder / f"rank-{r}.json").read_text()).items()})
+    barrier()  # every worker has read every share before any later run may overwrite them
+    return [s for i in range(len(groups)) for s in merged[i]]
 
 
 def cut_stack(model, k: int, encoder, examples: Sequence[TrainingExample]):
