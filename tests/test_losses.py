@@ -109,6 +109,23 @@ def test_same_layer_teaches_every_exit_its_own_reference_exit():
         matryoshka_loss([torch.tensor([s]) for s in S[:3]], TrainMethod("same_layer"))
 
 
+def test_mse_matches_the_self_targets_scores_not_their_distribution():
+    _, per_layer = run("same_layer_mse")
+    mse = [sum((a - b) ** 2 for a, b in zip(S[i], F[i])) / len(S[i]) for i in range(3)]
+    assert per_layer == pytest.approx([ce(*S[i]) + mse[i] for i in range(3)])
+    # the same ranking shifted by a constant: nothing left for soft cross-entropy's gradient to fix, but mse sees it
+    shifted = [torch.tensor([[s + 1.0 for s in S[i]]], requires_grad=True) for i in range(3)]
+    reference = [torch.tensor([list(S[i])]) for i in range(3)]
+    loss, _ = matryoshka_loss(shifted, TrainMethod("same_layer_mse"), reference)
+    loss.backward()
+    assert all(float(x.grad.sum()) > 0 for x in shifted)
+    for x in shifted:
+        x.grad = None
+    loss, _ = matryoshka_loss(shifted, TrainMethod("same_layer"), reference)
+    loss.backward()
+    assert all(abs(float(x.grad.sum())) < 1e-6 for x in shifted)
+
+
 def test_final_layer_works_with_teacher_unlike_upstream():
     _, per_layer = run("final_layer_teacher")
     assert per_layer[0] == pytest.approx(ce(*S[0]) + soft(S[0], T) + soft(S[0], F[2]))

@@ -93,8 +93,10 @@ def test_shared_prefix_step_equals_two_full_passes(tmp_path, scored, llama_dir, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, llama_dir, tokenizer):
-    """Token compensation's step: compressed scores with the adapter on, targets with it off."""
+@pytest.mark.parametrize("name", ["same_layer", "same_layer_mse"])
+def test_same_layer_step_learns_the_model_without_the_adapter(name, tmp_path, scored, llama_dir, tokenizer):
+    """Token compensation's step: compressed scores with the adapter on, targets with it off (soft
+    cross-entropy or, with ``mse``, squared error of the scores)."""
     from peft import get_peft_model
 
     from matryoshka_reranker.model.adapters import lora_config
@@ -102,7 +104,7 @@ def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, 
     params = tiny_params(tmp_path, llama_dir)
     batch = fixed_batch(params, tokenizer)
     model, _, _ = load_base(params)
-    method = TrainMethod("same_layer")
+    method = TrainMethod(name)
     step = MatryoshkaTrainingModel.from_model(model, method, 3)
     peft = get_peft_model(step, lora_config(params.self_distill.lora, model.exit_layers)).train()
     generator = torch.Generator().manual_seed(0)  # its own seed: the global RNG depends on the tests before
@@ -128,7 +130,7 @@ def test_same_layer_step_learns_the_model_without_the_adapter(tmp_path, scored, 
     torch.testing.assert_close(out["per_layer_loss"], per_layer, atol=1e-5, rtol=1e-5)
     # The targets really are the adapter-free model's: with the adapter on they would differ.
     wrong, _ = matryoshka_loss(grouped(student), method, grouped(adapted))
-    assert wrong.item() != pytest.approx(expected.item(), rel=1e-2)  # 6% apart with this seed
+    assert wrong.item() != pytest.approx(expected.item(), rel=1e-2)  # >= 6% apart with this seed
 
 
 def test_same_layer_is_refused_where_its_reference_is_wrong(tmp_path, llama_dir):
@@ -520,3 +522,16 @@ def test_layer_ranks_give_shallow_layers_a_larger_lora_with_the_same_step_size(t
     merge_adapters(load_base(params)[0], [params.paths.self_distill])
     with pytest.raises(ValueError, match="layer_ranks"):
         self_distill(tiny_params(tmp_path, llama_dir, self_distill__lora={"layer_ranks": {9: 16}}))
+
+
+def test_remove_stale_adapters_keeps_only_the_configured_ones(tmp_path):
+    """A token adapter for a ratio (or a specialist for an exit) no longer configured must go, or
+    inference and export would pick it up; other folders and files stay."""
+    from matryoshka_reranker.training.trainer import remove_stale_adapters
+
+    for name in ("token-ratio-2", "token-ratio-4", "layer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "token-ratio-8.json").write_text("{}")  # a file, not an adapter folder
+    remove_stale_adapters(tmp_path, "token-ratio-*", {"token-ratio-4"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer", "token-ratio-4", "token-ratio-8.json"]

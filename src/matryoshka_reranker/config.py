@@ -168,7 +168,7 @@ class TrainParams(Section):
     @field_validator("train_method")
     @classmethod
     def _method(cls, value: str) -> str:
-        known = ("normal", "distill", "teacher", "same_layer", "final_layer", "last_layer", "fix_layer")
+        known = ("normal", "distill", "teacher", "same_layer", "final_layer", "last_layer", "fix_layer")  # + "mse"
         if not any(flag in value for flag in known):
             raise ValueError(f"train_method {value!r} names none of {known}")
         return value
@@ -197,7 +197,7 @@ class SpecialistParams(TrainParams):
     sets ``layer_weights`` itself (exit k only), and a group is the positive + ``train_group_size - 1``
     of the query's negatives, in file order (the hardest BM25 negatives first)."""
 
-    exits: list[int] = []  # e.g. [8]; empty: the stage writes an empty folder and the export adds nothing
+    exits: list[int] = []  # e.g. [8]; empty: the stage writes only specialists.json ({"exits": []}), the export adds nothing
     train_method: str = "teacher"  # listwise CE + soft CE to the deepest exit's scores
     train_group_size: int = Field(8, ge=2)
     max_steps: int = Field(1600, ge=1)

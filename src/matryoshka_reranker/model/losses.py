@@ -27,6 +27,12 @@ Matryoshka re-ranker (so ``distill_fix_layer_teacher`` means distill + fix_layer
   compensates for, exit by exit (``full`` then holds the reference scores; the training model
   computes them). Meaningless for self-distillation from a raw LM (the reference would be the
   untrained model), so the config refuses it there.
+* ``mse`` (ours): the self-distillation target above is matched by the mean squared error of the
+  raw scores, ``mean_j (s_j - f_j)^2``, instead of soft cross-entropy. Why: on training queries
+  the self-distilled model is near certain (exit 16's listwise loss ~1e-3 on SciFact train), so
+  soft targets are almost one-hot and a token adapter learns next to nothing from them, while the
+  scores a compressed input gets still differ from the uncompressed ones; matching the scores
+  themselves keeps that signal. Meant with ``same_layer`` (the same head, so the same scale).
 
 Every target is detached: teachers are never trained through their targets.
 
@@ -76,6 +82,11 @@ class TrainMethod:
     @property
     def self_target(self) -> str | None:
         return next((flag for flag in SELF_TARGETS if flag in self.name), None)
+
+    @property
+    def score_mse(self) -> bool:
+        """Self targets matched by squared error of the raw scores (not soft cross-entropy)."""
+        return "mse" in self.name
 
     @property
     def needs_full_width(self) -> bool:
@@ -149,7 +160,9 @@ def matryoshka_loss(
         if method.teacher_every_layer or (method.teacher_deepest_only and i == 0):
             loss = loss + soft_ce(scores, teacher_scores, T)
         j = method.self_target_index(i)
-        if j is not None:
+        if j is not None and method.score_mse:
+            loss = loss + F.mse_loss(scores.float(), deepest_first_full[j].detach().float())
+        elif j is not None:
             loss = loss + soft_ce(scores, deepest_first_full[j], T)
         per_layer.append(loss)
     per_layer = torch.stack(per_layer[::-1])  # (L,) deepest last again

@@ -254,7 +254,8 @@ def export_models(
                       "exit_layers": sorted(c.exit_layer for c in configs if c.ratio == r),
                       "compress_layers": list(configs[0].compress_layers) if r > 1 else []} for r in stacks]
         index = write_index(tmp, listed, {"input_format": input_format.to_dict(), "all_exits": all_exits})
-    log.info("exported %d configurations to %s in %.1f s", len(configs), out, time.perf_counter() - started)
+    log.info("exported %d configurations (%d shared-weight, the rest specialists and quantized copies) to %s in %.1f s",
+             len(index["models"]), len(configs), out, time.perf_counter() - started)
     return index
 
 

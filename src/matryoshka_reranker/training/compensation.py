@@ -17,7 +17,6 @@ and the same step as self-distillation (``training.MatryoshkaTrainingModel``): w
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from .trainer import (
     base_fingerprint,
     load_base,
     pair_encoder,
+    remove_stale_adapters,
     sha256_file,
     train_adapter,
 )
@@ -94,14 +94,6 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
             base_name=params.model.name_or_path, callbacks=list(callbacks), trained_on=digests,
         ))
         del model
-    _remove_stale_token_adapters(params)
+    remove_stale_adapters(Path(paths.compensation), "token-ratio-*",
+                          {token_adapter_dir(params, r).name for r in comp.token_ratios})
     return results
-
-
-def _remove_stale_token_adapters(params: Params) -> None:
-    """A token adapter for a ratio no longer configured must not be picked up by inference."""
-    keep = {token_adapter_dir(params, r).name for r in params.compensation.token_ratios}
-    for folder in Path(params.paths.compensation).glob("token-ratio-*"):
-        if folder.name not in keep:
-            log.info("removing stale %s", folder)
-            shutil.rmtree(folder, ignore_errors=True)

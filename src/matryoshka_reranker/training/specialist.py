@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +42,8 @@ from ..core.distributed import rank_and_world
 from ..core.errors import CheckFailed
 from ..model.adapters import adapter_digest, merge_adapters
 from .data import TrainingExample, load_training_file
-from .trainer import AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, sha256_file, train_adapter
+from .trainer import (AdapterRun, CompressionPlan, base_fingerprint, load_base, pair_encoder, remove_stale_adapters,
+                      sha256_file, train_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ def specialize(params: Params, callbacks: Sequence[TrainerCallback] = ()) -> dic
         results[k] = {**summary, "cut_max_abs_diff": drift}
         del model
     if rank == 0:
-        keep = {params.specialist_dir(k).name for k in spec.exits}
-        for stale in out.glob("exit-*"):
-            if stale.name not in keep:
-                log.info("removing stale specialist %s", stale)
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_adapters(out, "exit-*", {params.specialist_dir(k).name for k in spec.exits})
         write_json(out / INDEX, {
             "exits": sorted(set(spec.exits)), "stack": [str(p) for p in stack], "stack_sha256": digests,
             "groups": len(examples), "group_size": spec.train_group_size, "teacher_scores_sha256": scores_sha256,

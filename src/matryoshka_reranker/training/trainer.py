@@ -483,6 +483,15 @@ def _release_trainer_state(trainer: Trainer) -> None:
 
 
 # -------------------------------------------------------------------------- the pipeline stage
+def remove_stale_adapters(folder: Path, pattern: str, keep: set[str]) -> None:
+    """Deletes the adapter folders under ``folder`` matching ``pattern`` whose names are not in ``keep``:
+    an adapter for a ratio or exit no longer configured must not be picked up by inference or export."""
+    for stale in sorted(Path(folder).glob(pattern)):
+        if stale.is_dir() and stale.name not in keep:
+            log.info("removing stale adapter %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def load_base(params: Params, tokenizer=None) -> tuple[MatryoshkaModel, object, Path]:
     """The base Matryoshka model (fp32 on CPU, bf16 on GPU), its tokenizer and folder."""
     from transformers import AutoTokenizer
