@@ -170,7 +170,7 @@ def test_every_path_produces_identical_input_ids(trained, tmp_path):
 
 @pytest.mark.slow
 def test_same_layer_token_adapter_trains_under_deepspeed(trained, tmp_path):
-    """The width objective switches PEFT layers off and on inside the step; under DeepSpeed ZeRO-1
+    """The width objective (the default ``same_layer_mse``) switches PEFT layers off and on inside the step; under DeepSpeed ZeRO-1
     the run completes and the saved adapter changes the compressed scores. (Whether it recovers
     quality is measured on SciFact, README "Quality"; the tiny model here loses almost nothing to
     compression, so there is nothing to recover.)"""
@@ -182,7 +182,7 @@ def test_same_layer_token_adapter_trains_under_deepspeed(trained, tmp_path):
     paths = {k: v.replace(str(Path(params.paths.compensation).parent), str(root))
              for k, v in params.paths.model_dump().items()}
     token = params.compensation.token.model_copy(update={
-        "train_method": "same_layer", "deepspeed": str(Path(__file__).parents[1] / "configs/deepspeed/zero1.json"),
+        "train_method": "same_layer_mse", "deepspeed": str(Path(__file__).parents[1] / "configs/deepspeed/zero1.json"),
         "max_steps": 8, "save_steps": 8, "learning_rate": 0.02})
     ours = params.model_copy(update={
         "compensation": params.compensation.model_copy(update={"token_ratios": [2], "token": token}),
@@ -200,7 +200,7 @@ def test_same_layer_token_adapter_trains_under_deepspeed(trained, tmp_path):
 
     before = distance(False)
     log = compensate(ours, only=["token-ratio-2"])["token-ratio-2"]
-    assert log["steps"] == 8 and log["train_method"] == "same_layer" and log["deepspeed"] == token.deepspeed
+    assert log["steps"] == 8 and log["train_method"] == "same_layer_mse" and log["deepspeed"] == token.deepspeed
     assert distance(True) != pytest.approx(before, abs=1e-4)
 
 

@@ -178,7 +178,7 @@ class CompensationParams(Section):
     """Factorized compensation, trained on the merged self-distilled weights."""
 
     layer: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=4, save_steps=2)
-    token: TrainParams = TrainParams(train_method="distill_last_layer", max_steps=4, save_steps=2)
+    token: TrainParams = TrainParams(train_method="same_layer_mse", max_steps=4, save_steps=2)
     token_ratios: list[int] = [2, 4]  # one horizontal adapter per ratio, at compression.layers
 
     @field_validator("token_ratios")
