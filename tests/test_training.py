@@ -108,8 +108,8 @@ def test_same_layer_step_learns_the_model_without_the_adapter(name, tmp_path, sc
     step = MatryoshkaTrainingModel.from_model(model, method, 3)
     peft = get_peft_model(step, lora_config(params.self_distill.lora, model.exit_layers)).train()
     generator = torch.Generator().manual_seed(0)  # its own seed: the global RNG depends on the tests before
-    for name, p in peft.named_parameters():  # a non-zero adapter (LoRA B starts at 0), heads changed too
-        if "lora_B" in name or "modules_to_save" in name:
+    for param_name, p in peft.named_parameters():  # a non-zero adapter (LoRA B starts at 0), heads changed too
+        if "lora_B" in param_name or "modules_to_save" in param_name:
             p.data.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
     out = peft(**batch, compress_layers=[2], compress_ratio=2)

@@ -168,9 +168,12 @@ class TrainParams(Section):
     @field_validator("train_method")
     @classmethod
     def _method(cls, value: str) -> str:
-        known = ("normal", "distill", "teacher", "same_layer", "final_layer", "last_layer", "fix_layer")  # + "mse"
+        known = ("normal", "distill", "teacher", "same_layer", "final_layer", "last_layer", "fix_layer")
         if not any(flag in value for flag in known):
             raise ValueError(f"train_method {value!r} names none of {known}")
+        if "mse" in value and "same_layer" not in value:  # model/losses.py: mse matches a self target's raw scores
+            raise ValueError(f"train_method {value!r}: mse is for same_layer (the same exit's head, the same scale); "
+                             f"other self targets are other heads' scores, and without one mse does nothing")
         return value
 
 

@@ -32,7 +32,8 @@ Matryoshka re-ranker (so ``distill_fix_layer_teacher`` means distill + fix_layer
   the self-distilled model is near certain (exit 16's listwise loss ~1e-3 on SciFact train), so
   soft targets are almost one-hot and a token adapter learns next to nothing from them, while the
   scores a compressed input gets still differ from the uncompressed ones; matching the scores
-  themselves keeps that signal. Meant with ``same_layer`` (the same head, so the same scale).
+  themselves keeps that signal. Only with ``same_layer`` (the same head, so the same scale; the config
+  refuses it otherwise); ``temperature`` does not apply to it.
 
 Every target is detached: teachers are never trained through their targets.
 
