@@ -26,6 +26,7 @@ from matryoshka_reranker.training.data import (
 )
 from matryoshka_reranker.training.trainer import (
     CompressionPlan,
+    FrozenWeightsInBf16,
     MatryoshkaTrainingModel,
     load_base,
     pair_encoder,
@@ -259,14 +260,16 @@ def test_deepspeed_lora_run_learns_and_adapter_reloads_exactly(tmp_path, scored,
 
 
 class RecordDtypes(TrainerCallback):
-    """At the first step: the dtype of every trainable weight, and of a decoder projection's output."""
+    """At the first step: the dtype of every trainable weight, of the frozen q projections, and of a decoder
+    projection's output."""
 
     def __init__(self):
-        self.weights, self.compute, self.reduce = {}, set(), set()
+        self.weights, self.frozen, self.compute, self.reduce = {}, set(), set(), set()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self.weights = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+            self.frozen = {p.dtype for n, p in model.named_parameters() if n.endswith("q_proj.base_layer.weight")}
             # DeepSpeed reduces a gradient in its parameter's ``comm_dtype`` when torch_autocast set one
             self.reduce = {getattr(p, "comm_dtype", p.dtype) for p in model.parameters() if p.requires_grad}
             proj = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
@@ -296,6 +299,7 @@ def test_bf16_autocast_trains_fp32_weights_with_bf16_compute(tmp_path, scored, l
     assert dtypes.weights and set(dtypes.weights.values()) == {torch.float32} and dtypes.reduce == {torch.float32}
     assert any("score_heads" in n for n in dtypes.weights)
     assert dtypes.compute == {torch.bfloat16}
+    assert dtypes.frozen == {torch.bfloat16}  # stored in bf16 for the run (FrozenWeightsInBf16)
     reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
     # fp32 reaches 0.55-0.97x of the loss in this setup depending on the seed, bf16 autocast 0.58-0.96x
@@ -314,6 +318,44 @@ def test_score_heads_give_fp32_logits_under_bf16_autocast(llama_dir):
     expected = exit_state @ model.score_heads["2"].weight[0]  # fp32 product of the same bf16-made state
     assert autocast_logits.dtype == torch.float32
     torch.testing.assert_close(autocast_logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_weights_in_bf16_give_the_same_autocast_step_and_are_put_back(tmp_path, scored, llama_dir, tokenizer):
+    """Under bf16 autocast the frozen projections are stored in bf16 for the run: the same loss and LoRA /
+    head gradients as autocast casting them at every use (one rounding either way), fp32 afterwards."""
+    from peft import get_peft_model
+
+    from matryoshka_reranker.model.adapters import lora_config
+
+    params = tiny_params(tmp_path, llama_dir)
+    batch = fixed_batch(params, tokenizer)
+    model, _, _ = load_base(params)
+    step = MatryoshkaTrainingModel.from_model(model, TrainMethod("same_layer_mse"), 3)
+    step = get_peft_model(step, lora_config(params.self_distill.lora, model.exit_layers)).train()
+    for p in step.parameters():
+        if p.requires_grad:  # LoRA B starts at zero: give every trainable weight a value
+            torch.nn.init.normal_(p, std=0.02)
+    before = [(p, p.detach().clone()) for p in model.parameters()]
+    frozen = FrozenWeightsInBf16(model.decoder.layers)
+    results = []
+    for cast in (False, True):
+        if cast:
+            frozen.cast()
+            dtypes = {n: p.dtype for n, p in model.named_parameters()}
+            assert {dtypes[n] for n in dtypes if n.endswith(("q_proj.base_layer.weight", "down_proj.weight"))} == {torch.bfloat16}
+            assert {dtypes[n] for n in dtypes if "norm" in n or "embed" in n or "score_heads" in n} == {torch.float32}
+        step.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = step(**batch, compress_layers=[2], compress_ratio=2)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}))
+    frozen.restore()
+    (loss, grads), (loss_cast, grads_cast) = results
+    assert grads and grads.keys() == grads_cast.keys() and any("score_heads" in n for n in grads)
+    torch.testing.assert_close(loss_cast, loss, atol=0, rtol=0)
+    for n in grads:
+        torch.testing.assert_close(grads_cast[n], grads[n], atol=0, rtol=0)
+    assert all(p.dtype == torch.float32 and torch.equal(p, saved) for p, saved in before)
 
 
 @pytest.mark.slow

@@ -183,6 +183,41 @@ class SnapshotCallback(TrainerCallback):
         return sorted(k for k in self.steps if (self.folder / f"step-{k:05d}" / "adapter_config.json").exists())
 
 
+class FrozenWeightsInBf16(TrainerCallback):
+    """Under bf16 autocast, keeps the frozen decoder projections (LoRA's base layers) in bf16 while training.
+
+    Autocast casts a fp32 weight to bf16 at every use and caches the cast only for weights that require
+    grad, so every step re-casts every frozen projection, in the forward, the no-grad reference pass and the
+    backward's recomputation. Casting them once gives the very same bf16 values (round to nearest either
+    way), hence the same steps, without those casts (``benchmarks/bench_train_dtype``). Embeddings, norms
+    and score heads stay fp32 (not autocast's GEMMs; the residual stream stays fp32). The fp32 weights are
+    put back at the end of training, before the other callbacks' ``on_train_end`` and on failure, so the
+    model that is then scored, merged or trained with the next adapter is the one that came in.
+    """
+
+    def __init__(self, layers: torch.nn.Module):
+        self.layers = layers
+        self._fp32: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    def cast(self) -> None:
+        for module in self.layers.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32:
+                self._fp32[weight] = weight.data
+                weight.data = weight.data.to(torch.bfloat16)
+
+    def restore(self) -> None:
+        for weight, data in self._fp32.items():
+            weight.data = data
+        self._fp32.clear()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.cast()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+
 class MatryoshkaTrainer(Trainer):
     """HF Trainer drawing the step's compression and logging the loss of every exit layer."""
 
@@ -412,9 +447,10 @@ def _train_adapter(run: AdapterRun) -> dict:
     set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
     model = get_peft_model(model, lora_config(run.train.lora, run.model.exit_layers))
     snapshots = SnapshotCallback(run.checkpoint_dir / "snapshots", run.train.snapshot_steps, run.encoder.format)
+    frozen_bf16 = [FrozenWeightsInBf16(run.model.decoder.layers)] if bf16_autocast(run.train, dtype) else []
     trainer = MatryoshkaTrainer(
         model=model, args=args, train_dataset=GroupDataset(run.examples, run.train.train_group_size, run.train.seed),
-        data_collator=GroupCollator(run.encoder), callbacks=[*run.callbacks, snapshots],
+        data_collator=GroupCollator(run.encoder), callbacks=[*frozen_bf16, *run.callbacks, snapshots],
         plan=run.plan, exit_layers=run.model.exit_layers,
     )
     snapshots.trainer = trainer
@@ -437,6 +473,8 @@ def _train_adapter(run: AdapterRun) -> dict:
         }
         _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
     finally:
+        for callback in frozen_bf16:
+            callback.restore()  # a failed run skips on_train_end
         _release_trainer_state(trainer)
     return summary
 
