@@ -209,9 +209,10 @@ class CaptureScores(TrainerCallback):
     """Scores of the in-memory trained model at the end of training (before it is saved)."""
 
     def __init__(self, batch):
-        self.batch, self.scores = batch, None
+        self.batch, self.scores, self.dtypes = batch, None, set()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.dtypes = {p.dtype for p in model.parameters()}
         self.scores = exit_scores(model.get_base_model(), self.batch)
 
 
@@ -300,10 +301,31 @@ def test_bf16_autocast_trains_fp32_weights_with_bf16_compute(tmp_path, scored, l
     assert any("score_heads" in n for n in dtypes.weights)
     assert dtypes.compute == {torch.bfloat16}
     assert dtypes.frozen == {torch.bfloat16}  # stored in bf16 for the run (FrozenWeightsInBf16)
+    assert capture.dtypes == {torch.float32}  # and put back before the other callbacks' on_train_end
     reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
     # fp32 reaches 0.55-0.97x of the loss in this setup depending on the seed, bf16 autocast 0.58-0.96x
     assert ranking_loss(reloaded, params, batch) < 0.9 * before
+
+
+class CrashAtStep(TrainerCallback):
+    """Keeps the model it is handed and fails the run at ``step``."""
+
+    def __init__(self, step):
+        self.step, self.model = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+        if state.global_step == self.step:
+            raise RuntimeError(f"simulated failure at step {self.step}")
+
+
+def test_a_failed_bf16_autocast_run_puts_the_fp32_weights_back(tmp_path, scored, llama_dir):
+    params = tiny_params(tmp_path, llama_dir, self_distill__bf16_autocast=True)
+    crash = CrashAtStep(1)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        self_distill(params, callbacks=[crash])
+    assert crash.model is not None and {p.dtype for p in crash.model.parameters()} == {torch.float32}
 
 
 def test_score_heads_give_fp32_logits_under_bf16_autocast(llama_dir):

@@ -184,15 +184,18 @@ class SnapshotCallback(TrainerCallback):
 
 
 class FrozenWeightsInBf16(TrainerCallback):
-    """Under bf16 autocast, keeps the frozen decoder projections (LoRA's base layers) in bf16 while training.
+    """Under bf16 autocast, keeps the frozen ``nn.Linear`` weights of the decoder layers (LoRA's base layers)
+    in bf16 while training.
 
     Autocast casts a fp32 weight to bf16 at every use and caches the cast only for weights that require
-    grad, so every step re-casts every frozen projection, in the forward, the no-grad reference pass and the
-    backward's recomputation. Casting them once gives the very same bf16 values (round to nearest either
-    way), hence the same steps, without those casts (``benchmarks/bench_train_dtype``). Embeddings, norms
-    and score heads stay fp32 (not autocast's GEMMs; the residual stream stays fp32). The fp32 weights are
-    put back at the end of training, before the other callbacks' ``on_train_end`` and on failure, so the
-    model that is then scored, merged or trained with the next adapter is the one that came in.
+    grad, so every step re-casts every frozen projection, in the forward and in the no-grad reference pass
+    (and in the recomputation under gradient checkpointing). Casting them once gives the very same bf16
+    values (round to nearest either way), hence the same steps, without those casts
+    (``benchmarks/bench_train_dtype``). Embeddings, norms, biases and score heads stay fp32 (the residual
+    stream stays fp32). The fp32 weights are put back at the end of training, before the other callbacks'
+    ``on_train_end`` and on failure, so the model that is then scored, merged or trained with the next
+    adapter is the one that came in. In between, a callback that runs the model outside autocast would meet
+    bf16 weights. ZeRO-3 partitioned weights (rebuilt from their fp32 shards at every gather) are left alone.
     """
 
     def __init__(self, layers: torch.nn.Module):
@@ -202,7 +205,8 @@ class FrozenWeightsInBf16(TrainerCallback):
     def cast(self) -> None:
         for module in self.layers.modules():
             weight = getattr(module, "weight", None)
-            if isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32:
+            if (isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32
+                    and not hasattr(weight, "ds_id")):  # ds_id: a ZeRO-3 partition, cast at every gather anyway
                 self._fp32[weight] = weight.data
                 weight.data = weight.data.to(torch.bfloat16)
 
