@@ -16,7 +16,7 @@ so nDCG@10 on these queries is reported beside the agreement, as a secondary che
         # (data.beir_dir and paths.eval_candidates pointed there); then score with scripts/fusion_eval.py
     python pseudo_val.py compare -p P_pseudo.yaml --full R1.json --arm "600 steps" A.json --arm "1,200 steps" B.json
         # per exit: rho of each arm's ratio-r scores vs the ratio-1 scores, the paired difference of the
-        # arms (per-query rho, bootstrap over queries), and nDCG@10 (source abstract = relevant)
+        # last two arms (per-query rho, bootstrap over queries), and nDCG@10 (source abstract = relevant)
 """
 
 from __future__ import annotations
@@ -97,15 +97,15 @@ def compare(args) -> None:
         _, by_exit = load_scores(Path(path), queries, qrels, ["nDCG@10"])
         ndcg[label] = {k: np.array([by_exit[k]["nDCG@10"][q] for q in ids]) for k in by_exit}
     header = " | ".join(f"{label}: rho / nDCG@10" for label, _, _ in arms)
-    print(f"| exit | ratio 1 nDCG@10 | {header} | rho, {arms[-1][0]} - {arms[0][0]} [95% CI] | "
-          f"nDCG@10, {arms[-1][0]} - {arms[0][0]} [95% CI] |")
+    first, last = arms[-2][0] if len(arms) > 1 else arms[0][0], arms[-1][0]  # the last two arms are compared
+    print(f"| exit | ratio 1 nDCG@10 | {header} | rho, {last} - {first} [95% CI] | "
+          f"nDCG@10, {last} - {first} [95% CI] |")
     print("|---|---|" + "---|" * len(arms) + "---|---|")
     mean_rho = {label: [] for label, _, _ in arms}
     for k in exits:
         rhos = {label: per_query_rho(saved, full, k) for label, saved, _ in arms}
         for label in rhos:
             mean_rho[label].append(rhos[label])
-        first, last = arms[0][0], arms[-1][0]
         d_rho = statistics.paired_difference(rhos[last], rhos[first], 0.95, args.resamples)
         d_ndcg = statistics.paired_difference(ndcg[last][k], ndcg[first][k], 0.95, args.resamples)
         cells = " | ".join(f"{rhos[label].mean():.3f} / {ndcg[label][k].mean():.3f}" for label, _, _ in arms)
@@ -114,7 +114,6 @@ def compare(args) -> None:
     if args.compressed_exits:
         sel = [exits.index(str(k)) for k in args.compressed_exits]
         avg = {label: np.mean([mean_rho[label][i] for i in sel], axis=0) for label in mean_rho}
-        first, last = arms[0][0], arms[-1][0]
         d = statistics.paired_difference(avg[last], avg[first], 0.95, args.resamples)
         print(f"\nrho averaged over exits {', '.join(map(str, args.compressed_exits))} (the decision rule): "
               + ", ".join(f"{label} {avg[label].mean():.4f}" for label in avg)
