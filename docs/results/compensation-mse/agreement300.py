@@ -25,13 +25,24 @@ def load(path: str) -> dict:
     return json.load(open(path, encoding="utf-8"))
 
 
-def agreement(compressed: dict, full: dict, exit_layer: str) -> tuple[float, float, float]:
+def _per_query(compressed: dict, full: dict, exit_layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both files' scores at one exit as (queries, candidates) arrays, refused unless over the same queries."""
     if compressed["query_ids"] != full["query_ids"]:
         raise SystemExit("the two score files are not over the same queries in the same order")
     n = len(full["query_ids"])
-    a = np.asarray(compressed["scores"][exit_layer]).reshape(n, -1)
-    b = np.asarray(full["scores"][exit_layer]).reshape(n, -1)
-    rho = float(np.mean([spearmanr(x, y)[0] for x, y in zip(a, b)]))
+    return (np.asarray(compressed["scores"][exit_layer]).reshape(n, -1),
+            np.asarray(full["scores"][exit_layer]).reshape(n, -1))
+
+
+def per_query_rho(compressed: dict, full: dict, exit_layer: str) -> np.ndarray:
+    """Spearman's rho between the two files' scores of each query's candidates, one value per query."""
+    a, b = _per_query(compressed, full, exit_layer)
+    return np.array([spearmanr(x, y)[0] for x, y in zip(a, b)])
+
+
+def agreement(compressed: dict, full: dict, exit_layer: str) -> tuple[float, float, float]:
+    a, b = _per_query(compressed, full, exit_layer)
+    rho = float(per_query_rho(compressed, full, exit_layer).mean())
     centred = (a - a.mean(1, keepdims=True)) - (b - b.mean(1, keepdims=True))
     return rho, float(np.sqrt((centred ** 2).mean())), float(b.std(1).mean())
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -67,15 +66,6 @@ def build(args) -> None:
         print("wrote", target)
 
 
-def per_query_rho(compressed: dict, full: dict, exit_layer: str) -> np.ndarray:
-    if compressed["query_ids"] != full["query_ids"]:
-        raise SystemExit("the score files are not over the same queries in the same order")
-    n = len(full["query_ids"])
-    a = np.asarray(compressed["scores"][exit_layer]).reshape(n, -1)
-    b = np.asarray(full["scores"][exit_layer]).reshape(n, -1)
-    return np.array([spearmanr(x, y)[0] for x, y in zip(a, b)])
-
-
 def compare(args) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "docs" / "results" / "scifact-cpu-rank64-1200"))
@@ -83,6 +73,8 @@ def compare(args) -> None:
     from matryoshka_reranker.pipeline import statistics
     from matryoshka_reranker.pipeline.evaluation import load_eval_set
     from eval300 import load_scores
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from agreement300 import per_query_rho  # the same folder
 
     params = load_params(args.params)
     queries, qrels = load_eval_set(params)
