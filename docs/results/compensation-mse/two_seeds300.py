@@ -1,4 +1,4 @@
-"""Compensation over both bf16 stacks at once: the recovered share of the mean drop of two seeds.
+"""Compensation over several bf16 stacks at once: the recovered share of the mean drop of the seeds.
 
 Each seed's recovered share divides two nDCG@10 drops of 0.02-0.04 measured on 300 queries, so one seed's
 share is wide (docs/quality.md, "1,200 token steps"). Both seeds are scored on the *same* 300 test queries
@@ -63,10 +63,11 @@ def main() -> None:
             for k, measures in by_exit.items():
                 values[(label, role, int(k))] = np.array([measures["nDCG@10"][q] for q in ids])
     labels = [s[0] for s in args.seed]
+    n_seeds = {2: "two", 3: "three"}.get(len(labels), str(len(labels)))
     exits = sorted({k for (_, _, k) in values})
     print(f"{len(ids)} queries, ratio {ratio} against ratio 1, seeds {', '.join(labels)} "
           f"(per-query nDCG@10 averaged over the seeds; queries resampled jointly, {args.resamples} resamples)\n")
-    print("| exit | mean drop before [95% CI] | mean drop after [95% CI] | recovered, two-seed mean [95% CI] | "
+    print(f"| exit | mean drop before [95% CI] | mean drop after [95% CI] | recovered, {n_seeds}-seed mean [95% CI] | "
           + " | ".join(f"seed {s}: drop after" for s in labels) + f" | drop after, seed {labels[0]} - seed {labels[1]} [95% CI] |")
     print("|---|---|---|---|" + "---|" * len(labels) + "---|")
     for k in exits:
@@ -82,6 +83,17 @@ def main() -> None:
               f"{rec['recovered']:.2f} [{rec['recovered_ci'][0]:.2f}, {rec['recovered_ci'][1]:.2f}] | "
               + " | ".join(f"{d:+.3f}" for d in per_seed)
               + f" | {between.mean:+.3f} [{between.low:+.3f}, {between.high:+.3f}] (p {between.p_value:.3f}) |")
+    if len(labels) > 2:  # each seed on its own, with the same interval, beside the pooled share above
+        print("\n| exit | " + " | ".join(f"seed {s}: drop before / after, recovered [95% CI]" for s in labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for k in exits:
+            cells = []
+            for s in labels:
+                v = {role: values[(s, role, k)] for role in ROLES}
+                rec = _bootstrap_recovered(v["before_1"], v["before_r"], v["after_1"], v["after_r"], args.resamples)
+                cells.append(f"{np.mean(v['before_1'] - v['before_r']):+.3f} / {np.mean(v['after_1'] - v['after_r']):+.3f}, "
+                             f"{rec['recovered']:.2f} [{rec['recovered_ci'][0]:.2f}, {rec['recovered_ci'][1]:.2f}]")
+            print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
