@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The pre-registered readings for seed 3 (PREREGISTERED.md), run from seed 3's workspace (chain.sh wrote its
+# The pre-registered readings for seed 3 (PREREGISTERED.md), run from seed 3's workspace (chain_seed3b.sh wrote its
 # scores there; copies sit beside this file). params300_seed3.yaml names the 300-query eval set (derived300).
 set -euo pipefail
 R=/work/main/docs/results; M=$R/compensation-mse; D=$M/seed3
