@@ -32,3 +32,8 @@ py $M/paired300.py -p params300_seed3.yaml --a $D/scores300_seed3_mse1200_r4_bf1
   py $S7/replication300.py -p params300_seed3.yaml --a $S42/scores300_layer400_w8_bf16.json \
     --b $S7/scores300_seed7_layer400_w8_bf16.json --seed c $D3/scores300_seed3_layer400_w8_bf16.json; } \
   > $D/replication300_three_seeds_bf16.txt
+# 5. (PREREGISTERED.md, added (b)) the same in fp32 scoring: seeds 42 / 7 as committed, seed 3 scored by fp32_seed3.sh
+{ echo "a = seed 42, b = seed 7, c = seed 3 (layer-adapter models, ratio 1, fp32 scoring)"
+  py $S7/replication300.py -p params300_seed3.yaml --a $S42/scores300_layer400_w8_fp32.json \
+    --b $S7/scores300_seed7_layer400_w8_fp32.json --seed c $D/scores300_seed3_layer400_w8_fp32.json; } \
+  > $D/replication300_three_seeds_fp32.txt
