@@ -37,3 +37,9 @@ py $M/paired300.py -p params300_seed3.yaml --a $D/scores300_seed3_mse1200_r4_bf1
   py $S7/replication300.py -p params300_seed3.yaml --a $S42/scores300_layer400_w8_fp32.json \
     --b $S7/scores300_seed7_layer400_w8_fp32.json --seed c $D/scores300_seed3_layer400_w8_fp32.json; } \
   > $D/replication300_three_seeds_fp32.txt
+# 6. (described) ratio 4's agreement with ratio 1, per exit: layer adapter only, + 600-step and + 1,200-step token adapter
+py $M/agreement300.py \
+  --pair "layer adapter only" $D3/scores300_seed3_layeronly_r4_bf16.json $D3/scores300_seed3_layer400_w8_bf16.json \
+  --pair "+ token adapter (mse, 600)" $D3/scores300_seed3_mse_r4_bf16.json $D3/scores300_seed3_layer400_w8_bf16.json \
+  --pair "+ token adapter (mse, 1200)" $D/scores300_seed3_mse1200_r4_bf16.json $D3/scores300_seed3_layer400_w8_bf16.json \
+  > $D/agreement300_mse1200.txt
