@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pre-registered readings for seed 3's 1,200-step token adapter (PREREGISTERED.md), run from seed 3's workspace
 # (/work/expseed3: params300_seed3.yaml names the 300-query eval set, derived300); written before the scores.
-# Reading 4 is post hoc (not in PREREGISTERED.md): the three-seed recipe mean - BM25.
+# Reading 4 is post hoc (registered as such in PREREGISTERED.md, addition (a)): the three-seed recipe mean - BM25.
 set -euo pipefail
 R=/work/main/docs/results; M=$R/compensation-mse; D=$M/seed3-1200; D3=$M/seed3
 S42=$R/scifact-cpu-rank64-1200-bf16; S7=$R/scifact-cpu-rank64-1200-bf16-seed7
@@ -43,3 +43,8 @@ py $M/agreement300.py \
   --pair "+ token adapter (mse, 600)" $D3/scores300_seed3_mse_r4_bf16.json $D3/scores300_seed3_layer400_w8_bf16.json \
   --pair "+ token adapter (mse, 1200)" $D/scores300_seed3_mse1200_r4_bf16.json $D3/scores300_seed3_layer400_w8_bf16.json \
   > $D/agreement300_mse1200.txt
+# 7. (described, after the results) seed 3 fp32 against its bf16 scoring, and seed 3 against seed 7 in fp32
+py $M/paired300.py -p params300_seed3.yaml --a $D/scores300_seed3_layer400_w8_fp32.json \
+  --b $D3/scores300_seed3_layer400_w8_bf16.json > $D/seed3_fp32_vs_bf16.txt
+py $M/paired300.py -p params300_seed3.yaml --a $D/scores300_seed3_layer400_w8_fp32.json \
+  --b $S7/scores300_seed7_layer400_w8_fp32.json > $D/seed3_vs_seed7_fp32.txt
