@@ -289,6 +289,9 @@ def test_cli_score_and_rank_take_an_onnx_folder(exported, tmp_path):
     result = CliRunner().invoke(app, ["score", "--model", str(exported / "ratio-2"), "--pairs", str(pairs),
                                       "--compress-ratio", "2"])  # the folder's own ratio: fine
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["score", "--model", str(exported / "ratio-2"), "--pairs", str(pairs),
+                                      "--compress-ratio", "1"])  # ratio 1 asked of a ratio-2 folder: refused too
+    assert result.exit_code == 2 and "exported at compression ratio 2" in result.output, result.output
     bad = tmp_path / "docs.jsonl"
     bad.write_text(json.dumps({"text": TEXTS[0]}) + '\n"a bare string"\n')
     for documents, message in ((bad, "docs.jsonl, document line 2"), (tmp_path, "no such file")):

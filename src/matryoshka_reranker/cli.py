@@ -161,9 +161,10 @@ def _input_format(prompt, query_max_len, passage_max_len):
 
 
 def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, input_format, compress_layers=(),
-                   compress_ratio=1, exit_layer=None, dtype="auto"):
+                   compress_ratio=None, exit_layer=None, dtype="auto"):
     """An exported ONNX folder (has manifest.json) -> OnnxReranker at ``exit_layer`` (None: the folder's
-    deepest); anything else -> MatryoshkaReranker."""
+    deepest); anything else -> MatryoshkaReranker. ``compress_ratio`` None means "not given": the folder's
+    own ratio for ONNX, 1 for PyTorch; any other ratio than an ONNX folder's is refused, 1 included."""
     if (Path(model) / "manifest.json").is_file():
         from .serving.onnx_runtime import OnnxReranker
 
@@ -171,7 +172,7 @@ def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, in
             raise ValueError(f"{model} is an exported ONNX model: adapters, layers, input format and dtype are fixed in it")
         reranker = OnnxReranker(model, exit_layer, batch_size=batch_size)
         layers = tuple(reranker.manifest["compression"]["layers"])
-        if compress_ratio not in (1, reranker.compress_ratio) or (compress_layers and tuple(compress_layers) != layers):
+        if compress_ratio not in (None, reranker.compress_ratio) or (compress_layers and tuple(compress_layers) != layers):
             raise ValueError(f"{model} is exported at compression ratio {reranker.compress_ratio} (layers {list(layers)}): "
                              "width is fixed in an ONNX folder; use the export's ratio-<r> folder for another ratio")
         return reranker
@@ -179,11 +180,13 @@ def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, in
 
     return MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
                               batch_size=batch_size, input_format=input_format, compress_layers=compress_layers or (),
-                              compress_ratio=compress_ratio, dtype=dtype)
+                              compress_ratio=1 if compress_ratio is None else compress_ratio, dtype=dtype)
 
 
 ModelOpt = Annotated[str, typer.Option(help="model folder, embedded:smollm2-135m-instruct, or an exported ONNX folder")]
 PeftOpt = Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order (PyTorch models)")]
+RatioOpt = Annotated[Optional[int], typer.Option(help="compression ratio (PyTorch models; default 1); an ONNX folder "
+                                                  "has its own, and another one is refused")]
 DtypeOpt = Annotated[str, typer.Option(help="PyTorch models: auto (bf16 on a GPU or an AMX-BF16 CPU, else fp32), "
                                             "float32 or bfloat16")]
 
@@ -195,7 +198,7 @@ def score(
     peft_path: PeftOpt = None,
     cutoff_layers: IntList = None,
     compress_layers: IntList = None,
-    compress_ratio: int = 1,
+    compress_ratio: RatioOpt = None,
     start_layer: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 4)")] = None,
     layer_sep: Annotated[Optional[int], typer.Option(help="raw checkpoints only (default 1)")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="input format of a raw checkpoint (adapters carry theirs)")] = None,
@@ -219,7 +222,8 @@ def score(
         else:
             layers = cutoff_layers or [reranker.exit_layers[-1]]
             scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
-                                            compress_ratio=compress_ratio, normalize=normalize)
+                                            compress_ratio=1 if compress_ratio is None else compress_ratio,
+                                            normalize=normalize)
             per_layer = [scores] if len(layers) == 1 else scores
     except (ValueError, TypeError, FileNotFoundError) as err:
         _fail(err, 2)
@@ -236,7 +240,7 @@ def rank(
     peft_path: PeftOpt = None,
     cutoff_layer: Annotated[Optional[int], typer.Option(help="exit layer (default the deepest)")] = None,
     compress_layers: IntList = None,
-    compress_ratio: int = 1,
+    compress_ratio: RatioOpt = None,
     batch_size: int = 32,
     return_documents: Annotated[bool, typer.Option(help="include each document's text")] = False,
     dtype: DtypeOpt = "auto",

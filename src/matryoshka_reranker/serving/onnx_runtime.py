@@ -197,8 +197,9 @@ class OnnxReranker:
     ) -> float | list[float]:
         """Relevance scores, higher = more relevant; a single ``(query, passage)`` tuple gives a float.
 
-        ``normalize=True`` applies a sigmoid. Pairs are batched longest first (less padding) and
-        the scores returned in the order given.
+        ``normalize=True`` gives this exit's calibrated probability (Platt scaling fitted at export
+        on a calibration half of the eval queries; a plain sigmoid for a folder without one). Pairs
+        are batched longest first (less padding) and the scores returned in the order given.
         """
         pairs, single = as_pair_list(pairs)
         scores = self._run(pairs, batch_size)[self.exit_layer]
