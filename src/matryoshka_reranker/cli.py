@@ -222,8 +222,7 @@ def score(
         else:
             layers = cutoff_layers or [reranker.exit_layers[-1]]
             scores = reranker.compute_score(rows, cutoff_layers=layers, compress_layers=compress_layers,
-                                            compress_ratio=1 if compress_ratio is None else compress_ratio,
-                                            normalize=normalize)
+                                            compress_ratio=compress_ratio, normalize=normalize)  # None: the reranker's own
             per_layer = [scores] if len(layers) == 1 else scores
     except (ValueError, TypeError, FileNotFoundError) as err:
         _fail(err, 2)
