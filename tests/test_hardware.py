@@ -81,3 +81,20 @@ def test_cli_takes_a_dtype(llama_dir, tmp_path):
     assert a != b and abs(a - b) < 0.5  # bf16 rounds, by a little
     bad = CliRunner().invoke(app, [*base, "--dtype", "int8"])
     assert bad.exit_code == 2 and "dtype must be one of" in bad.output
+
+
+def test_building_a_model_first_settles_onemkl_kernels(llama_dir, monkeypatch):
+    """oneMKL's first-call race (core/hardware.py, ``warm_cpu_math``): every model is built after a
+    one-element call of each VML-backed op, whose results are the ops' own."""
+    hardware.warm_cpu_math.cache_clear()
+    seen = []
+    for name in hardware._VML_OPS:
+        op = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda x, _op=op, _name=name: seen.append((_name, x.numel(), x.dtype)) or _op(x))
+    MatryoshkaReranker(llama_dir, start_layer=2)
+    monkeypatch.undo()
+    one_element = {(n, d) for n, k, d in seen if k == 1}
+    assert one_element == {(n, d) for n in hardware._VML_OPS for d in (torch.float32, torch.float64)}
+    assert hardware.warm_cpu_math.cache_info().misses == 1
+    MatryoshkaReranker(llama_dir, start_layer=2)
+    assert hardware.warm_cpu_math.cache_info().misses == 1  # once per process

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.atomic import atomic_dir
+from ..core.hardware import warm_cpu_math
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class MatryoshkaModel(nn.Module):
         head_init: torch.Tensor | None = None,
     ):
         super().__init__()
+        warm_cpu_math()  # before any threaded cos/sin (the rotary embedding): see its docstring
         config = decoder.config
         self.num_layers = config.num_hidden_layers
         if not 1 <= start_layer <= self.num_layers:
