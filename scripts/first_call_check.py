@@ -9,12 +9,12 @@ the rotary embedding's ``cos`` of that first call (and of a second, identical ca
 truth. oneMKL picks each vector-math kernel on a function's first call; split over threads, one
 chunk can get a low-accuracy kernel (pytorch/pytorch#188792; ``core/hardware.py``). A process whose
 first ``cos`` is off by more than 1e-6 is counted as hit. The race is rare (about 1 process in 30 on
-the 2-core AMX host, docs/timings.md), so a few dozen processes per arm are needed to see it at all.
+the 2-core AMX host, docs/timings.md), so many dozens of processes per arm are needed to see it at all.
 Prints the per-arm counts and a Fisher exact test. With ``-p`` the model is built as ``export`` builds
 it (``params.yaml``'s model with its ratio-1 adapter stack merged, when the stack is there), without
 it the embedded model alone. Whether the race fires depends on the timing of what runs before the
-first ``cos``: on the 2-core AMX host the trained stack's processes moved about 1 in 30 times, the
-bare embedded model's 0 in 60 (docs/timings.md).
+first ``cos``: on the 2-core AMX host about 1 process in 40 moved with the trained stack (4 of 157),
+0 of 60 with the bare embedded model (docs/timings.md).
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ def child(params_file: str | None, warmed: bool) -> dict:
 
         params = load_params(params_file)
         model, given = params.model.name_or_path, params.model.input_format
-        stack = [p for p in params.adapter_stack(1) if (p / "adapter_config.json").exists()]
+        stack = params.adapter_stack(1)
+        present = [p for p in stack if (p / "adapter_config.json").exists()]
+        if present and len(present) < len(stack):
+            raise SystemExit(f"adapter stack incomplete (train it, or run without -p): {[str(p) for p in stack]}")
+        stack = present  # none trained yet: the params' model alone
         options = ExportOptions(start_layer=params.model.start_layer, layer_sep=params.model.layer_sep)
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -65,7 +69,7 @@ def child(params_file: str | None, warmed: bool) -> dict:
             net.advance(state, 8, {8}, (), 1)
     width = cosines[0].shape[0]
     angles = torch.arange(width, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None]  # fp32, as RoPE
-    truth = torch.cat((angles, angles), -1).double().cos()
+    truth = torch.cat((angles, angles), -1).double().cos() * getattr(rotary, "attention_scaling", 1.0)
     errors = [float((c.double() - truth).abs().max()) for c in cosines]
     return {"warmed": warmed, "first": errors[0], "second": errors[1]}
 
@@ -81,12 +85,16 @@ def main() -> None:
         return
     from scipy.stats import fisher_exact
 
+    print(f"model: {'as export builds it from ' + args.params if args.params else 'the embedded model alone'}; "
+          f"{args.processes} processes per arm", flush=True)
     hits = {"warmed": 0, "unwarmed": 0}
     worst = {"warmed": 0.0, "unwarmed": 0.0}
     for i in range(args.processes):
         for arm in ("unwarmed", "warmed") if i % 2 == 0 else ("warmed", "unwarmed"):
             run = subprocess.run([sys.executable, __file__, "--child", arm] + (["-p", args.params] if args.params else []),
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                raise SystemExit(f"process {i} ({arm}) failed:\n{run.stderr[-3000:]}")
             result = json.loads(run.stdout.strip().splitlines()[-1])
             hit = result["first"] > THRESHOLD
             hits[arm] += hit

@@ -266,3 +266,16 @@ def test_a_missing_adapter_or_exit_fails_before_any_shard_is_written(tmp_path, t
     with pytest.raises(ValueError, match=r"teacher.exit_layer 7: the teacher's exits are \[1, 2, 3, 4\]"):
         score_training_file(params)
     assert not list((tmp_path / "shards").glob("shard-*"))
+
+
+@pytest.mark.parametrize("kind", ["bi_encoder", "cross_encoder"])
+def test_teachers_settle_onemkl_kernels_when_built(tmp_path, tokenizer, llama_dir, kind):
+    """The sentence-transformers teachers warm oneMKL's VML kernels too (core/hardware.py,
+    ``warm_cpu_math``): their processes build no MatryoshkaModel before scoring."""
+    from matryoshka_reranker.core import hardware
+
+    model = bert_dir(tmp_path, tokenizer, kind == "cross_encoder")
+    params = tiny_params(tmp_path, llama_dir, teacher__kind=kind, teacher__name_or_path=str(model))
+    hardware.warm_cpu_math.cache_clear()
+    load_teacher(params)
+    assert hardware.warm_cpu_math.cache_info().misses == 1

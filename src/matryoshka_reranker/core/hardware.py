@@ -22,8 +22,8 @@ CPU_BF16_ENV = "MATRYOSHKA_CPU_BF16"  # "0"/"false"/"off"/"no": score in fp32 on
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The float unary ops ATen hands to oneMKL's vector math library (VML; ``ATen/cpu/vml.h``).
-_VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "sin", "sqrt", "tan",
-            "tanh", "trunc")
+_VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt",
+            "tan", "tanh", "trunc")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -51,7 +51,7 @@ def warm_cpu_math() -> None:
     over intra-op threads (tensors over 2,048 elements), one thread can run a low-accuracy kernel for
     its chunk of that one call, although full accuracy is requested (pytorch/pytorch#188792; oneMKL
     2024.2, as in the torch 2.13 wheels). Seen here: the rotary embedding's ``cos`` over an 85-token
-    batch came out up to 1.5e-4 wrong on positions 1-42 in about 1 process in 25, moving that batch's
+    batch came out up to 1.5e-4 wrong on positions 1-42 in about 1 process in 40, moving that batch's
     scores by up to 0.006 and failing ``export``'s parity check (docs/timings.md). A one-element call
     runs on the calling thread alone, so it settles the choice; it costs microseconds. Called where a
     model is built (``MatryoshkaModel``, the teachers), once per process.
