@@ -8,13 +8,14 @@ pairs and runs the 5-pair padded batch to exit 8, as ``export``'s PyTorch refere
 the rotary embedding's ``cos`` of that first call (and of a second, identical call) with float64
 truth. oneMKL picks each vector-math kernel on a function's first call; split over threads, one
 chunk can get a low-accuracy kernel (pytorch/pytorch#188792; ``core/hardware.py``). A process whose
-first ``cos`` is off by more than 1e-6 is counted as hit. The race is rare (about 1 process in 30 on
-the 2-core AMX host, docs/timings.md), so many dozens of processes per arm are needed to see it at all.
+first ``cos`` is off by more than 1e-6 is counted as hit. The race is rare, so dozens of processes per
+arm are needed to see it at all.
 Prints the per-arm counts and a Fisher exact test. With ``-p`` the model is built as ``export`` builds
 it (``params.yaml``'s model with its ratio-1 adapter stack merged, when the stack is there), without
 it the embedded model alone. Whether the race fires depends on the timing of what runs before the
-first ``cos``: on the 2-core AMX host about 1 process in 40 moved with the trained stack (4 of 157),
-0 of 60 with the bare embedded model (docs/timings.md).
+first ``cos``: on the 2-core AMX host, with the trained stack, 7 of 40 unwarmed processes of this script
+hit (0 of 40 warmed, p = 0.006; 4 of 157 in earlier, heavier scripts), with the bare embedded model 0 of 60
+(docs/timings.md).
 """
 
 from __future__ import annotations
