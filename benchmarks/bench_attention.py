@@ -20,6 +20,11 @@ Every system scores the same real SciFact pairs in one right-padded batch (as th
   "auto" dtype picks bf16), also ``sdpa is_causal, bf16``: the same weights loaded as that default does. Its scores
   are not fp32's to 1e-4, so it reports their Spearman correlation and largest difference instead.
 
+Every system runs in this one process, whose allocator ``MatryoshkaReranker`` set up
+(``core.hardware.keep_freed_memory``, unless ``MATRYOSHKA_CPU_MALLOC=0``): upstream-style eager gets
+that help too here. ``benchmarks.bench_allocator`` times upstream-style eager in a process as glibc
+comes, against our path with the allocator kept, side by side.
+
 It prints pairs/s per system and config, each system's speed relative to upstream-style eager,
 and the effective GFLOP/s at full depth against a same-run fp32 GEMM of the model's MLP shape
 (real tokens x hidden x intermediate), i.e. how close each path runs to this CPU's matmul peak (the
@@ -36,7 +41,7 @@ import torch
 from scipy.stats import spearmanr
 
 from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
-from matryoshka_reranker.core.hardware import cpu_has_amx_bf16
+from matryoshka_reranker.core.hardware import cpu_has_amx_bf16, keep_freed_memory
 from matryoshka_reranker.model import modeling
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
@@ -151,7 +156,8 @@ def main() -> None:
     print(f"# {args.model}: {len(pairs)} SciFact pairs, {real_tokens} real tokens padded to {width}, fp32"
           f"{' (and bf16 where named)' if half is not None else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"# same-run fp32 GEMM {'x'.join(map(str, shape))}: {gemm:.0f} GFLOP/s (best of before/after)")
+    print(f"# same-run fp32 GEMM {'x'.join(map(str, shape))}: {gemm:.0f} GFLOP/s (best of before/after); "
+          f"allocator {'kept (keep_freed_memory)' if keep_freed_memory() else 'as glibc comes'} for every system")
     if gemm_bf16:
         print(f"# same-run bf16 GEMM of that shape: {gemm_bf16:.0f} GFLOP/s ({gemm_bf16 / gemm:.1f}x fp32)")
     header = f"{'config':28s}" + "".join(f"{s:>26s}" for s in systems)

@@ -98,3 +98,60 @@ def test_building_a_model_first_settles_onemkl_kernels(llama_dir, monkeypatch):
     assert hardware.warm_cpu_math.cache_info().misses == 1
     MatryoshkaReranker(llama_dir, start_layer=2)
     assert hardware.warm_cpu_math.cache_info().misses == 1  # once per process
+
+
+_MALLOC_SCRIPT = """
+import ctypes, torch
+from matryoshka_reranker.core import hardware
+
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+kept = hardware.keep_freed_memory()
+for _ in range(2):  # an activation-sized tensor, written, freed (over glibc's largest dynamic threshold, 32 MiB)
+    held = torch.ones(12 << 20)  # 48 MiB
+    mapped, heap = mallinfo2().hblkhd, mallinfo2().arena
+    del held
+print(kept, mapped >> 20, heap >> 20, mallinfo2().arena >> 20)
+"""
+
+
+def _malloc_state(env: dict) -> list[int | bool]:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT], env={**os.environ, **env}, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return [out[0] == "True", *map(int, out[1:])]
+
+
+def _glibc_233() -> bool:
+    import os
+
+    try:
+        major, minor = os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]
+        return (int(major), int(minor)) >= (2, 33)
+    except (AttributeError, ValueError, OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc_233(), reason="glibc's malloc (mallinfo2: glibc >= 2.33)")
+def test_kept_freed_memory_serves_activations_from_the_heap_and_keeps_them():
+    """``keep_freed_memory``: a 48 MiB activation comes from the heap and stays there when freed, for the
+    next op to reuse (as glibc comes it is mmapped, and unmapped on free: every use faults its 12,288 pages
+    in again; ``benchmarks/bench_allocator.py`` counts the faults of whole passes); ``MATRYOSHKA_CPU_MALLOC=0``
+    leaves glibc as it is."""
+    kept, mapped, heap_held, heap_after = _malloc_state({hardware.CPU_MALLOC_ENV: "1"})
+    assert kept is True and mapped < 48  # not mmapped: from the heap
+    assert heap_held >= 48 and heap_after == heap_held  # and the heap does not shrink when it is freed
+    off, mapped, _, _ = _malloc_state({hardware.CPU_MALLOC_ENV: "0"})
+    assert off is False and mapped >= 48  # glibc as it comes: mmapped
+
+
+def test_building_a_model_keeps_freed_memory(llama_dir):
+    hardware.keep_freed_memory.cache_clear()
+    MatryoshkaReranker(llama_dir, start_layer=2)
+    assert hardware.keep_freed_memory.cache_info().misses == 1

@@ -270,12 +270,15 @@ def test_a_missing_adapter_or_exit_fails_before_any_shard_is_written(tmp_path, t
 
 @pytest.mark.parametrize("kind", ["bi_encoder", "cross_encoder"])
 def test_teachers_settle_onemkl_kernels_when_built(tmp_path, tokenizer, llama_dir, kind):
-    """The sentence-transformers teachers warm oneMKL's VML kernels too (core/hardware.py,
-    ``warm_cpu_math``): their processes build no MatryoshkaModel before scoring."""
+    """The sentence-transformers teachers warm oneMKL's VML kernels and keep freed memory too
+    (core/hardware.py, ``warm_cpu_math``, ``keep_freed_memory``): their processes build no MatryoshkaModel
+    before scoring."""
     from matryoshka_reranker.core import hardware
 
     model = bert_dir(tmp_path, tokenizer, kind == "cross_encoder")
     params = tiny_params(tmp_path, llama_dir, teacher__kind=kind, teacher__name_or_path=str(model))
     hardware.warm_cpu_math.cache_clear()
+    hardware.keep_freed_memory.cache_clear()
     load_teacher(params)
     assert hardware.warm_cpu_math.cache_info().misses == 1
+    assert hardware.keep_freed_memory.cache_info().misses == 1

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.atomic import atomic_dir
-from ..core.hardware import warm_cpu_math
+from ..core.hardware import keep_freed_memory, warm_cpu_math
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class MatryoshkaModel(nn.Module):
     ):
         super().__init__()
         warm_cpu_math()  # before any threaded cos/sin (the rotary embedding): see its docstring
+        keep_freed_memory()  # no page faults for every activation (core/hardware.py)
         config = decoder.config
         self.num_layers = config.num_hidden_layers
         if not 1 <= start_layer <= self.num_layers:

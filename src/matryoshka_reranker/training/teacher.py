@@ -50,7 +50,7 @@ from ..core.assets import resolve_model_path
 from ..core.atomic import atomic_file, sha256_file, write_json
 from ..core.distributed import barrier, rank_and_world
 from ..core.errors import CheckFailed
-from ..core.hardware import pick_device, pick_dtype, warm_cpu_math
+from ..core.hardware import keep_freed_memory, pick_device, pick_dtype, warm_cpu_math
 from ..core.jsonl import read_jsonl
 from .data import parse_example
 
@@ -120,6 +120,7 @@ class BiEncoderTeacher:
 
         path = resolve_model_path(params.name_or_path)
         warm_cpu_math()  # core/hardware.py: oneMKL's first-call race
+        keep_freed_memory()  # and no page faults for every activation
         self.model = SentenceTransformer(str(path), device=str(pick_device()), local_files_only=True)
         self.model.max_seq_length = params.max_length
         self.batch_size = params.batch_size
@@ -156,6 +157,7 @@ class CrossEncoderTeacher:
 
         path = resolve_model_path(params.name_or_path)
         warm_cpu_math()  # core/hardware.py: oneMKL's first-call race
+        keep_freed_memory()  # and no page faults for every activation
         self.model = CrossEncoder(str(path), max_length=params.max_length, device=str(pick_device()),
                                   local_files_only=True)
         self.batch_size = params.batch_size

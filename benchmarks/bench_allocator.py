@@ -1,0 +1,199 @@
+"""glibc's allocator as it comes vs ``keep_freed_memory`` (``core/hardware.py``), side by side in one run.
+
+    python -m benchmarks.bench_allocator [--pairs 16] [--rounds 5] [--threads 2] [--compile] [--train]
+
+The allocator setting is per process, so two worker processes score the same batch as bench_attention
+(``--pairs`` SciFact pairs right-padded to the longest, exits 30 / 16 / 8 and ratio 4 at layer 8):
+
+* ``as it comes``: ``MATRYOSHKA_CPU_MALLOC=0``, i.e. what a PyTorch process gets without help. It runs
+  upstream-style eager attention (the (B, 1, T, T) mask FlagEmbedding's CostWiseMistral builds, as upstream
+  runs: its process is as glibc comes) and our default path (SDPA is_causal) on that batch, and
+  ``compute_score`` over ``--score-pairs`` other pairs (sorted batches of 16) in fp32 and, on AMX CPUs, bf16
+  (the scoring default there);
+* ``kept``: the library's default since this change: the same, less upstream-style eager, plus with
+  ``--compile`` our path under ``torch.compile``.
+
+The parent sends one call at a time, round-robin over every (process, system, config) with the order
+rotating each round, so both processes see the same machine load; only one runs at any moment (2 threads
+each). It prints pairs/s (forward rows against upstream-style eager, ``compute_score`` rows against the same
+call as glibc comes), the page faults per call, and the effective
+GFLOP/s at full depth against the same-run fp32 GEMM peak (the best of both processes, before and after:
+the kept allocator's GEMM skips the output's page faults, so its peak is the higher one). ``--train``
+also times one self-distillation step (``bench_train_step``'s, ratio 1 and 4) in each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+
+CONFIGS = {"exit 30, ratio 1": (30, 1), "exit 16, ratio 1": (16, 1), "exit 8, ratio 1": (8, 1),
+           "exit 30, ratio 4 at layer 8": (30, 4)}
+
+
+def worker(keep: bool, args: argparse.Namespace, conn) -> None:
+    """One process: builds the model under its allocator setting, then answers the parent's calls."""
+    os.environ["MATRYOSHKA_CPU_MALLOC"] = "1" if keep else "0"
+    import torch
+
+    from benchmarks.bench_attention import gemm_gflops, padded_mask_bias
+    from benchmarks.common import scifact_pairs
+    from matryoshka_reranker.core.hardware import cpu_has_amx_bf16, keep_freed_memory
+    from matryoshka_reranker.model import modeling
+    from matryoshka_reranker.model.inputs import InputFormat
+    from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+
+    torch.set_num_threads(args.threads)
+    input_format = InputFormat(query_max_len=64, passage_max_len=160)
+    reranker = MatryoshkaReranker(args.model, input_format=input_format, dtype="float32", batch_size=16)
+    model, encoder = reranker.model, reranker.encoder
+    assert keep_freed_memory() is keep, "the allocator setting did not take"
+    batch = encoder.collate([encoder.encode(q, p) for q, p in scifact_pairs(args.pairs)])
+    shape = (int(batch["attention_mask"].sum()), model.config.hidden_size, model.config.intermediate_size)
+    score_pairs = scifact_pairs(args.score_pairs, seed=1)
+    models = {"forward, sdpa is_causal": model}
+    biases = {"forward, sdpa is_causal": modeling.attention_bias}
+    implementations = {"forward, sdpa is_causal": "sdpa"}
+    rerankers = {"compute_score, fp32": reranker}
+    if not keep:
+        models["forward, upstream-style eager"] = model
+        biases["forward, upstream-style eager"] = padded_mask_bias
+        implementations["forward, upstream-style eager"] = "eager"
+    elif args.compile:
+        models["forward, sdpa + compile"] = torch.compile(model)
+    if cpu_has_amx_bf16():  # the scoring default on AMX CPUs
+        rerankers["compute_score, bf16"] = MatryoshkaReranker(args.model, input_format=input_format,
+                                                             dtype="bfloat16", batch_size=16)
+    real_bias = modeling.attention_bias
+    train = None
+    if args.train:
+        from benchmarks.bench_train_step import build, ours
+
+        train = build(argparse.Namespace(model=args.model, start_layer=4, compress_layer=8, group_size=4, batch=1,
+                                         train_method="distill_fix_layer_teacher"))
+
+    def call(system: str, config: str) -> float:
+        start = time.perf_counter()
+        if system.startswith("train step"):
+            peft_model, train_batch, _, layer = train
+            ratio = int(system.split("ratio ")[1])
+            peft_model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            ours(peft_model, train_batch, [layer] if ratio > 1 else [], ratio)
+            return time.perf_counter() - start
+        exit_layer, ratio = CONFIGS[config]
+        compress = [8] if ratio > 1 else []
+        if system in rerankers:
+            rerankers[system].compute_score(score_pairs, cutoff_layers=[exit_layer], compress_layers=compress,
+                                            compress_ratio=ratio)
+            return time.perf_counter() - start
+        forward = models[system]
+        forward.config._attn_implementation = implementations[system]
+        modeling.attention_bias = biases[system]
+        try:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                forward(**batch, cutoff_layers=[exit_layer], compress_layers=compress, compress_ratio=ratio)
+                return time.perf_counter() - start
+        finally:
+            modeling.attention_bias = real_bias
+
+    systems = list(models) + list(rerankers) + (["train step, ratio 1", "train step, ratio 4"] if train else [])
+    conn.send({"systems": systems, "shape": shape})
+    while (message := conn.recv()) is not None:
+        kind, *rest = message
+        if kind == "gemm":
+            conn.send(gemm_gflops(*shape))
+        else:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            seconds = call(*rest)
+            conn.send((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--score-pairs", type=int, default=64, help="pairs per compute_score call")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the kept process's model under torch.compile")
+    parser.add_argument("--train", action="store_true", help="also time a self-distillation step in each process")
+    args = parser.parse_args()
+    from benchmarks.common import machine_line
+
+    print(machine_line(), flush=True)
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for keep, label in ((False, "as it comes"), (True, "kept")):
+        parent, child = context.Pipe()
+        process = context.Process(target=worker, args=(keep, args, child), daemon=True)
+        process.start()
+        workers[label] = (process, parent, parent.recv())
+    calls = [(label, system, config) for label, (_, _, info) in workers.items() for system in info["systems"]
+             for config in (["-"] if system.startswith("train") else CONFIGS)]
+    for label, system, config in calls:  # warm-up (and compile) before any timing
+        workers[label][1].send(("call", system, config))
+        workers[label][1].recv()
+
+    def peak() -> float:
+        rates = []
+        for _, conn, _ in workers.values():
+            conn.send(("gemm",))
+            rates.append(conn.recv())
+        return max(rates)
+
+    gemm = peak()
+    times, faults = {c: [] for c in calls}, {c: [] for c in calls}
+    for round_ in range(args.rounds):
+        shift = round_ % len(calls)
+        for key in calls[shift:] + calls[:shift]:
+            workers[key[0]][1].send(("call", key[1], key[2]))
+            seconds, count = workers[key[0]][1].recv()
+            times[key].append(seconds)
+            faults[key].append(count)
+    gemm = max(gemm, peak())
+    for _, conn, _ in workers.values():
+        conn.send(None)
+    shape = next(iter(workers.values()))[2]["shape"]
+    median = {key: statistics.median(values) for key, values in times.items()}
+
+    print(f"# {args.pairs} SciFact pairs ({shape[0]} real tokens), {args.threads} threads per process, "
+          f"{args.rounds} rounds; same-run fp32 GEMM {'x'.join(map(str, shape))}: {gemm:.0f} GFLOP/s")
+    print(f"{'allocator':12s} {'system':30s} {'config':28s} {'pairs/s':>8s} {'vs as it comes':>15s} "
+          f"{'faults/call':>12s}   (forward: vs upstream-style eager)")
+    for label, system, config in calls:
+        if system.startswith("train"):
+            continue
+        seconds, count = median[(label, system, config)], args.score_pairs if "compute_score" in system else args.pairs
+        base = median[("as it comes", "forward, upstream-style eager" if "forward" in system else system, config)]
+        print(f"{label:12s} {system:30s} {config:28s} {count / seconds:8.2f} {base / seconds:14.2f}x "
+              f"{statistics.median(faults[(label, system, config)]):12.0f}")
+    from transformers import AutoConfig
+
+    from matryoshka_reranker.core.assets import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    hidden, inter, heads, kv = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                                config.num_key_value_heads)
+    per_layer = hidden * hidden * 2 + 2 * hidden * (hidden // heads) * kv + 3 * hidden * inter
+    flops = 2 * per_layer * config.num_hidden_layers * shape[0]  # linear layers on real tokens, as bench_attention
+    print("effective GFLOP/s at full depth (linear layers, real tokens), share of the same-run fp32 GEMM peak:")
+    for label, system, config_name in calls:
+        if config_name == "exit 30, ratio 1" and system.startswith("forward"):
+            rate = flops / median[(label, system, config_name)] / 1e9
+            print(f"  {label:12s} {system:30s} {rate:7.1f} GFLOP/s  {100 * rate / gemm:5.1f}%")
+    for system in ("train step, ratio 1", "train step, ratio 4"):
+        keys = [("as it comes", system, "-"), ("kept", system, "-")]
+        if keys[0] in median:
+            print(f"{system}: as it comes {median[keys[0]]:.3f} s, kept {median[keys[1]]:.3f} s "
+                  f"({median[keys[0]] / median[keys[1]]:.2f}x), faults {statistics.median(faults[keys[0]]):.0f} vs "
+                  f"{statistics.median(faults[keys[1]]):.0f} per step")
+
+
+if __name__ == "__main__":
+    main()
