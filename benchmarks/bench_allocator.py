@@ -92,8 +92,8 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
                                             compress_ratio=ratio)
             return time.perf_counter() - start
         forward = models[system]
-        forward.config._attn_implementation = implementations[system]
-        modeling.attention_bias = biases[system]
+        forward.config._attn_implementation = implementations.get(system, "sdpa")
+        modeling.attention_bias = biases.get(system, real_bias)
         try:
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -133,6 +133,7 @@ def main() -> None:
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(keep, args, child), daemon=True)
         process.start()
+        child.close()  # so that a worker's death ends the parent's recv with EOFError instead of a hang
         workers[label] = (process, parent, parent.recv())
     calls = [(label, system, config) for label, (_, _, info) in workers.items() for system in info["systems"]
              for config in (["-"] if system.startswith("train") else CONFIGS)]

@@ -26,6 +26,7 @@ from transformers import AutoModel
 
 from benchmarks.common import interleaved_timing, machine_line
 from matryoshka_reranker.core.assets import resolve_model_path
+from matryoshka_reranker.core.hardware import keep_freed_memory
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as the library's models run (MATRYOSHKA_CPU_MALLOC=0: glibc as it comes)
     print(machine_line())
 
     model = AutoModel.from_pretrained(resolve_model_path(args.model), dtype=torch.float32,
@@ -81,7 +83,8 @@ def main() -> None:
                 layer(x, attention_mask=None, position_embeddings=cos_sin, position_ids=positions)
 
     print(f"# layer {args.layer}, {args.batch} x {args.length} rows ({args.real_tokens} real tokens), fp32, "
-          f"{args.threads} threads; same-run GEMM {args.real_tokens}x{hidden}x{inter}: {peak / 1e9:.0f} GFLOP/s")
+          f"{args.threads} threads; same-run GEMM {args.real_tokens}x{hidden}x{inter}: {peak / 1e9:.0f} GFLOP/s; "
+          f"allocator {'kept' if kept else 'as glibc comes'}")
     print(f"{'part':<22} {'ms':>8} {'GFLOP/s':>9} {'of peak':>8}")
     for name, (_, flops) in gemms.items():
         rate = flops / gemm_times[name]

@@ -1,4 +1,4 @@
-"""Device and dtype choice.
+"""Device and dtype choice, and the CPU process settings every model is built under.
 
 Training: bf16 on a GPU, fp32 on CPU. Scoring (``pick_inference_dtype``): bf16 on a GPU and on CPUs
 with AMX-BF16 tiles (Intel Sapphire Rapids and later), fp32 on other CPUs. Measured on a 2-core
@@ -8,6 +8,10 @@ the earlier AVX2 machine (no AMX) bf16 was ~3x *slower* than fp32. A training st
 1.4-1.5x on AMX (``benchmarks/bench_train_dtype.py``: its non-GEMM work and the casts dominate), so
 training stays fp32 on every CPU by default, machine-independent; ``bf16_autocast: true`` in a
 training section opts in (fp32 weights, bf16 GEMMs; ``training/trainer.py``).
+
+Process settings, made once where a model or teacher is built: ``warm_cpu_math`` (oneMKL's first-call
+race) and ``keep_freed_memory`` (glibc's malloc reuses freed activations instead of page-faulting them
+in again).
 """
 
 from __future__ import annotations
