@@ -1,6 +1,6 @@
 """glibc's allocator as it comes vs ``keep_freed_memory`` (``core/hardware.py``), side by side in one run.
 
-    python -m benchmarks.bench_allocator [--pairs 16] [--rounds 5] [--threads 2] [--compile] [--train]
+    python -m benchmarks.bench_allocator [--pairs 16] [--rounds 5] [--threads 2] [--compile] [--train | --train-only]
 
 The allocator setting is per process, so two worker processes score the same batch as bench_attention
 (``--pairs`` SciFact pairs right-padded to the longest, exits 30 / 16 / 8 and ratio 4 at layer 8):
@@ -13,10 +13,12 @@ The allocator setting is per process, so two worker processes score the same bat
 * ``kept``: the library's default since this change: the same, less upstream-style eager, plus with
   ``--compile`` our path under ``torch.compile``.
 
-The parent sends one call at a time, round-robin over every (process, system, config) with the order
-rotating each round, so both processes see the same machine load; only one runs at any moment (2 threads
-each). It prints pairs/s (forward rows against upstream-style eager, ``compute_score`` rows against the same
-call as glibc comes), the page faults per call, and the effective
+The parent sends one call at a time: every (system, config) in a new seeded order each round, the two
+processes' calls of it back to back (which goes first alternates), so both see the same machine load and
+neither always runs after the same call; only one runs at any moment (2 threads each). How many pages a
+call faults as glibc comes depends on what ran before it in that process (glibc raises its mmap
+threshold after frees, and trims the heap top), hence the shuffled order. It prints pairs/s (forward rows against upstream-style eager, ``compute_score`` rows against the same
+call as glibc comes; both where the kept process runs the same call), the page faults per call, and the effective
 GFLOP/s at full depth against the same-run fp32 GEMM peak (the best of both processes, before and after:
 the kept allocator's GEMM skips the output's page faults, so its peak is the higher one). ``--train``
 also times one self-distillation step (``bench_train_step``'s, ratio 1 and 4) in each process.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
 import resource
 import statistics
 import time
@@ -51,7 +54,9 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
     input_format = InputFormat(query_max_len=64, passage_max_len=160)
     reranker = MatryoshkaReranker(args.model, input_format=input_format, dtype="float32", batch_size=16)
     model, encoder = reranker.model, reranker.encoder
-    assert keep_freed_memory() is keep, "the allocator setting did not take"
+    if keep_freed_memory() is not keep:  # off glibc there is nothing to compare
+        conn.send({"error": "keep_freed_memory() cannot be set in this process (glibc's malloc only)"})
+        return
     batch = encoder.collate([encoder.encode(q, p) for q, p in scifact_pairs(args.pairs)])
     shape = (int(batch["attention_mask"].sum()), model.config.hidden_size, model.config.intermediate_size)
     score_pairs = scifact_pairs(args.score_pairs, seed=1)
@@ -69,8 +74,10 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
         rerankers["compute_score, bf16"] = MatryoshkaReranker(args.model, input_format=input_format,
                                                              dtype="bfloat16", batch_size=16)
     real_bias = modeling.attention_bias
+    if args.train_only:
+        models, rerankers = {}, {}
     train = None
-    if args.train:
+    if args.train or args.train_only:
         from benchmarks.bench_train_step import build, ours
 
         train = build(argparse.Namespace(model=args.model, start_layer=4, compress_layer=8, group_size=4, batch=1,
@@ -123,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the kept process's model under torch.compile")
     parser.add_argument("--train", action="store_true", help="also time a self-distillation step in each process")
+    parser.add_argument("--train-only", action="store_true", help="time the self-distillation step only")
     args = parser.parse_args()
     from benchmarks.common import machine_line
 
@@ -135,6 +143,8 @@ def main() -> None:
         process.start()
         child.close()  # so that a worker's death ends the parent's recv with EOFError instead of a hang
         workers[label] = (process, parent, parent.recv())
+        if "error" in workers[label][2]:
+            raise SystemExit(workers[label][2]["error"])
     calls = [(label, system, config) for label, (_, _, info) in workers.items() for system in info["systems"]
              for config in (["-"] if system.startswith("train") else CONFIGS)]
     for label, system, config in calls:  # warm-up (and compile) before any timing
@@ -150,13 +160,19 @@ def main() -> None:
 
     gemm = peak()
     times, faults = {c: [] for c in calls}, {c: [] for c in calls}
+    groups: dict[tuple, list] = {}  # (system, config) -> its calls in both processes, run back to back
+    for key in calls:
+        groups.setdefault(key[1:], []).append(key)
+    order, rng = list(groups), random.Random(0)
     for round_ in range(args.rounds):
-        shift = round_ % len(calls)
-        for key in calls[shift:] + calls[:shift]:
-            workers[key[0]][1].send(("call", key[1], key[2]))
-            seconds, count = workers[key[0]][1].recv()
-            times[key].append(seconds)
-            faults[key].append(count)
+        rng.shuffle(order)  # a new order every round: no call always follows the same one
+        for index, task in enumerate(order):
+            pair = groups[task] if (round_ + index) % 2 else groups[task][::-1]  # which process goes first alternates
+            for key in pair:
+                workers[key[0]][1].send(("call", key[1], key[2]))
+                seconds, count = workers[key[0]][1].recv()
+                times[key].append(seconds)
+                faults[key].append(count)
     gemm = max(gemm, peak())
     for _, conn, _ in workers.values():
         conn.send(None)
@@ -165,14 +181,17 @@ def main() -> None:
 
     print(f"# {args.pairs} SciFact pairs ({shape[0]} real tokens), {args.threads} threads per process, "
           f"{args.rounds} rounds; same-run fp32 GEMM {'x'.join(map(str, shape))}: {gemm:.0f} GFLOP/s")
-    print(f"{'allocator':12s} {'system':30s} {'config':28s} {'pairs/s':>8s} {'vs as it comes':>15s} "
-          f"{'faults/call':>12s}   (forward: vs upstream-style eager)")
+    print(f"{'allocator':12s} {'system':30s} {'config':28s} {'pairs/s':>8s} {'vs upstream':>12s} "
+          f"{'kept / as it comes':>19s} {'faults/call':>12s}")
     for label, system, config in calls:
         if system.startswith("train"):
             continue
         seconds, count = median[(label, system, config)], args.score_pairs if "compute_score" in system else args.pairs
-        base = median[("as it comes", "forward, upstream-style eager" if "forward" in system else system, config)]
-        print(f"{label:12s} {system:30s} {config:28s} {count / seconds:8.2f} {base / seconds:14.2f}x "
+        upstream = (f"{median[('as it comes', 'forward, upstream-style eager', config)] / seconds:11.2f}x"
+                    if system.startswith("forward") else f"{'':12s}")
+        other = ("as it comes", system, config)
+        allocator = (f"{median[other] / seconds:18.2f}x" if label == "kept" and other in median else f"{'':19s}")
+        print(f"{label:12s} {system:30s} {config:28s} {count / seconds:8.2f} {upstream} {allocator} "
               f"{statistics.median(faults[(label, system, config)]):12.0f}")
     from transformers import AutoConfig
 
@@ -181,7 +200,8 @@ def main() -> None:
     config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     hidden, inter, heads, kv = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
                                 config.num_key_value_heads)
-    per_layer = hidden * hidden * 2 + 2 * hidden * (hidden // heads) * kv + 3 * hidden * inter
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * head_dim * kv + 3 * hidden * inter  # q, o; k, v; MLP
     flops = 2 * per_layer * config.num_hidden_layers * shape[0]  # linear layers on real tokens, as bench_attention
     print("effective GFLOP/s at full depth (linear layers, real tokens), share of the same-run fp32 GEMM peak:")
     for label, system, config_name in calls:
@@ -191,7 +211,7 @@ def main() -> None:
     for system in ("train step, ratio 1", "train step, ratio 4"):
         keys = [("as it comes", system, "-"), ("kept", system, "-")]
         if keys[0] in median:
-            print(f"{system}: as it comes {median[keys[0]]:.3f} s, kept {median[keys[1]]:.3f} s "
+            print(f"{system} (forward + backward, no optimizer step): as it comes {median[keys[0]]:.3f} s, kept {median[keys[1]]:.3f} s "
                   f"({median[keys[0]] / median[keys[1]]:.2f}x), faults {statistics.median(faults[keys[0]]):.0f} vs "
                   f"{statistics.median(faults[keys[1]]):.0f} per step")
 

@@ -128,17 +128,17 @@ def _malloc_state(env: dict) -> list[int | bool]:
     return [out[0] == "True", *map(int, out[1:])]
 
 
-def _glibc_233() -> bool:
+def _glibc_235() -> bool:
     import os
 
     try:
         major, minor = os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]
-        return (int(major), int(minor)) >= (2, 33)
+        return (int(major), int(minor)) >= (2, 35)
     except (AttributeError, ValueError, OSError, IndexError):
         return False
 
 
-@pytest.mark.skipif(not _glibc_233(), reason="glibc's malloc (mallinfo2: glibc >= 2.33)")
+@pytest.mark.skipif(not _glibc_235(), reason="glibc >= 2.35: mallinfo2, and mmap thresholds over 32 MiB")
 def test_kept_freed_memory_serves_activations_from_the_heap_and_keeps_them():
     """``keep_freed_memory``: a 48 MiB activation comes from the heap and stays there when freed, for the
     next op to reuse (as glibc comes it is mmapped, and unmapped on free: every use faults its 12,288 pages
@@ -151,7 +151,10 @@ def test_kept_freed_memory_serves_activations_from_the_heap_and_keeps_them():
     assert off is False and mapped >= 48  # glibc as it comes: mmapped
 
 
-def test_building_a_model_keeps_freed_memory(llama_dir):
+def test_building_a_model_keeps_freed_memory(llama_dir, monkeypatch):
+    monkeypatch.delenv(hardware.CPU_MALLOC_ENV, raising=False)
     hardware.keep_freed_memory.cache_clear()
     MatryoshkaReranker(llama_dir, start_layer=2)
     assert hardware.keep_freed_memory.cache_info().misses == 1
+    if _glibc_235():
+        assert hardware.keep_freed_memory() is True  # and it took

@@ -78,17 +78,22 @@ _KEEP_BYTES = (1 << 30, 32 << 20)  # tried in turn: glibc before 2.35 refuses th
 def keep_freed_memory() -> bool:
     """Lets glibc's malloc reuse freed tensor memory instead of handing it back to the kernel; True when set.
 
-    A forward pass allocates and frees activations of megabytes per op (16 pairs x 214 tokens: a
-    (3424, 1536) fp32 MLP activation is 21 MB). glibc serves blocks that large with ``mmap`` and unmaps them
-    on ``free`` (or trims the heap top), so every op's output is fresh memory, page-faulted in 4 KiB at a
-    time and zeroed by the kernel: 29,000 page faults per decoder layer, 1.1 million per 64 scored pairs,
-    measured here. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps freed blocks in the
-    process for the next op, which is what jemalloc / tcmalloc (Intel's advice for PyTorch on CPU) give
-    through ``LD_PRELOAD``, done here from inside the process. Measured on the 2-core AMX Xeon
-    (``benchmarks/bench_allocator.py``; README "Speed"): one fp32 decoder layer 129 -> 101 ms, scoring
-    faster at every exit in fp32 and bf16, peak RSS unchanged. The cost: memory freed after a peak stays
-    with the process (it is reused, not returned). Off with ``MATRYOSHKA_CPU_MALLOC=0``; a no-op off glibc
-    (musl, macOS, Windows). Called where a model is built (``MatryoshkaModel``), once per process.
+    A forward pass allocates and frees activations of megabytes per op (16 pairs x 214 tokens: a (3424, 1536)
+    fp32 MLP activation is 21 MB). glibc serves blocks that large with ``mmap`` and unmaps them on ``free`` (or
+    trims the heap top), so every op's output is fresh memory, page-faulted in 4 KiB at a time and zeroed by the
+    kernel. Measured here: 17,000-20,000 page faults per fp32 decoder layer call, and 0 to 1.26 million per 64
+    pairs scored, depending on what the process ran before. Raising ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` keeps freed blocks in the process for the next op, which is what jemalloc / tcmalloc
+    (Intel's advice for PyTorch on CPU) give through ``LD_PRELOAD``, done here from inside the process. Measured
+    on the 2-core AMX Xeon (``benchmarks/bench_allocator.py``, ``docs/results/allocator/``; README "Speed",
+    "Memory"): one fp32 decoder layer 143 -> 115-121 ms; side by side, fp32 ``compute_score`` 1.02-1.25x and
+    bf16 0.98-1.07x depending on the process's history, a training step 1.02-1.04x; resident memory of a scoring
+    loop up to 10% higher. The cost: memory freed after a peak stays with the process (reused, not returned),
+    per malloc arena (threads other than the main one get their own, whose blocks over 64 MiB are still
+    mmapped). Glibc before 2.35 refuses thresholds over 32 MiB (64-bit builds), so there the 32 MiB fallback
+    applies. Off with ``MATRYOSHKA_CPU_MALLOC=0`` (read on the first call); a no-op off glibc (musl, macOS,
+    Windows), and without effect under an ``LD_PRELOAD``-ed jemalloc / tcmalloc (which need no help). Called
+    where a model or teacher is built (``MatryoshkaModel``, ``training/teacher.py``), once per process.
     """
     if os.environ.get(CPU_MALLOC_ENV, "1").strip().lower() in _OFF or not sys.platform.startswith("linux"):
         return False
@@ -123,7 +128,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 def pick_inference_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The scoring dtype. ``None``/"auto": as ``pick_dtype``, and bfloat16 on a CPU with AMX-BF16
     unless ``MATRYOSHKA_CPU_BF16=0``."""
-    if (dtype in (None, "auto") and device.type == "cpu" and os.environ.get(CPU_BF16_ENV, "1").strip().lower() not in _OFF
-            and cpu_has_amx_bf16()):
+    if (dtype in (None, "auto") and device.type == "cpu"
+            and os.environ.get(CPU_BF16_ENV, "1").strip().lower() not in _OFF and cpu_has_amx_bf16()):
         return torch.bfloat16
     return pick_dtype(dtype, device)
