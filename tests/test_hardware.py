@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -119,18 +123,12 @@ print(kept, mapped >> 20, heap >> 20, mallinfo2().arena >> 20)
 
 
 def _malloc_state(env: dict) -> list[int | bool]:
-    import os
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT], env={**os.environ, **env}, check=True,
                          capture_output=True, text=True).stdout.split()
     return [out[0] == "True", *map(int, out[1:])]
 
 
 def _glibc_235() -> bool:
-    import os
-
     try:
         major, minor = os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]
         return (int(major), int(minor)) >= (2, 35)
