@@ -110,7 +110,8 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
             modeling.attention_bias = real_bias
 
     systems = list(models) + list(rerankers) + (["train step, ratio 1", "train step, ratio 4"] if train else [])
-    conn.send({"systems": systems, "shape": shape})
+    linear = sum(p.numel() for p in model.decoder.layers.parameters() if p.dim() == 2)  # as bench_attention counts
+    conn.send({"systems": systems, "shape": shape, "flops": 2 * linear * shape[0]})
     while (message := conn.recv()) is not None:
         kind, *rest = message
         if kind == "gemm":
@@ -193,16 +194,7 @@ def main() -> None:
         allocator = (f"{median[other] / seconds:18.2f}x" if label == "kept" and other in median else f"{'':19s}")
         print(f"{label:12s} {system:30s} {config:28s} {count / seconds:8.2f} {upstream} {allocator} "
               f"{statistics.median(faults[(label, system, config)]):12.0f}")
-    from transformers import AutoConfig
-
-    from matryoshka_reranker.core.assets import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    hidden, inter, heads, kv = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                                config.num_key_value_heads)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * head_dim * kv + 3 * hidden * inter  # q, o; k, v; MLP
-    flops = 2 * per_layer * config.num_hidden_layers * shape[0]  # linear layers on real tokens, as bench_attention
+    flops = next(iter(workers.values()))[2]["flops"]  # linear layers of all layers on real tokens
     print("effective GFLOP/s at full depth (linear layers, real tokens), share of the same-run fp32 GEMM peak:")
     for label, system, config_name in calls:
         if config_name == "exit 30, ratio 1" and system.startswith("forward"):
