@@ -16,8 +16,8 @@ layer by its GEMMs alone; this script bounds the whole model, in one run, round-
   RMSNorm, RoPE, SiLU and residual add free;
 * ``default``: ``MatryoshkaModel`` as it scores (transformers' layers, SDPA ``is_causal``);
 * ``hand-fused, packed``: the best eager path written here for the measurement, not shipped: real tokens
-  only (packed rows, attention padded per layer and unpacked again), RMSNorm as one norm + one scale,
-  RoPE as one flip + one fused multiply-add, q|k|v and gate|up as one GEMM each, SiLU x up in place, the
+  only (packed rows, attention padded per layer and unpacked again), RMSNorm in three passes, RoPE in three
+  elementwise ops, q|k|v and gate|up as one GEMM each, SiLU x up in place, the
   residual adds inside ``addmm``. Its scores match the default's to 1e-4;
 * with ``--compile``: the default model and the hand-fused layer under ``torch.compile`` (Inductor fuses
   the elementwise work into C++ loops).
@@ -56,13 +56,14 @@ class FusedLayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """(N, D): one norm reduction, one scale pass, one weight pass (transformers' RMSNorm takes five)."""
+    """(N, D): three passes over x (norm, scale, weight) where transformers' RMSNorm makes four (pow, mean, two muls)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
     return torch.mul(x, norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()).mul_(weight)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """(N, heads, hd): x * cos + rotate_half(x) * sin as one flip and one fused multiply-add."""
+    """(N, heads, hd): x * cos + rotate_half(x) * sin as a flip, a multiply and a fused multiply-add (transformers:
+    neg, cat, two multiplies and an add)."""
     half = x.shape[-1] // 2
     flipped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1]; sin_signed = [-sin, sin]
     return torch.addcmul(x * cos, flipped, sin_signed)
