@@ -7,13 +7,16 @@ layer by its GEMMs alone; this script bounds the whole model, in one run, round-
 (``benchmarks.common.interleaved_timing``), on bench_attention's batch (16 SciFact pairs, right padded):
 
 * ``GEMMs only``: the 30 layers' seven projections (q, k, v, o, gate, up, down) with the model's own
-  weights, on the batch's real tokens only (a packed batch: no padding row at all), nothing else. No
-  path that runs these GEMMs with PyTorch's kernels can beat it;
+  weights, on the batch's real tokens only (a packed batch: no padding row at all), nothing else: the
+  bound of any path that runs these seven GEMMs per layer as separate ATen calls (stacking q|k|v and
+  gate|up, or Inductor's own GEMM templates, are other calls: ``bench_layer_ops``, ``bench_attention
+  --autotune``). The inputs are the same two tensors every call, a little kinder to the caches than a
+  real chain of ops;
 * ``GEMMs + SDPA``: the same, plus each layer's attention as PyTorch's fused CPU kernel runs it
   (``scaled_dot_product_attention``, ``is_causal``, GQA) on the padded (B, H, T, hd) batch; ``GEMMs +
   SDPA per row`` runs it one sequence at a time on its real length instead (no padding in attention
-  either). The faster of the two is the ceiling of any path using PyTorch's attention kernel, with every
-  RMSNorm, RoPE, SiLU and residual add free;
+  either: less work than the padded call). The faster of the two bounds such a path once it also runs
+  PyTorch's attention kernel, with every RMSNorm, RoPE, SiLU and residual add free;
 * ``default``: ``MatryoshkaModel`` as it scores (transformers' layers, SDPA ``is_causal``);
 * ``hand-fused, packed``: the best eager path written here for the measurement, not shipped: real tokens
   only (packed rows, attention padded per layer and unpacked again), RMSNorm in three passes, RoPE in three
@@ -69,11 +72,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     return torch.addcmul(x * cos, flipped, sin_signed)
 
 
-def fused_layer(x, cos, sin_signed, rows, qkv, o, gate_up, down, norm1, norm2, eps1, eps2, scaling,
-                shape):
+def fused_layer(x, cos, sin_signed, rows, qkv, o, gate_up, down, norm1, norm2, eps1, eps2, scaling, dims):
     """x (N, D) packed real tokens -> (N, D); ``rows`` (N,) their flat index in the padded (B*T) grid.
     Weights come as arguments, so that one compiled graph serves every layer."""
-    batch, width, heads, kv, hd = shape
+    batch, width, heads, kv, hd = dims  # right padded: row b's real tokens are its first lengths[b]
     q, k, v = (rms_norm(x, norm1, eps1) @ qkv.T).split([heads * hd, kv * hd, kv * hd], -1)
     q = rope(q.view(-1, heads, hd), cos, sin_signed)
     k = rope(k.view(-1, kv, hd), cos, sin_signed)
@@ -109,7 +111,7 @@ def main() -> None:
     size, width = mask.shape
     lengths = mask.sum(1)
     rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) real tokens in the flat padded grid
-    real = rows.numel()
+    real_tokens = rows.numel()
     config, depth = model.config, model.num_layers
     hidden, inter = config.hidden_size, config.intermediate_size
     weights = [FusedLayerWeights(layer) for layer in model.decoder.layers]
@@ -118,18 +120,18 @@ def main() -> None:
                    + [getattr(layer.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")]
                    for layer in model.decoder.layers]
 
-    x_in, wide_in = torch.randn(real, hidden), torch.randn(real, inter)
+    x_in, wide_in = torch.randn(real_tokens, hidden), torch.randn(real_tokens, inter)
     q_in, kv_in = torch.randn(size, heads, width, hd), torch.randn(size, kv, width, hd)
     per_row = [(torch.randn(1, heads, n, hd), torch.randn(1, kv, n, hd)) for n in lengths.tolist()]
 
-    def gemms_and(attention=None):
+    def gemms_and(attention_call=None):
         def call():
             with torch.inference_mode():
                 for layer in projections:
                     for w in layer:
-                        (wide_in if w.shape[1] == inter else x_in) @ w.T
-                    if attention is not None:
-                        attention()
+                        (wide_in if w.shape[1] == inter else x_in) @ w.T  # result dropped: time only
+                    if attention_call is not None:
+                        attention_call()
         return call
 
     def sdpa_padded():
@@ -154,10 +156,10 @@ def main() -> None:
                 cos_rows = cos[0].repeat(size, 1)[rows][:, None]  # (N, 1, hd)
                 sin_rows = sin_signed.repeat(size, 1)[rows][:, None]
                 x = x.reshape(-1, hidden)[rows]  # (N, D)
-                shape = (size, width, heads, kv, hd)
+                dims = (size, width, heads, kv, hd)
                 for w in weights:
                     x = layer_fn(x, cos_rows, sin_rows, rows, w.qkv, w.o, w.gate_up, w.down, w.norm1, w.norm2,
-                                 w.eps1, w.eps2, w.scaling, shape)
+                                 w.eps1, w.eps2, w.scaling, dims)
                 last = x[lengths.cumsum(0) - 1]  # (B, D) each row's last real token
                 head = model.score_heads[str(depth)]
                 return head(model.decoder.norm(last)).squeeze(-1)
@@ -168,20 +170,22 @@ def main() -> None:
     reference = calls["default"]()
     torch.testing.assert_close(calls["hand-fused, packed"](), reference, atol=1e-4, rtol=1e-4)
     if args.compile:
-        torch._dynamo.config.fail_on_recompile_limit_hit = True  # no silent fall back to eager
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # no silent fall back to eager after recompiles
         for name, call in (("default + compile", default(torch.compile(model))),
-                           ("hand-fused, packed + compile", hand_fused(torch.compile(fused_layer, dynamic=False)))):
+                           ("hand-fused, packed + compile",
+                            hand_fused(torch.compile(fused_layer, dynamic=False, fullgraph=True)))):
             started = time.perf_counter()
             torch.testing.assert_close(call(), reference, atol=1e-4, rtol=1e-4)
             print(f"# {name}: {time.perf_counter() - started:.0f} s to compile")
             calls[name] = call
 
-    shape = (real, hidden, inter)
+    shape = (real_tokens, hidden, inter)
     gemm_before = gemm_gflops(*shape)
     seconds = interleaved_timing(calls, args.rounds)
     peak = max(gemm_before, gemm_gflops(*shape))
-    flops = 2 * sum(w.numel() for layer in projections for w in layer) * real
-    print(f"# {args.model}: {size} SciFact pairs, {real} real tokens padded to {width} ({size * width} rows), fp32, "
+    flops = 2 * sum(w.numel() for layer in projections for w in layer) * real_tokens
+    attention_flops = 2 * 2 * heads * hd * sum(n * (n + 1) // 2 for n in lengths.tolist()) * depth  # causal QK^T, PV
+    print(f"# {args.model}: {size} SciFact pairs, {real_tokens} real tokens padded to {width} ({size * width} rows), fp32, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds; same-run fp32 GEMM {'x'.join(map(str, shape))}: "
           f"{peak:.0f} GFLOP/s (best of before/after)")
     print(f"{'system':30s} {'s/call':>8s} {'pairs/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs default':>10s}")
@@ -189,6 +193,7 @@ def main() -> None:
         rate = flops / value / 1e9
         print(f"{name:30s} {value:8.3f} {size / value:8.2f} {rate:8.1f} {100 * rate / peak:7.1f}% "
               f"{seconds['default'] / value:9.2f}x")
+    print(f"# linear layers {flops / 1e9:.1f} GFLOP per call, causal attention {attention_flops / 1e9:.1f} GFLOP")
     gemm = seconds["GEMMs only"]
     attention = min(seconds["GEMMs + SDPA"], seconds["GEMMs + SDPA per row"]) - gemm
     budget = flops / (0.8 * peak * 1e9)  # seconds a full-depth call may take at 80% of the peak
