@@ -28,6 +28,7 @@ from matryoshka_reranker.training.trainer import (
     CompressionPlan,
     FrozenWeightsInBf16,
     MatryoshkaTrainingModel,
+    find_resume_checkpoint,
     load_base,
     pair_encoder,
     self_distill,
@@ -400,6 +401,20 @@ def test_interrupted_deepspeed_training_resumes_to_the_same_result(tmp_path, lla
     assert results["interrupted"].keys() == results["straight"].keys()
     for key in results["straight"]:
         torch.testing.assert_close(results["interrupted"][key], results["straight"][key], atol=1e-6, rtol=1e-5)
+
+
+def test_a_checkpoint_is_found_again_when_its_fingerprint_has_per_layer_settings(tmp_path):
+    """JSON turns {8: 64} into {"8": 64} and tuples into lists; the run that wrote it must still match."""
+    fingerprint = {"train": {"lora": {"layer_ranks": {8: 64}}, "layer_weights": {8: 8.0}}, "layers": (8,)}
+    checkpoint = tmp_path / "checkpoint-50"
+    checkpoint.mkdir()
+    assert find_resume_checkpoint(tmp_path, fingerprint) is None  # no state yet: incomplete, removed
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert find_resume_checkpoint(tmp_path, fingerprint) == checkpoint
+    assert find_resume_checkpoint(tmp_path, fingerprint) == checkpoint  # again, from the recorded file
+    other = {**fingerprint, "train": {"lora": {"layer_ranks": {8: 32}}, "layer_weights": {8: 8.0}}}
+    assert find_resume_checkpoint(tmp_path, other) is None and not checkpoint.exists()
 
 
 def test_changed_config_never_resumes_a_stale_checkpoint(tmp_path, scored, llama_dir):

@@ -312,8 +312,11 @@ def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | No
     """The last complete checkpoint of this exact run, or None.
 
     Called by the main process first (``main_process_first``): it removes checkpoints of a run
-    with another fingerprint and incomplete ones (no ``trainer_state.json``, written last).
+    with another fingerprint and incomplete ones (no ``trainer_state.json``, written last). The
+    fingerprint is compared as JSON records it: per-layer settings (``lora.layer_ranks: {8: 64}``)
+    come back from the file with string keys, tuples as lists, and a run must still find its own.
     """
+    fingerprint = json.loads(json.dumps(fingerprint))
     marker = checkpoint_dir / FINGERPRINT_FILE
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=_step_of)
     recorded = json.loads(marker.read_text()) if marker.exists() else None
