@@ -102,10 +102,14 @@ def test_experiment_args_are_valid_dvc_set_params(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     args = result.output.split()
     overrides = args[1::2]
-    assert args[::2] == ["-S"] * 3
-    assert overrides == ['teacher.kind="hybrid"', "compression.ratios=[1,2]", "++self_distill.layer_weights={8:8.0}"]
+    assert args[::2] == ["-S"] * 4
+    checkpoints = tmp_path.resolve() / "checkpoints" / "experiments" / "x"  # outside `dvc exp run --temp`'s copy
+    assert overrides == ['teacher.kind="hybrid"', "compression.ratios=[1,2]", "++self_distill.layer_weights={8:8.0}",
+                         f'paths.checkpoints="{checkpoints}"']
     parsed = OverridesParser.create().parse_overrides(overrides)
-    assert parsed[2].value() == {8: 8.0} and parsed[1].value() == [1, 2]
+    assert parsed[2].value() == {8: 8.0} and parsed[1].value() == [1, 2] and parsed[3].value() == str(checkpoints)
+    (tmp_path / "configs" / "experiments" / "y.yaml").write_text("paths.checkpoints: elsewhere\n")
+    assert CliRunner().invoke(app, ["experiment-args", "y"]).output.split() == ["-S", 'paths.checkpoints="elsewhere"']
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiments")

@@ -447,7 +447,14 @@ def effects(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
 @app.command("experiment-args")
 def experiment_args(name: Annotated[str, typer.Argument(help="a params set in configs/experiments/<name>.yaml")],
                     folder: Path = Path("configs/experiments")) -> None:
-    """Print a named params set as `-S key=value` arguments for `dvc exp run` (values as compact JSON/YAML)."""
+    """Print a named params set as `-S key=value` arguments for `dvc exp run` (values as compact JSON/YAML).
+
+    Unless the set names its own, it also points ``paths.checkpoints`` at
+    ``checkpoints/experiments/<name>`` in this workspace, as an absolute path: ``dvc exp run --temp``
+    (``make experiment``) trains in a temporary copy of the repository, and checkpoints written there are
+    gone when the run is interrupted, so a rerun of an hours-long set would start over instead of resuming.
+    No stage depends on ``paths.checkpoints``, so the run-cache is not affected by where they go.
+    """
     import yaml
 
     path = folder / f"{name}.yaml"
@@ -455,6 +462,7 @@ def experiment_args(name: Annotated[str, typer.Argument(help="a params set in co
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"no params set {path}; known: {', '.join(known) or 'none'}")
     sets = yaml.safe_load(path.read_text()) or {}
+    sets.setdefault("paths.checkpoints", str(Path("checkpoints", "experiments", name).resolve()))
     from .config import load_params
 
     load_params(Path("params.yaml"), [f"{k}={json.dumps(v)}" for k, v in sets.items()])  # fail early on a bad key
