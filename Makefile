@@ -40,4 +40,4 @@ bench: setup
 EXP ?= scifact-cpu
 TARGET ?=
 experiment: setup
-	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/dvc exp run --temp --name $(EXP) $$($(BIN)/matryoshka experiment-args $(EXP)) $(TARGET)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/dvc exp run --temp $(DVC_FLAGS) --name $(EXP) $$($(BIN)/matryoshka experiment-args $(EXP)) $(TARGET)
