@@ -112,6 +112,31 @@ def test_experiment_args_are_valid_dvc_set_params(tmp_path, monkeypatch):
     assert CliRunner().invoke(app, ["experiment-args", "y"]).output.split() == ["-S", 'paths.checkpoints="elsewhere"']
 
 
+@pytest.mark.parametrize("folder", ["josé", "with space"])
+def test_experiment_args_keep_the_checkout_path_as_it_is_or_refuse_it(tmp_path, monkeypatch, folder):
+    """A non-ASCII checkout path reaches DVC unescaped; one that the Makefile's word splitting would break
+    is refused with a message instead of a Hydra lexer error."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / folder
+    (checkout / "configs" / "experiments").mkdir(parents=True)
+    (checkout / "params.yaml").write_text((root / "params.yaml").read_text())
+    (checkout / "configs" / "experiments" / "x.yaml").write_text("teacher.kind: hybrid\n")
+    monkeypatch.chdir(checkout)
+    result = CliRunner().invoke(app, ["experiment-args", "x"])
+    if " " in folder:
+        assert result.exit_code == 2 and "paths.checkpoints" in result.output, result.output
+        return
+    assert result.exit_code == 0, result.output
+    override = result.output.split()[-1]
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    assert parsed.value() == str(checkout.resolve() / "checkpoints" / "experiments" / "x")
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiments")
                                         .glob("*.yaml")))
 def test_every_shipped_params_set_is_valid_over_params_yaml(name, monkeypatch):

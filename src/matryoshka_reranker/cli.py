@@ -462,7 +462,12 @@ def experiment_args(name: Annotated[str, typer.Argument(help="a params set in co
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"no params set {path}; known: {', '.join(known) or 'none'}")
     sets = yaml.safe_load(path.read_text()) or {}
-    sets.setdefault("paths.checkpoints", str(Path("checkpoints", "experiments", name).resolve()))
+    if "paths.checkpoints" not in sets:
+        checkpoints = str(Path("checkpoints", "experiments", name).resolve())
+        if any(c.isspace() or c in "*?[" for c in checkpoints):  # `make experiment` word-splits and globs our output
+            raise ValueError(f"this checkout's path {checkpoints!r} has a space or a glob character; set "
+                             f"paths.checkpoints in {path} to a path without them")
+        sets["paths.checkpoints"] = checkpoints
     from .config import load_params
 
     load_params(Path("params.yaml"), [f"{k}={json.dumps(v)}" for k, v in sets.items()])  # fail early on a bad key
@@ -477,7 +482,7 @@ def _override_value(value) -> str:
         return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ",".join(_override_value(v) for v in value) + "]"
-    return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False)  # Hydra keeps a "\u00e9" escape as those six characters
 
 
 @app.command("compare-runs", cls=_ListOptionsCommand)
