@@ -44,20 +44,17 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
     import torch
 
     from benchmarks.bench_attention import gemm_gflops, padded_mask_bias
-    from benchmarks.common import scifact_pairs
+    from benchmarks.common import padded_batch, scifact_pairs
     from matryoshka_reranker.core.hardware import cpu_has_amx_bf16, keep_freed_memory
     from matryoshka_reranker.model import modeling
-    from matryoshka_reranker.model.inputs import InputFormat
     from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 
     torch.set_num_threads(args.threads)
-    input_format = InputFormat(query_max_len=64, passage_max_len=160)
-    reranker = MatryoshkaReranker(args.model, input_format=input_format, dtype="float32", batch_size=16)
-    model, encoder = reranker.model, reranker.encoder
+    reranker, batch = padded_batch(args.model, args.pairs, batch_size=16)
+    model, input_format = reranker.model, reranker.input_format
     if keep_freed_memory() is not keep:  # off glibc there is nothing to compare
         conn.send({"error": "keep_freed_memory() cannot be set in this process (glibc's malloc only)"})
         return
-    batch = encoder.collate([encoder.encode(q, p) for q, p in scifact_pairs(args.pairs)])
     shape = (int(batch["attention_mask"].sum()), model.config.hidden_size, model.config.intermediate_size)
     score_pairs = scifact_pairs(args.score_pairs, seed=1)
     models = {"forward, sdpa is_causal": model}

@@ -40,10 +40,9 @@ import time
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
+from benchmarks.common import interleaved_timing, machine_line, padded_batch
 from matryoshka_reranker.core.hardware import cpu_has_amx_bf16, keep_freed_memory
 from matryoshka_reranker.model import modeling
-from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 
 
@@ -82,11 +81,8 @@ def main() -> None:
     print(machine_line(), flush=True)
     torch.set_num_threads(args.threads)
 
-    reranker = MatryoshkaReranker(args.model, input_format=InputFormat(query_max_len=64, passage_max_len=160),
-                                  batch_size=args.pairs, dtype="float32")
-    model, encoder = reranker.model, reranker.encoder
-    pairs = scifact_pairs(args.pairs)
-    batch = encoder.collate([encoder.encode(q, p) for q, p in pairs])
+    reranker, batch = padded_batch(args.model, args.pairs)
+    model, size = reranker.model, batch["input_ids"].shape[0]
     real_tokens = int(batch["attention_mask"].sum())
     depth = model.num_layers
     configs = {"exit 30, ratio 1": (depth, 1), "exit 16, ratio 1": (16, 1), "exit 8, ratio 1": (8, 1),
@@ -153,7 +149,7 @@ def main() -> None:
     linear = sum(p.numel() for n, p in model.decoder.layers.named_parameters() if p.dim() == 2)
     flops_full = 2 * linear * real_tokens  # matmuls of the 30 layers on real tokens (attention scores excluded)
     width = batch["input_ids"].shape[1]
-    print(f"# {args.model}: {len(pairs)} SciFact pairs, {real_tokens} real tokens padded to {width}, fp32"
+    print(f"# {args.model}: {size} SciFact pairs, {real_tokens} real tokens padded to {width}, fp32"
           f"{' (and bf16 where named)' if half is not None else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(f"# same-run fp32 GEMM {'x'.join(map(str, shape))}: {gemm:.0f} GFLOP/s (best of before/after); "
@@ -164,7 +160,7 @@ def main() -> None:
     print(header + "   (pairs/s; x = vs upstream-style eager)")
     for cfg in configs:
         base = seconds[("upstream-style eager", cfg)]
-        cells = [f"{len(pairs) / seconds[(s, cfg)]:8.2f} ({base / seconds[(s, cfg)]:.2f}x)" for s in systems]
+        cells = [f"{size / seconds[(s, cfg)]:8.2f} ({base / seconds[(s, cfg)]:.2f}x)" for s in systems]
         print(f"{cfg:28s}" + "".join(f"{c:>26s}" for c in cells))
     full = "exit 30, ratio 1"
     print("effective GFLOP/s at full depth (linear layers, real tokens) and share of the GEMM peak:")

@@ -39,9 +39,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from benchmarks.bench_attention import gemm_gflops
-from benchmarks.common import interleaved_timing, machine_line, scifact_pairs
-from matryoshka_reranker.model.inputs import InputFormat
-from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+from benchmarks.common import interleaved_timing, machine_line, padded_batch
 
 
 class FusedLayerWeights:
@@ -103,10 +101,8 @@ def main() -> None:
     print(machine_line(), flush=True)
     torch.set_num_threads(args.threads)
 
-    reranker = MatryoshkaReranker(args.model, input_format=InputFormat(query_max_len=64, passage_max_len=160),
-                                  batch_size=args.pairs, dtype="float32")
-    model, encoder = reranker.model, reranker.encoder
-    batch = encoder.collate([encoder.encode(q, p) for q, p in scifact_pairs(args.pairs)])
+    reranker, batch = padded_batch(args.model, args.pairs)
+    model = reranker.model
     mask = batch["attention_mask"]
     size, width = mask.shape
     lengths = mask.sum(1)

@@ -27,6 +27,19 @@ def scifact_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs[:count]
 
 
+def padded_batch(model: str, pairs: int, batch_size: int | None = None):
+    """The speed benchmarks' shared input, as issue 13's table measured it: ``MatryoshkaReranker`` in fp32 with
+    queries cut at 64 and passages at 160 tokens, and the first ``pairs`` of ``scifact_pairs`` encoded into one
+    right-padded batch. Returns (reranker, batch)."""
+    from matryoshka_reranker.model.inputs import InputFormat
+    from matryoshka_reranker.serving.reranker import MatryoshkaReranker
+
+    reranker = MatryoshkaReranker(model, input_format=InputFormat(query_max_len=64, passage_max_len=160),
+                                  batch_size=batch_size or pairs, dtype="float32")
+    encoder = reranker.encoder
+    return reranker, encoder.collate([encoder.encode(q, p) for q, p in scifact_pairs(pairs)])
+
+
 def machine_line() -> str:
     """The CPU a run measured and what its int8/fp32 kernels can use: ratios move with it (a session's
     machine is not fixed; AVX-512 VNNI changes ONNX Runtime's int8 kernels), so every report names it."""
