@@ -337,6 +337,22 @@ def test_compensation_effect_and_run_comparison(tiny_pipeline):
     assert off["compensation"] == []
 
 
+def test_recovered_share_interval_follows_the_configured_confidence():
+    """The recovered share's interval is at ``evaluation.confidence``, like the drops' beside it, not a fixed 95%."""
+    from matryoshka_reranker.pipeline.effects import _bootstrap_recovered
+
+    rng = np.random.default_rng(0)
+    b1, a1 = rng.random(40), rng.random(40)
+    br, ar = b1 - 0.2 - 0.3 * rng.random(40), a1 - 0.05 - 0.3 * rng.random(40)
+    got = _bootstrap_recovered(b1, br, a1, ar, confidence=0.5, resamples=2000)
+    idx = np.random.default_rng(0).integers(0, 40, size=(2000, 40))  # the same joint resamples of queries
+    ratios = 1 - (a1 - ar)[idx].mean(1) / (b1 - br)[idx].mean(1)
+    assert got["recovered_ci"] == pytest.approx(list(np.percentile(ratios, [25, 75])), abs=1e-4)
+    assert got["recovered"] == pytest.approx(1 - (a1 - ar).mean() / (b1 - br).mean(), abs=1e-4)
+    wide = _bootstrap_recovered(b1, br, a1, ar, confidence=0.95, resamples=2000)["recovered_ci"]
+    assert wide == pytest.approx(list(np.percentile(ratios, [2.5, 97.5])), abs=1e-4)
+
+
 @pytest.mark.slow
 def test_two_workers_share_evaluation_and_give_the_same_metrics(tmp_path, llama_dir):
     import yaml

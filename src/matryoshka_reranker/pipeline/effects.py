@@ -59,8 +59,9 @@ def _self_distilled_scorer(params: Params, ratio: int) -> PyTorchScorer:
     return score
 
 
-def _bootstrap_recovered(before_1, before_r, after_1, after_r, resamples: int, seed: int = 0) -> dict[str, float]:
-    """1 - drop_after / drop_before and its percentile interval, resampling queries jointly."""
+def _bootstrap_recovered(before_1, before_r, after_1, after_r, resamples: int, seed: int = 0,
+                         confidence: float = 0.95) -> dict[str, float]:
+    """1 - drop_after / drop_before and its percentile interval (at ``confidence``), resampling queries jointly."""
     b1, br, a1, ar = (np.asarray(x, dtype=np.float64) for x in (before_1, before_r, after_1, after_r))
     drop_before, drop_after = b1 - br, a1 - ar
     rng = np.random.default_rng(seed)
@@ -69,7 +70,8 @@ def _bootstrap_recovered(before_1, before_r, after_1, after_r, resamples: int, s
     valid = np.abs(db) > 1e-9
     ratios = 1 - da[valid] / db[valid]
     point = 1 - drop_after.mean() / drop_before.mean() if abs(drop_before.mean()) > 1e-9 else float("nan")
-    low, high = (np.percentile(ratios, [2.5, 97.5]) if valid.any() else (float("nan"), float("nan")))
+    tail = 50 * (1 - confidence)
+    low, high = (np.percentile(ratios, [tail, 100 - tail]) if valid.any() else (float("nan"), float("nan")))
     return {"recovered": round(float(point), 4), "recovered_ci": [round(float(low), 4), round(float(high), 4)]}
 
 
@@ -137,7 +139,7 @@ def compensation_effect(params: Params, scorer_for=None, after_from: str = "eval
                                     "drop": drop_before.to_dict()},
                          "after": {"ratio_1": round(float(np.mean(a1)), 4), f"ratio_{ratio}": round(float(np.mean(ar)), 4),
                                    "drop": drop_after.to_dict()},
-                         **_bootstrap_recovered(b1, br, a1, ar, ev.bootstrap_resamples)})
+                         **_bootstrap_recovered(b1, br, a1, ar, ev.bootstrap_resamples, confidence=ev.confidence)})
     # Is the released model above the first stage on its own? The same queries' BM25 order, paired.
     bm25 = first_stage_per_query(queries, qrels, [measure])[measure]
     b = [bm25[q] for q in ids]
