@@ -395,13 +395,41 @@ def test_the_release_under_test_cannot_set_its_own_policy(tmp_path):
     root, params = make_project(tmp_path, git_remote=False)
     repro(root)
     params_file = str(root / "params.yaml")
-    for override in ("gate.max_drop_abs=.inf", "evaluation.measures=[R@10]", "gate.alpha=1.0"):
+    for override in ("gate.max_drop_abs=.inf", "evaluation.measures=[R@10]", "gate.alpha=1.0",
+                     f"release.remote_url={tmp_path / 'empty-remote'}", "release.git_remote=elsewhere"):
         cli = CliRunner().invoke(app, ["publish", "--repo", str(root), "-p", params_file, "-S", override])
         assert cli.exit_code == 1 and "refuses overrides of the release policy" in cli.output, cli.output
     loose = params.model_copy(update={"gate": params.gate.model_copy(update={"max_drop_abs": 1.0})})
     with pytest.raises(ReleaseError, match="params `gate` differs from the committed params.yaml"):
         publish(loose, root)
+    # an empty release remote holds no baseline: the release would be gated as a first one
+    elsewhere = params.model_copy(update={"release": params.release.model_copy(
+        update={"remote_url": str(tmp_path / "empty-remote")})})
+    with pytest.raises(ReleaseError, match="params `release.remote_url` differs from the committed"):
+        publish(elsewhere, root)
     assert git(root, "tag") == "" and not (tmp_path / "dvc-remote" / "releases").exists()
+
+
+def test_the_committed_policy_is_found_whatever_the_params_path(tmp_path):
+    """``-p`` given as an absolute path, or relative to a working directory other than the repo root,
+    still names the committed params.yaml: a committed stricter gate is kept, an uncommitted relaxation of
+    it (back to the package defaults) is refused."""
+    root, params = make_project(tmp_path, git_remote=False)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["gate"]["max_drop_abs"] = 0.0  # a reviewed, stricter gate than the default
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    git(root, "commit", "-q", "-am", "stricter gate")
+    repro(root)
+    with contextlib.chdir(tmp_path):
+        for params_file in (str(root / "params.yaml"), "project/params.yaml"):
+            cli = CliRunner().invoke(app, ["publish", "--dry-run", "--repo", str(root), "-p", params_file])
+            assert cli.exit_code == 0 and '"status": "dry_run"' in cli.output, cli.output
+    raw["gate"]["max_drop_abs"] = 0.02  # an uncommitted edit back to the default: looser
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with contextlib.chdir(tmp_path):
+        for params_file in (str(root / "params.yaml"), "project/params.yaml"):
+            cli = CliRunner().invoke(app, ["publish", "--dry-run", "--repo", str(root), "-p", params_file])
+            assert cli.exit_code == 1 and "differs from the committed" in cli.output, cli.output
 
 
 def test_remote_plugins_and_credentials(tmp_path):
@@ -486,6 +514,31 @@ def test_an_interrupted_publish_is_completed_by_the_next_run(tmp_path, monkeypat
     record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
     assert record["status"] == "published" and record["commit"] == resumed.commit
     assert publish(params, root).status == "unchanged"
+
+
+def test_a_dry_run_does_not_complete_an_interrupted_publish(tmp_path, monkeypatch):
+    """``publish --dry-run`` ("check and gate only") with a pending journal reports what a real run
+    would do: it pushes, tags and records nothing."""
+    from matryoshka_reranker.release import registry
+
+    root, params = make_project(tmp_path)
+    repro(root)
+    real_push = registry.push_release_data
+
+    def killed(*args, **kwargs):
+        raise registry.PublishInterrupted("publish interrupted by signal 15")
+
+    monkeypatch.setattr(registry, "push_release_data", killed)  # after the release commit
+    with pytest.raises(registry.PublishInterrupted):
+        publish(params, root)
+    monkeypatch.setattr(registry, "push_release_data", real_push)
+    dry = publish(params, root, dry_run=True)
+    assert dry.status == "dry_run" and dry.version == "v0.1.0"
+    assert git(root, "tag") == "" and "v0.1.0" not in git(root, "ls-remote", "--tags", "origin")
+    record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
+    assert record["status"] == "claimed" and "commit" not in record
+    resumed = publish(params, root)  # the journal is still there: the real run completes the release
+    assert resumed.status == "published" and resumed.version == "v0.1.0"
 
 
 def test_a_publish_interrupted_right_after_its_claim_leaves_no_orphan_record(tmp_path, monkeypatch):

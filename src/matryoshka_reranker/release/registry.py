@@ -199,6 +199,10 @@ def _under(path: str, roots: set[str]) -> bool:
 
 
 POLICY_SECTIONS = ("gate", "evaluation")  # what the release under test may not set for itself
+# ...nor where the baseline it is gated against lives: a release remote (or tag remote) pointed elsewhere by an
+# uncommitted edit or `-S release.remote_url=...` holds no earlier release, so the gate would see a first release.
+# (`release.remote_name` is only the DVC remote's local name and may be overridden.)
+POLICY_FIELDS = {"release": ("remote_url", "git_remote")}
 
 
 def pipeline_changes(root: Path, params: Params) -> list[str]:
@@ -231,24 +235,34 @@ def pipeline_changes(root: Path, params: Params) -> list[str]:
 
 
 def check_policy(params: Params, root: Path, params_file: str = "params.yaml", overrides: Sequence[str] = ()) -> None:
-    """The release under test must not set its own gate: ``gate.*`` and ``evaluation.*`` are the committed ones.
+    """The release under test must not set its own gate: ``gate.*``, ``evaluation.*``, ``release.remote_url`` and
+    ``release.git_remote`` (where the baseline lives) are the committed ones.
 
-    Refuses ``-S gate.*`` / ``-S evaluation.*`` overrides and uncommitted edits of those sections
-    (other params edits that ``dvc repro`` reproduced are committed with the release as before).
+    Refuses overrides (``-S gate.*`` ...) and uncommitted edits of those settings (other params edits that
+    ``dvc repro`` reproduced are committed with the release as before).
     """
     from ..config import parse_params
 
-    bad = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in POLICY_SECTIONS]
+    def is_policy(key: str) -> bool:
+        section, _, field = key.partition(".")
+        return section in POLICY_SECTIONS or field.split(".")[0] in POLICY_FIELDS.get(section, ())
+
+    bad = [o for o in overrides if is_policy(o.split("=", 1)[0].strip().lstrip("+"))]
     if bad:
         raise ReleaseError(f"publish refuses overrides of the release policy ({', '.join(bad)}): the gate and its "
                            "measures are what the committed params.yaml says; change them in a reviewed commit")
-    committed_text = git(root, "show", f"HEAD:{params_file}", check=False)
+    path = Path(params_file)
+    if path.is_absolute():  # `git show HEAD:<path>` takes paths relative to the repository root only
+        path = Path(os.path.relpath(path.resolve(), root.resolve()))
+    committed_text = git(root, "show", f"HEAD:{path.as_posix()}", check=False)
     committed = parse_params(yaml.safe_load(committed_text) or {}) if committed_text else parse_params({})
-    for section in POLICY_SECTIONS:
-        if getattr(committed, section) != getattr(params, section):
-            raise ReleaseError(f"params `{section}` differs from the committed {params_file}: the release under "
-                               "test may not set its own policy; commit the change first (it is then reviewed "
-                               "and applies to later releases)")
+    differing = [s for s in POLICY_SECTIONS if getattr(committed, s) != getattr(params, s)]
+    differing += [f"{s}.{f}" for s, fields in POLICY_FIELDS.items() for f in fields
+                  if getattr(getattr(committed, s), f) != getattr(getattr(params, s), f)]
+    if differing:
+        raise ReleaseError(f"params `{differing[0]}` differs from the committed {params_file}: the release under "
+                           "test may not set its own policy; commit the change first (it is then reviewed "
+                           "and applies to later releases)")
 
 
 def ensure_remote(root: Path, name: str, url: str) -> str:
@@ -505,6 +519,10 @@ def publish(params: Params, repo: str | Path = ".", version: str | None = None, 
     with _publish_lock(root), _interruptible():
         journal = Journal(root)
         if journal.data:
+            if dry_run:  # completing it pushes, tags and records: not a dry run's business
+                logger.info("dry run: would complete the interrupted publish of %s", journal.data["version"])
+                return PublishResult("dry_run", journal.data["version"], journal.data.get("commit"),
+                                     redact(absolute_remote_url(params.release.remote_url, root)))
             return _resume(params, root, journal)
         return _publish(params, root, version, dry_run, skip_gate, journal)
 
