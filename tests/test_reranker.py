@@ -245,3 +245,21 @@ def test_fusion_uses_raw_scores_when_normalize_is_asked():
     assert [r["reranker_score"] for r in ranked] == pytest.approx([sigmoid(raw)[i] for i in (1, 0, 2)])
     alone = rank_documents(lambda pairs: raw, "q", ["a", "b", "c"], normalize=sigmoid)
     assert [r["score"] for r in alone] == pytest.approx([sigmoid(raw)[i] for i in (1, 0, 2)])
+
+
+def test_first_stage_scores_and_top_k_from_numpy():
+    """Scores from numpy (bm25s gives float32, a counter int64) are numbers like Python's; an int beyond float's
+    range is refused as not finite (a ValueError: the server's 422), not an OverflowError (a 500)."""
+    import numpy as np
+
+    from matryoshka_reranker.serving.ranking import fuse_scores, rank_documents
+
+    raw, first = [0.1, 0.9, 0.5], [3.0, 1.0, 2.0]
+    want = rank_documents(lambda pairs: raw, "q", ["a", "b", "c"], top_k=2, first_stage_scores=first)
+    for typed in (np.array(first, dtype=np.float32), np.array(first, dtype=np.int64), np.array(first)):
+        assert fuse_scores(raw, typed) == pytest.approx(fuse_scores(raw, first))
+        got = rank_documents(lambda pairs: raw, "q", ["a", "b", "c"], top_k=np.int64(2), first_stage_scores=typed)
+        assert got == want  # these values fuse exactly
+    for bad in ([10**400, 1, 2], [np.float32("nan"), 1, 2], [np.True_, 1, 2]):
+        with pytest.raises(ValueError, match="finite"):
+            fuse_scores(raw, bad)

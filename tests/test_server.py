@@ -175,6 +175,17 @@ def test_undecodable_bodies_are_4xx_not_500(server):
     assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": ["word " * 200], "truncate": True}).status_code == 200
 
 
+def test_a_lone_surrogate_escape_in_texts_is_a_422_not_a_500(server):
+    """JSON may escape a lone surrogate (``"\\ud800"``); no tokenizer takes one. It is refused naming the text,
+    with ``truncate: false`` (was a 500 from the length check) and ``true`` (was a 424 for its whole batch)."""
+    url, _ = server
+    for truncate in ("false", "true"):
+        content = b'{"query": "q", "texts": ["fine", "bad \\ud800 text"], "truncate": %s}' % truncate.encode()
+        response = httpx.post(f"{url}/rerank", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (truncate, response.status_code, response.text)
+        assert "texts[1]" in response.json()["error"] and response.json()["error_type"] == "Validation"
+
+
 def test_info_health_and_metrics(server):
     url, _ = server
     info = httpx.get(f"{url}/info").json()

@@ -477,6 +477,57 @@ def test_probe_init_and_snapshots_in_a_run(tmp_path, scored, llama_dir):
     assert any("score_heads.4" in k and "lora" not in k for k in adapter)  # full heads, not a LoRA on them
 
 
+def test_probe_init_needs_heads_trained_as_full_weights(tmp_path, llama_dir):
+    """The probe fits the base model's heads; a LoRA on the heads saves only its update, so the saved adapter
+    merged onto the base scored with unfitted heads (exit scores 50-180 away from the trained model's)."""
+    with pytest.raises(ValueError, match="lora.heads full"):
+        tiny_params(tmp_path, llama_dir, self_distill__head_init="probe",
+                    self_distill__lora={"rank": 4, "alpha": 8, "heads": "lora"})
+    tiny_params(tmp_path, llama_dir, self_distill__lora={"rank": 4, "alpha": 8, "heads": "lora"})  # keep: fine
+
+
+def test_a_fresh_run_does_not_ship_an_earlier_runs_snapshots(tmp_path, scored, llama_dir):
+    """A run that starts over (another configuration) must not copy a snapshot it never took (one past its
+    own max_steps, left by an earlier, longer run) into its adapter and learning curve."""
+    longer = tiny_params(tmp_path, llama_dir, self_distill__max_steps=4, self_distill__save_steps=4,
+                         self_distill__snapshot_steps=[2, 4])
+    assert self_distill(longer)["snapshots"] == [2, 4]
+    shorter = tiny_params(tmp_path, llama_dir, self_distill__max_steps=2, self_distill__save_steps=2,
+                          self_distill__snapshot_steps=[2, 4])
+    summary = self_distill(shorter)
+    assert summary["resumed_from"] is None and summary["snapshots"] == [2]
+    assert sorted(p.name for p in (Path(shorter.paths.self_distill) / "snapshots").iterdir()) == ["step-00002"]
+
+
+class RecordGroupEpochs(TrainerCallback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_step_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.epochs.append(train_dataloader.dataset.epoch)
+
+
+def test_every_epoch_samples_new_groups_under_several_processes(tmp_path, scored, llama_dir, monkeypatch):
+    """Under several processes accelerate gives the epoch to its sharded batch sampler, never to the dataset:
+    without the trainer's own hand-over every epoch would draw the same negatives of each query."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, SeedableRandomSampler
+
+    dataset = GroupDataset(load_training_file(scored), 3)
+    batches = torch.utils.data.BatchSampler(SeedableRandomSampler(dataset), 1, False)
+    DataLoaderShard(dataset, batch_sampler=BatchSamplerShard(batches, num_processes=2, process_index=0)).set_epoch(1)
+    assert dataset.epoch == 0  # accelerate's own behaviour with 2 processes
+
+    def several_processes(self, epoch):  # DataLoaderShard.set_epoch when its batch sampler is a BatchSamplerShard
+        self.iteration = epoch
+        self.batch_sampler.sampler.set_epoch(epoch)
+
+    monkeypatch.setattr(DataLoaderShard, "set_epoch", several_processes)
+    record = RecordGroupEpochs()
+    params = tiny_params(tmp_path, llama_dir, self_distill__max_steps=6, self_distill__save_steps=6)  # 3 per epoch
+    self_distill(params, callbacks=[record])
+    assert record.epochs == [0, 0, 0, 1, 1, 1]
+
+
 @pytest.mark.slow
 def test_training_learns_to_rank_real_scifact_pairs(tmp_path):
     """Evidence that the recipe learns (the pinned-loss test only shows it is unchanged): on real

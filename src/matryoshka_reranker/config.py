@@ -176,6 +176,13 @@ class TrainParams(Section):
                              f"other self targets are other heads' scores, and without one mse does nothing")
         return value
 
+    @model_validator(mode="after")
+    def _probe_heads_are_saved(self) -> TrainParams:
+        if self.head_init == "probe" and self.lora.heads != "full":
+            raise ValueError("head_init probe needs lora.heads full: the probe sets the base model's heads, and a LoRA "
+                             "on them saves only its update, so the adapter would score with the unfitted heads")
+        return self
+
 
 class CompensationParams(Section):
     """Factorized compensation, trained on the merged self-distilled weights."""

@@ -10,6 +10,7 @@ fusion). On SciFact the trained re-ranker alone is 0.06 nDCG@10 below BM25, and 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 
@@ -31,9 +32,16 @@ def fuse_scores(reranker: Sequence[float], first_stage: Sequence[float], weight:
         raise ValueError(f"first_stage_weight must be in [0, 1], got {weight!r}")
     if len(first_stage) != len(reranker):
         raise ValueError(f"first_stage_scores has {len(first_stage)} values for {len(reranker)} documents")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in first_stage):
-        raise ValueError("first_stage_scores must be finite numbers")
-    return fuse(first_stage, reranker, weight)
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and _finite(v) for v in first_stage):
+        raise ValueError("first_stage_scores must be finite numbers")  # numpy's float32 / int64 are numbers too
+    return fuse([float(v) for v in first_stage], reranker, weight)
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], query: str, documents: Sequence[str],
@@ -57,7 +65,7 @@ def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], qu
     bad = [i for i, d in enumerate(documents) if not isinstance(d, str)]
     if bad:
         raise TypeError(f"documents[{bad[0]}] is {type(documents[bad[0]]).__name__}, not a string")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if first_stage_scores is not None:  # checked before the model runs
         fuse_scores([0.0] * len(documents), list(first_stage_scores), first_stage_weight)

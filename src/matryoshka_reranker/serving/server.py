@@ -476,6 +476,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         if len(body.texts) > options.max_texts:
             raise ServerInputError("texts", f"{len(body.texts)} texts; this server takes at most {options.max_texts} "
                                             "per request (--max-texts)", 413)
+        check_unicode(body.texts)  # before any batch: a text no tokenizer takes would fail its batch-mates too
         if body.first_stage_scores is not None:  # refused before any model work
             try:
                 fuse_scores([0.0] * len(body.texts), body.first_stage_scores, body.first_stage_weight)
@@ -550,6 +551,17 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def check_unicode(texts: Sequence[str]) -> None:
+    """JSON may escape a lone surrogate (``"\\ud800"``), which no tokenizer takes: refused naming the text (the
+    query's ``min_length`` already makes pydantic refuse one there)."""
+    for i, text in enumerate(texts):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ServerInputError(f"texts[{i}]", "not valid Unicode (a lone surrogate escape)", 422) from None
 
 
 def check_lengths(encoder, query: str, texts: Sequence[str]) -> None:

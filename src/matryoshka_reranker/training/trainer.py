@@ -50,6 +50,7 @@ from .heads import probe_heads
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
+SNAPSHOTS = "snapshots"  # under the checkpoint folder: the adapter at ``snapshot_steps``
 
 
 # ------------------------------------------------------------------------------ the training step
@@ -183,6 +184,23 @@ class SnapshotCallback(TrainerCallback):
         return sorted(k for k in self.steps if (self.folder / f"step-{k:05d}" / "adapter_config.json").exists())
 
 
+class GroupEpochs(TrainerCallback):
+    """Gives the ``GroupDataset`` each epoch's number, so every epoch samples its groups afresh.
+
+    accelerate's ``DataLoaderShard.set_epoch`` reaches the dataset only with one process: under several
+    its batch sampler is a ``BatchSamplerShard``, whose sampler takes the epoch instead, and every epoch
+    would draw the same negatives of each query. ``state.epoch`` at an epoch's start is its number
+    (fractional when resumed within it).
+    """
+
+    def __init__(self, dataset: GroupDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
+        return control
+
+
 class FrozenWeightsInBf16(TrainerCallback):
     """Under bf16 autocast, keeps the frozen ``nn.Linear`` weights of the decoder layers (LoRA's base layers)
     in bf16 while training.
@@ -312,7 +330,8 @@ def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | No
     """The last complete checkpoint of this exact run, or None.
 
     Called by the main process first (``main_process_first``): it removes checkpoints of a run
-    with another fingerprint and incomplete ones (no ``trainer_state.json``, written last). The
+    with another fingerprint and incomplete ones (no ``trainer_state.json``, written last), and, when
+    there is nothing to resume, the snapshots of an earlier run (a fresh run takes its own). The
     fingerprint is compared as JSON records it: per-layer settings (``lora.layer_ranks: {8: 64}``)
     come back from the file with string keys, tuples as lists, and a run must still find its own.
     """
@@ -333,6 +352,8 @@ def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | No
             shutil.rmtree(partial, ignore_errors=True)
         write_json(marker, fingerprint)
     complete = [c for c in checkpoints if (c / "trainer_state.json").exists()]
+    if main and not complete:  # else an earlier run's snapshot past this run's max_steps would ship as this run's
+        shutil.rmtree(checkpoint_dir / SNAPSHOTS, ignore_errors=True)
     return complete[-1] if complete else None
 
 
@@ -453,11 +474,12 @@ def _train_adapter(run: AdapterRun) -> dict:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     set_seed(run.train.seed)  # LoRA initialisation draws from the global RNG
     model = get_peft_model(model, lora_config(run.train.lora, run.model.exit_layers))
-    snapshots = SnapshotCallback(run.checkpoint_dir / "snapshots", run.train.snapshot_steps, run.encoder.format)
+    snapshots = SnapshotCallback(run.checkpoint_dir / SNAPSHOTS, run.train.snapshot_steps, run.encoder.format)
     frozen_bf16 = [FrozenWeightsInBf16(run.model.decoder.layers)] if bf16_autocast(run.train, dtype) else []
+    dataset = GroupDataset(run.examples, run.train.train_group_size, run.train.seed)
     trainer = MatryoshkaTrainer(
-        model=model, args=args, train_dataset=GroupDataset(run.examples, run.train.train_group_size, run.train.seed),
-        data_collator=GroupCollator(run.encoder), callbacks=[*frozen_bf16, *run.callbacks, snapshots],
+        model=model, args=args, train_dataset=dataset, data_collator=GroupCollator(run.encoder),
+        callbacks=[*frozen_bf16, GroupEpochs(dataset), *run.callbacks, snapshots],
         plan=run.plan, exit_layers=run.model.exit_layers,
     )
     snapshots.trainer = trainer
