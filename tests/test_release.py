@@ -29,6 +29,7 @@ from matryoshka_reranker.release.registry import (
     sync_artifacts,
     verify_manifest,
 )
+from matryoshka_reranker.release.revisions import RevisionError
 from matryoshka_reranker.release.versions import (
     VersionError,
     check_new_version,
@@ -430,6 +431,25 @@ def test_the_committed_policy_is_found_whatever_the_params_path(tmp_path):
         for params_file in (str(root / "params.yaml"), "project/params.yaml"):
             cli = CliRunner().invoke(app, ["publish", "--dry-run", "--repo", str(root), "-p", params_file])
             assert cli.exit_code == 1 and "differs from the committed" in cli.output, cli.output
+
+
+def test_a_release_commit_that_fails_leaves_the_working_tree_as_it_was(tmp_path):
+    """A release commit refused (here by a hook; in CI typically a missing git identity) gives the version
+    back and leaves no release record, card or .dvc/config edit behind, so the next publish is not refused
+    for "foreign changes" and succeeds."""
+    root, params = make_project(tmp_path, git_remote=False)
+    repro(root)
+    before = git(root, "status", "--porcelain")
+    hook = root / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(RevisionError, match="git commit"):
+        publish(params, root)
+    gate_report = f"?? {params.paths.gate_report.split('/')[0]}/"  # the gate's own report stays, for reading
+    after = [line for line in git(root, "status", "--porcelain").splitlines() if line != gate_report]
+    assert after == before.splitlines() and git(root, "tag") == ""
+    hook.unlink()
+    assert publish(params, root).version == "v0.1.0"
 
 
 def test_remote_plugins_and_credentials(tmp_path):

@@ -578,13 +578,15 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
     #    exists, so an interruption at any point after it is rolled back (here or by the next run).
     record = release_record(params, root, version, report, folders, waived)
     nonce = secrets.token_hex(16)
+    record_file = Path(RECORDS_DIR) / f"{version}.json"
+    card_file = record_file.with_suffix(".md")
+    written = {p: (root / p).read_bytes() if (root / p).exists() else None  # restored if the commit is not made
+               for p in (".dvc/config", record_file.as_posix(), card_file.as_posix())}
     journal.save(version=version, nonce=nonce)
     try:
         store.claim(version, {**record, "status": "claimed"}, nonce)
         # 2. The reproduced state, the release record (file hashes) and the remote config: one commit.
         ensure_remote(root, params.release.remote_name, params.release.remote_url)
-        record_file = Path(RECORDS_DIR) / f"{version}.json"
-        card_file = record_file.with_suffix(".md")
         write_json(root / record_file, record)
         write_text(root / card_file, release_card(version, record))
         to_add = sorted(set(changes) | {".dvc/config", params.paths.gate_report, record_file.as_posix(),
@@ -593,9 +595,15 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
         git(root, "commit", "-q", "-m", f"Release {version}", "-m", _commit_body(params, report, waived))
         journal.save(commit=rev_commit(root, "HEAD"))
     except BaseException:
-        if "commit" not in journal.data:  # nothing was committed: give the version back
+        if "commit" not in journal.data:  # nothing was committed: give the version back, leave the tree as it was
             store.release(version, nonce)
             git(root, "reset", "-q", check=False)
+            for path, before in written.items():  # else the next publish refuses them as foreign changes
+                if before is None:
+                    (root / path).unlink(missing_ok=True)
+                else:
+                    with atomic_file(root / path, "wb") as out:
+                        out.write(before)
             journal.clear()
         raise
     return _resume(params, root, journal, targets=targets, report=report)
