@@ -69,6 +69,23 @@ def test_bad_files_and_overrides(tmp_path):
         load_params(good, ["no-equals-sign"])
 
 
+def test_a_repeated_key_is_refused_not_last_wins(tmp_path):
+    """yaml.safe_load keeps the last of two equal keys: a `data:` section appended at the end would silently
+    drop the first one (eval_queries back at its default)."""
+    twice = tmp_path / "params.yaml"
+    twice.write_text("data:\n  eval_queries: 100\nmodel:\n  start_layer: 4\ndata:\n  beir_dir: data/mine\n")
+    with pytest.raises(ParamsError, match="key 'data' appears twice") as err:
+        load_params(twice)
+    assert "line 5" in str(err.value)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("self_distill:\n  max_steps: 16\n  max_steps: 32\n")
+    with pytest.raises(ParamsError, match="key 'max_steps' appears twice"):
+        load_params(inner)
+    merged = tmp_path / "merged.yaml"  # a YAML merge key may still override what it merges
+    merged.write_text("self_distill: &sd {max_steps: 16}\nspecialist:\n  <<: *sd\n  max_steps: 32\n")
+    assert load_params(merged).specialist.max_steps == 32
+
+
 def test_ratio_one_only_export_needs_no_matching_compress_layers():
     params = parse_params({"export": {"ratios": [1], "compress_layers": [12]}})
     assert params.export.compress_layers == [12]  # nothing is compressed, so nothing to disagree with

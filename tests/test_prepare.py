@@ -93,3 +93,38 @@ def test_mined_negatives_pass_validation_with_copies_and_odd_lengths_in_the_corp
     assert all(len(set(g["neg"])) == len(g["neg"]) and not set(g["pos"]) & set(g["neg"]) for g in groups.values())
     report = validate_training_data(params.paths.train_groups, bounds=params.validation, prompt=params.model.prompt)
     assert report.success, report.failed
+
+
+@pytest.mark.parametrize(
+    "split, qrels, match",
+    [
+        ("test", "query-id\tcorpus-id\tscore\n4\td7\t1\n5\td6\t1\n", r"test.tsv: none of its 2 judged query ids is in queries"),
+        ("test", "query-id\tcorpus-id\tscore\nq4\t7\t1\nq5\t6\t1\n", r"test.tsv: none of its relevant document ids is in the corpus"),
+        ("train", "query-id\tcorpus-id\tscore\n1\td1\t1\n", r"train.tsv: none of its 1 judged query ids"),
+        ("test", "query-id\tcorpus-id\tscore\nq4\td7\t0\n", r"test.tsv: no positive judgement"),
+    ],
+    ids=["query-ids-do-not-match", "doc-ids-do-not-match", "train-query-ids", "no-positive"],
+)
+def test_qrels_that_match_nothing_are_refused_and_the_last_outputs_stay(tmp_path, split, qrels, match):
+    """Ids that do not match ("q4" vs "4") were a bare unpacking error (no query left), or, for document ids,
+    eval candidates with nothing relevant written as if fine."""
+    from matryoshka_reranker.core.errors import InputError
+
+    beir = write_beir(tmp_path / "beir")
+    params = tiny_params(tmp_path, tmp_path)
+    prepare(params)
+    before = open(params.paths.train_groups).read(), open(params.paths.eval_candidates).read()
+    (beir / "qrels" / f"{split}.tsv").write_text(qrels)
+    with pytest.raises(InputError, match=match):
+        prepare(params)
+    assert (open(params.paths.train_groups).read(), open(params.paths.eval_candidates).read()) == before
+
+
+def test_an_empty_corpus_is_refused(tmp_path):
+    from matryoshka_reranker.core.errors import InputError
+
+    beir = write_beir(tmp_path / "beir")
+    (beir / "corpus.jsonl.gz").unlink()
+    (beir / "corpus.jsonl").write_text("\n")
+    with pytest.raises(InputError, match="the corpus holds no document"):  # was "max() arg is an empty sequence"
+        prepare(tiny_params(tmp_path, tmp_path))

@@ -141,6 +141,22 @@ def test_missing_model_folder_is_clear(tmp_path):
         MatryoshkaReranker(tmp_path / "nope")
 
 
+def test_a_folder_without_tokenizer_or_config_is_named(llama_dir, tmp_path):
+    """transformers asked to install sentencepiece or tiktoken for either folder."""
+    import shutil
+
+    from matryoshka_reranker.core.errors import InputError
+
+    weights = tmp_path / "weights-only"
+    weights.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(llama_dir / name, weights / name)
+    with pytest.raises(InputError, match="weights-only has no tokenizer"):
+        MatryoshkaReranker(weights, start_layer=2)
+    with pytest.raises(InputError, match="not a model folder .no config.json"):
+        MatryoshkaReranker(tmp_path, start_layer=2)
+
+
 def test_peft_adapters_change_scores_and_reload(llama_dir, tmp_path):
     base = MatryoshkaModel.from_pretrained(llama_dir, start_layer=2)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_pattern(["q_proj", "v_proj", "score_heads"]),

@@ -87,10 +87,14 @@ def test_scored_data_pass_when_scores_are_required(tmp_path):
          "expect_column_values_to_be_null", 3),
         (scored(GOOD) + ["[1, 2, 3]\n"], "json_object", "expect_column_values_to_be_null", 5),
         (scored(GOOD) + [scored(GOOD)[0]], "duplicate_rate", "expect_column_values_to_be_in_set", 5),
+        # a lone surrogate escape is valid JSON but no tokenizer takes it: teacher_score would fail on it
+        (edit(1, neg=["Berlin is the capital \ud83d of Germany.", "Rome is in Italy."]), "json_object",
+         "expect_column_values_to_be_null", 2),
     ],
     ids=["empty-neg", "empty-pos", "misaligned-scores", "nan-score", "positive-in-negatives", "missing-neg",
          "missing-query", "query-not-string", "pos-mixed-types", "query-too-long", "passage-too-short",
-         "prompt-not-string", "prompt-not-model-prompt", "scores-not-list", "malformed-json", "not-an-object", "duplicates"],
+         "prompt-not-string", "prompt-not-model-prompt", "scores-not-list", "malformed-json", "not-an-object", "duplicates",
+         "lone-surrogate"],
 )
 def test_each_kind_of_bad_data_fails_its_check(tmp_path, rows, failed, expectation, bad_line):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)

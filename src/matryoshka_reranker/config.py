@@ -453,7 +453,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ParamsError(f"{path}: not valid YAML: {err}") from err
     else:
@@ -463,6 +463,23 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     for override in overrides or []:
         apply_override(raw, override)
     return parse_params(raw, source=str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys: a second ``data:`` section would silently
+    replace the first (every key it lacks back at its default). A repeated key is an error here."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # YAML merge keys (<<) may override; unhashable keys fail in construct_mapping
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

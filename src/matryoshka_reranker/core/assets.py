@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_dir
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,26 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     if key == MINILM:
         return _minilm_folder()
     raise ValueError(f"unknown embedded model {key!r}; known: {SMOLLM2}, {MINILM}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """``AutoTokenizer`` of a model folder. When it fails for a folder without config.json or without
+    tokenizer files, the error says so: transformers asks to install sentencepiece or tiktoken instead."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise InputError(f"{path} is not a model folder (no config.json)") from None
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise InputError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                             "save it beside the weights (tokenizer.save_pretrained(folder))") from None
+        raise
 
 
 def _package_dir(package: str, install_hint: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,14 +29,33 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", hint: str | No
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist" + (f": {hint}" if hint else ""))
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with opener(path, "rb") as handle:  # bytes: a line that is not UTF-8 is named, not a bare codec error
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise JsonlError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
                 raise JsonlError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if _SURROGATE.search(raw) and not _encodable(value):
+                raise JsonlError(f"{path}:{number}: not valid Unicode (a lone surrogate escape), which no "
+                                 "tokenizer or UTF-8 file takes")
+            yield f"{path}:{number}", value
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \ud800-\udfff escape; a valid pair is two of them
+
+
+def _encodable(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[object]) -> int:

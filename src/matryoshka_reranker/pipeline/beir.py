@@ -14,29 +14,54 @@ from ..core.errors import InputError
 from ..core.jsonl import read_jsonl
 
 
-def _open_jsonl(folder: Path, stem: str) -> Iterator[dict]:
+def _open_jsonl(folder: Path, stem: str) -> Iterator[tuple[str, dict]]:
     for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
         if (folder / name).exists():
             for where, row in read_jsonl(folder / name, what=f"BEIR {stem}"):
                 if not isinstance(row, dict) or "_id" not in row:
                     raise InputError(f"{where}: expected an object with an '_id'")
-                yield row
+                if not isinstance(row["_id"], (str, int)) or isinstance(row["_id"], bool):
+                    raise InputError(f"{where}: '_id' must be a string or an integer, got {row['_id']!r}")
+                yield where, row
             return
     raise FileNotFoundError(f"{folder}: no {stem}.jsonl or {stem}.jsonl.gz")
 
 
+def _text(row: dict, key: str, where: str, required: bool = False) -> str:
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: '{key}' must be a string, got {'nothing' if value is None else repr(value)}")
+    return value
+
+
+def _add(into: dict[str, str], lines: dict[str, str], row: dict, text: str, where: str) -> None:
+    """One id, one text: a repeated '_id' with another text would make the qrels ambiguous."""
+    key = str(row["_id"])
+    if key in into and into[key] != text:
+        raise InputError(f"{where}: '_id' {key!r} repeats {lines[key]} with another text")
+    into[key] = text
+    lines.setdefault(key, where)
+
+
 def load_corpus(folder: str | Path) -> dict[str, str]:
     """doc id -> "title. text" (title omitted when empty)."""
-    docs = {}
-    for row in _open_jsonl(Path(folder), "corpus"):
-        title, text = (row.get("title") or "").strip(), (row.get("text") or "").strip()
-        docs[str(row["_id"])] = f"{title}. {text}" if title else text
+    docs: dict[str, str] = {}
+    lines: dict[str, str] = {}
+    for where, row in _open_jsonl(Path(folder), "corpus"):
+        title, text = _text(row, "title", where).strip(), _text(row, "text", where).strip()
+        _add(docs, lines, row, f"{title}. {text}" if title else text, where)
     return docs
 
 
 def load_queries(folder: str | Path) -> dict[str, str]:
     """query id -> text (never metadata)."""
-    return {str(row["_id"]): row["text"] for row in _open_jsonl(Path(folder), "queries")}
+    queries: dict[str, str] = {}
+    lines: dict[str, str] = {}
+    for where, row in _open_jsonl(Path(folder), "queries"):
+        _add(queries, lines, row, _text(row, "text", where, required=True), where)
+    return queries
 
 
 def load_qrels(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
@@ -56,5 +81,6 @@ def load_qrels(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
             try:
                 qrels.setdefault(row[0].strip(), {})[row[1].strip()] = int(row[2])
             except (IndexError, ValueError):
-                raise InputError(f"{path}:{number}: expected three tab-separated fields") from None
+                raise InputError(f"{path}:{number}: expected three tab-separated fields "
+                                 "(query-id, corpus-id, an integer score)") from None
     return qrels

@@ -186,9 +186,7 @@ def export_models(
     folder}, ``training/specialist.py``): each becomes ``exit-KK-ratio-1-specialist``, its own folder: the
     ratio-1 stack merged, cut after layer k, the specialist merged (its weights differ from the shared ones).
     """
-    from transformers import AutoTokenizer
-
-    from ..core.assets import resolve_model_path
+    from ..core.assets import load_tokenizer, resolve_model_path
 
     options = options or ExportOptions()
     if options.dtype not in ("float32", "float16"):
@@ -216,7 +214,7 @@ def export_models(
     every_folder = [path, *dict.fromkeys(p for stack in stacks.values() for p in stack)]
     input_format = resolve_format(every_folder, options.input_format)  # the one the adapters were trained with
     options = dataclasses.replace(options, input_format=input_format)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     source = options.source_model or str(model_path)
     started = time.perf_counter()
     with atomic_dir(out) as tmp, torch.no_grad():

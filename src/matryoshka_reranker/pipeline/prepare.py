@@ -21,6 +21,7 @@ from pathlib import Path
 from ..config import Params
 from ..core.atomic import atomic_file
 from ..core.bm25 import BM25Index
+from ..core.errors import InputError
 from .beir import load_corpus, load_qrels, load_queries
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,32 @@ def sample_queries(qrels: dict[str, dict[str, int]], queries: dict[str, str], co
     return candidates
 
 
+def check_ids(beir_dir, split: str, qrels: dict[str, dict[str, int]], corpus, queries) -> None:
+    """Refuses a split whose judged queries are not in queries.jsonl, or whose relevant documents are not in
+    the corpus (ids that do not match, e.g. "q1" vs "1"): every query would be dropped, or ranked against
+    nothing relevant. Some missing is logged, not refused."""
+    where = Path(beir_dir) / "qrels" / f"{split}.tsv"
+    judged = {q: [d for d, r in docs.items() if r > 0] for q, docs in qrels.items()}
+    judged = {q: docs for q, docs in judged.items() if docs}
+    if not judged:
+        raise InputError(f"{where}: no positive judgement (a score > 0)")
+    known = [q for q in judged if q in queries]
+    if not known:
+        raise InputError(f"{where}: none of its {len(judged)} judged query ids is in queries.jsonl "
+                         f"(qrels {sorted(judged)[:3]}, queries {sorted(queries)[:3]})")
+    if not any(d in corpus for q in known for d in judged[q]):
+        relevant = sorted({d for q in known for d in judged[q]})
+        raise InputError(f"{where}: none of its relevant document ids is in the corpus "
+                         f"(qrels {relevant[:3]}, corpus {sorted(corpus)[:3]})")
+    if len(known) < len(judged):
+        log.warning("%s: %d of %d judged queries have no text in queries.jsonl; skipped",
+                    where, len(judged) - len(known), len(judged))
+
+
 def mine_training_groups(params: Params, corpus, queries, index: BM25Index) -> list[dict]:
     data = params.data
     qrels = load_qrels(data.beir_dir, data.train_split)
+    check_ids(data.beir_dir, data.train_split, qrels, corpus, queries)
     query_ids = sample_queries(qrels, queries, data.train_queries, data.seed)
     groups = []
     positives = {q: [d for d, r in qrels[q].items() if r > 0 and d in corpus] for q in query_ids}
@@ -78,6 +102,7 @@ def mine_training_groups(params: Params, corpus, queries, index: BM25Index) -> l
 def eval_candidates(params: Params, corpus, queries, index: BM25Index) -> list[dict]:
     data = params.data
     qrels = load_qrels(data.beir_dir, data.eval_split)
+    check_ids(data.beir_dir, data.eval_split, qrels, corpus, queries)
     query_ids = sample_queries(qrels, queries, data.eval_queries, data.seed)
     hits = index.search([queries[q] for q in query_ids], data.eval_candidates)
     return [
@@ -100,6 +125,8 @@ def prepare(params: Params) -> PrepareSummary:
         raise ValueError(f"train_split and eval_split are both {data.train_split!r}: evaluation would leak")
     corpus = load_corpus(data.beir_dir)
     queries = load_queries(data.beir_dir)
+    if not corpus:
+        raise InputError(f"{data.beir_dir}: the corpus holds no document")
     log.info("indexing %d documents with BM25", len(corpus))
     index = BM25Index(corpus)
 

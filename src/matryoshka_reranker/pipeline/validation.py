@@ -121,6 +121,12 @@ def derive_row(line: int, text: str, prompt: str | None = None) -> dict[str, Any
     if not isinstance(obj, dict):
         row["json_error"] = f"a JSON {_json_type(obj)}, not an object"
         return row
+    if "\\u" in text:  # JSON may escape a lone surrogate ("\ud800"): no tokenizer takes it, so training would fail
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            row["json_error"] = "not valid Unicode (a lone surrogate escape)"
+            return row
 
     query = obj.get("query", _MISSING)
     row["query_type"] = _type_tag(query)

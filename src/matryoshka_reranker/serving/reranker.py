@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.assets import resolve_model_path
+from ..core.assets import load_tokenizer, resolve_model_path
 from ..core.hardware import pick_device, pick_inference_dtype
 from ..model.inputs import InputFormat, as_pair_list, resolve_format
 from .ranking import rank_documents
@@ -52,8 +52,6 @@ class MatryoshkaReranker:
         compress_ratio: int = 1,
         compile: bool = False,
     ):
-        from transformers import AutoTokenizer
-
         from ..model.adapters import merge_adapters
         from ..model.modeling import MatryoshkaModel
 
@@ -65,7 +63,7 @@ class MatryoshkaReranker:
         self.input_format = resolve_format([path, *adapters], input_format)
         self.device = pick_device(device)
         self.dtype = pick_inference_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         model = MatryoshkaModel.from_pretrained(
             path, start_layer=start_layer, layer_sep=layer_sep, dtype=self.dtype, tokenizer=self.tokenizer
         )

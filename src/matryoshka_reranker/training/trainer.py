@@ -37,7 +37,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import Params, TrainParams
-from ..core.assets import resolve_model_path
+from ..core.assets import load_tokenizer, resolve_model_path
 from ..core.atomic import atomic_dir, sha256_file, write_json
 from ..core.errors import InputError
 from ..model.adapters import TRAINING_LOG, lora_config
@@ -561,10 +561,8 @@ def remove_stale_adapters(folder: Path, pattern: str, keep: set[str]) -> None:
 
 def load_base(params: Params, tokenizer=None) -> tuple[MatryoshkaModel, object, Path]:
     """The base Matryoshka model (fp32 on CPU, bf16 on GPU), its tokenizer and folder."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(params.model.name_or_path)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    tokenizer = tokenizer or load_tokenizer(path)
     dtype = params.model.torch_dtype()
     model = MatryoshkaModel.from_pretrained(path, start_layer=params.model.start_layer,
                                             layer_sep=params.model.layer_sep, dtype=dtype, tokenizer=tokenizer)
