@@ -166,3 +166,11 @@ def test_every_shipped_params_set_is_valid_over_params_yaml(name, monkeypatch):
     result = CliRunner().invoke(app, ["experiment-args", name])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("-S ")
+
+
+def test_float16_export_with_int8_activation_schemes_is_refused_at_parse_time():
+    """int8 / int8-token rewrite float32 graphs: with export.dtype float16 the error comes from the params,
+    not from ONNX Runtime after the whole export ran."""
+    with pytest.raises(ParamsError, match="rewrites float32 graphs"):
+        parse_params({"export": {"dtype": "float16", "quantize": ["int8-token"]}})
+    assert parse_params({"export": {"dtype": "float16", "quantize": ["int4"]}}).export.quantize == ["int4"]

@@ -18,7 +18,7 @@ from matryoshka_reranker import OnnxReranker
 from matryoshka_reranker.cli import app
 from matryoshka_reranker.model import modeling
 from matryoshka_reranker.model.adapters import target_pattern
-from matryoshka_reranker.model.inputs import InputFormat
+from matryoshka_reranker.model.inputs import InputFormat, InputFormatError
 from matryoshka_reranker.model.modeling import MatryoshkaModel
 from matryoshka_reranker.pipeline.export import (
     ExportError,
@@ -241,6 +241,33 @@ def test_bad_layers_fail_clearly(llama_model, tmp_path):
         llama_model, start_layer=1).max_sequence_length)
     with pytest.raises(ValueError, match="more than the model attends to"):
         export_models(llama_model, tmp_path / "out", [3], [1], options=ExportOptions(start_layer=1, input_format=too_long))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-token"])
+def test_float16_export_refuses_int8_schemes_before_any_work(llama_model, tmp_path, scheme):
+    """They rewrite float32 graphs: on a float16 one ONNX Runtime refused the copy after every export was done."""
+    with pytest.raises(ValueError, match=rf"quantize \['{scheme}'\] needs dtype float32"):
+        export_models(llama_model, tmp_path / "out", [2], [1], options=ExportOptions(
+            start_layer=1, dtype="float16", input_format=FORMAT, quantize=(scheme,)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_specialist_trained_with_another_input_format_is_refused(llama_model, tmp_path):
+    """A specialist is merged into its folder's graphs like the stack: its input_format.json must agree with the
+    format the manifest records (it was not checked, so the folder could claim a format it was not trained with)."""
+    stack = make_adapter(llama_model, tmp_path / "sd", 8)
+    FORMAT.save(stack)
+    model = MatryoshkaModel.from_pretrained(llama_model, start_layer=1).truncate(2)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, bias="none",
+                        target_modules=target_pattern(["q_proj", "v_proj", "score_heads"]))
+    specialist = tmp_path / "specialist-02"
+    get_peft_model(model, config).save_pretrained(specialist)
+    InputFormat(query_max_len=24, passage_max_len=48).save(specialist)
+    with pytest.raises(InputFormatError, match=r"specialist-02 was trained with a different input format .*"
+                                              r"passage_max_len: 48 vs 24"):
+        export_models(llama_model, tmp_path / "out", [2, 4], [1], adapters={1: [stack]},
+                      options=ExportOptions(start_layer=1), specialists={2: specialist})
     assert not (tmp_path / "out").exists()
 
 

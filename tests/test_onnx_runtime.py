@@ -14,7 +14,7 @@ from matryoshka_reranker.core.atomic import sha256_file
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.pipeline.export import ExportOptions, export_models
 from matryoshka_reranker.serving import onnx_runtime
-from matryoshka_reranker.serving.artifacts import ModelIntegrityError, read_manifest
+from matryoshka_reranker.serving.artifacts import ExitNotExported, ModelIntegrityError, read_manifest
 from matryoshka_reranker.serving.onnx_runtime import pick_providers
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 
@@ -119,6 +119,25 @@ def test_files_the_manifest_does_not_list_are_refused(folder):
     (folder / "special_tokens_map.json").write_text('{"bos_token": "<pad>"}')
     with pytest.raises(ModelIntegrityError, match=r"special_tokens_map\.json is not listed in the manifest"):
         OnnxReranker(folder)
+
+
+def test_all_exits_model_scores_and_calibrates_the_exit_asked_for(folder):
+    """compute_score(normalize=True) of the all-exits graph is the exit's calibrated probability, as from the exit's
+    own graph (it was a plain sigmoid: the all-exits entry carries no calibration); an exit it lacks is refused."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    exit_model = next(m for m in manifest["models"] if m["kind"] == "exit")
+    exit_model["calibration"] = {"method": "platt", "a": 2.0, "b": -1.0, "pairs": 5, "positives": 2}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    single = OnnxReranker(folder, 3)
+    calibrated = single.compute_score(PAIRS, normalize=True)
+    raw = single.compute_score(PAIRS)
+    assert calibrated == pytest.approx([1 / (1 + math.exp(-(2 * s - 1))) for s in raw], abs=1e-6)
+    both = OnnxReranker(folder, all_exits=True)
+    assert both.exit_layer == 3 and both.compute_score(PAIRS, normalize=True) == pytest.approx(calibrated, abs=1e-5)
+    assert OnnxReranker(folder, 3, all_exits=True).rank(PAIRS[0][0], [p for _, p in PAIRS], normalize=True)[0][
+        "score"] == pytest.approx(max(single.compute_score([(PAIRS[0][0], p) for _, p in PAIRS], normalize=True)))
+    with pytest.raises(ExitNotExported, match=r"no exit layer 7 .* its exits: \[3\]"):
+        OnnxReranker(folder, 7, all_exits=True)  # was ignored: the deepest exit's scores under exit 7's name
 
 
 def test_rank_and_flagembedding_pair(exported):

@@ -258,6 +258,14 @@ class ExportParams(Section):
     # weights, from per-channel maxima over the calibration pairs (docs/export.md)
     quantize_smoothing: float = Field(0.75, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _quantize_needs_float32(self) -> ExportParams:
+        float32_only = [s for s in self.quantize if s in ("int8", "int8-token")]
+        if self.dtype == "float16" and float32_only:  # else found only when ONNX Runtime loads the copy, at the end
+            raise ValueError(f"quantize {float32_only} rewrites float32 graphs: use dtype float32, or int8-weight-only "
+                             "/ int4 with float16")
+        return self
+
 
 class ValidationParams(Section):
     """Bounds of the Great Expectations suite over training data (lengths in characters)."""

@@ -197,6 +197,10 @@ def export_models(
         raise ValueError(f"opset must be >= 18, got {options.opset}")
     if not exit_layers or not ratios:
         raise ValueError("nothing to export: exit_layers and ratios must not be empty")
+    float32_only = [s for s in options.quantize if s in ("int8", "int8-token")]
+    if options.dtype == "float16" and float32_only:  # they rewrite float32 graphs; ORT refused the result at the end
+        raise ValueError(f"quantize {float32_only} needs dtype float32 (a float16 export can be quantized "
+                         "int8-weight-only or int4)")
     configs = plan_configs(exit_layers, ratios, compress_layers)
     stacks = {r: [Path(p) for p in _stack(adapters, r)] for r in sorted({c.ratio for c in configs})}
     specialists = {int(k): Path(p) for k, p in sorted((specialists or {}).items())}
@@ -211,7 +215,7 @@ def export_models(
         raise FileNotFoundError("adapter folder(s) missing (no adapter_config.json): " + ", ".join(missing))
 
     path = resolve_model_path(model_path)
-    every_folder = [path, *dict.fromkeys(p for stack in stacks.values() for p in stack)]
+    every_folder = [path, *dict.fromkeys(p for stack in [*stacks.values(), specialists.values()] for p in stack)]
     input_format = resolve_format(every_folder, options.input_format)  # the one the adapters were trained with
     options = dataclasses.replace(options, input_format=input_format)
     tokenizer = load_tokenizer(path)

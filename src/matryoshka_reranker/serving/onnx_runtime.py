@@ -109,7 +109,8 @@ class OnnxReranker:
     ``folder`` is a ratio's folder of an export (``models/onnx/ratio-1``, or a download of one) and
     ``exit_layer`` the depth to run (``None``: the deepest in the folder); a quantized copy's folder
     holds one model. ``all_exits=True`` loads the ratio's every-exit graph instead: ``score_exits``
-    then gives every exit's scores from one pass (what evaluation uses), ``compute_score`` the deepest's.
+    then gives every exit's scores from one pass (what evaluation uses), ``compute_score`` ``exit_layer``'s
+    (``None``: the deepest's).
 
     ``providers`` overrides the automatic choice (CUDA when a GPU works, else CPU); ``threads``
     sets ONNX Runtime's intra-op threads (default: its own choice). ``verify=False`` skips the
@@ -133,7 +134,12 @@ class OnnxReranker:
             raise TypeError(f"exit_layer must be an int or None, got {exit_layer!r}")
         exit_layer = None if exit_layer is None else int(exit_layer)  # e.g. a numpy integer from a metrics array
         self.folder = Path(folder)
-        self.manifest = model_view(read_manifest(self.folder, verify=verify), exit_layer, all_exits=all_exits)
+        manifest = read_manifest(self.folder, verify=verify)
+        self.manifest = model_view(manifest, exit_layer, all_exits=all_exits)
+        if all_exits:  # compute_score gives exit_layer's scores (None: the deepest), calibrated as that exit's model
+            exit_model = model_view(manifest, self.manifest["exit_layer"] if exit_layer is None else exit_layer)
+            self.manifest = {**self.manifest, "exit_layer": exit_model["exit_layer"],
+                             **({"calibration": exit_model["calibration"]} if "calibration" in exit_model else {})}
         self.input_format = manifest_input_format(self.manifest)
         self.encoder = self.input_format.encoder(ServingTokenizer.from_manifest(self.folder, self.manifest))
         self.session = create_session(self.folder / self.manifest["model_file"], providers, threads,
