@@ -47,6 +47,17 @@ def test_truncation_keeps_prompt_and_bounds_query_plus_passage(tokenizer):
     assert pair.input_ids[-pair.prompt_length:] == ids(tokenizer, "\n") + ids(tokenizer, "Yes?")
 
 
+@pytest.mark.parametrize("form", [fmt(24, query_max_len=6, prompt="Yes?"), fmt(32, query_max_len=10),
+                                  InputFormat(DEFAULT_PROMPT, 4, 4)])
+def test_longest_is_the_longest_pair_the_format_allows(tokenizer, form):
+    """``longest`` is checked against the model's position limit: it must be what a pair can reach, not
+    more (a format that fits the model exactly was refused for two tokens it can never have)."""
+    encoder = PairEncoder(tokenizer, form)
+    reached = max(len(encoder.encode(q, p).input_ids) for q in ("q", "a very long query " * 20)
+                  for p in ("p", "a very long passage " * 50))
+    assert encoder.longest == reached == form.max_length + len(ids(tokenizer, "\n") + ids(tokenizer, form.prompt))
+
+
 def reference_encoding(tokenizer, form, query, passage):
     """The layout written out from per-text tokenizer calls (what a batched encoder must equal)."""
     head = [tokenizer.bos_token_id] + ids(tokenizer, f"A: {query}")[: form.query_max_len] + ids(tokenizer, "\n")

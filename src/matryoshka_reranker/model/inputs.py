@@ -160,8 +160,10 @@ class PairEncoder:
 
     @property
     def longest(self) -> int:
-        """The most tokens one encoded pair can have (checked against the model's positions)."""
-        return len(self.bos) + self.format.max_length + len(self.sep) + len(self.prompt_ids)
+        """The most tokens one encoded pair can have (checked against the model's positions): the
+        passage takes what the head (bos + query + separator) leaves of ``max_length``, then the prompt."""
+        head = len(self.bos) + self.format.query_max_len + len(self.sep)
+        return max(self.format.max_length, head) + len(self.prompt_ids)
 
     def _ids(self, text: str, limit: int | None = None) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
