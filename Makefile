@@ -37,7 +37,9 @@ bench: setup
 # repository: params.yaml is never edited by hand; results: `dvc exp show`, `dvc exp apply $(EXP)`.
 # PYTHONPATH=src is relative to each stage's working directory, i.e. the temporary copy: the stages run
 # the copy's code (the code DVC hashes), not .venv's editable install of this checkout.
+# The arguments are read first: a command substitution inside the dvc command would drop experiment-args' exit code.
 EXP ?= scifact-cpu
 TARGET ?=
 experiment: setup
-	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/dvc exp run --temp $(DVC_FLAGS) --name $(EXP) $$($(BIN)/matryoshka experiment-args $(EXP)) $(TARGET)
+	args=$$($(BIN)/matryoshka experiment-args $(EXP)) && \
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/dvc exp run --temp $(DVC_FLAGS) --name $(EXP) $$args $(TARGET)

@@ -378,3 +378,14 @@ def test_two_workers_share_evaluation_and_give_the_same_metrics(tmp_path, llama_
         results[workers] = json.loads((tmp_path / f"m{workers}" / "per_query.json").read_text())
         assert not list((tmp_path / f"m{workers}").glob(".evaluate-share-*"))
     assert results[1] == results[2]  # every per-query value identical (latency aside, which is not in this file)
+
+
+def test_compare_runs_refuses_curves_without_points(tmp_path):
+    """The default run writes an empty learning curve (evaluation.learning_curve false): comparing two of
+    them must say so, not print nothing and exit 0 as if there were nothing to report."""
+    empty = {"format_version": 1, "identity": {"split": "test"}, "measures": ["nDCG@10"], "points": [],
+             "note": "evaluation.learning_curve is false"}
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(empty))
+    shown = CliRunner().invoke(app, ["compare-runs", "--a", str(tmp_path / "a.json"), "--b", str(tmp_path / "b.json")])
+    assert shown.exit_code == 2 and "learning_curve" in shown.output, shown.output

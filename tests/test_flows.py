@@ -141,6 +141,20 @@ def test_stage_retries_only_transient_failures(harness, tmp_path, mode, attempts
             assert "exited with -9" in str(err) or "exited with 137" in str(err)
 
 
+def test_a_stage_with_long_output_is_reported_as_reproduced(tmp_path):
+    """DVC prints "Running stage" before the command's output; a training stage logs far more lines than
+    the failure tail keeps, and must still not be reported "up to date" (stage-durations artifact, logs)."""
+    git(tmp_path, "init", "-q")
+    dvc(tmp_path, "init", "-q")
+    (tmp_path / "chatty.py").write_text("from pathlib import Path\nfor i in range(500):\n    print('step', i)\n"
+                                        "Path('out.txt').write_text('ok')\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  chatty:\n    cmd: python chatty.py\n    outs: [out.txt]\n")
+    lines = []
+    run = repro.run_stage(tmp_path, "chatty", on_line=lines.append)
+    assert len(lines) > 500 and run.reproduced
+    assert not repro.run_stage(tmp_path, "chatty", on_line=lines.append).reproduced  # now up to date
+
+
 # --- a scheduled deployment on a real `prefect server start` -------------------------------------
 
 

@@ -170,3 +170,24 @@ def test_corrupt_training_data_stops_at_validate_and_keeps_earlier_outputs(proje
     assert failing["neg_not_empty"]["sample_lines"] == [4] and failing["positive_not_in_negatives"]["sample_lines"] == [5]
     assert (root / "reports/validation/index.html").exists()
     assert {p: digest(root / p) for p in kept} == kept
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_experiment_stops_when_the_params_set_is_refused(tmp_path):
+    """`make experiment EXP=<typo>` (or a checkout path experiment-args refuses) must fail, not run
+    `dvc exp run` with no `-S` at all: the default params.yaml under the experiment's name."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "dvc-calls"
+    (venv / "bin" / "dvc").write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    (venv / "bin" / "matryoshka").write_text('#!/bin/sh\necho "error: no params set" >&2\nexit 2\n')
+    for tool in ("dvc", "matryoshka"):
+        (venv / "bin" / tool).chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: `setup` has nothing to do
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "experiment", f"VENV={venv}", "EXP=no-such-set"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "no params set" in done.stderr
+    assert not calls.exists(), calls.read_text()

@@ -510,6 +510,9 @@ def compare_runs_command(
 
     first, second = load(a), load(b)
     exits = exits or sorted({p["exit_layer"] for p in first["points"]})
+    if not exits:  # the default run's curve is empty: nothing compared is not a result
+        raise ValueError(f"{a}: the learning curve has no points ({first.get('note') or 'no snapshot was scored'}; "
+                         "rerun with evaluation.learning_curve: true)")
     rows = compare_runs(first, second, exits, measure)
     for row in rows:
         d = row["difference"]

@@ -108,12 +108,19 @@ def run_stage(root: str | Path, stage: str, force: bool = False,
               on_line: Callable[[str], None] = logger.info) -> StageRun:
     """``dvc repro <stage>`` (``-f -s`` with force); raises ``StageFailed`` with the output's tail."""
     args = ["repro", *(["--force", "--single-item"] if force else []), stage]
+    ran = []  # DVC's "Running stage" comes before the command's output, which may outrun the tail
+
+    def watch(line: str) -> None:
+        if not ran and "Running stage" in line:
+            ran.append(line)
+        on_line(line)
+
     start = time.perf_counter()
-    code, tail = run_dvc(root, args, on_line, label=stage)
+    code, tail = run_dvc(root, args, watch, label=stage)
     seconds = time.perf_counter() - start
     if code != 0:
         raise StageFailed(stage, code, tail, _transient(code, tail))
-    return StageRun(stage, seconds, reproduced=any("Running stage" in line for line in tail))
+    return StageRun(stage, seconds, reproduced=bool(ran))
 
 
 def pull(root: str | Path = ".", on_line: Callable[[str], None] = logger.info) -> bool:
