@@ -13,6 +13,7 @@ from matryoshka_reranker.training.teacher import (
     BiEncoderTeacher,
     load_teacher,
     score_training_file,
+    teacher_identity,
 )
 from tests.train_fixtures import TRAIN_ROWS, one_thread, tiny_params, write_jsonl  # noqa: F401  (autouse)
 
@@ -109,6 +110,57 @@ def test_non_finite_teacher_scores_fail_their_shard(tmp_path, tokenizer, llama_d
     with pytest.raises(TeacherScoreError, match="non-finite"):
         score_training_file(params, teacher=NaNTeacher(load_teacher(params)))
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000.json", "shard-00000.jsonl"]
+    assert not (tmp_path / "scored.jsonl").exists()
+
+
+def test_cross_encoder_teacher_scores_are_logits(tmp_path, tokenizer, llama_dir):
+    """score_scale 1 is for logits: CrossEncoder.predict's default activation (a sigmoid for one label)
+    would squeeze them into (0, 1), an almost flat softmax for training."""
+    path = bert_dir(tmp_path, tokenizer, True)
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="cross_encoder", teacher__name_or_path=str(path))
+    queries, passages = ["what causes colds"] * 2, ["Rhinoviruses cause colds.", "Paris is the capital of France."]
+    model = BertForSequenceClassification.from_pretrained(path).eval()
+    encoded = tokenizer(queries, passages, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**encoded).logits[:, 0].tolist()
+    assert load_teacher(params).score_pairs(queries, passages, lambda n: None) == pytest.approx(logits, abs=1e-5)
+    assert teacher_identity(params)["output"] == "logits"  # shards of the sigmoid scores are not reused
+
+
+def test_a_training_file_with_its_own_scores_keeps_them(tmp_path, tokenizer, llama_dir):
+    """README, "Your own data": without teacher scores the stage fills them; scores on every line are kept.
+    Scores on some lines only are all replaced (one teacher for every line, not two score scales)."""
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="cross_encoder",
+                         teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, True)))
+    write_jsonl(tmp_path / "groups.jsonl", TRAIN_ROWS)
+    unused = Counting(load_teacher(params))
+    rows = read(score_training_file(params, teacher=unused))
+    assert unused.calls == 0
+    assert [(r["pos_scores"], r["neg_scores"]) for r in rows] == [(r["pos_scores"], r["neg_scores"]) for r in TRAIN_ROWS]
+    write_jsonl(tmp_path / "groups.jsonl", [*TRAIN_ROWS, UNSCORED[0]])
+    rows = read(score_training_file(params))
+    assert all(r["teacher"]["kind"] == "cross_encoder" for r in rows)
+    assert rows[0]["pos_scores"] != TRAIN_ROWS[0]["pos_scores"]
+
+
+def test_hybrid_teacher_does_not_hide_a_non_finite_neural_score(tmp_path, tokenizer, llama_dir):
+    """min-max of [x, nan] is [0.5, 0.5] (nan compares false): the fusion must not turn a NaN into a target."""
+    from matryoshka_reranker.training.teacher import TeacherScoreError
+
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="hybrid",
+                         teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, False)))
+    row = {"query": "vitamin D bone loss", "pos": ["Vitamin D deficiency is linked to bone loss."],
+           "neg": ["Paris is the capital of France."]}
+    write_jsonl(tmp_path / "groups.jsonl", [row])
+
+    class NaNLast(Counting):
+        def score_pairs(self, queries, passages, progress):
+            return super().score_pairs(queries, passages, progress)[:-1] + [float("nan")]
+
+    teacher = load_teacher(params, [*row["pos"], *row["neg"]])
+    teacher.neural = NaNLast(teacher.neural)
+    with pytest.raises(TeacherScoreError, match="non-finite"):
+        score_training_file(params, teacher=teacher)
     assert not (tmp_path / "scored.jsonl").exists()
 
 

@@ -33,7 +33,9 @@ training sees logits.
 The run is resumable: lines are scored in shards of ``teacher.shard_size`` under
 ``paths.teacher_shards``; a shard whose input lines and teacher match its recorded fingerprint is
 not scored again. The merged file is written atomically; each line records its ``teacher``.
-A non-finite teacher score is an error for its shard, which is then not recorded as done.
+A non-finite teacher score is an error for its shard, which is then not recorded as done. A training
+file whose every line already carries ``pos_scores`` / ``neg_scores`` (the user's own teacher) keeps
+them; when only some lines do, every line is scored (one teacher, one score scale).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def teacher_identity(params: Params) -> dict:
     teacher = params.teacher
     identity = {"kind": teacher.kind, "name_or_path": teacher.name_or_path, "max_length": teacher.max_length,
                 "score_scale": score_scale(teacher)}
+    if teacher.kind == "cross_encoder":  # shards scored before were sigmoids, not logits: not reused
+        identity["output"] = "logits"
     if teacher.kind == "hybrid":
         identity["hybrid_weight"] = teacher.hybrid_weight
         identity["hybrid_neural"] = teacher.hybrid_neural
@@ -163,10 +167,13 @@ class CrossEncoderTeacher:
         self.batch_size = params.batch_size
 
     def score_pairs(self, queries: Sequence[str], passages: Sequence[str], progress: Progress) -> list[float]:
+        from torch import nn
+
         scores, step = [], self.batch_size * 8
         for start in range(0, len(queries), step):
             pairs = list(zip(queries[start : start + step], passages[start : start + step]))
-            logits = self.model.predict(pairs, batch_size=self.batch_size, activation_fn=None,
+            # Identity: activation_fn=None means the model's default, a sigmoid for one label (not logits)
+            logits = self.model.predict(pairs, batch_size=self.batch_size, activation_fn=nn.Identity(),
                                         convert_to_numpy=True, show_progress_bar=False)
             if logits.ndim == 2:  # several labels: last minus first (relevant minus not)
                 logits = logits[:, -1] - logits[:, 0] if logits.shape[1] > 1 else logits[:, 0]
@@ -232,7 +239,9 @@ class HybridTeacher:
         fused, cursor = [], 0
         for obj in lines:
             n = len(obj["pos"]) + len(obj["neg"])
-            fused += fuse(lexical[cursor:cursor + n], neural[cursor:cursor + n], self.weight)
+            line = neural[cursor:cursor + n]  # min-max would turn [x, nan] into [0.5, 0.5]: keep the NaN
+            fused += fuse(lexical[cursor:cursor + n], line, self.weight) if all(map(math.isfinite, line)) \
+                else [math.nan] * n
             cursor += n
         return fused
 
@@ -303,10 +312,20 @@ def score_training_file(params: Params, teacher=None) -> Path:
     shard_dir = Path(params.paths.teacher_shards)
     identity = teacher_identity(params)
     scale = score_scale(params.teacher)
-    lines = []
+    lines, provided = [], 0
     for number, (where, obj) in enumerate(read_jsonl(source, what="training groups"), 1):
-        parse_example(obj, where)  # validate before any scoring
+        provided += parse_example(obj, where).has_scores  # validate before any scoring
         lines.append((number, obj))
+    if lines and provided == len(lines):  # the user's own teacher scores (README, "Your own data"): kept
+        if rank_and_world()[0] == 0:
+            with atomic_file(target, encoding="utf-8") as handle:
+                for _, obj in lines:
+                    handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        log.info("%s: every line carries pos_scores/neg_scores: kept, not scored again", source)
+        return target
+    if provided:  # one teacher for every line, not two score scales in one training set
+        log.warning("%s: %d of %d lines carry pos_scores/neg_scores, the others none: every line is scored by "
+                    "teacher %s", source, provided, len(lines), identity["kind"])
     all_passages = [p for _, obj in lines for p in [*obj["pos"], *obj["neg"]]]
     if params.teacher.kind == "hybrid":  # BM25 statistics come from the whole file: part of every shard's identity
         identity["bm25_corpus_sha256"] = hashlib.sha256("\n".join(sorted(set(all_passages))).encode()).hexdigest()
