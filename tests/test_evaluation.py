@@ -389,3 +389,39 @@ def test_compare_runs_refuses_curves_without_points(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(empty))
     shown = CliRunner().invoke(app, ["compare-runs", "--a", str(tmp_path / "a.json"), "--b", str(tmp_path / "b.json")])
     assert shown.exit_code == 2 and "learning_curve" in shown.output, shown.output
+
+
+def test_non_finite_scores_fail_the_stage_not_measure_as_a_perfect_ranking(tmp_path):
+    """A quantized copy or specialist that gives NaN is scored one call per query and never compared with
+    the all-exits pass: its NaN must fail the stage, not sort as nDCG 1. Likewise an exit model whose
+    latency pass gives NaN must fail the same-scores check (NaN compares false with any tolerance)."""
+    params = write_fixture(tmp_path, [(8, 1, [8])])
+    index_file = tmp_path / "onnx" / "index.json"
+    index = json.loads(index_file.read_text())
+    index["models"].append({"name": "exit-08-ratio-1-int8", "exit_layer": 8, "ratio": 1, "compress_layers": [8],
+                            "path": "exit-08-ratio-1-int8", "model_file": "model.onnx", "variant": "int8"})
+    index_file.write_text(json.dumps(index))
+    table = {**TABLE, "exit-08-ratio-1-int8": {text: math.nan for text in TEXTS.values()}}
+    quality, latency = lookup_backends(table)
+    with pytest.raises(EvaluationCheckFailed, match="finite"):
+        evaluate(params, scorer_factory=quality, latency_factory=latency)
+    assert not (tmp_path / "metrics" / "per_layer.json").exists()
+
+    def nan_exit_model(config):
+        return lambda pairs: [math.nan] * len(pairs) if config.variant is None else latency(config)(pairs)
+
+    table["exit-08-ratio-1-int8"] = TABLE["exit-08-ratio-1"]
+    with pytest.raises(EvaluationCheckFailed, match="differs from the all-exits pass"):
+        evaluate(params, scorer_factory=quality, latency_factory=nan_exit_model)
+    assert not (tmp_path / "metrics" / "per_layer.json").exists()
+
+
+def test_no_untrained_entry_when_the_baselines_stage_scored_no_untrained_model(tmp_path):
+    """The default baselines stage (evaluation.untrained_baseline false) writes the eval set's identity and no
+    scores: the metrics must not list an "untrained" baseline then (they listed an empty one)."""
+    params = write_fixture(tmp_path, [(8, 1, [8]), (16, 1, [8])])
+    untrained_baseline(params, scorer=lambda *args: pytest.fail("scored with untrained_baseline false"))
+    quality, latency = lookup_backends(TABLE)
+    metrics = evaluate(params, scorer_factory=quality, latency_factory=latency)
+    assert set(metrics["baselines"]) == {"bm25", "random"}
+    assert all("vs_untrained" not in entry for entry in metrics["configs"].values())

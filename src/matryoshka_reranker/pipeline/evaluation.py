@@ -225,6 +225,11 @@ def per_query(queries: list[EvalQuery], scores: dict[str, Sequence[float]], qrel
     import ir_measures
 
     parsed = {name: ir_measures.parse_measure(name) for name in measures}
+    for q in queries:  # a NaN sorts anywhere: ir-measures would score an all-NaN query as a perfect ranking
+        given = scores[q.query_id]
+        if len(given) != len(q.candidates) or not all(math.isfinite(float(s)) for s in given):
+            raise EvaluationCheckFailed(f"query {q.query_id}: expected {len(q.candidates)} finite scores (one per "
+                                        f"candidate), got {len(given)}: {list(given)[:5]}")
     run = {q.query_id: {c.doc_id: float(s) for c, s in zip(q.candidates, scores[q.query_id])} for q in queries}
     judged = {q: qrels[q] for q in run if q in qrels}
     values: dict[str, dict[str, float]] = {name: {q: 0.0 for q in run} for name in measures}
@@ -469,7 +474,7 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
         "configs": configs,
         "pytorch_check": check_against_pytorch(params, queries, groups, scores, pytorch_factory),
     }
-    if baselines:
+    if baselines and baselines.get("summary"):  # the default baselines stage scores no untrained model
         per_layer_metrics["baselines"]["untrained"] = baselines["summary"]
     write_plots(per_layer_metrics, params.paths.plots, measures)
     write_json(params.paths.per_query, {"format_version": FORMAT_VERSION, "identity": identity,
@@ -546,8 +551,9 @@ def _mean_spearman(a: dict[str, list[float]], b: dict[str, list[float]]) -> floa
 
 
 def _check_same_scores(name: str, sampled: dict[str, list[float]], full: dict[str, list[float]]) -> None:
-    worst = max(float(np.abs(np.array(v) - np.array(full[q])).max()) for q, v in sampled.items())
-    if worst > 1e-3:
+    worst = float(np.max([np.abs(np.array(v) - np.array(full[q])).max() if len(v) == len(full[q]) else math.inf
+                          for q, v in sampled.items()]))
+    if not worst <= 1e-3:  # NaN compares false: a non-finite score differs too
         raise EvaluationCheckFailed(f"{name}: the exported exit model differs from the all-exits pass by {worst:.3g}")
 
 
