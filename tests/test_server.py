@@ -430,3 +430,109 @@ def test_a_failing_backend_is_a_424_json_error_and_the_queue_gauge_drains(export
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+class RecordingPool(ModelPool):
+    """The real pool; each scoring call records the queries it was given, then takes ``delay`` seconds."""
+
+    def __init__(self, folder, options, delay):
+        super().__init__(folder, options)
+        self.delay, self.scored = delay, []
+
+    def get(self, key):
+        reranker = super().get(key)
+        if "compute_score" not in vars(reranker):  # wrapped once
+            real = reranker.compute_score
+
+            def recorded(pairs, **kwargs):
+                self.scored.extend(q for q, _ in pairs)
+                time.sleep(self.delay)
+                return real(pairs, **kwargs)
+
+            reranker.compute_score = recorded
+        return reranker
+
+
+def test_a_request_whose_client_went_away_is_not_scored(exported):
+    """A client that disconnects (or times out) while its request waits in the queue: the request leaves
+    the batch instead of being scored for nobody (under overload, clients giving up made the server score
+    only abandoned requests), and counts as 499 in /metrics."""
+    options = ServerOptions(max_batch_pairs=3, batch_window_ms=0)
+    pool = RecordingPool(exported, options, delay=1.0)
+    pool.get(pool.default)  # loaded: the first request is scored at once
+    server, thread, url = run_in_thread(create_app(pool, options))
+    try:
+        async def abandon():
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = asyncio.create_task(client.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}))
+                while QUERY not in pool.scored:  # the first is being scored (1 s): the next one waits in the queue
+                    await asyncio.sleep(0.02)
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post(f"{url}/rerank", json={"query": "abandoned", "texts": TEXTS}, timeout=0.3)
+                return await first
+
+        assert asyncio.run(abandon()).status_code == 200
+        assert httpx.post(f"{url}/rerank", json={"query": "later", "texts": TEXTS}, timeout=30).status_code == 200
+        assert pool.scored.count(QUERY) == 3 and pool.scored.count("later") == 3 and "abandoned" not in pool.scored
+        assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="499"} 1.0' in httpx.get(f"{url}/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class SlowToFailPool(ModelPool):
+    """The real pool, whose exit-2 ratio-1 model takes ``delay`` seconds to fail its checks (a damaged file
+    found by hashing it) on every try; the other configs load as usual."""
+
+    def __init__(self, folder, options, delay):
+        super().__init__(folder, options)
+        self.delay = delay
+
+    def get(self, key):
+        if key == (2, 1):
+            with self._lock:
+                time.sleep(self.delay)
+                raise RuntimeError("sha256 mismatch in model.onnx")
+        return super().get(key)
+
+
+def test_a_model_failing_to_load_does_not_stall_the_other_configs(exported):
+    """Requests for a config that fails to load slowly (sha256 over its files) each tried the load in a thread
+    of the event loop's default pool: a burst of them filled the pool (and queued behind each other on the
+    load lock), and requests for healthy, loaded configs, whose length check runs in that pool too, waited
+    for all of it. Requests waiting for the same load share it."""
+    options = ServerOptions()
+    pool = SlowToFailPool(exported, options, delay=0.5)
+    pool.get(pool.default)
+    server, thread, url = run_in_thread(create_app(pool, options))
+    try:
+        async def burst():
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+                broken = [asyncio.create_task(client.post(f"{url}/rerank", json={
+                    "query": QUERY, "texts": TEXTS, "exit_layer": 2, "ratio": 1})) for _ in range(40)]
+                await asyncio.sleep(0.2)  # the broken config's requests are waiting for its load
+                started = time.perf_counter()
+                healthy = await client.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS})
+                return healthy, time.perf_counter() - started, await asyncio.gather(*broken)
+
+        healthy, seconds, broken = asyncio.run(burst())
+        assert healthy.status_code == 200 and seconds < 5, seconds  # before the fix: ~17 s (40 loads x 0.5 s in turn)
+        assert {r.status_code for r in broken} == {424}
+        assert all("sha256 mismatch" in r.json()["error"] for r in broken)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_server_options_that_would_disable_their_limit_are_refused(tmp_path):
+    """``--max-queue 0`` made asyncio's queue unbounded (never a 429: the opposite of a tighter limit), and
+    ``--workers 0`` failed the server's start-up with a traceback."""
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    for name in ("max_queue", "workers", "max_texts", "max_batch_pairs"):
+        with pytest.raises(ValueError, match=name):
+            ServerOptions(**{name: 0})
+    result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--max-queue", "0"])
+    assert result.exit_code == 2 and "max_queue" in result.output, result.output

@@ -49,6 +49,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.requests import Request  # here, not in create_app: FastAPI resolves the handler's annotations
 
 from .artifacts import (
     ALL_EXITS_FILE,
@@ -74,6 +75,11 @@ class ServerOptions:
     threads: int | None = None  # intra-op threads (ONNX Runtime per session, PyTorch per process; None: default)
     workers: int = 1  # threads running model calls (ORT and PyTorch release the GIL)
     verify: bool = True  # sha256 of every file before loading
+
+    def __post_init__(self):  # asyncio reads a queue size of 0 as unbounded: --max-queue 0 would never answer 429
+        for name in ("max_texts", "max_queue", "max_batch_pairs", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 class ServerInputError(ValueError):
@@ -390,6 +396,9 @@ class Batcher:
                     break
                 jobs.append(job)
                 size += len(job.pairs)
+            jobs = [job for job in jobs if not job.future.done()]  # a request whose client went away: not scored
+            if not jobs:
+                continue
             pairs = [p for job in jobs for p in job.pairs]
             try:
                 reranker = await loop.run_in_executor(self.executor, self.pool.get, self.key)
@@ -425,7 +434,7 @@ class RerankRequest(BaseModel):
 
 def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
     """The FastAPI application (tests drive it through a real uvicorn server)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import (
@@ -442,7 +451,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     pairs_scored = Counter("matryoshka_pairs", "Query-text pairs scored", ["config"], registry=registry)
     queued = Gauge("matryoshka_queue_depth", "Requests waiting per config", ["config"], registry=registry)
-    state: dict = {"batchers": {}}
+    state: dict = {"batchers": {}, "loading": {}}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -470,7 +479,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         return error(exc.status, f"{exc.field}: {exc}")
 
     @app.post("/rerank")
-    async def rerank(body: RerankRequest):
+    async def rerank(body: RerankRequest, request: Request):
         if not body.texts:
             return error(400, "texts: `texts` cannot be empty", "Empty")
         if len(body.texts) > options.max_texts:
@@ -496,8 +505,11 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         if batcher.queue.full():  # before any tokenizing: a refused request costs nothing
             return overloaded()
         loop = asyncio.get_running_loop()
+        loading = state["loading"].get(key)  # one load per config at a time, shared by the requests waiting
+        if loading is None or (loading.done() and (loading.cancelled() or loading.exception() is not None)):
+            loading = state["loading"][key] = loop.run_in_executor(None, pool.get, key)  # a failed one is retried
         try:  # a config's first request loads it (sha256 of its files, a session): off the event loop
-            encoder = (await loop.run_in_executor(None, pool.get, key)).encoder
+            encoder = (await asyncio.shield(loading)).encoder
         except Exception as err:  # noqa: BLE001 - the model cannot load (e.g. a damaged file): TEI's 424
             requests.labels(name, "424").inc()
             log.exception("loading %s failed", name)
@@ -509,8 +521,23 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
             future = batcher.submit([(body.query, t) for t in body.texts])
         except asyncio.QueueFull:
             return overloaded()
+
+        async def client_gone() -> None:  # the body is read: what the server receives next is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(client_gone())
         try:
-            scores = await future
+            await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not future.done():  # the client disconnected or timed out: its pairs leave the batch
+                future.cancel()
+        if future.cancelled():
+            requests.labels(name, "499").inc()
+            return error(499, f"{name}: the client closed the connection", "Cancelled")  # read by nobody
+        try:
+            scores = future.result()
         except Exception as err:  # noqa: BLE001 - TEI answers a failed backend with 424
             requests.labels(name, "424").inc()
             log.exception("scoring failed for %s", name)
