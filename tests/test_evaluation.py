@@ -252,6 +252,15 @@ def test_pytorch_check_agrees_with_a_faithful_backend(tiny_pipeline):
     assert max(abs(a - b) for a, b in zip(wide, narrow)) > 1e-3
 
 
+def test_pytorch_check_runs_in_float32_whatever_the_model_dtype(tiny_pipeline):
+    # model.dtype auto is bf16 on CUDA: the check against the float32 export must still score in float32
+    params = with_evaluation(tiny_pipeline, pytorch_check=True, pytorch_check_queries=0)
+    quality, latency = pytorch_backends(params)  # float32 (CPU), as an ONNX float32 export scores
+    bf16 = params.model_copy(update={"model": params.model.model_copy(update={"dtype": "bfloat16"})})
+    check = evaluate(bf16, scorer_factory=quality, latency_factory=latency)["pytorch_check"]
+    assert check["passed"] and check["dtype"] == "float32" and check["max_abs_diff"] < 1e-5
+
+
 def test_pytorch_check_failure_fails_the_stage_and_writes_nothing(tiny_pipeline, tmp_path):
     params = with_evaluation(tiny_pipeline, pytorch_check="exit-04-ratio-1")
     quality, latency = pytorch_backends(params, shift_exit=1)  # scores exit 3 as "exit 4"

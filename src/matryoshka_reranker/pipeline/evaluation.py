@@ -336,7 +336,9 @@ def check_against_pytorch(params: Params, queries: list[EvalQuery], groups: list
     sample = queries[:limit] if limit else queries
     pairs = [p for q in sample for p in q.pairs]
     start = time.perf_counter()
-    scorer = pytorch_factory(params, ratio)
+    # float32, as the export's parity check: model.dtype auto is bf16 on CUDA, which alone differs beyond the tolerance
+    scorer = pytorch_factory(params.model_copy(update={"model": params.model.model_copy(update={"dtype": "float32"})}),
+                             ratio)
     reference = scorer(pairs, [c.exit_layer for c in checked], checked[0].compress_layers if ratio > 1 else ())
     per_config: dict[str, dict[str, Any]] = {}
     for config, torch_scores in zip(checked, reference):
