@@ -158,6 +158,32 @@ def test_smoothing_inserts_a_mul_where_it_cannot_fold():
     np.testing.assert_allclose(_run(model, x), x @ w, rtol=1e-4, atol=1e-3)
 
 
+
+def test_smoothing_a_weight_shared_by_two_inputs_stays_exact():
+    """A compression layer's graph reads its k_proj weight twice (the layer's own keys, and
+    last_token_attention's recomputed ones: another input): each input's factors must reach only its
+    own MatMuls' weights, not be multiplied into the shared one twice."""
+    x, gamma, w1, wk = _channel_outlier_inputs()
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gamma"], ["normed"], name="norm"),
+         helper.make_node("MatMul", ["normed", "w1"], ["y1"], name="q"),
+         helper.make_node("MatMul", ["normed", "wk"], ["y2"], name="k"),
+         helper.make_node("Mul", ["x", "gamma"], ["normed_again"], name="norm_again"),
+         helper.make_node("Relu", ["normed_again"], ["other"], name="other_input"),
+         helper.make_node("MatMul", ["other", "wk"], ["y3"], name="k_again"),
+         helper.make_node("Sum", ["y1", "y2", "y3"], ["y"], name="sum")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", N])],
+        [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(wk, "wk")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    assert smooth(model, channel_maxima(model, [{"x": x}]), alpha=0.75) == 2
+    normed = x * gamma
+    np.testing.assert_allclose(_run(model, x), normed @ w1 + normed @ wk + np.maximum(normed, 0) @ wk,
+                               rtol=1e-4, atol=1e-3)
+    per_token_int8(model)
+    exact = normed @ w1 + normed @ wk + np.maximum(normed, 0) @ wk
+    assert np.abs(_run(model, x) - exact).mean() / np.abs(exact).mean() < 0.02
+
 def test_smoothing_shrinks_the_per_token_error_of_a_channel_outlier(tmp_path):
     x, gamma, w1, w2 = _channel_outlier_inputs()
     exact = (x * gamma) @ w1 + (x * gamma) @ w2
@@ -179,6 +205,25 @@ def test_smoothing_shrinks_the_per_token_error_of_a_channel_outlier(tmp_path):
     assert info["smoothing"]["inputs"] == 1 and info["nodes_kept_fp32"] == 0
     quantized = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(quantized - exact).mean() / np.abs(exact).mean() < 0.02
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-token", "int4"])
+def test_quantized_files_follow_the_umask(tmp_path, scheme):
+    """onnx (and ONNX Runtime through it) creates the external weights file 0600: a copy exported by one
+    user could not be served by another, where its fp32 folder can (core/atomic.py: files follow the umask)."""
+    import os
+
+    x, gamma, w1, w2 = _channel_outlier_inputs()
+    source, target = tmp_path / "m.onnx", tmp_path / "q" / "model.onnx"
+    target.parent.mkdir()
+    onnx.save(_norm_then_two_matmuls(gamma, w1, w2), str(source))
+    old = os.umask(0o022)
+    try:
+        quantize_model(source, target, scheme, calibration=[{"x": x}], smoothing=0.75)
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in target.parent.iterdir()} == {
+        "model.onnx": "0o644", "model.onnx.data": "0o644"}
 
 
 def test_parts_kept_in_fp32_are_found_by_shape_and_order(tmp_path):

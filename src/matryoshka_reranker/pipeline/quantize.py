@@ -125,6 +125,7 @@ def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[
         quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        _follow_umask(target)
         return info
     if scheme == "int8-token":
         info["nodes_quantized"] = per_token_int8(model, keep)
@@ -138,7 +139,20 @@ def quantize_model(source: Path, target: Path, scheme: str, keep_fp32: Sequence[
         quantizer.process()
         model = quantizer.model.model
     onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data", size_threshold=1024)
+    _follow_umask(target)
     return info
+
+
+def _follow_umask(target: Path) -> None:
+    """onnx creates the external data file 0600 (ONNX Runtime's quantizers save through it): the copy's
+    files get the permissions the user's umask gives, as every other written artifact (core/atomic.py)."""
+    import os
+
+    from ..core.atomic import _umask
+
+    for path in (target, target.with_name(target.name + ".data")):
+        if path.exists():
+            os.chmod(path, 0o666 & ~_umask())
 
 
 def per_token_int8(model, keep: Sequence[str] = ()) -> int:
@@ -315,7 +329,20 @@ def smooth(model, maxima: dict, alpha: float, keep: Sequence[str] = ()) -> int:
         s = np.maximum(maxima[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)
         s = np.clip(s, 1e-5, 1e5).astype(np.float32)
         for node, w in zip(nodes, weights):
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], node.input[1]))
+            weight = node.input[1]
+            readers = sum(n.input[1] == weight for n in nodes)
+            if uses[weight] > readers:  # also read with another input (a compression layer's recomputed
+                # k_proj): these MatMuls get a smoothed copy of their own, the others keep the weight as it is
+                uses[weight] -= readers
+                copy = f"smooth/w{len(graph.initializer)}"
+                graph.initializer.append(numpy_helper.from_array(w * s[:, None], copy))
+                inits[copy] = graph.initializer[-1]
+                uses[copy] = readers
+                for n in nodes:
+                    if n.input[1] == weight:
+                        n.input[1] = copy
+            else:
+                inits[weight].CopyFrom(numpy_helper.from_array(w * s[:, None], weight))
         if not _fold_into_producer(x, 1.0 / s, producers, consumers, uses, inits, len(nodes)):
             name = f"smooth/{len(inserted)}"
             graph.initializer.append(numpy_helper.from_array(1.0 / s, name + "/inverse"))
