@@ -437,3 +437,73 @@ def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
         quantized = OnnxReranker(folder).compute_score(PAIRS)
         float_scores = OnnxReranker(tmp_path / "out" / "ratio-1", 4).compute_score(PAIRS)
         assert np.isfinite(quantized).all() and np.abs(np.array(quantized) - float_scores).max() < 0.5
+
+
+def test_platt_fit_rises_with_the_score_whatever_its_offset_or_spread():
+    """A shallow exit's logits can sit in a narrow band far from 0, or not rank the calibration pairs at
+    all: the fit must still find the slope (not a near-zero or negative one), and a mapping that would
+    fall as the raw score rises (reversing ``rank(normalize=True)``) is never shipped."""
+    from matryoshka_reranker.pipeline.calibration import fit_platt
+    from matryoshka_reranker.serving.artifacts import calibrated_probability
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 1, 40)
+    labels = (s + rng.normal(0, 1, 40) > 0).astype(int).tolist()
+    reference = fit_platt(s, labels)
+    for spread, offset in [(1.0, 100.0), (0.01, 3.0), (1.0, -1000.0)]:
+        fitted = fit_platt(s * spread + offset, labels)
+        assert fitted["method"] == "platt"
+        assert fitted["a"] == pytest.approx(reference["a"] / spread, rel=1e-3)
+        np.testing.assert_allclose(calibrated_probability(fitted, s * spread + offset),
+                                   calibrated_probability(reference, s), atol=1e-4)
+    for scores in ([3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [5.0] * 6):  # anti-correlated, constant
+        fitted = fit_platt(scores, [0, 0, 0, 1, 1, 1])
+        assert fitted["a"] > 0 and fitted["method"] == "none" and "note" in fitted
+        p = calibrated_probability(fitted, [-2.0, 0.0, 2.0])
+        assert p[0] < p[1] < p[2]
+
+
+def test_calibrated_probability_of_far_out_scores_is_0_or_1_without_overflow():
+    import warnings
+
+    from matryoshka_reranker.serving.artifacts import calibrated_probability
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in exp" reached every caller
+        p = calibrated_probability({"a": 40.0, "b": 0.0}, [-30.0, -1.0, 0.0, 1.0, 30.0])
+    assert p[0] == 0.0 and p[-1] == 1.0 and p[2] == 0.5 and np.all(np.diff(p) >= 0)
+    np.testing.assert_allclose(p[1:4], 1 / (1 + np.exp([40.0, 0.0, -40.0])), rtol=1e-12)
+
+
+def test_release_card_states_the_recorded_interval_and_a_released_exit():
+    """The release card's numbers come from the record: the interval is the evaluation's confidence
+    (``evaluation.confidence``), and its usage example opens an exit the release has."""
+    from matryoshka_reranker.pipeline.model_card import release_card
+
+    configs = {f"exit-0{k}-ratio-{r}": {"exit_layer": k, "ratio": r, "nDCG@10": 0.5 + 0.01 * k,
+                                        "nDCG@10_ci": [0.4, 0.6], "latency_ms_per_query": 2.0}
+               for k in (4, 6) for r in (1, 2)}
+    record = {"files": {name: {} for name in configs}, "artifacts": {name: {"path": "x"} for name in configs},
+              "policy": {"measures": ["nDCG@10"]}, "gate": {"passed": True},
+              "metrics": {"eval": {"queries": 40, "candidates": 5, "confidence": 0.9}, "configs": configs}}
+    card = release_card("v0.1.0", record)
+    assert "| exit-06-ratio-1 | 0.560 [0.400, 0.600] | 2 |" in card and "40 eval queries x 5" in card
+    assert "90% bootstrap interval" in card and "95%" not in card
+    assert 'OnnxReranker("downloads/v0.1.0/ratio-1", exit_layer=6)' in card and "exit_layer=30" not in card
+
+
+def test_folder_card_calls_an_identity_calibration_none():
+    """An exit whose Platt fit fell back to identity (one class, or scores that do not rise with relevance)
+    is not calibrated: the card says so instead of listing (1, 0) as a fitted calibration."""
+    from matryoshka_reranker.pipeline.model_card import ratio_card
+
+    fitted = {"method": "platt", "a": 0.7, "b": -1.2, "pairs": 40, "positives": 9}
+    identity = {"method": "none", "a": 1.0, "b": 0.0, "pairs": 40, "positives": 9, "note": "slope -0.3: identity"}
+    manifest = {"name": "ratio-1", "source_model": "m", "num_layers": 4, "dtype": "float32", "opset": 18,
+                "compression": {"ratio": 1, "layers": []}, "adapters": [],
+                "input_format": {"template": "t", "query_max_len": 8, "passage_max_len": 8, "prompt": "p"},
+                "models": [{"kind": "exit", "exit_layer": 2, "model_file": "exit-02.onnx", "calibration": identity},
+                           {"kind": "exit", "exit_layer": 4, "model_file": "exit-04.onnx", "calibration": fitted}]}
+    card = ratio_card(manifest)
+    assert "| 2 | `exit-02.onnx` | none | nan | none (slope -0.3: identity) |" in card
+    assert "| 4 | `exit-04.onnx` | none | nan | 0.7000, -1.2000 (40 pairs) |" in card

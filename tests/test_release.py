@@ -630,3 +630,35 @@ def test_an_exit_specialist_is_released_downloaded_and_gated_beside_the_shared_e
     repro(root)
     second = publish(params, root)
     assert second.status == "published" and second.version == "v0.1.1"
+
+
+def test_latest_is_the_newest_finished_release_not_one_whose_publish_stopped(tmp_path, monkeypatch):
+    """A publish stopped after pushing its tags but before its remote record was completed leaves the
+    tag at origin and the record ``claimed``: "latest" is the release before it, and asking for the
+    unfinished one by name says so (not "the tag was moved")."""
+    from matryoshka_reranker.release import records, registry
+
+    root, params = make_project(tmp_path)
+    repro(root)
+    assert publish(params, root).version == "v0.1.0"
+    set_knobs(root, model_seed=1)
+    repro(root)
+
+    def interrupted(self, *args, **kwargs):
+        raise registry.PublishInterrupted("publish interrupted by signal 15")
+
+    monkeypatch.setattr(records.RecordStore, "update", interrupted)  # after the tags were pushed
+    with pytest.raises(registry.PublishInterrupted):
+        publish(params, root)
+    monkeypatch.undo()
+    origin = str(tmp_path / "origin.git")
+    assert "refs/tags/v0.1.1" in git(root, "ls-remote", "--tags", "origin")
+    assert json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.1.json").read_text())["status"] == "claimed"
+    version, folders = registry.fetch_release("latest", repo=origin, exit_layers=[4], ratios=[1],
+                                              cache=tmp_path / "cache")
+    assert version == "v0.1.0" and (folders[0] / "weights.bin").read_bytes().endswith(b" 0\n")
+    with pytest.raises(ReleaseError, match="v0.1.1 is not finished"):
+        download("v0.1.1", 4, 1, repo=origin, out=tmp_path / "out")
+    assert publish(params, root).version == "v0.1.1"  # the next run completes it; then it is the latest
+    assert registry.fetch_release("latest", repo=origin, exit_layers=[4], ratios=[1], cache=tmp_path / "cache")[0] \
+        == "v0.1.1"

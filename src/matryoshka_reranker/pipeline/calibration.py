@@ -55,14 +55,22 @@ def fit_platt(scores: Sequence[float], labels: Sequence[int]) -> dict:
         return {"method": "none", "a": 1.0, "b": 0.0, "pairs": len(y), "positives": int(positives),
                 "note": "the calibration pairs hold one class only: identity (plain sigmoid)"}
     target = np.where(y > 0, (positives + 1) / (positives + 2), 1 / (negatives + 2))  # Platt (1999)
-    scale = max(float(np.std(s)), 1e-6)
+    center, scale = float(np.mean(s)), float(np.std(s))
+    if not scale > 0:
+        return {"method": "none", "a": 1.0, "b": 0.0, "pairs": len(y), "positives": int(positives),
+                "note": "the exit gives every calibration pair the same score: identity (plain sigmoid)"}
 
-    def loss(params):
-        z = params[0] * s / scale + params[1]
+    def loss(params):  # standardised scores: the fit is as well conditioned at any offset and spread
+        z = params[0] * (s - center) / scale + params[1]
         return float(np.sum(np.logaddexp(0, z) - target * z))
 
     result = minimize(loss, x0=np.array([1.0, 0.0]), method="L-BFGS-B")
-    a, b = float(result.x[0] / scale), float(result.x[1])
+    a = float(result.x[0] / scale)
+    b = float(result.x[1] - a * center)
+    if not a > 0:  # a falling map would reverse the ranking of normalize=True against the raw scores
+        return {"method": "none", "a": 1.0, "b": 0.0, "pairs": len(y), "positives": int(positives),
+                "note": f"the exit's scores do not rise with relevance on the calibration pairs (fitted slope "
+                        f"{a:.4g}): identity (plain sigmoid)"}
     return {"method": "platt", "a": a, "b": b, "pairs": len(y), "positives": int(positives)}
 
 

@@ -83,7 +83,8 @@ def ratio_card(manifest: dict[str, Any], data_dir: str | None = None) -> str:
         diff = parity.get("max_abs_diff", parity.get("max_abs_diff_vs_float", float("nan")))
         cal = m.get("calibration")
         lines.append(f"| {m['exit_layer']} | `{m['model_file']}` | {m.get('applied_layers') or 'none'} | {diff:.2e} | "
-                     + (f"{cal['a']:.4f}, {cal['b']:.4f} ({cal['pairs']} pairs)" if cal else "none") + " |")
+                     + (f"{cal['a']:.4f}, {cal['b']:.4f} ({cal['pairs']} pairs)" if cal and cal.get("method") != "none"
+                        else f"none ({cal['note']})" if cal and cal.get("note") else "none") + " |")
     lines += [
         "",
         f"- Adapters merged, in order: {', '.join(a['path'] for a in manifest['adapters']) or 'none'}.",
@@ -112,6 +113,8 @@ def release_card(version: str, record: dict[str, Any]) -> str:
     """``releases/<version>.md``: what was released, its gate verdict and per-layer quality with intervals."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from ..serving.artifacts import parse_config_name
+
     metrics = record.get("metrics", {})
     configs = metrics.get("configs", {})
     measures = record.get("policy", {}).get("measures") or ["nDCG@10"]
@@ -123,7 +126,7 @@ def release_card(version: str, record: dict[str, Any]) -> str:
              f"Gate: {'WAIVED' if gate.get('waived') else 'passed' if gate.get('passed') else 'failed'} "
              f"(baseline {gate.get('baseline') or 'none: first release'}).", "",
              f"Quality on {ev.get('queries', '?')} eval queries x {ev.get('candidates', '?')} BM25 candidates "
-             "(mean [95% bootstrap interval over queries]):", "",
+             f"(mean [{ev.get('confidence', 0.95):.0%} bootstrap interval over queries]):", "",
              "| config | " + " | ".join(measures) + " | ms/query |", "|---" * (len(measures) + 2) + "|"]
     for name, entry in configs.items():
         cells = [f"{entry[m]:.3f} [{entry[m + '_ci'][0]:.3f}, {entry[m + '_ci'][1]:.3f}]" if f"{m}_ci" in entry
@@ -132,6 +135,10 @@ def release_card(version: str, record: dict[str, Any]) -> str:
     bm25 = metrics.get("baselines", {}).get("bm25", {})
     if bm25:
         lines.append("| BM25 (first stage) | " + " | ".join(f"{bm25.get(m, float('nan')):.3f}" for m in measures) + " | |")
+    # the usage example opens a released exit: the deepest shared-weight one of the smallest ratio
+    shared = sorted((r, -k) for k, r, variant in map(parse_config_name, record.get("files") or configs)
+                    if variant is None)
+    ratio, deepest = (shared[0][0], -shared[0][1]) if shared else (1, 30)
     lines += ["", "Files and their sha256: `releases/" + version + ".json` (what `matryoshka download` checks).",
-              "", "## Use", "", _usage("downloads/" + version + "/ratio-1", 30, 1), ""]
+              "", "## Use", "", _usage(f"downloads/{version}/ratio-{ratio}", deepest, ratio), ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -726,12 +726,16 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
 
 
 def resolve_version(version: str, repo: str | Path = ".") -> str:
-    """``latest`` -> the newest release tag of ``repo``; a named version must exist."""
+    """``latest`` -> the newest release tag of ``repo`` whose publish finished; a named version must exist."""
     available = release_versions(list_tags(str(repo)))
     if version == "latest":
         if not available:
             raise ReleaseError(f"{repo} has no releases yet")
-        return available[-1]
+        for candidate in reversed(available):
+            if not _unfinished(repo, candidate):
+                return candidate
+            logger.warning("release %s is tagged but its publish has not finished: latest skips it", candidate)
+        raise ReleaseError(f"{repo} has no finished release; tagged: {', '.join(available)}")
     if version not in available:
         raise ReleaseError(f"{repo} has no release {version}; releases: {', '.join(available) or 'none'}")
     return version
@@ -784,6 +788,22 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
     return version, folders
 
 
+def _unfinished(repo: str | Path, version: str) -> bool:
+    """True when the release remote's record of ``version`` is still a publish's claim (tags pushed,
+    record not completed); where that cannot be read, ``download`` decides."""
+    from .records import RecordError, RecordStore
+
+    fs = open_at(str(repo), version)
+    try:
+        url = _remote_url_of(fs, None, version)
+    finally:
+        fs.close()
+    try:
+        return bool(url) and RecordStore(url).read(version).get("status") == "claimed"
+    except RecordError:
+        return False
+
+
 def _cached_and_intact(folder: Path, expected: dict[str, str], quiet: bool = False) -> bool:
     from ..serving.artifacts import verify_files
 
@@ -815,6 +835,9 @@ def _check_tag_commit(repo: str, version: str, url: str | None) -> None:
         record = RecordStore(url).read(version)
     except RecordError as err:
         raise ReleaseError(str(err)) from None
+    if record.get("status") == "claimed":
+        raise ReleaseError(f"release {version} is not finished: its publish stopped before completing its record "
+                           "in the release remote (the publisher's next `matryoshka publish` completes it)")
     tagged = [line.split()[0] for line in git(".", "ls-remote", "--", repo, f"refs/tags/{version}^{{}}",
                                               f"refs/tags/{version}").splitlines()]
     commit = tagged[0] if tagged else None

@@ -267,4 +267,5 @@ def calibrated_probability(calibration: dict | None, scores):
     import numpy as np
 
     a, b = (calibration or {}).get("a", 1.0), (calibration or {}).get("b", 0.0)
-    return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=np.float64) + b)))
+    z = a * np.asarray(scores, dtype=np.float64) + b
+    return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + exp(-z)), without overflowing for z << 0
