@@ -458,9 +458,15 @@ def test_platt_fit_rises_with_the_score_whatever_its_offset_or_spread():
                                    calibrated_probability(reference, s), atol=1e-4)
     for scores in ([3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [5.0] * 6):  # anti-correlated, constant
         fitted = fit_platt(scores, [0, 0, 0, 1, 1, 1])
-        assert fitted["a"] > 0 and fitted["method"] == "none" and "note" in fitted
+        assert fitted["a"] > 0 and "note" in fitted
         p = calibrated_probability(fitted, [-2.0, 0.0, 2.0])
         assert p[0] < p[1] < p[2]
+    # large anti-correlated logits (as a default run's exit 30 at ratio 2): the probability stays near the base
+    # rate (1 in 4 here), rising with the score, not the plain sigmoid's ~1 for every pair
+    falling = fit_platt([48.0, 47.0, 46.0, 45.0, 50.0, 49.0, 44.0, 43.0], [0, 0, 0, 0, 0, 0, 1, 1])
+    p = calibrated_probability(falling, [43.0, 46.0, 50.0])
+    assert falling["method"] == "platt" and "floor" in falling["note"]
+    assert p[0] < p[1] < p[2] and np.all(np.abs(p - 0.3) < 0.1)
 
 
 def test_calibrated_probability_of_far_out_scores_is_0_or_1_without_overflow():
