@@ -227,6 +227,9 @@ class DistributedParams(Section):
 KEEP_PART = r"^(score_heads|first_layer|(down_proj|all_mlp|all)(@[1-9][0-9]*(-[1-9][0-9]*)?)?)$"
 
 
+FLOAT32_ONLY_QUANTIZE = ("int8", "int8-token")  # schemes that rewrite float32 graphs (not float16 exports)
+
+
 class ExportParams(Section):
     exit_layers: list[int] = [8, 16, 24, 30]
     ratios: list[int] = [1, 2, 4]
@@ -260,7 +263,7 @@ class ExportParams(Section):
 
     @model_validator(mode="after")
     def _quantize_needs_float32(self) -> ExportParams:
-        float32_only = [s for s in self.quantize if s in ("int8", "int8-token")]
+        float32_only = [s for s in self.quantize if s in FLOAT32_ONLY_QUANTIZE]
         if self.dtype == "float16" and float32_only:  # else found only when ONNX Runtime loads the copy, at the end
             raise ValueError(f"quantize {float32_only} rewrites float32 graphs: use dtype float32, or int8-weight-only "
                              "/ int4 with float16")

@@ -41,7 +41,7 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", hint: str | No
                 value = json.loads(line)
             except json.JSONDecodeError as err:
                 raise JsonlError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if _SURROGATE.search(raw) and not _encodable(value):
+            if _SURROGATE.search(raw) and not is_valid_unicode(value):
                 raise JsonlError(f"{path}:{number}: not valid Unicode (a lone surrogate escape), which no "
                                  "tokenizer or UTF-8 file takes")
             yield f"{path}:{number}", value
@@ -50,9 +50,11 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", hint: str | No
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \ud800-\udfff escape; a valid pair is two of them
 
 
-def _encodable(value: object) -> bool:
+def is_valid_unicode(value: object) -> bool:
+    """False when ``value`` (a string, or JSON holding strings) has a lone surrogate: JSON may escape one
+    (``"\\ud800"``), Python decodes it, but no tokenizer or UTF-8 file takes it."""
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)).encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import FLOAT32_ONLY_QUANTIZE
 from ..core.atomic import atomic_dir, sha256_file, write_json
 from ..core.errors import CheckFailed
 from ..model.inputs import InputFormat, PairEncoder, resolve_format
@@ -197,7 +198,7 @@ def export_models(
         raise ValueError(f"opset must be >= 18, got {options.opset}")
     if not exit_layers or not ratios:
         raise ValueError("nothing to export: exit_layers and ratios must not be empty")
-    float32_only = [s for s in options.quantize if s in ("int8", "int8-token")]
+    float32_only = [s for s in options.quantize if s in FLOAT32_ONLY_QUANTIZE]
     if options.dtype == "float16" and float32_only:  # they rewrite float32 graphs; ORT refused the result at the end
         raise ValueError(f"quantize {float32_only} needs dtype float32 (a float16 export can be quantized "
                          "int8-weight-only or int4)")

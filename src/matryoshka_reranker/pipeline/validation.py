@@ -27,6 +27,7 @@ from typing import Any
 
 from ..config import ValidationParams
 from ..core.atomic import atomic_dir
+from ..core.jsonl import is_valid_unicode
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,7 @@ def derive_row(line: int, text: str, prompt: str | None = None) -> dict[str, Any
         row["json_error"] = f"a JSON {_json_type(obj)}, not an object"
         return row
     if "\\u" in text:  # JSON may escape a lone surrogate ("\ud800"): no tokenizer takes it, so training would fail
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
+        if not is_valid_unicode(obj):
             row["json_error"] = "not valid Unicode (a lone surrogate escape)"
             return row
 

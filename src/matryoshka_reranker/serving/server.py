@@ -51,6 +51,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.requests import Request  # here, not in create_app: FastAPI resolves the handler's annotations
 
+from ..core.jsonl import is_valid_unicode
 from .artifacts import (
     ALL_EXITS_FILE,
     ExportedConfig,
@@ -584,11 +585,8 @@ def check_unicode(texts: Sequence[str]) -> None:
     """JSON may escape a lone surrogate (``"\\ud800"``), which no tokenizer takes: refused naming the text (the
     query's ``min_length`` already makes pydantic refuse one there)."""
     for i, text in enumerate(texts):
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ServerInputError(f"texts[{i}]", "not valid Unicode (a lone surrogate escape)", 422) from None
+        if not text.isascii() and not is_valid_unicode(text):
+            raise ServerInputError(f"texts[{i}]", "not valid Unicode (a lone surrogate escape)", 422)
 
 
 def check_lengths(encoder, query: str, texts: Sequence[str]) -> None:
