@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 
 
 def min_max(values: Sequence[float]) -> list[float]:
-    """Per-query scaling to [0, 1]; a constant list maps to 0.5 (it carries no order)."""
+    """Per-query scaling to [0, 1]; a constant list maps to 0.5 (it carries no order). A non-finite value makes
+    every value NaN: min and max compare false with NaN, so ``[x, nan]`` would pass as a constant ``[0.5, 0.5]``."""
+    if not all(math.isfinite(v) for v in values):
+        return [math.nan] * len(values)
     low, high = min(values), max(values)
     return [0.5] * len(values) if high == low else [(v - low) / (high - low) for v in values]
 

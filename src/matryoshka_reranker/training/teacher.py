@@ -239,9 +239,7 @@ class HybridTeacher:
         fused, cursor = [], 0
         for obj in lines:
             n = len(obj["pos"]) + len(obj["neg"])
-            line = neural[cursor:cursor + n]  # min-max would turn [x, nan] into [0.5, 0.5]: keep the NaN
-            fused += fuse(lexical[cursor:cursor + n], line, self.weight) if all(map(math.isfinite, line)) \
-                else [math.nan] * n
+            fused += fuse(lexical[cursor:cursor + n], neural[cursor:cursor + n], self.weight)  # NaN stays NaN
             cursor += n
         return fused
 
