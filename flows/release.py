@@ -96,10 +96,7 @@ def release(request: ReleaseRequest = ReleaseRequest()) -> dict:
     logger = get_run_logger()
     repo, params_path = request.repo, request.params
     params_file = Path(repo) / params_path
-    original = params_file.read_text(encoding="utf-8")
-    repro.write_overrides(params_file, request.overrides)  # bad overrides fail here, before any work
-    published = False
-    try:
+    with repro.overridden_params(params_file, request.overrides) as keep:  # bad overrides fail here, first
         problems = artifacts_out_of_sync(load_params(params_file), repo)
         if problems:
             raise ReleaseError("dvc.yaml artifacts do not match params (run `matryoshka artifacts`): "
@@ -109,14 +106,11 @@ def release(request: ReleaseRequest = ReleaseRequest()) -> dict:
         create_table_artifact(runs, key="stage-durations", description="dvc repro, one task per stage")
         report = gate(repo, params_path)
         result = publish_release(repo, params_path, request.version, request.dry_run)
-        published = result["status"] == "published"
+        if result["status"] == "published":
+            keep()  # the overrides live on in the release's commit
         logger.info("release flow done: %s", result)
         return {"stages": runs, "gate": {"passed": report["passed"], "regressions": report["regressions"]},
                 **result}
-    finally:
-        if request.overrides and not published and params_file.read_text(encoding="utf-8") != original:
-            params_file.write_text(original, encoding="utf-8")  # overrides only live on in a release
-
 
 if __name__ == "__main__":
     release()

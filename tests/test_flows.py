@@ -97,6 +97,30 @@ def test_bad_override_fails_before_any_stage_runs(harness, tmp_path):
     assert not (root / "dvc.lock").exists()
 
 
+
+def test_overridden_params_restore_unless_kept(tmp_path):
+    """The release flow's overrides live for one run: restored after a failure or a dry run, kept if published."""
+    params = tmp_path / "params.yaml"
+    params.write_text("# my comment\nexport:\n  opset: 17\n", encoding="utf-8")
+    original = params.read_text(encoding="utf-8")
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with repro.overridden_params(params, ["export.opset=18"]):
+            assert "opset: 18" in params.read_text(encoding="utf-8")
+            raise RuntimeError("stage failed")
+    assert params.read_text(encoding="utf-8") == original
+    with repro.overridden_params(params, ["export.opset=18"]):
+        pass  # a dry run: nothing kept
+    assert params.read_text(encoding="utf-8") == original
+    with repro.overridden_params(params, ["export.opset=18"]) as keep:
+        keep()
+    assert "opset: 18" in params.read_text(encoding="utf-8") and "# my comment" in params.read_text(encoding="utf-8")
+    before = params.read_text(encoding="utf-8")
+    with pytest.raises(Exception, match="ratios"):  # a bad override raises before anything is written
+        with repro.overridden_params(params, ["export.ratios=[3]"]):
+            pytest.fail("the body must not run")
+    assert params.read_text(encoding="utf-8") == before
+
+
 FLAKY_STAGE = """\
 import sys
 from pathlib import Path

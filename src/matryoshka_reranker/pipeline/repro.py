@@ -167,3 +167,25 @@ def write_overrides(params_path: str | Path, overrides: list[str]) -> None:
     ryaml.dump(doc, buffer)
     with atomic_file(path, encoding="utf-8") as handle:
         handle.write(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def overridden_params(params_path: str | Path, overrides: list[str]):
+    """params.yaml with ``overrides`` written in for one run, restored afterwards unless the run keeps them.
+
+    Yields ``keep``: call it once the overrides became part of a release (committed with it); otherwise
+    the file's earlier text comes back (atomically) however the run ended, so a failed or dry run
+    leaves the checkout as it found it. Bad overrides raise before anything is written.
+    """
+    from ..core.atomic import atomic_file
+
+    path = Path(params_path)
+    original = path.read_text(encoding="utf-8")
+    write_overrides(path, overrides)
+    kept = []
+    try:
+        yield lambda: kept.append(True)
+    finally:
+        if overrides and not kept and path.read_text(encoding="utf-8") != original:
+            with atomic_file(path, encoding="utf-8") as handle:
+                handle.write(original)
