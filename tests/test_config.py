@@ -69,6 +69,22 @@ def test_bad_files_and_overrides(tmp_path):
         load_params(good, ["no-equals-sign"])
 
 
+
+@pytest.mark.parametrize("override, message", [
+    ("model.start_layer=true", "model.start_layer: .*expected a number, got true"),
+    ("self_distill.learning_rate=false", "self_distill.learning_rate: .*expected a number"),
+    ("export.share_weights=1", "export.share_weights: .*expected true or false, got 1"),
+    ("export.share_weights=yes please", "export.share_weights: .*expected true or false"),
+])
+def test_a_bool_is_not_a_number_nor_a_number_a_bool(tmp_path, override, message):
+    """pydantic's lax mode reads true as 1 and 1 as true: `-S model.start_layer=true` trained from layer 1."""
+    good = tmp_path / "params.yaml"
+    good.write_text(yaml.safe_dump({}))
+    with pytest.raises(ParamsError, match=message):
+        load_params(good, [override])
+    assert load_params(good, ["model.start_layer=4", "export.share_weights=false"]).model.start_layer == 4
+
+
 def test_a_repeated_key_is_refused_not_last_wins(tmp_path):
     """yaml.safe_load keeps the last of two equal keys: a `data:` section appended at the end would silently
     drop the first one (eval_queries back at its default)."""

@@ -27,8 +27,33 @@ from .model.inputs import InputFormat
 _FORMAT = InputFormat()  # the defaults of the input-format fields below
 
 
+def _scalar_kinds(annotation) -> set:
+    """The plain types a field accepts, looking through Optional / Annotated / Union."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_kinds(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixups(cls, value, info):
+        """``true`` is not a layer count and ``1`` is not a switch: pydantic's lax mode would take both
+        (``-S model.start_layer=true`` trained from layer 1), so a typo in a value fails like one in a key."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        if bool in kinds and not kinds & {int, float, str} and value is not None and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
 
 
 class DataParams(Section):
