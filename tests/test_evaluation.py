@@ -22,6 +22,7 @@ from matryoshka_reranker.pipeline.evaluation import (
     Candidate,
     EvalQuery,
     EvaluationCheckFailed,
+    eval_identity,
     evaluate,
     learning_curve,
     per_query,
@@ -434,3 +435,19 @@ def test_no_untrained_entry_when_the_baselines_stage_scored_no_untrained_model(t
     metrics = evaluate(params, scorer_factory=quality, latency_factory=latency)
     assert set(metrics["baselines"]) == {"bm25", "random"}
     assert all("vs_untrained" not in entry for entry in metrics["configs"].values())
+
+
+def test_eval_identity_covers_texts_not_only_ids():
+    """Two eval sets with the same ids, candidates and qrels but other texts are not the same eval set."""
+    def eval_set(passage: str, query: str = "does x cause y?"):
+        return [EvalQuery("q1", query, (Candidate("d1", passage, 2.0), Candidate("d2", "other", 1.0)))]
+
+    qrels = {"q1": {"d1": 1}}
+    base = eval_identity(eval_set("x causes y"), qrels, "test")
+    assert base == eval_identity(eval_set("x causes y"), qrels, "test")
+    assert eval_identity(eval_set("x causes y (re-cleaned)"), qrels, "test")["texts_sha256"] != base["texts_sha256"]
+    other_query = eval_identity(eval_set("x causes y", query="does y cause x?"), qrels, "test")
+    assert other_query["texts_sha256"] != base["texts_sha256"]
+    assert {k: v for k, v in other_query.items() if k != "texts_sha256"} == {k: v for k, v in base.items()
+                                                                              if k != "texts_sha256"}
+

@@ -141,6 +141,22 @@ def test_different_eval_sets_are_refused():
         compare(other, OLD, MEASURES, GateParams(), baseline_version="v0.1.0")
 
 
+
+def test_eval_sets_differing_only_in_texts_are_refused_and_older_releases_still_compare():
+    """The same ids over re-cleaned passages are other inputs; a release evaluated before the texts were
+    hashed still compares on what it carries, and a newer baseline's key missing from the new metrics refuses."""
+    with_texts = {**IDENTITY, "texts_sha256": "t1"}
+    with pytest.raises(GateError, match="texts_sha256: 't1' -> 't2'"):
+        compare(results(identity={**IDENTITY, "texts_sha256": "t2"}), results(identity=with_texts), MEASURES,
+                GateParams(), baseline_version="v0.2.0")
+    assert compare(results(identity=with_texts), OLD, MEASURES, GateParams(), resamples=200).passed
+    with pytest.raises(GateError, match="lacks texts_sha256"):
+        compare(OLD, results(identity=with_texts), MEASURES, GateParams(), baseline_version="v0.2.0")
+    with pytest.raises(GateError, match="lacks qrels_sha256"):
+        compare(results(identity=with_texts), results(identity={k: v for k, v in IDENTITY.items() if k != "qrels_sha256"}),
+                MEASURES, GateParams(), baseline_version="v0.1.0")
+
+
 def test_metrics_whose_pytorch_check_failed_are_refused():
     with pytest.raises(GateError, match="check did not pass"):
         check_metrics_are_releasable({"pytorch_check": {"enabled": True, "passed": False}})

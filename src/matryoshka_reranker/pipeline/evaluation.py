@@ -160,9 +160,12 @@ def eval_identity(queries: list[EvalQuery], qrels: dict[str, dict[str, int]], sp
     candidates = hashlib.sha256(json.dumps([[q.query_id, [c.doc_id for c in q.candidates]] for q in queries],
                                            sort_keys=True).encode()).hexdigest()
     judged = hashlib.sha256(json.dumps({q: qrels[q] for q in sorted(qrels)}, sort_keys=True).encode()).hexdigest()
+    # the texts too: the same ids over a re-cleaned corpus or re-worded queries are other inputs
+    texts = hashlib.sha256(json.dumps(sorted([q.query_id, q.query, [[c.doc_id, c.text] for c in q.candidates]]
+                                             for q in queries), ensure_ascii=False).encode()).hexdigest()
     return {"split": split, "queries": len(ids), "query_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
             "candidates_per_query": max(len(q.candidates) for q in queries), "candidates_sha256": candidates,
-            "qrels_sha256": judged}
+            "qrels_sha256": judged, "texts_sha256": texts}
 
 
 # ---------------------------------------------------------------------------------------------------

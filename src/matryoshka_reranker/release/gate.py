@@ -232,14 +232,24 @@ def _paired(new: dict, old: dict, config: str, measure: str, confidence: float, 
     return statistics.paired_difference(x, y, confidence, resamples, alternative=alternative)
 
 
+IDENTITY_KEYS = ("split", "queries", "query_ids_sha256", "candidates_per_query", "candidates_sha256", "qrels_sha256")
+
+
 def _check_comparable(new_metrics: dict, old_metrics: dict, version: str | None) -> None:
     new_id = (new_metrics.get("eval") or {}).get("identity")
     old_id = (old_metrics.get("eval") or {}).get("identity")
     if new_id is None or old_id is None:
         raise GateError(f"cannot compare with release {version}: {'new' if new_id is None else 'baseline'} metrics "
                         "carry no eval-set identity (re-run evaluate with this version of matryoshka-reranker)")
-    if new_id != old_id:
-        differ = [k for k in sorted(set(new_id) | set(old_id)) if new_id.get(k) != old_id.get(k)]
+    missing = [k for k in IDENTITY_KEYS if k not in old_id] + [k for k in set(old_id) | set(IDENTITY_KEYS)
+                                                                if k not in new_id]
+    if missing:
+        raise GateError(f"cannot compare with release {version}: the eval-set identity lacks {', '.join(sorted(missing))} "
+                        "(re-run evaluate with this version of matryoshka-reranker)")
+    # what both sides carry must agree; a key only the new metrics carry (texts_sha256, added later) cannot be
+    # checked against a release evaluated before it existed, and is checked from the next release on
+    differ = [k for k in sorted(set(new_id) & set(old_id)) if new_id[k] != old_id[k]]
+    if differ:
         raise GateError(f"the new metrics were computed on a different eval set than release {version} "
                         f"({', '.join(f'{k}: {old_id.get(k)!r} -> {new_id.get(k)!r}' for k in differ)}); "
                         "a gate across eval sets compares nothing")
