@@ -85,6 +85,19 @@ def test_a_bool_is_not_a_number_nor_a_number_a_bool(tmp_path, override, message)
     assert load_params(good, ["model.start_layer=4", "export.share_weights=false"]).model.start_layer == 4
 
 
+
+def test_a_sub_section_given_in_part_keeps_its_own_defaults():
+    """`compensation.token: {max_steps: 1200}` in a user's params file must keep the token adapter's
+    objective (same_layer_mse), not fall back to the generic TrainParams default (distill_fix_layer_teacher)."""
+    p = parse_params({"compensation": {"token": {"max_steps": 1200}, "layer": {"learning_rate": 1e-4}},
+                      "specialist": {"lora": {"dropout": 0.1}}})
+    assert (p.compensation.token.train_method, p.compensation.token.max_steps) == ("same_layer_mse", 1200)
+    assert (p.compensation.layer.train_method, p.compensation.layer.learning_rate) == ("distill_last_layer", 1e-4)
+    assert (p.specialist.lora.rank, p.specialist.lora.alpha, p.specialist.lora.dropout) == (64, 128, 0.1)
+    assert parse_params({"compensation": {"token": {"train_method": "distill_last_layer"}}}
+                        ).compensation.token.train_method == "distill_last_layer"
+
+
 def test_a_repeated_key_is_refused_not_last_wins(tmp_path):
     """yaml.safe_load keeps the last of two equal keys: a `data:` section appended at the end would silently
     drop the first one (eval_queries back at its default)."""

@@ -53,6 +53,12 @@ class Section(BaseModel):
             raise ValueError(f"expected a number, got {str(value).lower()}")
         if bool in kinds and not kinds & {int, float, str} and value is not None and not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
+        default = cls.model_fields[info.field_name].default
+        if isinstance(value, dict) and isinstance(default, Section):
+            # a sub-section given in part keeps what its default sets (compensation.token's same_layer_mse,
+            # specialist.lora's rank 64), not the generic class defaults: `token: {max_steps: 1200}` must not
+            # silently switch the adapter's objective
+            return {**default.model_dump(exclude_unset=True), **value}
         return value
 
 
