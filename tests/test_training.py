@@ -403,6 +403,23 @@ def test_interrupted_deepspeed_training_resumes_to_the_same_result(tmp_path, lla
         torch.testing.assert_close(results["interrupted"][key], results["straight"][key], atol=1e-6, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("deepspeed", [None, ZERO1], ids=["plain", "zero1"])
+def test_a_rerun_over_the_final_checkpoint_trains_no_step_more(tmp_path, llama_dir, deepspeed):
+    """transformers checks max_steps only after a step: a run resumed from its final checkpoint (a stage
+    re-run with -f) trained step max_steps + 1, and one more at every re-run."""
+    write_jsonl(tmp_path / "scored.jsonl", TRAIN_ROWS)
+    params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=deepspeed, self_distill__save_steps=4)
+    first = self_distill(params)
+    trained = load_file(Path(params.paths.self_distill) / "adapter_model.safetensors")
+    again = self_distill(params)
+    assert again["steps"] == first["steps"] == 4 and again["resumed_from"].endswith("checkpoint-4")
+    assert [p.name for p in (tmp_path / "checkpoints" / "self_distill").glob("checkpoint-*")] == ["checkpoint-4"]
+    assert [h for h in again["log_history"] if "loss" in h] == [h for h in first["log_history"] if "loss" in h]
+    for key, value in load_file(Path(params.paths.self_distill) / "adapter_model.safetensors").items():
+        torch.testing.assert_close(value, trained[key], atol=0, rtol=0)
+
+
 def test_a_checkpoint_is_found_again_when_its_fingerprint_has_per_layer_settings(tmp_path):
     """JSON turns {8: 64} into {"8": 64} and tuples into lists; the run that wrote it must still match."""
     fingerprint = {"train": {"lora": {"layer_ranks": {8: 64}}, "layer_weights": {8: 8.0}}, "layers": (8,)}

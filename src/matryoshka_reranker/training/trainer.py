@@ -201,6 +201,25 @@ class GroupEpochs(TrainerCallback):
         return control
 
 
+class _AlreadyTrained(Exception):
+    """Raised at train begin when the resumed checkpoint already holds every step (see ``StopWhenComplete``)."""
+
+
+class StopWhenComplete(TrainerCallback):
+    """Ends a run resumed from a checkpoint at ``max_steps`` before it trains a step more.
+
+    transformers' loop checks ``max_steps`` only after a step, so a run resumed from its final
+    checkpoint (a stage re-run with ``-f``, or one killed after its last save) trained step
+    ``max_steps + 1``, and one more at every re-run. At train begin the checkpoint's weights, optimizer
+    and state are loaded; stopping there leaves exactly the trained model to save.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            raise _AlreadyTrained
+        return control
+
+
 class FrozenWeightsInBf16(TrainerCallback):
     """Under bf16 autocast, keeps the frozen ``nn.Linear`` weights of the decoder layers (LoRA's base layers)
     in bf16 while training.
@@ -479,12 +498,15 @@ def _train_adapter(run: AdapterRun) -> dict:
     dataset = GroupDataset(run.examples, run.train.train_group_size, run.train.seed)
     trainer = MatryoshkaTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=GroupCollator(run.encoder),
-        callbacks=[*frozen_bf16, GroupEpochs(dataset), *run.callbacks, snapshots],
+        callbacks=[StopWhenComplete(), *frozen_bf16, GroupEpochs(dataset), *run.callbacks, snapshots],
         plan=run.plan, exit_layers=run.model.exit_layers,
     )
     snapshots.trainer = trainer
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except _AlreadyTrained:
+            log.info("%s: %s already holds all %d steps; nothing left to train", run.stage, resume, run.train.max_steps)
         if trainer.state.global_step < run.train.max_steps:
             raise RuntimeError(f"{run.stage}: training stopped at step {trainer.state.global_step} of "
                                f"{run.train.max_steps}; run again to resume")
