@@ -439,6 +439,24 @@ def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
         assert np.isfinite(quantized).all() and np.abs(np.array(quantized) - float_scores).max() < 0.5
 
 
+
+def test_a_quantized_copy_is_calibrated_on_its_own_scores(llama_model, tmp_path):
+    """Quantization moves the scores: the copy's Platt (a, b) is fitted to them, not carried over from the float."""
+    from matryoshka_reranker.pipeline.calibration import CalibrationSet, fit_platt
+
+    calibration = CalibrationSet(("q1", "q2"), tuple(PAIRS), (1, 0, 0, 1, 0))
+    export_models(llama_model, tmp_path / "out", [4], [1], options=ExportOptions(
+        start_layer=1, input_format=FORMAT, calibration=calibration, quantize=("int8",), quantize_smoothing=0.75))
+    float_fit = model_view(read_manifest(tmp_path / "out" / "ratio-1"), 4)["calibration"]
+    folder = tmp_path / "out" / "exit-04-ratio-1-int8"
+    own = model_view(read_manifest(folder), 4)["calibration"]
+    raw = OnnxReranker(folder).compute_score(PAIRS)
+    expected = fit_platt(raw, calibration.labels)
+    assert own["method"] == "platt" and own["queries"] == ["q1", "q2"]
+    np.testing.assert_allclose([own["a"], own["b"]], [expected["a"], expected["b"]], rtol=1e-4, atol=1e-6)
+    assert (own["a"], own["b"]) != (float_fit["a"], float_fit["b"])
+
+
 def test_platt_fit_rises_with_the_score_whatever_its_offset_or_spread():
     """A shallow exit's logits can sit in a narrow band far from 0, or not rank the calibration pairs at
     all: the fit must still find the slope (not a near-zero or negative one), and a mapping that would

@@ -466,6 +466,10 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
     model = {**model, "name": target.name, "model_file": MODEL_FILE,
              "parity": {"max_abs_diff_vs_float": float(np.abs(scores - reference).max()), "reference": source.name,
                         "note": "quantized: judged by ranking agreement in evaluation, not by a tolerance"}}
+    if options.calibration is not None:  # its own Platt fit: quantization moves the scores the float fit was made on
+        [own] = _calibration_scores(quant_session, [SCORES], options.input_format.encoder(tokenizer),
+                                    options.calibration, names)
+        model["calibration"] = _platt(own, options.calibration)
     manifest = {**folder_manifest, "name": target.name, "variant": scheme, "weights_file": MODEL_FILE + ".data",
                 "shared_weights": False, "quantization": {**info, "of": source.name}, "models": [model], "files": {}}
     (target / MODEL_CARD).write_text(ratio_card(manifest, options.data_dir), encoding="utf-8")
@@ -487,21 +491,28 @@ def _calibrate(shared: Path, exits: list[int], encoder, inputs: list[str], optio
     calibration = options.calibration
     if calibration is None:
         return {}
-    session = _session(shared, options)
+    scores = _calibration_scores(_session(shared, options), [f"{SCORES}_{k}" for k in exits], encoder, calibration,
+                                 inputs)
+    return {k: _platt(s, calibration) for k, s in zip(exits, scores)}
+
+
+def _calibration_scores(session, outputs: list[str], encoder, calibration: CalibrationSet,
+                        inputs: list[str]) -> list[np.ndarray]:
+    """Each output's scores of the calibration pairs (in their order), batched 16 by length."""
     encoded = encoder.encode_many(calibration.pairs)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-    scores = {k: np.empty(len(encoded), dtype=np.float64) for k in exits}
+    scores = [np.empty(len(encoded), dtype=np.float64) for _ in outputs]
     for start in range(0, len(order), 16):
         rows = order[start:start + 16]
         batch = encoder.collate_numpy([encoded[i] for i in rows])
-        outputs = session.run([f"{SCORES}_{k}" for k in exits], {n: batch[n] for n in inputs})
-        for k, values in zip(exits, outputs):
-            scores[k][rows] = values
-    fitted = {}
-    for k in exits:
-        fitted[k] = {**fit_platt(scores[k], calibration.labels), "queries": list(calibration.query_ids),
-                     "split": "calibration half of the eval queries (pipeline/calibration.py)"}
-    return fitted
+        for column, values in zip(scores, session.run(outputs, {n: batch[n] for n in inputs})):
+            column[rows] = values
+    return scores
+
+
+def _platt(scores: np.ndarray, calibration: CalibrationSet) -> dict:
+    return {**fit_platt(scores, calibration.labels), "queries": list(calibration.query_ids),
+            "split": "calibration half of the eval queries (pipeline/calibration.py)"}
 
 
 def validation_batches(encoder: PairEncoder) -> list[dict[str, torch.Tensor]]:
