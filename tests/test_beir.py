@@ -75,3 +75,30 @@ def test_a_non_integer_qrels_score_says_so(tmp_path):
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1.0\n")
     with pytest.raises(ValueError, match="test.tsv:2: .*an integer score"):
         load_qrels(tmp_path, "test")
+
+
+@pytest.mark.parametrize("content, match", [
+    (lambda good: good[: len(good) // 2], r"corpus.jsonl.gz.*(cut short|truncated|ended)"),
+    (lambda good: b'{"_id": "d1", "text": "not gzipped"}\n', r"corpus.jsonl.gz.*not a valid gzip"),
+], ids=["truncated", "not-gzip"])
+def test_a_broken_gz_file_is_an_input_error_naming_it(tmp_path, content, match):
+    """A truncated download or a plain file named .gz was a bare EOFError (the CLI printed only "Aborted.")
+    or a BadGzipFile traceback."""
+    import gzip
+
+    from matryoshka_reranker.core.errors import InputError
+
+    good = gzip.compress(DOC * 200)
+    (tmp_path / "corpus.jsonl.gz").write_bytes(content(good))
+    with pytest.raises(InputError, match=match):
+        load_corpus(tmp_path)
+
+
+def test_a_qrels_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    """Was a bare "'utf-8' codec can't decode byte" naming neither the file nor the line."""
+    from matryoshka_reranker.core.errors import InputError
+
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\tcaf\xe9\t1\n")
+    with pytest.raises(InputError, match=r"test.tsv:3: not UTF-8"):
+        load_qrels(tmp_path, "test")

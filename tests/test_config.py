@@ -70,6 +70,17 @@ def test_bad_files_and_overrides(tmp_path):
 
 
 
+def test_a_params_path_that_is_a_folder_or_not_utf8_is_a_params_error(tmp_path):
+    """`-p configs/experiments` (a folder) was an IsADirectoryError traceback, and a params file that is not
+    UTF-8 a bare codec error naming no file."""
+    with pytest.raises(ParamsError, match="is not a file"):
+        load_params(tmp_path)
+    latin1 = tmp_path / "params.yaml"
+    latin1.write_bytes(b"model:\n  prompt: caf\xe9\n")
+    with pytest.raises(ParamsError, match="params.yaml: not UTF-8"):
+        load_params(latin1)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.start_layer=true", "model.start_layer: .*expected a number, got true"),
     ("self_distill.learning_rate=false", "self_distill.learning_rate: .*expected a number"),

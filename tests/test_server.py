@@ -536,3 +536,19 @@ def test_server_options_that_would_disable_their_limit_are_refused(tmp_path):
             ServerOptions(**{name: 0})
     result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--max-queue", "0"])
     assert result.exit_code == 2 and "max_queue" in result.output, result.output
+
+
+def test_max_batch_pairs_is_a_serve_option(tmp_path, monkeypatch):
+    """The README names `--max-batch-pairs` among serve's limits; it was not an option ("No such option")."""
+    from typer.testing import CliRunner
+
+    import matryoshka_reranker.serving.server as server_module
+    from matryoshka_reranker.cli import app
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda source, **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--max-batch-pairs", "64"])
+    assert result.exit_code == 0, result.output
+    assert seen["options"].max_batch_pairs == 64
+    result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--max-batch-pairs", "0"])
+    assert result.exit_code == 2 and "max_batch_pairs must be at least 1" in result.output, result.output

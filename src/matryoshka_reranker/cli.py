@@ -680,6 +680,7 @@ def serve(
     max_texts: Annotated[int, typer.Option(help="texts per request")] = 1000,
     max_queue: Annotated[int, typer.Option(help="queued requests per config before 429")] = 64,
     batch_window_ms: Annotated[float, typer.Option(help="micro-batching window")] = 2.0,
+    max_batch_pairs: Annotated[int, typer.Option(help="pairs per model call (a micro-batch's cap)")] = 256,
     threads: Annotated[Optional[int], typer.Option(
         help="ONNX Runtime intra-op threads per session (--pipeline: PyTorch's threads)")] = None,
     workers: Annotated[int, typer.Option(help="threads running sessions")] = 1,
@@ -699,7 +700,7 @@ def serve(
         raise ValueError("--variant applies to exported models (--models, --version); --pipeline serves the "
                          "shared-weight PyTorch model")
     options = ServerOptions(max_texts=max_texts, max_queue=max_queue, batch_window_ms=batch_window_ms,
-                            threads=threads, workers=workers)
+                            max_batch_pairs=max_batch_pairs, threads=threads, workers=workers)
     if pipeline is not None:
         pool = pipeline_pool(pipeline, ratios=ratios, exit_layers=layers, options=options, dtype=dtype)
         run_server(pool, host=host, port=port, options=options)

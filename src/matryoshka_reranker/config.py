@@ -493,11 +493,15 @@ class ParamsError(InputError):
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     path = Path(path)
-    if path.exists():
+    if path.is_file():
         try:
-            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ParamsError(f"{path}: not valid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ParamsError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    elif path.exists():
+        raise ParamsError(f"{path}: is not a file (give the params file, e.g. params.yaml)")
     else:
         raise ParamsError(f"{path}: no such params file")
     if not isinstance(raw, dict):

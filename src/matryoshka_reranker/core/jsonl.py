@@ -30,7 +30,7 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", hint: str | No
         raise FileNotFoundError(f"{what} {path} does not exist" + (f": {hint}" if hint else ""))
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:  # bytes: a line that is not UTF-8 is named, not a bare codec error
-        for number, raw in enumerate(handle, 1):
+        for number, raw in enumerate(_gzip_checked(handle, path), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -45,6 +45,23 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", hint: str | No
                 raise JsonlError(f"{path}:{number}: not valid Unicode (a lone surrogate escape), which no "
                                  "tokenizer or UTF-8 file takes")
             yield f"{path}:{number}", value
+
+
+def _gzip_checked(handle, path: Path) -> Iterator[bytes]:
+    """The lines of ``handle``; a ``.gz`` file cut short or not gzip at all is an error naming the file (it was
+    a bare EOFError, which the CLI reports as just "Aborted.", or a BadGzipFile traceback)."""
+    import gzip
+    import zlib
+
+    number = 0
+    try:
+        for number, raw in enumerate(handle, 1):
+            yield raw
+    except EOFError:
+        raise JsonlError(f"{path}: the gzip file is cut short after line {number} (an interrupted download or "
+                         "copy?)") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise JsonlError(f"{path}: not a valid gzip file ({err}); a plain JSONL file must not end in .gz") from None
 
 
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \ud800-\udfff escape; a valid pair is two of them

@@ -70,8 +70,8 @@ def load_qrels(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
     if not path.exists():
         raise FileNotFoundError(f"no qrels file {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
+    with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is named, not a bare codec error
+        reader = csv.reader(_utf8_lines(handle, path), delimiter="\t")
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
             raise InputError(f"{path}: expected header 'query-id corpus-id score'")
@@ -84,3 +84,11 @@ def load_qrels(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
                 raise InputError(f"{path}:{number}: expected three tab-separated fields "
                                  "(query-id, corpus-id, an integer score)") from None
     return qrels
+
+
+def _utf8_lines(handle, path: Path) -> Iterator[str]:
+    for number, raw in enumerate(handle, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start})") from None
