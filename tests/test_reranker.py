@@ -178,6 +178,26 @@ def test_peft_adapters_change_scores_and_reload(llama_dir, tmp_path):
     assert adapted == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+
+def test_adapters_bring_the_layer_layout_they_were_trained_with(llama_dir, tmp_path):
+    """A raw base model plus adapters trained with start_layer 1: the reranker takes the recorded layout (it
+    took 4 and dropped the exit-1..3 heads silently); a model with another layout is refused, naming the fix."""
+    from matryoshka_reranker.model.adapters import TRAINING_LOG, merge_adapters
+
+    base = MatryoshkaModel.from_pretrained(llama_dir, start_layer=1)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_pattern(["q_proj", "score_heads"]),
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / TRAINING_LOG).write_text(json.dumps({"exit_layers": [1, 2, 3, 4]}))
+    reranker = MatryoshkaReranker(llama_dir, peft_path=tmp_path / "adapter")
+    assert reranker.model.exit_layers == [1, 2, 3, 4]
+    assert len(reranker.compute_score(PAIRS, cutoff_layers=[1, 4])) == 2
+    with pytest.raises(ValueError, match=r"trained with score heads at exits \[1, 2, 3, 4\].*start_layer=1"):
+        merge_adapters(MatryoshkaModel.from_pretrained(llama_dir, start_layer=2), [tmp_path / "adapter"])
+    with pytest.raises(ValueError, match="start_layer=1"):
+        MatryoshkaReranker(llama_dir, peft_path=tmp_path / "adapter", start_layer=2)
+
+
 def test_cli_score(llama_dir, tmp_path):
     from typer.testing import CliRunner
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -442,6 +443,66 @@ def test_changed_config_never_resumes_a_stale_checkpoint(tmp_path, scored, llama
     assert self_distill(changed)["resumed_from"] is None
     write_jsonl(scored, TRAIN_ROWS[:2])  # changed data
     assert self_distill(changed)["resumed_from"] is None
+
+
+def test_a_code_change_never_resumes_or_ships_the_earlier_codes_checkpoint(tmp_path, scored, llama_dir, monkeypatch):
+    """DVC re-runs a training stage after a change in its code deps (a new loss, a fixed step); the checkpoints
+    outlive the run, so the re-run resumed the final checkpoint of the earlier code and shipped its adapter
+    in seconds as this code's. Here the package is a copy whose training code is then changed."""
+    from matryoshka_reranker.training import trainer
+
+    code = tmp_path / "code"
+    shutil.copytree(Path(trainer.__file__).resolve().parents[1], code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(trainer, "CODE_ROOT", code, raising=False)
+    params = tiny_params(tmp_path, llama_dir, self_distill__max_steps=2)
+    assert self_distill(params)["resumed_from"] is None
+    assert self_distill(params)["resumed_from"].endswith("checkpoint-2")  # the same code resumes
+    losses = code / "model" / "losses.py"
+    losses.write_text(losses.read_text() + "\n# another loss\n")
+    assert self_distill(params)["resumed_from"] is None
+    (code / "pipeline" / "export.py").write_text("# not a dependency of training\n")
+    assert self_distill(params)["resumed_from"].endswith("checkpoint-2")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in ("self_distill", "compensate", "specialize"):  # the digest covers the code DVC re-runs them for
+        code_deps = {d.removeprefix("src/matryoshka_reranker/") for d in stages[stage]["deps"] if d.startswith("src/")}
+        assert code_deps == set(trainer.TRAINING_CODE), stage
+
+
+def test_a_checkpoint_whose_trainer_state_was_cut_short_is_not_resumed(tmp_path, scored, llama_dir):
+    """A kill (or a power loss before the data reached the disk) while the Trainer writes trainer_state.json,
+    its last file, leaves the file cut short: the checkpoint counted as complete, and every re-run failed
+    loading it. The checkpoint before it (rotated only after the new one is complete) is resumed instead."""
+    params = tiny_params(tmp_path, llama_dir)  # 4 steps, checkpoint every 2
+    with pytest.raises(KeyboardInterrupt):
+        self_distill(params, callbacks=[CrashAfterSave(2)])
+    folder = tmp_path / "checkpoints" / "self_distill"
+    shutil.copytree(folder / "checkpoint-2", folder / "checkpoint-4")
+    state = folder / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])
+    summary = self_distill(params)
+    assert summary["steps"] == 4 and summary["resumed_from"].endswith("checkpoint-2")
+
+
+def test_a_resumed_run_records_the_probe_its_heads_started_from(tmp_path, llama_dir):
+    """The probe runs only in a fresh run (a resumed one restores its trained heads); the resumed run's
+    training log said head_init null, as if the heads had never been fitted."""
+    logs = {}
+    for name in ("interrupted", "straight"):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_jsonl(folder / "scored.jsonl", TRAIN_ROWS)
+        params = tiny_params(folder, llama_dir, self_distill__head_init="probe", self_distill__probe_queries=0)
+        if name == "interrupted":
+            with pytest.raises(KeyboardInterrupt):
+                self_distill(params, callbacks=[CrashAfterSave(2)])
+        summary = self_distill(params)
+        assert (summary["resumed_from"] or "").endswith("checkpoint-2") == (name == "interrupted")
+        logs[name] = json.loads((Path(params.paths.self_distill) / "training_log.json").read_text())["head_init"]
+        logs[name].pop("seconds")
+    assert logs["interrupted"] == logs["straight"] and logs["straight"]["groups"] == len(TRAIN_ROWS)
+    other = tiny_params(tmp_path / "interrupted", llama_dir, self_distill__max_steps=2, self_distill__save_steps=2)
+    assert self_distill(other)["head_init"] is None  # another run without a probe records none
+    assert self_distill(other)["head_init"] is None  # nor when it resumes
 
 
 def test_pinned_per_layer_losses(tmp_path, scored, tokenizer):

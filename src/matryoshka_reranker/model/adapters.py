@@ -96,6 +96,24 @@ def trained_on(path: str | Path) -> list[str] | None:
     return recorded if isinstance(recorded, list) else None
 
 
+def trained_exits(path: str | Path) -> list[int] | None:
+    """The exit layers ``path`` was trained with (its training log), None where unrecorded."""
+    try:
+        log = json.loads((Path(path) / TRAINING_LOG).read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = log.get("exit_layers") if isinstance(log, dict) else None
+    return recorded if isinstance(recorded, list) and recorded and all(isinstance(k, int) for k in recorded) else None
+
+
+def trained_layout(path: str | Path) -> tuple[int, int] | None:
+    """(start_layer, layer_sep) of the model ``path`` was trained on, from its recorded exits."""
+    exits = trained_exits(path)
+    if exits is None:
+        return None
+    return exits[0], (exits[1] - exits[0] if len(exits) > 1 else 1)
+
+
 def check_stack(adapter_paths: Sequence[str | Path]) -> None:
     """Each adapter that records what it was trained on top of (``trained_on`` in its training log: the
     digests of the adapters below it) must sit on exactly those files. A stack mixing a new layer adapter
@@ -123,6 +141,13 @@ def merge_adapters(model: MatryoshkaModel, adapter_paths: Sequence[str | Path],
         if not (Path(path) / "adapter_config.json").exists():
             raise FileNotFoundError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
     check_stack([*merged, *adapter_paths])
+    for path in adapter_paths:
+        exits = trained_exits(path)
+        if exits is not None and exits != list(model.exit_layers):
+            start, sep = trained_layout(path)
+            raise ValueError(f"{path} was trained with score heads at exits {exits} (start_layer={start}, "
+                             f"layer_sep={sep}); this model has them at {model.exit_layers}: load it with "
+                             f"start_layer={start}, layer_sep={sep}, or the heads of the missing exits are dropped")
     for path in adapter_paths:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model

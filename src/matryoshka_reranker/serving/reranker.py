@@ -30,7 +30,8 @@ class MatryoshkaReranker:
     layer adapter, then the token adapter for the ratio you will use). The input format (prompt,
     query and passage token budgets) is the one saved with the adapters; ``input_format`` only
     needs giving for a raw checkpoint (and must agree with a saved one). ``start_layer`` and
-    ``layer_sep`` only matter for a raw causal-LM checkpoint (defaults 4 and 1). ``compress_layers``
+    ``layer_sep`` only matter for a raw causal-LM checkpoint: by default the layout the first adapter was
+    trained with (its training log), else 4 and 1. ``compress_layers``
     and ``compress_ratio`` set the default width of ``compute_score`` and ``rank``. ``dtype``
     ("auto" by default) is bfloat16 on CUDA and on CPUs with AMX-BF16 tiles (~3x fp32's speed there,
     ranking kept: README "Speed"), float32 on other CPUs; ``self.dtype`` says which. ``compile=True`` compiles the decoder layers with
@@ -52,7 +53,7 @@ class MatryoshkaReranker:
         compress_ratio: int = 1,
         compile: bool = False,
     ):
-        from ..model.adapters import merge_adapters
+        from ..model.adapters import merge_adapters, trained_layout
         from ..model.modeling import MatryoshkaModel
 
         if batch_size < 1:
@@ -64,6 +65,8 @@ class MatryoshkaReranker:
         self.device = pick_device(device)
         self.dtype = pick_inference_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(path)
+        if adapters and start_layer is None and layer_sep is None:  # the layout the adapters were trained with
+            start_layer, layer_sep = trained_layout(adapters[0]) or (None, None)
         model = MatryoshkaModel.from_pretrained(
             path, start_layer=start_layer, layer_sep=layer_sep, dtype=self.dtype, tokenizer=self.tokenizer
         )

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
 SNAPSHOTS = "snapshots"  # under the checkpoint folder: the adapter at ``snapshot_steps``
+HEAD_INIT = "head_init.json"  # under the checkpoint folder: the probe's log, for a resumed run's summary
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the package; its training code enters the fingerprint
+TRAINING_CODE = ("config.py", "core", "model", "serving", "training")  # the training stages' code deps (dvc.yaml)
 
 
 # ------------------------------------------------------------------------------ the training step
@@ -345,6 +348,16 @@ def _step_of(checkpoint: Path) -> int:
         return -1
 
 
+def _complete(checkpoint: Path) -> bool:
+    """Whether ``trainer_state.json``, the Trainer's last file, is there in full (a kill while it was being
+    written, or a power loss before it reached the disk, leaves it cut short: not a checkpoint to load)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | None:
     """The last complete checkpoint of this exact run, or None.
 
@@ -366,13 +379,14 @@ def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | No
                 shutil.rmtree(stale, ignore_errors=True)
         checkpoints = []
     if main:
-        for partial in [c for c in checkpoints if not (c / "trainer_state.json").exists()]:
+        for partial in [c for c in checkpoints if not _complete(c)]:
             log.warning("removing incomplete checkpoint %s", partial)
             shutil.rmtree(partial, ignore_errors=True)
         write_json(marker, fingerprint)
-    complete = [c for c in checkpoints if (c / "trainer_state.json").exists()]
+    complete = [c for c in checkpoints if _complete(c)]
     if main and not complete:  # else an earlier run's snapshot past this run's max_steps would ship as this run's
         shutil.rmtree(checkpoint_dir / SNAPSHOTS, ignore_errors=True)
+        (checkpoint_dir / HEAD_INIT).unlink(missing_ok=True)  # and its probe as this run's
     return complete[-1] if complete else None
 
 
@@ -488,6 +502,10 @@ def _train_adapter(run: AdapterRun) -> dict:
                             run.train.train_group_size, run.train.seed, run.train.probe_l2,
                             use_teacher=method.needs_teacher_scores, temperature=method.temperature,
                             bf16_autocast=bf16_autocast(run.train, dtype))
+        if args.process_index == 0:
+            write_json(run.checkpoint_dir / HEAD_INIT, probe)
+    elif run.train.head_init == "probe" and (run.checkpoint_dir / HEAD_INIT).is_file():
+        probe = json.loads((run.checkpoint_dir / HEAD_INIT).read_text())  # the probe the resumed run's heads began as
     model = MatryoshkaTrainingModel.from_model(run.model, method, run.train.train_group_size, run.train.layer_weights)
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -636,7 +654,19 @@ def base_fingerprint(params: Params, model_path: Path, data_file: Path) -> dict:
         "model": params.model.model_dump(),
         "model_config_sha256": sha256_file(config) if config.exists() else None,
         "data_sha256": sha256_file(data_file),
+        "code_sha256": code_digest(),
     }
+
+
+def code_digest() -> str:
+    """sha256 of the training stages' code (``TRAINING_CODE``, their code deps in dvc.yaml): DVC re-runs a stage
+    after a change there, and its run must not resume (or, from the final checkpoint, ship) the earlier code's."""
+    digest = hashlib.sha256()
+    for part in TRAINING_CODE:
+        path = CODE_ROOT / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(f"{file.relative_to(CODE_ROOT).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def self_distill(params: Params, callbacks: Sequence[TrainerCallback] = ()) -> dict:
