@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,32 @@ def test_interrupted_scoring_resumes_and_skips_finished_shards(tmp_path, tokeniz
     changed = Counting(real)
     score_training_file(params.model_copy(update={"teacher": params.teacher.model_copy(update={"max_length": 24})}),
                         teacher=changed)
+    assert changed.calls == 3
+
+
+
+def test_a_code_change_rescores_every_shard(tmp_path, tokenizer, llama_dir, monkeypatch):
+    """DVC re-runs teacher scoring after a change in its code deps (say, the hybrid's fusion); the shards
+    outlive the run, and the earlier code's scores were kept as this code's."""
+    import shutil
+
+    from matryoshka_reranker.training import trainer
+
+    code = tmp_path / "code"
+    shutil.copytree(Path(trainer.__file__).resolve().parents[1], code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(trainer, "CODE_ROOT", code)
+    params = tiny_params(tmp_path, llama_dir, teacher__kind="cross_encoder",
+                         teacher__name_or_path=str(bert_dir(tmp_path, tokenizer, True)))  # 3 shards
+    write_jsonl(tmp_path / "groups.jsonl", ROWS)
+    real = load_teacher(params)
+    score_training_file(params, teacher=real)
+    same = Counting(real)
+    score_training_file(params, teacher=same)
+    assert same.calls == 0
+    fusion = code / "serving" / "ranking.py"
+    fusion.write_text(fusion.read_text() + "\n# another fusion\n")
+    changed = Counting(real)
+    score_training_file(params, teacher=changed)
     assert changed.calls == 3
 
 

@@ -55,6 +55,7 @@ from ..core.errors import CheckFailed
 from ..core.hardware import keep_freed_memory, pick_device, pick_dtype, warm_cpu_math
 from ..core.jsonl import read_jsonl
 from .data import parse_example
+from .trainer import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,10 @@ def load_teacher(params: Params, all_passages: Sequence[str] = ()):
 
 # -------------------------------------------------------------------------------------- shards
 def _fingerprint(identity: dict, lines: Sequence[str]) -> str:
-    digest = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, "teacher": identity}, sort_keys=True).encode())
+    # the code too (the stage's code deps): DVC re-runs this stage after a change there (say, the hybrid's
+    # fusion), and its run must not keep the earlier code's scores
+    digest = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, "teacher": identity, "code": code_digest()},
+                                       sort_keys=True).encode())
     for line in lines:
         digest.update(line.encode())
         digest.update(b"\n")
