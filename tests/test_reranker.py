@@ -85,8 +85,7 @@ def test_rank_returns_sentence_transformers_shape(reranker):
     assert all(r["text"] == documents[r["corpus_id"]] for r in ranked)
     top = reranker.rank("what causes colds?", documents, top_k=1)
     assert top == [{"corpus_id": ranked[0]["corpus_id"], "score": pytest.approx(ranked[0]["score"], abs=1e-5)}]
-    with pytest.raises(ValueError, match="at least one document"):
-        reranker.rank("q", [])
+    assert reranker.rank("q", []) == []  # as sentence-transformers' CrossEncoder.rank
     with pytest.raises(TypeError, match="documents\\[1\\]"):
         reranker.rank("q", ["a", 3])
 
@@ -299,3 +298,17 @@ def test_first_stage_scores_and_top_k_from_numpy():
     for bad in ([10**400, 1, 2], [np.float32("nan"), 1, 2], [np.True_, 1, 2]):
         with pytest.raises(ValueError, match="finite"):
             fuse_scores(raw, bad)
+
+
+def test_rank_of_no_documents_is_an_empty_list_as_in_sentence_transformers():
+    """``CrossEncoder.rank(query, [])`` returns ``[]`` (a first stage that found nothing); ``rank`` raised
+    ValueError. The model is not called; first-stage scores given for documents that are not there still fail."""
+    from matryoshka_reranker.serving.ranking import rank_documents
+
+    def never(pairs):
+        raise AssertionError("scored no documents")
+
+    assert rank_documents(never, "q", []) == []
+    assert rank_documents(never, "q", [], top_k=3, return_documents=True, first_stage_scores=[]) == []
+    with pytest.raises(ValueError, match="first_stage_scores has 1 values"):
+        rank_documents(never, "q", [], first_stage_scores=[1.0])

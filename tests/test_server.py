@@ -125,8 +125,8 @@ def test_first_stage_scores_are_fused_like_rank(server, exported):
      "first_stage_weight"),
     ({"query": QUERY, "texts": []}, 400, "texts"),  # TEI: 400, error_type "Empty"
     ({"query": QUERY, "texts": TEXTS * 2}, 413, "texts"),
-    ({"query": QUERY, "texts": ["word " * 200]}, 413, "texts[0]"),
-    ({"query": "word " * 200, "texts": TEXTS}, 413, "query"),
+    ({"query": QUERY, "texts": ["word " * 200], "truncate": False}, 413, "texts[0]"),
+    ({"query": "word " * 200, "texts": TEXTS, "truncate": False}, 413, "query"),
     ({"query": QUERY, "texts": "not a list"}, 422, "texts"),
     ({"query": QUERY, "texts": [1, 2]}, 422, "texts.0"),
     ({"query": 7, "texts": TEXTS}, 422, "query"),
@@ -142,13 +142,13 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, field):
     assert response.json()["error_type"] == ("Empty" if body.get("texts") == [] else "Validation")
 
 
-def test_truncate_null_is_false_and_the_length_check_matches_the_encoder(server, exported):
-    """``truncate: null`` (TEI's Option<bool>) refuses what is too long, as false does; a long query leaves a
-    text less room (``PairEncoder.passage_room``), and the check refuses what encoding would cut."""
+def test_truncate_false_refuses_and_the_length_check_matches_the_encoder(server, exported):
+    """``truncate: false`` refuses what is too long (left out or null: the server's ``auto_truncate``); a long
+    query leaves a text less room (``PairEncoder.passage_room``), and the check refuses what encoding would cut."""
     url, _ = server
-    long_text = {"query": QUERY, "texts": ["word " * 200], "truncate": None}
+    long_text = {"query": QUERY, "texts": ["word " * 200], "truncate": False}
     assert httpx.post(f"{url}/rerank", json=long_text).status_code == 413
-    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "truncate": None}).status_code == 200
+    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "truncate": False}).status_code == 200
     encoder = OnnxReranker(exported / "ratio-1", 3).encoder
     fmt = encoder.format
 
@@ -162,9 +162,9 @@ def test_truncate_null_is_false_and_the_length_check_matches_the_encoder(server,
     text = fill("B: ", fmt.passage_max_len)
     room = encoder.passage_room(len(encoder.bos) + len(encoder._ids(f"A: {query}")) + len(encoder.sep))
     assert room < len(encoder._ids(f"B: {text}")) <= fmt.passage_max_len  # encode_many would cut this text
-    response = httpx.post(f"{url}/rerank", json={"query": query, "texts": [TEXTS[0], text]})
+    response = httpx.post(f"{url}/rerank", json={"query": query, "texts": [TEXTS[0], text], "truncate": False})
     assert response.status_code == 413 and "texts[1]" in response.json()["error"], response.text
-    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": [text]}).status_code == 200
+    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": [text], "truncate": False}).status_code == 200
 
 
 def test_undecodable_bodies_are_4xx_not_500(server):
@@ -184,6 +184,66 @@ def test_a_lone_surrogate_escape_in_texts_is_a_422_not_a_500(server):
         response = httpx.post(f"{url}/rerank", content=content, headers={"content-type": "application/json"})
         assert response.status_code == 422, (truncate, response.status_code, response.text)
         assert "texts[1]" in response.json()["error"] and response.json()["error_type"] == "Validation"
+
+
+def test_fields_tei_does_not_know_are_ignored_as_tei_ignores_them(server):
+    """TEI's request struct ignores unknown fields (serde's default): clients send some, e.g. LiteLLM's
+    ``top_n`` and others' ``model``. Refusing them (422) broke those clients; TEI returns every text."""
+    url, _ = server
+    response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "model": "any", "top_n": 1})
+    assert response.status_code == 200, response.text
+    assert sorted(r["index"] for r in response.json()) == [0, 1, 2]
+
+
+def test_truncate_left_out_or_null_follows_auto_truncate_as_tei(server, exported):
+    """TEI reads ``truncate`` left out or null as its ``--auto-truncate`` (true by default since TEI 1.9):
+    a long text is cut and scored, not refused; ``--no-auto-truncate`` (``auto_truncate=False``) refuses it."""
+    url, _ = server
+    long_text = {"query": QUERY, "texts": ["word " * 200]}
+    for body in (long_text, {**long_text, "truncate": None}):
+        response = httpx.post(f"{url}/rerank", json=body)
+        assert response.status_code == 200, response.text
+    assert httpx.get(f"{url}/info").json()["auto_truncate"] is True
+    options = ServerOptions(auto_truncate=False)
+    refusing, thread, local = run_in_thread(create_app(ModelPool(exported, options), options))
+    try:
+        response = httpx.post(f"{local}/rerank", json={"query": QUERY, "texts": ["word " * 200]}, timeout=60)
+        assert response.status_code == 413 and "texts[0]" in response.json()["error"], response.text
+        assert httpx.post(f"{local}/rerank", json={"query": QUERY, "texts": ["word " * 200], "truncate": True},
+                          timeout=60).status_code == 200
+    finally:
+        refusing.should_exit = True
+        thread.join(30)
+
+
+def test_a_body_over_the_payload_limit_is_a_413_before_it_is_read_whole(server, exported):
+    """TEI refuses a body over ``--payload-limit`` (2 MB by default) with 413; a body of any size was read
+    into memory and parsed (and, with ``truncate: true``, every text tokenized whole)."""
+    url, _ = server
+    huge = {"query": QUERY, "texts": ["word " * 700_000], "truncate": True}  # ~3.5 MB
+    response = httpx.post(f"{url}/rerank", json=huge, timeout=60)
+    assert response.status_code == 413 and response.json()["error_type"] == "Validation", response.text
+    options = ServerOptions(payload_limit=1000)
+    small, thread, local = run_in_thread(create_app(ModelPool(exported, options), options))
+    try:
+        body = json.dumps({"query": QUERY, "texts": ["word " * 300], "truncate": True}).encode()
+
+        def chunks():  # no Content-Length: chunked transfer encoding
+            for start in range(0, len(body), 100):
+                yield body[start:start + 100]
+
+        for content in (body, chunks()):
+            response = httpx.post(f"{local}/rerank", content=content, headers={"content-type": "application/json"},
+                                  timeout=60)
+            assert response.status_code == 413 and "1000 bytes" in response.json()["error"], response.text
+        assert httpx.post(f"{local}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=60).status_code == 200
+        fits = json.dumps({"query": QUERY, "texts": TEXTS}).encode()  # chunked, under the limit: read and served
+        response = httpx.post(f"{local}/rerank", content=iter([fits[:20], fits[20:]]),
+                              headers={"content-type": "application/json"}, timeout=60)
+        assert response.status_code == 200 and len(response.json()) == 3, response.text
+    finally:
+        small.should_exit = True
+        thread.join(30)
 
 
 def test_info_health_and_metrics(server):
@@ -244,7 +304,10 @@ def run_in_thread(app):
 
 def test_full_queue_answers_429_and_in_flight_requests_finish_on_shutdown(exported):
     options = ServerOptions(max_queue=1, max_batch_pairs=3, batch_window_ms=0)
-    app = create_app(SlowPool(exported, options, delay=1.0), options)
+    pool = SlowPool(exported, options, delay=1.0)
+    pool.get(pool.default)  # loaded first: on a busy CPU the load outlasted the 0.3 s below, and the five requests,
+    # no longer staggered by a length check (truncate left out: auto_truncate), reached the queue at once: all 429
+    app = create_app(pool, options)
     server, thread, url = run_in_thread(app)
 
     async def burst():
@@ -384,7 +447,7 @@ def test_pytorch_backend_answers_like_the_onnx_export(exported, llama_dir):
         assert sorted(r["score"] for r in ranked) == pytest.approx(sorted(expected), abs=1e-5)
         response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "exit_layer": 4})
         assert response.status_code == 422 and "(exit_layer=3, ratio=2)" in response.json()["error"]
-        long = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": ["word " * 40]})
+        long = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": ["word " * 40], "truncate": False})
         assert long.status_code == 413 and "texts[0]" in long.json()["error"]  # the model's own token budget
         info = httpx.get(f"{url}/info").json()
         assert {c["backend"] for c in info["configs"]} == {"pytorch"} and info["input_format"]["passage_max_len"] == 16
@@ -552,3 +615,17 @@ def test_max_batch_pairs_is_a_serve_option(tmp_path, monkeypatch):
     assert seen["options"].max_batch_pairs == 64
     result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--max-batch-pairs", "0"])
     assert result.exit_code == 2 and "max_batch_pairs must be at least 1" in result.output, result.output
+
+
+def test_every_limit_the_readme_names_is_a_serve_option(tmp_path):
+    """The README names ``--max-batch-pairs`` (and TEI's ``--payload-limit`` / ``--auto-truncate``): ``serve``
+    had no such options ("No such option"), so the limit could not be set from the shell."""
+    from typer.testing import CliRunner
+
+    from matryoshka_reranker.cli import app
+
+    for flag, name in (("--max-batch-pairs", "max_batch_pairs"), ("--payload-limit", "payload_limit")):
+        result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), flag, "0"])
+        assert result.exit_code == 2 and name in result.output, result.output
+    result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--no-auto-truncate", "--max-queue", "0"])
+    assert result.exit_code == 2 and "max_queue" in result.output, result.output  # the flag parsed

@@ -680,10 +680,13 @@ def serve(
     max_texts: Annotated[int, typer.Option(help="texts per request")] = 1000,
     max_queue: Annotated[int, typer.Option(help="queued requests per config before 429")] = 64,
     batch_window_ms: Annotated[float, typer.Option(help="micro-batching window")] = 2.0,
-    max_batch_pairs: Annotated[int, typer.Option(help="pairs per model call (a micro-batch's cap)")] = 256,
     threads: Annotated[Optional[int], typer.Option(
         help="ONNX Runtime intra-op threads per session (--pipeline: PyTorch's threads)")] = None,
     workers: Annotated[int, typer.Option(help="threads running sessions")] = 1,
+    max_batch_pairs: Annotated[int, typer.Option(help="query-text pairs per model call")] = 256,
+    payload_limit: Annotated[int, typer.Option(help="request body bytes; over it a 413 (TEI's default)")] = 2_000_000,
+    auto_truncate: Annotated[bool, typer.Option(
+        help="what a request's truncate left out or null means (TEI's --auto-truncate, true since TEI 1.9)")] = True,
     variant: Annotated[Optional[str], typer.Option(
         help="serve this variant in place of the shared-weight model where there is one: specialist (an exit "
              "specialist, specialist.exits)")] = None,
@@ -700,7 +703,8 @@ def serve(
         raise ValueError("--variant applies to exported models (--models, --version); --pipeline serves the "
                          "shared-weight PyTorch model")
     options = ServerOptions(max_texts=max_texts, max_queue=max_queue, batch_window_ms=batch_window_ms,
-                            max_batch_pairs=max_batch_pairs, threads=threads, workers=workers)
+                            threads=threads, workers=workers, max_batch_pairs=max_batch_pairs,
+                            payload_limit=payload_limit, auto_truncate=auto_truncate)
     if pipeline is not None:
         pool = pipeline_pool(pipeline, ratios=ratios, exit_layers=layers, options=options, dtype=dtype)
         run_server(pool, host=host, port=port, options=options)

@@ -19,6 +19,8 @@ def min_max(values: Sequence[float]) -> list[float]:
     every value NaN: min and max compare false with NaN, so ``[x, nan]`` would pass as a constant ``[0.5, 0.5]``."""
     if not all(math.isfinite(v) for v in values):
         return [math.nan] * len(values)
+    if not values:
+        return []
     low, high = min(values), max(values)
     return [0.5] * len(values) if high == low else [(v - low) / (high - low) for v in values]
 
@@ -63,8 +65,6 @@ def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], qu
         raise TypeError(f"query must be a string, got {type(query).__name__}")
     if isinstance(documents, str) or not isinstance(documents, Sequence):
         raise TypeError("documents must be a list of strings")
-    if not documents:
-        raise ValueError("rank needs at least one document")
     bad = [i for i, d in enumerate(documents) if not isinstance(d, str)]
     if bad:
         raise TypeError(f"documents[{bad[0]}] is {type(documents[bad[0]]).__name__}, not a string")
@@ -72,6 +72,8 @@ def rank_documents(score: Callable[[list[tuple[str, str]]], Sequence[float]], qu
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if first_stage_scores is not None:  # checked before the model runs
         fuse_scores([0.0] * len(documents), list(first_stage_scores), first_stage_weight)
+    if not documents:  # as CrossEncoder.rank: nothing to rank is an empty ranking, and the model is not called
+        return []
     raw = score([(query, d) for d in documents])
     raw = [raw] if isinstance(raw, float) else list(raw)
     ours = raw if normalize is None else [float(v) for v in normalize(raw)]

@@ -2,7 +2,7 @@
 
 Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension):
 
-* ``POST /rerank`` ``{"query", "texts", "raw_scores": false, "return_text": false, "truncate": false,
+* ``POST /rerank`` ``{"query", "texts", "raw_scores": false, "return_text": false, "truncate": null,
   "exit_layer": null, "ratio": null}`` -> ``[{"index", "score"(, "text")}]`` best first.
   ``exit_layer``/``ratio`` pick the exported model (default: the deepest exit at ratio 1, or, where
   ratio 1 is not served, the deepest exit at its own smallest ratio; ``Pool.resolve``; an unknown pair
@@ -26,7 +26,9 @@ ratio share one weights file (their folder's ``weights.bin``), so their sessions
 memory-mapped initializers (ONNX Runtime's ``add_initializer``) and the weights are in memory once
 per ratio. Requests for a
 config are micro-batched (``batch_window_ms``), run off the event loop in a worker thread, and
-queued up to ``max_queue`` requests per config; beyond that the server answers 429. Bad input
+queued up to ``max_queue`` requests per config; beyond that the server answers 429. ``truncate`` left out or
+null is ``auto_truncate`` (TEI's ``--auto-truncate``, true by default); a body over ``payload_limit`` is a 413;
+fields TEI does not read are ignored, as TEI does. Bad input
 (empty texts: 400 ``Empty`` as TEI; too many texts, a text over the model's budget with ``truncate:
 false``, wrong JSON types, a body that is not UTF-8 JSON) is a 4xx naming the field, never a 500; a
 model that cannot load or returns non-finite scores is TEI's backend error, 424. Uvicorn stops
@@ -76,9 +78,11 @@ class ServerOptions:
     threads: int | None = None  # intra-op threads (ONNX Runtime per session, PyTorch per process; None: default)
     workers: int = 1  # threads running model calls (ORT and PyTorch release the GIL)
     verify: bool = True  # sha256 of every file before loading
+    auto_truncate: bool = True  # TEI's --auto-truncate: what `truncate` left out or null means (TEI >= 1.9: true)
+    payload_limit: int = 2_000_000  # TEI's --payload-limit: request bodies over this many bytes are a 413
 
     def __post_init__(self):  # asyncio reads a queue size of 0 as unbounded: --max-queue 0 would never answer 429
-        for name in ("max_texts", "max_queue", "max_batch_pairs", "workers"):
+        for name in ("max_texts", "max_queue", "max_batch_pairs", "workers", "payload_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -420,12 +424,12 @@ class Batcher:
 class RerankRequest(BaseModel):
     """TEI's rerank request, strict about JSON types (``"2"`` is not an int), plus depth and width."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # as TEI (serde): clients send fields it does not read (top_n, model)
     query: StrictStr = Field(min_length=1)
     texts: list[StrictStr]  # empty: TEI's 400 "Empty", answered by the handler
     raw_scores: StrictBool = False
     return_text: StrictBool = False
-    truncate: StrictBool | None = None  # TEI's Option<bool>: null = false (refuse what is too long)
+    truncate: StrictBool | None = None  # TEI's Option<bool>: null = the server's auto_truncate
     truncation_direction: Literal["Right", "right"] = "Right"
     exit_layer: StrictInt | None = None  # the Matryoshka extension: depth ...
     ratio: StrictInt | None = None  # ... and width, per request
@@ -463,6 +467,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         state["executor"].shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="matryoshka-reranker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(PayloadLimit, limit=options.payload_limit)
 
     def error(status: int, message: str, kind: str = "Validation") -> JSONResponse:
         return JSONResponse({"error": message, "error_type": kind}, status_code=status)
@@ -515,7 +520,8 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
             requests.labels(name, "424").inc()
             log.exception("loading %s failed", name)
             return error(424, f"{name}: model unavailable: {err}", "Backend")
-        if not body.truncate:  # TEI: false (or null) refuses what is too long; tokenizing off the loop too
+        if not (options.auto_truncate if body.truncate is None else body.truncate):  # TEI: false refuses what is
+            # too long, null is --auto-truncate's choice; tokenizing off the loop too
             await loop.run_in_executor(None, check_lengths, encoder, body.query, body.texts)
         started = time.perf_counter()
         try:
@@ -571,6 +577,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
                 "version": pool.version, "configs": pool.describe(),
                 "default": {"exit_layer": pool.default[0], "ratio": pool.default[1]},
                 "max_client_batch_size": options.max_texts, "max_queue": options.max_queue,
+                "auto_truncate": options.auto_truncate, "payload_limit": options.payload_limit,
                 "max_input_length": fmt.get("query_max_len", 0) + fmt.get("passage_max_len", 0),
                 "input_format": fmt}
 
@@ -579,6 +586,49 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class PayloadLimit:
+    """ASGI middleware, TEI's ``--payload-limit``: a body over ``limit`` bytes is a 413 JSON error, refused from
+    its Content-Length before any of it is read, or, sent chunked, once what arrived passes the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:  # the server reads no more than it says
+            if length.strip().isdigit() and int(length) > self.limit:
+                return await self.refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # chunked: read up to the limit here, then hand the body on
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+
+        message = f"body: over this server's {self.limit} bytes per request (--payload-limit)"
+        await JSONResponse({"error": message, "error_type": "Validation"}, status_code=413)(scope, receive, send)
 
 
 def check_unicode(texts: Sequence[str]) -> None:
