@@ -157,6 +157,34 @@ def test_a_subset_of_queries_scored_with_the_full_qrels_keeps_its_own_mean():
     assert set(random_order_per_query(queries, qrels, ["RR@10"], seeds=3)["RR@10"]) == {"q1", "q2"}
 
 
+def test_tied_scores_rank_the_same_way_for_every_measure():
+    """ir-measures computes RR@10 with its msmarco provider (ties: doc id ascending) and nDCG@10 / R@10
+    with pytrec_eval (ties: doc id descending): one run, two rankings. Every measure now ranks ties in
+    trec_eval's order (doc id descending), not the candidate (BM25) order, which would hand a collapsed exit
+    the first stage's quality."""
+    docs = "abcdefghijklmnop"  # 16 candidates in first-stage order, all scored alike
+    queries = [EvalQuery(q, q, tuple(Candidate(d, d, 0.0) for d in docs)) for q in ("first", "last")]
+    qrels = {"first": {"a": 1}, "last": {"p": 1}}
+    got = per_query(queries, {q.query_id: [0.0] * len(docs) for q in queries}, qrels, ["nDCG@10", "RR@10", "R@10"])
+    assert {m: v["first"] for m, v in got.items()} == {"nDCG@10": 0.0, "RR@10": 0.0, "R@10": 0.0}
+    assert {m: v["last"] for m, v in got.items()} == {"nDCG@10": 1.0, "RR@10": 1.0, "R@10": 1.0}
+    # untied scores are ranked by score alone, whatever the candidate order or ids
+    untied = per_query(queries[:1], {"first": [float(-i) for i in range(len(docs))]}, qrels, ["RR@10"])["RR@10"]
+    assert untied["first"] == 1.0  # "a" scored highest
+
+
+def test_console_table_names_the_configured_confidence_level():
+    """The intervals are at ``evaluation.confidence``; the table must not call a 90% interval a 95% one."""
+    from matryoshka_reranker.pipeline.evaluation import format_table
+
+    entry = {"nDCG@10": 0.5, "nDCG@10_ci": [0.45, 0.55]}
+    metrics = {"baselines": {"bm25": dict(entry), "random": dict(entry)},
+               "configs": {"exit-08-ratio-1": {**entry, "latency_ms_per_query": 1.0}},
+               "eval": {"queries": 2, "candidates": 3, "confidence": 0.9}, "pytorch_check": {"enabled": False}}
+    table = format_table(metrics)
+    assert "90% bootstrap interval" in table and "95%" not in table
+
+
 def test_failed_scoring_leaves_last_metrics_in_place(tmp_path):
     params = write_fixture(tmp_path, [(8, 1, [8])])
     metrics_file = tmp_path / "metrics" / "per_layer.json"

@@ -138,8 +138,9 @@ class PairEncoder:
     ``tokenizer`` is a transformers tokenizer or anything with the same call signature,
     ``bos_token_id``, ``pad_token_id`` and ``eos_token_id`` (see ``serving.tokenizer``). The
     query is cut to ``query_max_len`` tokens and the passage to ``passage_max_len`` and then to
-    whatever room the query left in ``max_length``; the separator and prompt come on top, as
-    upstream.
+    whatever room the query left in ``max_length``; the separator and prompt come on top, as in
+    upstream's inference code (its training data code fits them inside the budget and caps the passage at
+    ``passage_max_len + query_max_len // 2`` instead): one rule here, for training and inference alike.
     """
 
     def __init__(self, tokenizer, input_format: InputFormat | None = None):

@@ -223,8 +223,10 @@ def pytorch_scorer(params: Params, ratio: int) -> PyTorchScorer:
 def per_query(queries: list[EvalQuery], scores: dict[str, Sequence[float]], qrels: dict[str, dict[str, int]],
               measures: list[str]) -> dict[str, dict[str, float]]:
     """{measure: {query id: value}} for one system, over ``queries`` (ir-measures; a query with no
-    relevant doc scores 0). Keyed by the queries scored, not by ``qrels``: a caller scoring a subset
-    with the full qrels gets the subset's mean, not one diluted by zeros for queries it never ran."""
+    relevant doc scores 0; tied scores in trec_eval's order, doc id descending, for every measure). Keyed by the
+    queries scored,
+    not by ``qrels``: a caller scoring a subset with the full qrels gets the subset's mean, not one
+    diluted by zeros for queries it never ran."""
     import ir_measures
 
     parsed = {name: ir_measures.parse_measure(name) for name in measures}
@@ -233,7 +235,16 @@ def per_query(queries: list[EvalQuery], scores: dict[str, Sequence[float]], qrel
         if len(given) != len(q.candidates) or not all(math.isfinite(float(s)) for s in given):
             raise EvaluationCheckFailed(f"query {q.query_id}: expected {len(q.candidates)} finite scores (one per "
                                         f"candidate), got {len(given)}: {list(given)[:5]}")
-    run = {q.query_id: {c.doc_id: float(s) for c, s in zip(q.candidates, scores[q.query_id])} for q in queries}
+    # One tie-break for every measure: ir-measures' providers differ (pytrec_eval, nDCG@10 / R@10: doc id
+    # descending, trec_eval's rule; msmarco, RR@10: ascending), so one run gave two rankings. The run it gets is
+    # the ranking itself (n, n-1, ..., 1), tie-free, ties in trec_eval's order: neutral, where the candidate
+    # (BM25) order would hand a collapsed exit, all ties, the first stage's quality.
+    run = {}
+    for q in queries:
+        given = [float(s) for s in scores[q.query_id]]
+        by_id = sorted(range(len(given)), key=lambda i: q.candidates[i].doc_id, reverse=True)
+        order = sorted(by_id, key=lambda i: -given[i])  # stable: ties stay in doc id descending order
+        run[q.query_id] = {q.candidates[i].doc_id: float(len(order) - rank) for rank, i in enumerate(order)}
     judged = {q: qrels[q] for q in run if q in qrels}
     values: dict[str, dict[str, float]] = {name: {q: 0.0 for q in run} for name in measures}
     by_measure = {m: name for name, m in parsed.items()}
@@ -798,7 +809,7 @@ def _render_png(per_layer_metrics: dict[str, Any], measures: list[str], x: str, 
 
 
 def format_table(per_layer_metrics: dict[str, Any]) -> str:
-    """A console table: one row per config (mean [95% interval]) plus the baselines."""
+    """A console table: one row per config (mean [interval at the eval's confidence]) plus the baselines."""
     measures = [k for k in per_layer_metrics["baselines"]["bm25"] if not k.endswith("_ci") and not k.startswith("vs_")]
     cell = lambda v, m: f"{v[m]:.3f} [{v[m + '_ci'][0]:.3f},{v[m + '_ci'][1]:.3f}]"  # noqa: E731
     header = f"{'config':>18}  " + "  ".join(f"{m:>21}" for m in measures) + f"  {'ms/query':>9}"
@@ -811,7 +822,8 @@ def format_table(per_layer_metrics: dict[str, Any]) -> str:
         lines.append(f"{name:>18}  " + "  ".join(f"{cell(v, m):>21}" for m in measures)
                      + f"  {v['latency_ms_per_query']:>9.1f}")
     ev = per_layer_metrics["eval"]
-    lines.append(f"{ev['queries']} queries x {ev['candidates']} candidates; [95% bootstrap interval over queries]")
+    lines.append(f"{ev['queries']} queries x {ev['candidates']} candidates; "
+                 f"[{100 * ev['confidence']:g}% bootstrap interval over queries]")
     check = per_layer_metrics["pytorch_check"]
     if check.get("enabled"):
         lines.append(f"PyTorch check (ratio {check['ratio']}, {check['queries']} queries): max |ORT - PyTorch| = "
