@@ -9,7 +9,8 @@ concurrency: p50 / p99 request latency, pairs scored per second, the error count
 the server's resident memory before and after (no growth expected once every config is loaded).
 With ``--pipeline``, a second server runs the PyTorch backend (``serve --pipeline``: the same trained
 model, bf16 on AMX CPUs) and each concurrency level runs on both in turn, one after the other (the
-idle one waits passively), with the PyTorch / ONNX pairs/s ratio.
+idle one waits passively; which goes first alternates from level to level), with the PyTorch / ONNX pairs/s
+ratio: one burst each, so a single side-by-side reading, not a median of rounds.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def main() -> None:
               f"ratio {args.ratio}, loopback, {os.cpu_count()} CPUs")
         print(f"{'backend':>8s} {'concurrency':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'pairs/s':>8s} {'vs onnx':>8s} "
               f"{'errors':>6s} {'RSS before MB':>14s} {'RSS after MB':>13s}")
-        for concurrency in args.concurrency:
-            rates = {}
-            for backend, (server, url) in servers.items():
+        for level, concurrency in enumerate(args.concurrency):
+            rates, rows = {}, {}
+            order = list(servers) if level % 2 == 0 else list(servers)[::-1]  # which goes first alternates
+            for backend in order:
+                server, url = servers[backend]
                 before = rss_mb(server.pid)
                 start = time.perf_counter()
                 latencies, errors = asyncio.run(burst(url, bodies, concurrency))
@@ -95,7 +98,10 @@ def main() -> None:
                 ordered = sorted(latencies)
                 p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
                 rates[backend] = args.requests * args.texts / wall
-                print(f"{backend:>8s} {concurrency:>11d} {1000 * statistics.median(ordered):8.0f} {1000 * p99:8.0f} "
+                rows[backend] = (statistics.median(ordered), p99, errors, before, after)
+            for backend in servers:  # printed in the same order every level
+                p50, p99, errors, before, after = rows[backend]
+                print(f"{backend:>8s} {concurrency:>11d} {1000 * p50:8.0f} {1000 * p99:8.0f} "
                       f"{rates[backend]:8.1f} {rates[backend] / rates['onnx']:7.2f}x {errors:>6d} {before:14.0f} "
                       f"{after:13.0f}", flush=True)
     finally:

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_train_dtype [--rounds 3] [--group-size 8] [--train-method same_layer_mse]
 
 The same LoRA model and batch as ``bench_train_step`` (embedded SmolLM2-135M, one group, our
-shared-prefix step), three ways, interleaved round-robin per ratio: fp32; fp32 weights under
+shared-prefix step), three ways at ratios 1 and 4, round-robin in a new seeded order each round: fp32; fp32 weights under
 ``torch.autocast("cpu", bfloat16)`` (what a Trainer's ``bf16=True`` does); and what training with
 ``bf16_autocast: true`` runs: the same autocast with the frozen decoder projections stored in bf16 for the
 run (``FrozenWeightsInBf16``; embeddings, norms, LoRA and heads stay fp32), which saves autocast's
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_train_step  # noqa: E402
-from benchmarks.common import machine_line  # noqa: E402
+from benchmarks.common import machine_line, round_orders  # noqa: E402
 from matryoshka_reranker.training.trainer import FrozenWeightsInBf16  # noqa: E402
 
 
@@ -56,12 +56,12 @@ def main() -> None:
         return time.perf_counter() - start, out["loss"].item()
 
     best, losses = {}, {}
-    for rnd in range(args.rounds + 1):  # round 0 warms up
-        for ratio in (1, 4):
-            for name in variants:
-                seconds, losses[name, ratio] = step(name, ratio)
-                if rnd:
-                    best[name, ratio] = min(best.get((name, ratio), float("inf")), seconds)
+    tasks = [(name, ratio) for ratio in (1, 4) for name in variants]
+    for rnd, order in enumerate([tasks] + round_orders(tasks, args.rounds)):  # round 0 warms up; then a new
+        for name, ratio in order:  # seeded order every round (fixed, fp32 always ran first, before autocast)
+            seconds, losses[name, ratio] = step(name, ratio)
+            if rnd:
+                best[name, ratio] = min(best.get((name, ratio), float("inf")), seconds)
     print(f"# {args.train_method}, one group of {args.group_size}, tokens/row <= {batch['input_ids'].shape[1]}, compression at layer "
           f"{layer}, {torch.get_num_threads()} threads, fastest of {args.rounds} interleaved steps")
     print(f"{'variant':38s} {'ratio':>5s} {'s/step':>8s} {'vs fp32':>8s} {'loss':>10s}")

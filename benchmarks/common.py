@@ -62,15 +62,31 @@ def machine_line() -> str:
             f"onnxruntime {onnxruntime.__version__}")
 
 
-def interleaved_timing(systems: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each system, measured round-robin so load changes hit all alike; the
-    order rotates every round, so no system always runs first (after an idle gap) or after the same one."""
+def round_orders(names: list, rounds: int, seed: int = 0) -> list[list]:
+    """The order of each timing round: a new seeded shuffle every round, never starting with the system that
+    ended the round before (no system runs twice in a row). A fixed cyclic rotation (what this did before)
+    left every system not yet rotated to the front after the same predecessor in every round (with 3 rounds
+    and 16 systems, 13 of them), so cache and allocator state left by one system always met the same next one."""
+    rng, orders, last = random.Random(seed), [], None
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        if len(order) > 1 and order[0] == last:
+            order.append(order.pop(0))  # the repeated one to the end: still a permutation
+        orders.append(order)
+        last = order[-1]
+    return orders
+
+
+def interleaved_timing(systems: dict, rounds: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call of each system, measured round-robin so load changes hit all alike; every
+    round runs the systems in a new seeded order (``round_orders``), so no system always runs first (after
+    an idle gap) or after the same one."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     for fn in systems.values():  # warm-up
         fn()
-    names = list(systems)
-    for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+    for order in round_orders(list(systems), rounds, seed):
+        for name in order:
             start = time.perf_counter()
             systems[name]()
             times[name].append(time.perf_counter() - start)

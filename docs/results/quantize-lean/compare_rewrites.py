@@ -7,7 +7,7 @@ Run from the root of a checkout whose params point at an exported model (models/
 is read from git (``per_token_int8`` at --old-rev); both copies are made the same way as
 ``benchmarks/bench_quantize.py`` makes them (the scheme's default fp32 parts, export.quantize_smoothing from
 the calibration pairs), so they differ only in the rewrite. Timing is round-robin (``interleaved_timing``;
-the recorded runs used a fixed order, fp32, old, lean, per round; it rotates the order since).
+the recorded runs used a fixed order, fp32, old, lean, per round; it takes interleaved_timing's order since: rotating, now a new seeded shuffle each round).
 """
 
 from __future__ import annotations
