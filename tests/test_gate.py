@@ -220,3 +220,24 @@ def test_a_known_release_without_a_readable_record_is_an_error_not_a_first_relea
     git(root, "push", "-q", "origin", "v0.1.0")  # released at the git remote, but the remote has no record
     with pytest.raises(RecordError, match="v0.1.0 exists .* record .* missing"):
         run_gate(params, root)
+
+
+def test_an_unfinished_publish_is_not_the_baseline(tmp_path):
+    """A version whose record is still a publish's claim (killed before its release commit, or not yet
+    finished) was never released: the gate compares with the last *published* release (docs/release.md),
+    as ``download --version latest`` does (was: a better model that was never released failed the gate,
+    and the report named a release that did not exist)."""
+    root, params = make_project(tmp_path, git_remote=False)
+    set_knobs(root, noise=0.05)
+    repro(root)
+    record_release(root, params, "v0.1.0")
+    set_knobs(root, quality=0.7)  # a much better model whose publish claimed v0.1.1 and then was killed
+    repro(root)
+    metrics = json.loads((root / params.paths.metrics).read_text())
+    per_query = json.loads((root / params.paths.per_query).read_text())["systems"]
+    RecordStore.from_params(params, root).claim("v0.1.1", {"status": "claimed", "metrics": metrics,
+                                                           "per_query": per_query})
+    set_knobs(root, quality=0.5, noise_seed=1)  # the next run: as good as v0.1.0
+    repro(root)
+    report = run_gate(params, root)
+    assert report.baseline_version == "v0.1.0" and report.passed, report.regressions

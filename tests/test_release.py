@@ -662,3 +662,101 @@ def test_latest_is_the_newest_finished_release_not_one_whose_publish_stopped(tmp
     assert publish(params, root).version == "v0.1.1"  # the next run completes it; then it is the latest
     assert registry.fetch_release("latest", repo=origin, exit_layers=[4], ratios=[1], cache=tmp_path / "cache")[0] \
         == "v0.1.1"
+
+
+def test_download_latest_is_the_newest_finished_release(published, tmp_path):
+    """``matryoshka download --version latest`` (README: "`latest` is the newest release whose publish
+    finished") resolves the version as ``serve --version latest`` does, and lands under its name."""
+    base, root, params, result = published
+    cli = CliRunner().invoke(app, ["download", "--version", "latest", "--layer", "4", "--ratio", "1",
+                                   "--repo", str(base / "origin.git"), "--out", str(tmp_path / "out")])
+    assert cli.exit_code == 0, cli.output
+    dest = tmp_path / "out" / "v0.1.0" / "ratio-1"
+    assert cli.stdout.strip().splitlines()[-1] == str(dest)
+    verify_manifest(dest)
+
+
+KILL_AT_COMMIT = """
+import os, signal, sys, yaml
+from matryoshka_reranker.config import parse_params
+from matryoshka_reranker.release import registry
+real = registry.git
+def git(root, *args, **kwargs):
+    if args[:1] == ("commit",):
+        if sys.argv[2] == "after":  # the release commit is made; the journal does not name it yet
+            real(root, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(root, *args, **kwargs)
+registry.git = git
+registry.publish(parse_params(yaml.safe_load(open(sys.argv[1] + "/params.yaml"))), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after", "signal-after"])
+def test_a_publish_stopped_at_its_release_commit_is_recovered_by_the_next_runs(tmp_path, monkeypatch, when):
+    """SIGKILL (OOM killer, Prefect's forced kill, a CI timeout) at ``git commit`` leaves the remote config,
+    release record and card it wrote (staged) in the tree; a kill or signal right after the commit leaves a
+    release commit the journal does not name. Either way "run publish again" must work: one release, one
+    ``Release`` commit, a clean tree (was: refused for ever as "uncommitted changes that `dvc repro` did
+    not make: .dvc/config, releases/v0.1.0.json")."""
+    import os
+    import subprocess
+    import sys
+
+    from matryoshka_reranker.release import registry
+
+    root, params = make_project(tmp_path)
+    repro(root)
+    if when == "signal-after":
+        real = registry.git
+
+        def git_then_signal(where, *args, **kwargs):
+            out = real(where, *args, **kwargs)
+            if args[:1] == ("commit",):
+                raise registry.PublishInterrupted("publish interrupted by signal 15")
+            return out
+
+        monkeypatch.setattr(registry, "git", git_then_signal)
+        with pytest.raises(registry.PublishInterrupted):
+            publish(params, root)
+        monkeypatch.undo()
+    else:
+        script = tmp_path / "kill_at_commit.py"
+        script.write_text(KILL_AT_COMMIT)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        killed = subprocess.run([sys.executable, str(script), str(root), when], env=env, capture_output=True, text=True)
+        assert killed.returncode == -9, killed.stdout + killed.stderr
+    results = []
+    for _ in range(2):  # the first run may only give the claim back ("run publish again")
+        try:
+            results.append(publish(params, root))
+            break
+        except ReleaseError as err:
+            assert "run publish again" in str(err), err
+    assert results and results[-1].status == "published" and results[-1].version == "v0.1.0"
+    assert git(root, "status", "--porcelain") == ""
+    assert [s for s in git(root, "log", "--format=%s").splitlines() if s.startswith("Release")] == ["Release v0.1.0"]
+    record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
+    assert record["status"] == "published" and record["commit"] == git(root, "rev-parse", "v0.1.0^{commit}")
+
+
+def test_a_checkout_behind_its_git_remote_is_refused_before_claiming_a_version(tmp_path):
+    """Another checkout released since this one was last pulled: the release commit could never be pushed
+    (non-fast-forward), so publishing must stop before it claims a version, commits or tags (was: v0.1.2
+    claimed for ever, tagged locally, and every rerun failing in `git push --atomic`)."""
+    root, params = make_project(tmp_path)
+    repro(root)
+    assert publish(params, root).version == "v0.1.0"
+    other = tmp_path / "other"  # a second checkout of v0.1.0, with its DVC cache
+    shutil.copytree(root, other)
+    set_knobs(root, model_seed=1)
+    repro(root)
+    assert publish(params, root).version == "v0.1.1"  # main at origin moved on
+    set_knobs(other, model_seed=2)
+    repro(other)
+    head = git(other, "rev-parse", "HEAD")
+    with pytest.raises(ReleaseError, match=r"origin.*main.*(pull|merge)"):
+        publish(params, other)
+    assert git(other, "rev-parse", "HEAD") == head and "v0.1.2" not in git(other, "tag").splitlines()
+    assert sorted(p.name for p in (tmp_path / "dvc-remote" / "releases").glob("*.json")) == ["v0.1.0.json",
+                                                                                            "v0.1.1.json"]

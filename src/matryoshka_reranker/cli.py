@@ -628,7 +628,7 @@ def publish(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, r
 
 
 @app.command()
-def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.1123.0")],
+def download(version: Annotated[str, typer.Option(help="release tag, e.g. v2026.1123.0, or latest")],
              layer: Annotated[int, typer.Option(help="exit layer")],
              ratio: Annotated[int, typer.Option(help="token compression ratio")] = 1,
              repo: Annotated[str, typer.Option(help="git URL or path of the project")] = ".",

@@ -18,6 +18,7 @@ still holds this publish's nonce, so a loser never deletes the winner's record.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -28,6 +29,8 @@ from .revisions import RECORDS_DIR, absolute_remote_url, is_local_path, list_tag
 from .versions import parse_version, release_versions
 
 RECORD_FORMAT_VERSION = 2
+
+logger = logging.getLogger(__name__)
 
 
 class RecordError(MatryoshkaError):
@@ -85,8 +88,14 @@ class RecordStore:
         return sorted(versions, key=parse_version)
 
     def latest_version(self, params=None) -> str | None:
-        known = self.known_versions()
-        return known[-1] if known else None
+        """The last *published* version (the gate's baseline): a version whose record is still a publish's claim
+        (unfinished, or killed before its release commit) was never released and is skipped, as ``download
+        --version latest`` skips it; a known version whose record cannot be read raises (``read``)."""
+        for version in reversed(self.known_versions()):
+            if self.read(version).get("status") != "claimed":
+                return version
+            logger.warning("release %s: its publish has not finished (record still a claim); not a baseline", version)
+        return None
 
     def read(self, version: str) -> dict[str, Any]:
         """The record of ``version``; a release known (by tag) but unrecorded is an error, never "none"."""

@@ -31,6 +31,7 @@ If HEAD is already a release and nothing changed, publishing is a no-op ("unchan
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import io
@@ -550,6 +551,8 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
     store = RecordStore.from_params(params, root)
     existing = set(store.taken_versions())
     version = check_new_version(version or next_version(existing, params.release.version_scheme), existing)
+    if params.release.git_remote:
+        _check_not_behind(root, params.release.git_remote)
 
     try:
         report = run_gate(params, root)
@@ -580,9 +583,9 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
     nonce = secrets.token_hex(16)
     record_file = Path(RECORDS_DIR) / f"{version}.json"
     card_file = record_file.with_suffix(".md")
-    written = {p: (root / p).read_bytes() if (root / p).exists() else None  # restored if the commit is not made
-               for p in (".dvc/config", record_file.as_posix(), card_file.as_posix())}
-    journal.save(version=version, nonce=nonce)
+    written = {p: base64.b64encode((root / p).read_bytes()).decode() if (root / p).exists() else None
+               for p in (".dvc/config", record_file.as_posix(), card_file.as_posix())}  # restored if no commit is made
+    journal.save(version=version, nonce=nonce, base=head, written=written)  # a SIGKILLed run's successor restores them
     try:
         store.claim(version, {**record, "status": "claimed"}, nonce)
         # 2. The reproduced state, the release record (file hashes) and the remote config: one commit.
@@ -595,18 +598,28 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
         git(root, "commit", "-q", "-m", f"Release {version}", "-m", _commit_body(params, report, waived))
         journal.save(commit=rev_commit(root, "HEAD"))
     except BaseException:
-        if "commit" not in journal.data:  # nothing was committed: give the version back, leave the tree as it was
-            store.release(version, nonce)
-            git(root, "reset", "-q", check=False)
-            for path, before in written.items():  # else the next publish refuses them as foreign changes
-                if before is None:
-                    (root / path).unlink(missing_ok=True)
-                else:
-                    with atomic_file(root / path, "wb") as out:
-                        out.write(before)
-            journal.clear()
+        if "commit" not in journal.data:
+            made = _unjournalled_commit(root, journal)
+            if made:  # a signal right after `git commit`: the next run completes this release
+                journal.save(commit=made)
+            else:  # nothing was committed: give the version back, leave the tree as it was
+                _give_back(root, store, journal)
         raise
     return _resume(params, root, journal, targets=targets, report=report)
+
+
+def _check_not_behind(root: Path, git_remote: str) -> None:
+    """The release commit goes on HEAD's branch and is pushed to ``git_remote`` (step 4): where that branch
+    has commits HEAD lacks, the push would be refused after the version was claimed and tagged, so refuse now."""
+    branch = git(root, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch == "HEAD":  # detached: only the tags are pushed
+        return
+    line = git(root, "ls-remote", "--heads", "--", git_remote, f"refs/heads/{branch}")
+    tip = line.split()[0] if line else None
+    if tip and git(root, "merge-base", "--", tip, "HEAD", check=False) != tip:
+        raise ReleaseError(f"{git_remote}/{branch} has commits this checkout lacks (a release published from another "
+                           f"checkout?): the release commit could not be pushed there. `git pull {git_remote} "
+                           f"{branch}`, `dvc repro`, then publish again (nothing was claimed, committed or tagged)")
 
 
 def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | None = None,
@@ -617,9 +630,12 @@ def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | N
     store = RecordStore.from_params(params, root)
     version, nonce, commit = journal.data["version"], journal.data["nonce"], journal.data.get("commit")
     remote_url = absolute_remote_url(params.release.remote_url, root)
-    if commit is None:  # stopped before the release commit: give the version back, start afresh
-        store.release(version, nonce)
-        journal.clear()
+    if commit is None:
+        commit = _unjournalled_commit(root, journal)  # killed right after `git commit`
+        if commit:
+            journal.save(commit=commit)
+    if commit is None:  # stopped (killed) before the release commit: give the version back, start afresh
+        _give_back(root, store, journal)
         raise ReleaseError(f"the previous publish of {version} stopped before committing; its claim was "
                            "removed: run publish again")
     if rev_commit(root, "HEAD") != commit:
@@ -652,6 +668,29 @@ def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | N
     return PublishResult("published", version, commit, redact(remote_url), tags=tags, pushed=pushed, gate=report)
 
 
+def _unjournalled_commit(root: Path, journal: Journal) -> str | None:
+    """The release commit of the journalled publish when it was made but not yet journalled (a signal or
+    SIGKILL between `git commit` and the journal): HEAD is ``Release <version>`` right on the journalled base."""
+    base, head = journal.data.get("base"), rev_commit(root, "HEAD")
+    if not base or head is None or head == base or rev_commit(root, "HEAD^") != base:
+        return None
+    return head if git(root, "log", "-1", "--format=%s", "HEAD") == f"Release {journal.data['version']}" else None
+
+
+def _give_back(root: Path, store, journal: Journal) -> None:
+    """Rolls back a publish that made no commit: its claim (if still ours), the index, and the remote config,
+    record and card it wrote (else the next publish refuses them as foreign changes)."""
+    store.release(journal.data["version"], journal.data["nonce"])
+    git(root, "reset", "-q", check=False)
+    for path, before in (journal.data.get("written") or {}).items():
+        if before is None:
+            (root / path).unlink(missing_ok=True)
+        else:
+            with atomic_file(root / path, "wb") as out:
+                out.write(base64.b64decode(before))
+    journal.clear()
+
+
 def _commit_body(params: Params, report: GateReport, waived: bool) -> str:
     baseline = report.baseline_version or "none (first release)"
     if waived:
@@ -677,9 +716,7 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
     folder appears only after all of that passed; a second version lands beside the first.
     """
     repo = str(repo)
-    available = release_versions(list_tags(repo))
-    if version not in available:
-        raise ReleaseError(f"{repo} has no release {version}; releases: {', '.join(available) or 'none'}")
+    version = resolve_version(version, repo)  # `latest`: the newest finished release, as `serve --version` takes it
     name = artifact_name(exit_layer, ratio, variant)
     fs = open_at(repo, version, remote_name=remote_name, remote_url=remote_url)
     try:
