@@ -18,12 +18,13 @@ layer by its GEMMs alone; this script bounds the whole model, in one run, round-
   either: less work than the padded call). The faster of the two bounds such a path once it also runs
   PyTorch's attention kernel, with every RMSNorm, RoPE, SiLU and residual add free;
 * ``default``: ``MatryoshkaModel`` as it scores (transformers' layers, SDPA ``is_causal``);
-* ``hand-fused, packed``: the best eager path written here for the measurement, not shipped: real tokens
+* ``packed``: the library's padding-free forward (``model/packed.py``, ``MatryoshkaReranker(packed=True)``,
+  shipped since 2026-12-07; written here first for this measurement as the "hand-fused" path): real tokens
   only (packed rows, attention padded per layer and unpacked again), RMSNorm in three passes, RoPE in three
-  elementwise ops, q|k|v and gate|up as one GEMM each, SiLU x up in place, the
-  residual adds inside ``addmm``. Its scores match the default's to 1e-4;
-* with ``--compile``: the default model and the hand-fused layer under ``torch.compile`` (Inductor fuses
-  the elementwise work into C++ loops).
+  elementwise ops, q|k|v and gate|up as one GEMM each, the residual adds inside ``addmm``. Its scores
+  match the default's to 1e-4 (checked here before timing);
+* with ``--compile``: the default model and the packed forward as they compile in the library
+  (``torch.compile``, dynamic shapes: one graph for every batch; Inductor fuses the elementwise work).
 
 Linear-layer FLOPs are counted on real tokens (as bench_attention counts them); the GEMM peak is the
 same-run fp32 GEMM of the model's MLP shape (real tokens x hidden x intermediate), timed in the same
@@ -42,56 +43,16 @@ import torch.nn.functional as F
 
 from benchmarks.bench_attention import gemm_gflops
 from benchmarks.common import interleaved_timing, machine_line, padded_batch
+from matryoshka_reranker.model.packed import PackedForward
 
 PEAK, PEAK_CALLS = "fp32 GEMM, peak shape", 5  # the peak's system: 5 back-to-back GEMMs per timed call
 
 
-class FusedLayerWeights:
-    """One decoder layer's weights as the hand-fused path reads them (q|k|v and gate|up stacked)."""
-
-    def __init__(self, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
-        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
-        self.o, self.down = attn.o_proj.weight, mlp.down_proj.weight
-        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        self.scaling, self.head_dim = attn.scaling, attn.head_dim
-        self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """(N, D): three passes over x (norm, scale, weight) where transformers' RMSNorm makes four (pow, mean, two muls)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
-    return torch.mul(x, norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()).mul_(weight)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """(N, heads, hd): x * cos + rotate_half(x) * sin as a flip, a multiply and a fused multiply-add (transformers:
-    neg, cat, two multiplies and an add)."""
-    half = x.shape[-1] // 2
-    flipped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1]; sin_signed = [-sin, sin]
-    return torch.addcmul(x * cos, flipped, sin_signed)
-
-
-def fused_layer(x, cos, sin_signed, rows, qkv, o, gate_up, down, norm1, norm2, eps1, eps2, scaling, dims):
-    """x (N, D) packed real tokens -> (N, D); ``rows`` (N,) their flat index in the padded (B*T) grid.
-    Weights come as arguments, so that one compiled graph serves every layer."""
-    batch, width, heads, kv, hd = dims  # right padded: row b's real tokens are its first lengths[b]
-    q, k, v = (rms_norm(x, norm1, eps1) @ qkv.T).split([heads * hd, kv * hd, kv * hd], -1)
-    q = rope(q.view(-1, heads, hd), cos, sin_signed)
-    k = rope(k.view(-1, kv, hd), cos, sin_signed)
-
-    def padded(t):  # (N, h, hd) -> (B, h, T, hd)
-        out = t.new_zeros(batch * width, t.shape[1], hd)
-        out[rows] = t
-        return out.view(batch, width, -1, hd).transpose(1, 2)
-
-    attn = F.scaled_dot_product_attention(padded(q), padded(k), padded(v.view(-1, kv, hd)), is_causal=True,
-                                          enable_gqa=True, scale=scaling)  # (B, H, T, hd)
-    x = torch.addmm(x, attn.transpose(1, 2).reshape(batch * width, -1)[rows], o.T)
-    gate, up = (rms_norm(x, norm2, eps2) @ gate_up.T).chunk(2, -1)
-    return torch.addmm(x, F.silu(gate).mul_(up), down.T)
+def compiled_packed(model) -> PackedForward:
+    forward = PackedForward(model, compile=True)
+    if not forward.compiled:
+        raise SystemExit("torch.compile failed for the packed forward (see the warning): nothing to time compiled")
+    return forward
 
 
 def main() -> None:
@@ -100,7 +61,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time the default and hand-fused paths compiled")
+    parser.add_argument("--compile", action="store_true", help="also time the default and packed paths compiled")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     torch.set_num_threads(args.threads)
@@ -114,8 +75,7 @@ def main() -> None:
     real_tokens = rows.numel()
     config, depth = model.config, model.num_layers
     hidden, inter = config.hidden_size, config.intermediate_size
-    weights = [FusedLayerWeights(layer) for layer in model.decoder.layers]
-    hd, heads, kv = weights[0].head_dim, weights[0].heads, weights[0].kv_heads
+    hd, heads, kv = model.decoder.layers[0].self_attn.head_dim, config.num_attention_heads, config.num_key_value_heads
     projections = [[getattr(layer.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
                    + [getattr(layer.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")]
                    for layer in model.decoder.layers]
@@ -147,33 +107,22 @@ def main() -> None:
                 return forward(**batch, cutoff_layers=[depth])[0]
         return call
 
-    def hand_fused(layer_fn=fused_layer):
+    def packed_call(forward):  # the library's padding-free forward (model/packed.py), as MatryoshkaReranker(packed=True)
         def call():
             with torch.inference_mode():
-                x = model.decoder.embed_tokens(batch["input_ids"])  # (B, T, D)
-                cos, sin = model.decoder.rotary_emb(x, torch.arange(width)[None])  # (1, T, hd)
-                sin_signed = torch.cat([-sin[0, :, : hd // 2], sin[0, :, hd // 2:]], -1)
-                cos_rows = cos[0].repeat(size, 1)[rows][:, None]  # (N, 1, hd)
-                sin_rows = sin_signed.repeat(size, 1)[rows][:, None]
-                x = x.reshape(-1, hidden)[rows]  # (N, D)
-                dims = (size, width, heads, kv, hd)
-                for w in weights:
-                    x = layer_fn(x, cos_rows, sin_rows, rows, w.qkv, w.o, w.gate_up, w.down, w.norm1, w.norm2,
-                                 w.eps1, w.eps2, w.scaling, dims)
-                last = x[lengths.cumsum(0) - 1]  # (B, D) each row's last real token
-                head = model.score_heads[str(depth)]
-                return head(model.decoder.norm(last)).squeeze(-1)
+                return forward(batch["input_ids"], batch["attention_mask"], [depth])[0]
         return call
 
     calls = {"GEMMs only": gemms_and(), "GEMMs + SDPA": gemms_and(sdpa_padded),
-             "GEMMs + SDPA per row": gemms_and(sdpa_per_row), "default": default(), "hand-fused, packed": hand_fused()}
+             "GEMMs + SDPA per row": gemms_and(sdpa_per_row), "default": default(), "packed": packed_call(PackedForward(model))}
     reference = calls["default"]()
-    torch.testing.assert_close(calls["hand-fused, packed"](), reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(calls["packed"](), reference, atol=1e-4, rtol=1e-4)
     if args.compile:
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # no silent fall back to eager after recompiles
-        for name, call in (("default + compile", default(torch.compile(model))),
-                           ("hand-fused, packed + compile",
-                            hand_fused(torch.compile(fused_layer, dynamic=False, fullgraph=True)))):
+        for name, make in (("default + compile", lambda: default(torch.compile(model))),
+                           ("packed + compile", lambda: packed_call(compiled_packed(model)))):
+            started = time.perf_counter()
+            call = make()
             started = time.perf_counter()
             torch.testing.assert_close(call(), reference, atol=1e-4, rtol=1e-4)
             print(f"# {name}: {time.perf_counter() - started:.0f} s to compile")

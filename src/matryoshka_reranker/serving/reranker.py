@@ -9,6 +9,7 @@ and sentence-transformers' ``CrossEncoder.rank``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..model.inputs import InputFormat, as_pair_list, resolve_format
 from .ranking import rank_documents
 
 Pair = tuple[str, str]
+log = logging.getLogger(__name__)
 
 
 class MatryoshkaReranker:
@@ -37,6 +39,9 @@ class MatryoshkaReranker:
     ranking kept: README "Speed"), float32 on other CPUs; ``self.dtype`` says which. ``compile=True`` compiles the decoder layers with
     ``torch.compile`` at construction (one compile for every exit, ratio and batch shape; eager if
     no compiler works here; measured in the README's Speed section); ``self.compiled`` says which.
+    ``packed=True`` scores uncompressed calls through the padding-free forward (``model/packed.py``: real
+    tokens only, stacked projections; float32 Llama-family models, else the default forward with a
+    warning; compiled too with ``compile=True``); ``self.packed`` is None where it is not used.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class MatryoshkaReranker:
         compress_layers: Sequence[int] = (),
         compress_ratio: int = 1,
         compile: bool = False,
+        packed: bool = False,
     ):
         from ..model.adapters import merge_adapters, trained_layout
         from ..model.modeling import MatryoshkaModel
@@ -83,6 +89,15 @@ class MatryoshkaReranker:
         self.compress_layers, self.compress_ratio = tuple(compress_layers), compress_ratio
         self.model_path = Path(path)
         self.compiled = compile and self.model.compile_layers()
+        self.packed = None  # the padding-free forward for uncompressed calls (model/packed.py)
+        if packed:
+            from ..model.packed import PackedForward, packed_problem
+
+            problem = packed_problem(self.model)
+            if problem:
+                log.warning("packed=True: %s; scoring stays on the default forward", problem)
+            else:
+                self.packed = PackedForward(self.model, compile=compile)
 
     @classmethod
     def from_pipeline(cls, params="params.yaml", ratio: int = 1, **kwargs) -> MatryoshkaReranker:
@@ -146,7 +161,10 @@ class MatryoshkaReranker:
         for start in range(0, len(order), size):
             rows = order[start : start + size]
             batch = {k: v.to(self.device) for k, v in self.encoder.collate([encoded[i] for i in rows]).items()}
-            outputs = self.model(**batch, cutoff_layers=layers, compress_layers=layers_c, compress_ratio=ratio)
+            if self.packed is not None and not self.model.check_compression(layers_c, ratio):
+                outputs = self.packed(batch["input_ids"], batch["attention_mask"], layers)
+            else:
+                outputs = self.model(**batch, cutoff_layers=layers, compress_layers=layers_c, compress_ratio=ratio)
             for j, layer_scores in enumerate(outputs):
                 scores[j, rows] = layer_scores.float().cpu()
         if normalize:
