@@ -86,23 +86,24 @@ def adapter_digest(path: str | Path) -> str:
     return sha256_file(weights)
 
 
-def trained_on(path: str | Path) -> list[str] | None:
-    """The digests of the adapters ``path`` was trained on top of (its training log), None where unrecorded."""
+def _recorded(path: str | Path, key: str):
+    """``key`` of the training log beside adapter ``path``, None where there is no readable log."""
     try:
         log = json.loads((Path(path) / TRAINING_LOG).read_text())
     except (OSError, ValueError):
         return None
-    recorded = log.get("trained_on") if isinstance(log, dict) else None
+    return log.get(key) if isinstance(log, dict) else None
+
+
+def trained_on(path: str | Path) -> list[str] | None:
+    """The digests of the adapters ``path`` was trained on top of (its training log), None where unrecorded."""
+    recorded = _recorded(path, "trained_on")
     return recorded if isinstance(recorded, list) else None
 
 
 def trained_exits(path: str | Path) -> list[int] | None:
     """The exit layers ``path`` was trained with (its training log), None where unrecorded."""
-    try:
-        log = json.loads((Path(path) / TRAINING_LOG).read_text())
-    except (OSError, ValueError):
-        return None
-    recorded = log.get("exit_layers") if isinstance(log, dict) else None
+    recorded = _recorded(path, "exit_layers")
     return recorded if isinstance(recorded, list) and recorded and all(isinstance(k, int) for k in recorded) else None
 
 
