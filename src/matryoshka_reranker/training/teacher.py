@@ -261,10 +261,10 @@ def load_teacher(params: Params, all_passages: Sequence[str] = ()):
 
 
 # -------------------------------------------------------------------------------------- shards
-def _fingerprint(identity: dict, lines: Sequence[str]) -> str:
+def _fingerprint(identity: dict, code: str, lines: Sequence[str]) -> str:
     # the code too (the stage's code deps): DVC re-runs this stage after a change there (say, the hybrid's
     # fusion), and its run must not keep the earlier code's scores
-    digest = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, "teacher": identity, "code": code_digest()},
+    digest = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, "teacher": identity, "code": code},
                                        sort_keys=True).encode())
     for line in lines:
         digest.update(line.encode())
@@ -336,11 +336,11 @@ def score_training_file(params: Params, teacher=None) -> Path:
     size = params.teacher.shard_size
     shards = [lines[i : i + size] for i in range(0, len(lines), size)]
     shard_dir.mkdir(parents=True, exist_ok=True)
-    plan = []
+    plan, code = [], code_digest()  # hashed once, not per shard
     for index, shard in enumerate(shards):
         raw = [json.dumps(obj, sort_keys=True, ensure_ascii=False) for _, obj in shard]
         path, meta = shard_dir / f"shard-{index:05d}.jsonl", shard_dir / f"shard-{index:05d}.json"
-        plan.append((index, shard, path, meta, _fingerprint(identity, raw)))
+        plan.append((index, shard, path, meta, _fingerprint(identity, code, raw)))
     rank, world = rank_and_world()
     done = {p[0] for p in plan if _shard_done(p[2], p[3], p[4])}  # hashes every shard once
     todo = [p for p in plan if p[0] % world == rank and p[0] not in done]  # this worker's shards

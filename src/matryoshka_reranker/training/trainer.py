@@ -378,12 +378,12 @@ def find_resume_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | No
             for stale in checkpoints:
                 shutil.rmtree(stale, ignore_errors=True)
         checkpoints = []
+    complete = [c for c in checkpoints if _complete(c)]
     if main:
-        for partial in [c for c in checkpoints if not _complete(c)]:
+        for partial in [c for c in checkpoints if c not in complete]:
             log.warning("removing incomplete checkpoint %s", partial)
             shutil.rmtree(partial, ignore_errors=True)
         write_json(marker, fingerprint)
-    complete = [c for c in checkpoints if _complete(c)]
     if main and not complete:  # else an earlier run's snapshot past this run's max_steps would ship as this run's
         shutil.rmtree(checkpoint_dir / SNAPSHOTS, ignore_errors=True)
         (checkpoint_dir / HEAD_INIT).unlink(missing_ok=True)  # and its probe as this run's
