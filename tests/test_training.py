@@ -445,6 +445,21 @@ def test_changed_config_never_resumes_a_stale_checkpoint(tmp_path, scored, llama
     assert self_distill(changed)["resumed_from"] is None
 
 
+def test_other_weights_at_the_same_model_path_never_resume(tmp_path, scored, llama_dir, tokenizer):
+    """A user who replaces the weights in their model folder (a new fine-tune, same config.json) and re-runs got
+    the checkpoints trained on the old weights resumed, or the old final adapter shipped: only the folder's
+    config was hashed. Now every file of the folder is."""
+    model_dir = tmp_path / "my-model"
+    shutil.copytree(llama_dir, model_dir)
+    params = tiny_params(tmp_path, model_dir, self_distill__max_steps=2)
+    assert self_distill(params)["resumed_from"] is None
+    assert self_distill(params)["resumed_from"].endswith("checkpoint-2")  # same weights: resumes
+    other = make_tiny_model("llama", tokenizer, seed=1)
+    other.save_pretrained(model_dir)
+    assert (model_dir / "config.json").read_bytes() == (llama_dir / "config.json").read_bytes()
+    assert self_distill(params)["resumed_from"] is None
+
+
 def test_a_code_change_never_resumes_or_ships_the_earlier_codes_checkpoint(tmp_path, scored, llama_dir, monkeypatch):
     """DVC re-runs a training stage after a change in its code deps (a new loss, a fixed step); the checkpoints
     outlive the run, so the re-run resumed the final checkpoint of the earlier code and shipped its adapter

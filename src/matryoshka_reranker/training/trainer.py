@@ -649,13 +649,24 @@ def pair_encoder(params: Params, tokenizer) -> PairEncoder:
 
 def base_fingerprint(params: Params, model_path: Path, data_file: Path) -> dict:
     """What every adapter run of this pipeline depends on (besides its own TrainParams)."""
-    config = model_path / "config.json"
     return {
         "model": params.model.model_dump(),
-        "model_config_sha256": sha256_file(config) if config.exists() else None,
+        "model_files_sha256": model_files_digest(model_path),
         "data_sha256": sha256_file(data_file),
         "code_sha256": code_digest(),
     }
+
+
+def model_files_digest(model_path: Path) -> str | None:
+    """sha256 over the files at the top of the model folder (weights, config, tokenizer), each hashed once per
+    process while unchanged (``sha256_file``): new weights saved at the same path (a re-fine-tuned base, the
+    config unchanged) must not resume, or ship, the checkpoints trained on the old ones."""
+    if not model_path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(f for f in model_path.iterdir() if f.is_file()):
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def code_digest() -> str:
