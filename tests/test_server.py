@@ -124,9 +124,11 @@ def test_first_stage_scores_are_fused_like_rank(server, exported):
     ({"query": QUERY, "texts": TEXTS, "first_stage_scores": [1, 2, 3], "first_stage_weight": 1.5}, 422,
      "first_stage_weight"),
     ({"query": QUERY, "texts": []}, 400, "texts"),  # TEI: 400, error_type "Empty"
-    ({"query": QUERY, "texts": TEXTS * 2}, 413, "texts"),
-    ({"query": QUERY, "texts": ["word " * 200], "truncate": False}, 413, "texts[0]"),
-    ({"query": "word " * 200, "texts": TEXTS, "truncate": False}, 413, "query"),
+    # TEI (router/src/http/server.rs): a batch over --max-client-batch-size and an input over the token budget are
+    # Validation errors, 422; only a body over --payload-limit is a 413
+    ({"query": QUERY, "texts": TEXTS * 2}, 422, "texts"),
+    ({"query": QUERY, "texts": ["word " * 200], "truncate": False}, 422, "texts[0]"),
+    ({"query": "word " * 200, "texts": TEXTS, "truncate": False}, 422, "query"),
     ({"query": QUERY, "texts": "not a list"}, 422, "texts"),
     ({"query": QUERY, "texts": [1, 2]}, 422, "texts.0"),
     ({"query": 7, "texts": TEXTS}, 422, "query"),
@@ -147,7 +149,7 @@ def test_truncate_false_refuses_and_the_length_check_matches_the_encoder(server,
     query leaves a text less room (``PairEncoder.passage_room``), and the check refuses what encoding would cut."""
     url, _ = server
     long_text = {"query": QUERY, "texts": ["word " * 200], "truncate": False}
-    assert httpx.post(f"{url}/rerank", json=long_text).status_code == 413
+    assert httpx.post(f"{url}/rerank", json=long_text).status_code == 422
     assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "truncate": False}).status_code == 200
     encoder = OnnxReranker(exported / "ratio-1", 3).encoder
     fmt = encoder.format
@@ -163,7 +165,7 @@ def test_truncate_false_refuses_and_the_length_check_matches_the_encoder(server,
     room = encoder.passage_room(len(encoder.bos) + len(encoder._ids(f"A: {query}")) + len(encoder.sep))
     assert room < len(encoder._ids(f"B: {text}")) <= fmt.passage_max_len  # encode_many would cut this text
     response = httpx.post(f"{url}/rerank", json={"query": query, "texts": [TEXTS[0], text], "truncate": False})
-    assert response.status_code == 413 and "texts[1]" in response.json()["error"], response.text
+    assert response.status_code == 422 and "texts[1]" in response.json()["error"], response.text
     assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": [text], "truncate": False}).status_code == 200
 
 
@@ -208,7 +210,7 @@ def test_truncate_left_out_or_null_follows_auto_truncate_as_tei(server, exported
     refusing, thread, local = run_in_thread(create_app(ModelPool(exported, options), options))
     try:
         response = httpx.post(f"{local}/rerank", json={"query": QUERY, "texts": ["word " * 200]}, timeout=60)
-        assert response.status_code == 413 and "texts[0]" in response.json()["error"], response.text
+        assert response.status_code == 422 and "texts[0]" in response.json()["error"], response.text
         assert httpx.post(f"{local}/rerank", json={"query": QUERY, "texts": ["word " * 200], "truncate": True},
                           timeout=60).status_code == 200
     finally:
@@ -448,7 +450,7 @@ def test_pytorch_backend_answers_like_the_onnx_export(exported, llama_dir):
         response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "exit_layer": 4})
         assert response.status_code == 422 and "(exit_layer=3, ratio=2)" in response.json()["error"]
         long = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": ["word " * 40], "truncate": False})
-        assert long.status_code == 413 and "texts[0]" in long.json()["error"]  # the model's own token budget
+        assert long.status_code == 422 and "texts[0]" in long.json()["error"]  # the model's own token budget
         info = httpx.get(f"{url}/info").json()
         assert {c["backend"] for c in info["configs"]} == {"pytorch"} and info["input_format"]["passage_max_len"] == 16
     finally:

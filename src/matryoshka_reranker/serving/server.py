@@ -29,8 +29,8 @@ config are micro-batched (``batch_window_ms``), run off the event loop in a work
 queued up to ``max_queue`` requests per config; beyond that the server answers 429. ``truncate`` left out or
 null is ``auto_truncate`` (TEI's ``--auto-truncate``, true by default); a body over ``payload_limit`` is a 413;
 fields TEI does not read are ignored, as TEI does. Bad input
-(empty texts: 400 ``Empty`` as TEI; too many texts, a text over the model's budget with ``truncate:
-false``, wrong JSON types, a body that is not UTF-8 JSON) is a 4xx naming the field, never a 500; a
+(empty texts: 400 ``Empty`` as TEI; too many texts or a text over the model's budget with ``truncate:
+false``: 422 ``Validation`` as TEI; wrong JSON types, a body that is not UTF-8 JSON) is a 4xx naming the field, never a 500; a
 model that cannot load or returns non-finite scores is TEI's backend error, 424. Uvicorn stops
 accepting on SIGTERM and lets in-flight requests finish before the workers stop.
 """
@@ -490,7 +490,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
             return error(400, "texts: `texts` cannot be empty", "Empty")
         if len(body.texts) > options.max_texts:
             raise ServerInputError("texts", f"{len(body.texts)} texts; this server takes at most {options.max_texts} "
-                                            "per request (--max-texts)", 413)
+                                            "per request (--max-texts)")
         check_unicode(body.texts)  # before any batch: a text no tokenizer takes would fail its batch-mates too
         if body.first_stage_scores is not None:  # refused before any model work
             try:
@@ -646,12 +646,12 @@ def check_lengths(encoder, query: str, texts: Sequence[str]) -> None:
     query_ids = encoder._ids(f"A: {query}")
     if len(query_ids) > fmt.query_max_len:
         raise ServerInputError("query", f"longer than the model's {fmt.query_max_len}-token query budget; "
-                                        "send truncate: true to cut it", 413)
+                                        "send truncate: true to cut it")
     room = encoder.passage_room(len(encoder.bos) + len(query_ids) + len(encoder.sep))
     for i, ids in enumerate(encoder._ids_many([f"B: {text}" for text in texts])):
         if len(ids) > room:
             raise ServerInputError(f"texts[{i}]", f"longer than the {room}-token passage budget this query leaves "
-                                                  f"(at most {fmt.passage_max_len}); send truncate: true to cut it", 413)
+                                                  f"(at most {fmt.passage_max_len}); send truncate: true to cut it")
 
 
 def probabilities(pool: Pool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
