@@ -254,6 +254,13 @@ def test_info_health_and_metrics(server):
     assert {(c["exit_layer"], c["ratio"]) for c in info["configs"]} == {(2, 1), (3, 1), (2, 2), (3, 2)}
     assert info["default"] == {"exit_layer": 3, "ratio": 1} and info["max_client_batch_size"] == 5
     assert info["input_format"]["query_max_len"] == 16
+    # TEI's Info (router/src/lib.rs): clients read model_type to tell a reranker from an embedder / classifier
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    tei = {"model_id", "model_sha", "model_dtype", "served_model_name", "max_concurrent_requests", "max_input_length",
+           "max_batch_tokens", "max_batch_requests", "max_client_batch_size", "auto_truncate", "tokenization_workers",
+           "version", "sha", "docker_label"}
+    assert tei <= set(info), tei - set(info)
+    assert info["max_batch_tokens"] == info["max_input_length"] * info["max_batch_pairs"]
     assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).status_code == 200  # one to count
     metrics = httpx.get(f"{url}/metrics").text
     assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="200"}' in metrics

@@ -53,6 +53,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.requests import Request  # here, not in create_app: FastAPI resolves the handler's annotations
 
+from .. import __version__
 from ..core.jsonl import is_valid_unicode
 from .artifacts import (
     ALL_EXITS_FILE,
@@ -213,7 +214,8 @@ class ModelPool(Pool):
         for (k, r), config in sorted(self.configs.items()):
             manifest = config_manifest(config)
             out.append({"name": config.name, "exit_layer": k, "ratio": r, "variant": config.variant,
-                        "loaded": (k, r) in self._loaded, "calibration": manifest.get("calibration")})
+                        "loaded": (k, r) in self._loaded, "backend": "onnxruntime",
+                        "dtype": manifest.get("dtype", "float32"), "calibration": manifest.get("calibration")})
         return out
 
 
@@ -572,13 +574,23 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
 
     @app.get("/info")
     async def info():
+        """TEI's Info fields (router/src/lib.rs: clients tell a reranker by ``model_type``), then ours: the
+        configs, the default, the input format. ``version`` is the served release (TEI: its router's version)."""
         fmt = pool.index.get("input_format") or {}
-        return {"model_id": pool.index.get("source_model") or str(pool.folder), "model_type": "matryoshka-reranker",
-                "version": pool.version, "configs": pool.describe(),
-                "default": {"exit_layer": pool.default[0], "ratio": pool.default[1]},
-                "max_client_batch_size": options.max_texts, "max_queue": options.max_queue,
-                "auto_truncate": options.auto_truncate, "payload_limit": options.payload_limit,
-                "max_input_length": fmt.get("query_max_len", 0) + fmt.get("passage_max_len", 0),
+        configs = pool.describe()
+        default = next(c for c in configs if (c["exit_layer"], c["ratio"]) == pool.default)
+        model_id = pool.index.get("source_model") or str(pool.folder)
+        max_input_length = fmt.get("query_max_len", 0) + fmt.get("passage_max_len", 0)
+        return {"model_id": model_id, "model_sha": None, "model_dtype": default.get("dtype", "float32"),
+                "served_model_name": model_id,
+                "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
+                "max_concurrent_requests": options.max_queue * len(configs), "max_input_length": max_input_length,
+                "max_batch_tokens": max_input_length * options.max_batch_pairs, "max_batch_requests": None,
+                "max_client_batch_size": options.max_texts, "auto_truncate": options.auto_truncate,
+                "tokenization_workers": options.workers, "version": pool.version, "sha": None, "docker_label": None,
+                "configs": configs, "default": {"exit_layer": pool.default[0], "ratio": pool.default[1]},
+                "max_queue": options.max_queue, "max_batch_pairs": options.max_batch_pairs,
+                "payload_limit": options.payload_limit, "server": f"matryoshka-reranker {__version__}",
                 "input_format": fmt}
 
     @app.get("/metrics")
