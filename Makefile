@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 # DVC stages call `matryoshka ...`: find it in the venv without activating it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test bench experiment clean
+.PHONY: setup repro test bench experiment
 
 setup: $(VENV)/.installed
 
