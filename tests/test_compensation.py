@@ -49,6 +49,9 @@ def test_adapters_train_on_the_stack_they_are_merged_onto(trained):
         assert (root / name / "adapter_model.safetensors").exists()
         log = json.loads((root / name / "training_log.json").read_text())
         assert log["steps"] == 2 and log["stage"] == f"compensation_{name}"
+        ratio = int(name.removeprefix("token-ratio-")) if name.startswith("token") else 1
+        assert log["compression"] == ({"layers": list(params.compression.layers), "ratios": [ratio], "sample": False}
+                                      if ratio > 1 else {"layers": [], "ratios": [1], "sample": True})
 
 
 def test_pipeline_api_picks_the_token_adapter_for_the_ratio(trained):
@@ -65,6 +68,11 @@ def test_pipeline_api_picks_the_token_adapter_for_the_ratio(trained):
                                                                        if ratio > 1 else ((), 1))
         default = [s for layer in pipeline.compute_score(PAIRS, cutoff_layers=[2, 4]) for s in layer]
         assert default == pytest.approx(scores(pipeline, ratio), abs=1e-6)
+        # ... and so does the explicit form: a token adapter records the width it was trained at (it scored at
+        # ratio 1 unless compress_layers / compress_ratio were given, a model it was never trained as)
+        assert (explicit.compress_layers, explicit.compress_ratio) == (pipeline.compress_layers, pipeline.compress_ratio)
+        explicit_default = [s for layer in explicit.compute_score(PAIRS, cutoff_layers=[2, 4]) for s in layer]
+        assert explicit_default == pytest.approx(default, abs=1e-6)
     # Each adapter changes the model: dropping the token adapter changes compressed scores.
     without_token = MatryoshkaReranker.from_pipeline(params, ratio=1)
     with_token = MatryoshkaReranker.from_pipeline(params, ratio=2)

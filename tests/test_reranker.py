@@ -197,6 +197,30 @@ def test_adapters_bring_the_layer_layout_they_were_trained_with(llama_dir, tmp_p
         MatryoshkaReranker(llama_dir, peft_path=tmp_path / "adapter", start_layer=2)
 
 
+def test_an_explicit_width_other_than_the_token_adapters_is_warned_about(llama_dir, tmp_path, caplog):
+    """A token adapter recorded as trained at ratio 2 (layers [2]) sets the default width; asked for another, the
+    reranker scores as asked and says that this is not the width the adapter was trained for."""
+    from matryoshka_reranker.model.adapters import TRAINING_LOG, trained_compression
+
+    base = MatryoshkaModel.from_pretrained(llama_dir, start_layer=2)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_pattern(["q_proj"]),
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "token")
+    log = {"exit_layers": [2, 3, 4], "compression": {"layers": [2], "ratios": [2], "sample": False}}
+    (tmp_path / "token" / TRAINING_LOG).write_text(json.dumps(log))
+    assert trained_compression(tmp_path / "token") == ((2,), 2)
+    reranker = MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token")
+    assert (reranker.compress_layers, reranker.compress_ratio) == ((2,), 2)
+    assert "trained" not in caplog.text
+    with caplog.at_level("WARNING"):
+        full = MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token", compress_ratio=1)
+    assert full.compress_ratio == 1 and "trained to score at ratio 2" in caplog.text
+    for sampled in ({"layers": [2], "ratios": [1, 2], "sample": True}, {"layers": [], "ratios": [1], "sample": True}):
+        (tmp_path / "token" / TRAINING_LOG).write_text(json.dumps({**log, "compression": sampled}))
+        assert trained_compression(tmp_path / "token") is None  # self-distillation: every width; a layer adapter
+        assert MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token").compress_ratio == 1
+
+
 def test_cli_score(llama_dir, tmp_path):
     from typer.testing import CliRunner
 

@@ -164,7 +164,8 @@ def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, in
                    compress_ratio=None, exit_layer=None, dtype="auto"):
     """An exported ONNX folder (has manifest.json) -> OnnxReranker at ``exit_layer`` (None: the folder's
     deepest); anything else -> MatryoshkaReranker. ``compress_ratio`` None means "not given": the folder's
-    own ratio for ONNX, 1 for PyTorch; any other ratio than an ONNX folder's is refused, 1 included."""
+    own ratio for ONNX, for PyTorch the width a token adapter in ``peft_path`` was trained at, else 1; any other
+    ratio than an ONNX folder's is refused, 1 included."""
     if (Path(model) / "manifest.json").is_file():
         from .serving.onnx_runtime import OnnxReranker
 
@@ -179,8 +180,8 @@ def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, in
     from .serving.reranker import MatryoshkaReranker
 
     return MatryoshkaReranker(model, peft_path=peft_path, start_layer=start_layer, layer_sep=layer_sep,
-                              batch_size=batch_size, input_format=input_format, compress_layers=compress_layers or (),
-                              compress_ratio=1 if compress_ratio is None else compress_ratio, dtype=dtype)
+                              batch_size=batch_size, input_format=input_format, compress_layers=compress_layers or None,
+                              compress_ratio=compress_ratio, dtype=dtype)  # None: the token adapter's width, else 1
 
 
 ModelOpt = Annotated[str, typer.Option(help="model folder, embedded:smollm2-135m-instruct, or an exported ONNX folder")]

@@ -115,6 +115,19 @@ def trained_layout(path: str | Path) -> tuple[int, int] | None:
     return exits[0], (exits[1] - exits[0] if len(exits) > 1 else 1)
 
 
+def trained_compression(path: str | Path) -> tuple[tuple[int, ...], int] | None:
+    """(compress_layers, ratio) of an adapter trained at one fixed width (a token adapter, ``compensation``), from
+    its training log: the width it scores as by default. None for one trained uncompressed (the layer adapter), at
+    sampled widths (self-distillation: every width), or without a record (adapters trained before 2026-12-07)."""
+    plan = _recorded(path, "compression")
+    if not isinstance(plan, dict) or plan.get("sample") is not False:
+        return None
+    ratios, layers = plan.get("ratios"), plan.get("layers")
+    if not isinstance(ratios, list) or len(ratios) != 1 or not isinstance(layers, list) or not layers:
+        return None
+    return (tuple(int(c) for c in layers), int(ratios[0])) if int(ratios[0]) > 1 else None
+
+
 def check_stack(adapter_paths: Sequence[str | Path]) -> None:
     """Each adapter that records what it was trained on top of (``trained_on`` in its training log: the
     digests of the adapters below it) must sit on exactly those files. A stack mixing a new layer adapter

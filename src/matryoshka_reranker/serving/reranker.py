@@ -34,7 +34,9 @@ class MatryoshkaReranker:
     needs giving for a raw checkpoint (and must agree with a saved one). ``start_layer`` and
     ``layer_sep`` only matter for a raw causal-LM checkpoint: by default the layout the first adapter was
     trained with (its training log), else 4 and 1. ``compress_layers``
-    and ``compress_ratio`` set the default width of ``compute_score`` and ``rank``. ``dtype``
+    and ``compress_ratio`` set the default width of ``compute_score`` and ``rank``; left out, the width the
+    top token adapter of the stack was trained at (its training log: a ratio-2 stack scores at ratio 2 at its
+    layers), else full width; another width than the token adapter's is scored as asked, with a warning. ``dtype``
     ("auto" by default) is bfloat16 on CUDA and on CPUs with AMX-BF16 tiles (~3x fp32's speed there,
     ranking kept: README "Speed"), float32 on other CPUs; ``self.dtype`` says which. ``compile=True`` compiles the decoder layers with
     ``torch.compile`` at construction (one compile for every exit, ratio and batch shape; eager if
@@ -54,12 +56,12 @@ class MatryoshkaReranker:
         batch_size: int = 32,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        compress_layers: Sequence[int] = (),
-        compress_ratio: int = 1,
+        compress_layers: Sequence[int] | None = None,
+        compress_ratio: int | None = None,
         compile: bool = False,
         packed: bool = False,
     ):
-        from ..model.adapters import merge_adapters, trained_layout
+        from ..model.adapters import merge_adapters, trained_compression, trained_layout
         from ..model.modeling import MatryoshkaModel
 
         if batch_size < 1:
@@ -85,8 +87,18 @@ class MatryoshkaReranker:
         too_long = model.input_length_problem(self.encoder.longest)
         if too_long:
             raise ValueError(too_long)
+        trained = next((w for w in map(trained_compression, reversed(adapters)) if w), None)  # the top token adapter's
+        if compress_ratio is None:
+            compress_ratio = trained[1] if trained else 1
+        if compress_layers is None:
+            compress_layers = trained[0] if trained and compress_ratio == trained[1] else ()
+        compress_layers = tuple(compress_layers)
+        if trained and (compress_layers if compress_ratio > 1 else (), compress_ratio) != trained:
+            log.warning("the adapter stack was trained to score at ratio %d (compressed at layers %s); scoring at "
+                        "ratio %d%s as asked", trained[1], list(trained[0]), compress_ratio,
+                        f" (layers {list(compress_layers)})" if compress_ratio > 1 else "")
         self.model.check_compression(compress_layers, compress_ratio)
-        self.compress_layers, self.compress_ratio = tuple(compress_layers), compress_ratio
+        self.compress_layers, self.compress_ratio = compress_layers, compress_ratio
         self.model_path = Path(path)
         self.compiled = compile and self.model.compile_layers()
         self.packed = None  # the padding-free forward for uncompressed calls (model/packed.py)

@@ -538,6 +538,8 @@ def _train_adapter(run: AdapterRun) -> dict:
             "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
             "head_init": probe, "snapshots": snapshots.steps_saved(),
             "trained_on": list(run.trained_on),  # what merging must put below it (adapters.check_stack)
+            "compression": {"layers": list(run.plan.layers), "ratios": list(run.plan.ratios),  # the width(s) it
+                            "sample": run.plan.sample},  # trained at: a token adapter's default (trained_compression)
             "log_history": history,
         }
         _save_adapter(trainer, run.output_dir, summary, run.base_name, run.encoder.format, snapshots.folder)
