@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from matryoshka_reranker import OnnxReranker
 from matryoshka_reranker.cli import app
+from matryoshka_reranker.core.atomic import sha256_file
 from matryoshka_reranker.model import modeling
 from matryoshka_reranker.model.adapters import target_pattern
 from matryoshka_reranker.model.inputs import InputFormat, InputFormatError
@@ -25,7 +26,6 @@ from matryoshka_reranker.pipeline.export import (
     ExportOptions,
     export_models,
     plan_configs,
-    sha256_file,
 )
 from matryoshka_reranker.serving.artifacts import ExitNotExported, model_view, parse_config_name
 from matryoshka_reranker.serving.onnx_runtime import read_manifest

@@ -166,7 +166,9 @@ def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, in
     deepest); anything else -> MatryoshkaReranker. ``compress_ratio`` None means "not given": the folder's
     own ratio for ONNX, for PyTorch the width a token adapter in ``peft_path`` was trained at, else 1; any other
     ratio than an ONNX folder's is refused, 1 included."""
-    if (Path(model) / "manifest.json").is_file():
+    from .serving.artifacts import MANIFEST  # torch- and onnx-free
+
+    if (Path(model) / MANIFEST).is_file():
         from .serving.onnx_runtime import OnnxReranker
 
         if peft_path or start_layer or layer_sep or input_format or dtype != "auto":

@@ -503,10 +503,10 @@ def evaluate(params: Params, scorer_factory: ScorerFactory | None = None, latenc
 def calibration_report(config: ExportedConfig, queries: list[EvalQuery], qrels: dict[str, dict[str, int]],
                        scores: dict[str, list[float]]) -> dict[str, Any] | None:
     """ECE of sigmoid(raw score) and of the export's Platt probability, on the queries it was *not* fitted on."""
-    from ..serving.artifacts import calibrated_probability, config_manifest
+    from ..serving.artifacts import MANIFEST, calibrated_probability, config_manifest
     from .calibration import expected_calibration_error
 
-    if not (config.path / "manifest.json").is_file():
+    if not (config.path / MANIFEST).is_file():
         return None  # a test backend without exported folders
     calibration = config_manifest(config).get("calibration")
     if not calibration:

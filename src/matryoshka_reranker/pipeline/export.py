@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..config import FLOAT32_ONLY_QUANTIZE
-from ..core.atomic import atomic_dir, sha256_file, write_json
+from ..core.atomic import atomic_dir, write_json
 from ..core.errors import CheckFailed
 from ..model.inputs import InputFormat, PairEncoder, resolve_format
 from ..serving.artifacts import (
@@ -78,6 +78,7 @@ from ..serving.artifacts import (
     TOKEN_INPUTS,
     WEIGHTS_FILE,
     ExportedConfig,
+    adapter_sha256,
     config_name,
     exit_model_file,
     folder_files,
@@ -719,7 +720,7 @@ def _manifest(folder: Path, ratio: int, compress_layers: Sequence[int], models: 
         "name": folder.name,
         "num_layers": model.num_layers,
         "compression": {"layers": list(compress_layers), "ratio": ratio},
-        "adapters": [{"path": str(p), "sha256": _adapter_hash(p)} for p in adapters],
+        "adapters": [{"path": str(p), "sha256": adapter_sha256(p)} for p in adapters],
         **({"weights_file": WEIGHTS_FILE} if options.share_weights else {}),  # else each graph's <file>.data
         "shared_weights": options.share_weights,
         "opset": opset,
@@ -737,8 +738,3 @@ def _manifest(folder: Path, ratio: int, compress_layers: Sequence[int], models: 
         "models": models,
         "files": {},  # listed by the caller once the model card (one of the files) is written
     }
-
-
-def _adapter_hash(path: Path) -> str | None:
-    weights = path / "adapter_model.safetensors"
-    return sha256_file(weights) if weights.exists() else None

@@ -52,7 +52,18 @@ from ..config import Params
 from ..core.atomic import atomic_dir, atomic_file, sha256_file, write_json, write_text
 from ..core.errors import MatryoshkaError
 from ..pipeline.model_card import release_card
-from ..serving.artifacts import NAME_RE, SPECIALIST, ModelIntegrityError, config_name, ratio_folder, read_manifest
+from ..serving.artifacts import (
+    MANIFEST,
+    NAME_RE,
+    SPECIALIST,
+    ModelIntegrityError,
+    config_name,
+    folder_files,
+    parse_config_name,
+    ratio_folder,
+    read_manifest,
+    verify_files,
+)
 from .gate import GateError, GateFailed, GateReport, run_gate
 from .revisions import (
     absolute_remote_url,
@@ -475,8 +486,6 @@ class Journal:
 def file_hashes(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
     """{artifact: {relative path: sha256}} of every released file, manifests included (a ratio's
     folder is hashed once, however many of its exits are artifacts)."""
-    from ..serving.artifacts import MANIFEST, folder_files
-
     hashed: dict[Path, dict[str, str]] = {}
     for folder in dict.fromkeys(folders.values()):
         files = folder_files(folder)
@@ -748,8 +757,6 @@ def download(version: str, exit_layer: int, ratio: int = 1, repo: str | Path = "
             for item in (tmp / "payload").iterdir():
                 item.rename(tmp / item.name)
             (tmp / "payload").rmdir()
-            from ..serving.artifacts import verify_files
-
             try:
                 verify_files(tmp, expected)
             except ModelIntegrityError as err:
@@ -795,8 +802,6 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
     """Exit models of a release in the local cache (downloaded and verified once, reused while they verify):
     the shared-weight ones, and with ``variant="specialist"`` the release's exit specialists too
     (``shared=False``: those alone, e.g. to open one specialist)."""
-    from ..serving.artifacts import parse_config_name
-
     version = resolve_version(version, repo)
     cache = cache or release_cache(repo)
     fs = open_at(str(repo), version)
@@ -842,8 +847,6 @@ def _unfinished(repo: str | Path, version: str) -> bool:
 
 
 def _cached_and_intact(folder: Path, expected: dict[str, str], quiet: bool = False) -> bool:
-    from ..serving.artifacts import verify_files
-
     if not folder.is_dir():
         return False
     try:

@@ -52,6 +52,7 @@ MODEL_FILE = "model.onnx"  # the one graph of a quantized copy
 ALL_EXITS_FILE = "all-exits.onnx"
 WEIGHTS_FILE = "weights.bin"
 MODEL_CARD = "README.md"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's weights file; its sha256 is in ``adapters``
 SPECIALIST = "specialist"  # the variant of an exit specialist (training/specialist.py); released and served
 SCORES = "scores"
 TOKEN_INPUTS = ["input_ids", "attention_mask"]
@@ -244,6 +245,13 @@ def verify_files(folder: Path, files: dict[str, str]) -> None:
                  for name in sorted(present - set(files))]
     if problems:
         raise ModelIntegrityError(f"{folder} does not match its {MANIFEST}: " + "; ".join(problems))
+
+
+def adapter_sha256(path: str | os.PathLike) -> str | None:
+    """A manifest's ``adapters[].sha256``: sha256 of a LoRA folder's ``adapter_model.safetensors`` (None
+    without one). Written at export and compared by ``serving.server.export_calibrations``."""
+    weights = Path(path) / ADAPTER_WEIGHTS
+    return sha256_file(weights) if weights.is_file() else None
 
 
 def config_manifest(config: ExportedConfig, verify: bool = False) -> dict:

@@ -57,7 +57,9 @@ from .. import __version__
 from ..core.jsonl import is_valid_unicode
 from .artifacts import (
     ALL_EXITS_FILE,
+    INDEX,
     ExportedConfig,
+    adapter_sha256,
     calibrated_probability,
     config_manifest,
     config_name,
@@ -339,16 +341,13 @@ def export_calibrations(params, ratios: Sequence[int]) -> dict[tuple[int, int], 
     was made from the very adapters ``from_pipeline`` loads (same files by sha256, same compression
     layers); a ratio exported from other adapters (retrained, not re-exported) or an unreadable export
     gets none (a plain sigmoid) and a warning: a stale calibration would answer with wrong probabilities."""
-    from ..core.atomic import sha256_file
-
     folder = Path(params.paths.onnx)
-    if not (folder / "index.json").is_file():
+    if not (folder / INDEX).is_file():
         return {}
     calibrations, stale = {}, set()
     try:
         configs = [c for c in read_index(folder) if c.variant is None and c.ratio in ratios]
-        current = {r: [sha256_file(p / "adapter_model.safetensors") if (p / "adapter_model.safetensors").is_file()
-                       else None for p in params.adapter_stack(r)] for r in ratios}
+        current = {r: [adapter_sha256(p) for p in params.adapter_stack(r)] for r in ratios}
         for config in configs:
             manifest = config_manifest(config)
             exported = [a.get("sha256") for a in manifest.get("adapters", [])]
