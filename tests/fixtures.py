@@ -81,3 +81,13 @@ def run_stage_with_workers(stage: str, params_file, cwd, workers: int):
     return subprocess.run([sys.executable, "-m", "matryoshka_reranker.cli", stage, "-p", str(params_file),
                            "-S", f"distributed.processes={workers}"],
                           env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def cpp_compiler() -> bool:
+    """Whether Inductor finds a C++ compiler (torch.compile's CPU backend needs one)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return bool(get_cpp_compiler())
+    except Exception:  # noqa: BLE001
+        return False

@@ -149,6 +149,19 @@ def test_targets_are_detached_and_batches_average():
     assert per_layer[-1].item() == pytest.approx(expected_deepest)
 
 
+@pytest.mark.parametrize("method", ["same_layer", "same_layer_mse", "distill_fix_layer_teacher"])
+def test_every_self_target_is_detached_whatever_the_distance(method):
+    """"Every target is detached": the squared-error target too (the soft cross-entropy one detaches inside
+    ``soft_ce``; the mse branch detaches on its own, and dropping it went unnoticed by the value tests)."""
+    student = [torch.tensor([s], requires_grad=True) for s in S[:3]]
+    full = [torch.tensor([f], requires_grad=True) for f in F[:3]]
+    teacher = torch.tensor([T], requires_grad=True)
+    loss, _ = matryoshka_loss(student, TrainMethod(method, 2), full, teacher)
+    loss.backward()
+    assert all(f.grad is None for f in full) and teacher.grad is None
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+
+
 def test_without_full_scores_the_student_is_its_own_detached_teacher():
     student = [torch.tensor([s]) for s in S[:3]]
     _, per_layer = matryoshka_loss(student, TrainMethod("last_layer"))

@@ -119,6 +119,38 @@ def test_last_token_attention_matches_eager_attention(tokenizer):
     torch.testing.assert_close(weights, expected * mask, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("compress_at", [1, 2, 3])
+def test_compression_merges_with_the_attention_of_the_layer_just_run(tiny_lm, tokenizer, monkeypatch, compress_at):
+    """Compress at c: the states merged are hidden_states[c], and their weights are layer c's (1-based)
+    attention probabilities of each row's last real token, summed over heads, as transformers' own eager
+    attention gives them (an independent derivation: using another layer's attention, or the states of
+    another depth, changed the compressed scores by ~1e-4 only, which no other test but the loss pin saw)."""
+    from matryoshka_reranker.model import modeling
+
+    tiny_lm.config._attn_implementation = "eager"  # output_attentions needs eager; shared with the wrapped decoder
+    model = wrap(tiny_lm, tokenizer)
+    inputs = batch(tokenizer, PAIRS)
+    seen = []
+    real = modeling.merge_passage_tokens
+
+    def spy(hidden, mask, query_lengths, prompt_lengths, weights, ratio):
+        seen.append((hidden.clone(), weights.clone()))
+        return real(hidden, mask, query_lengths, prompt_lengths, weights, ratio)
+
+    monkeypatch.setattr(modeling, "merge_passage_tokens", spy)
+    model(**inputs, cutoff_layers=[4], compress_layers=[compress_at], compress_ratio=2)
+    mask = inputs["attention_mask"]
+    out = tiny_lm(input_ids=inputs["input_ids"], attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    rows, last = torch.arange(len(PAIRS)), mask.sum(1) - 1
+    expected = out.attentions[compress_at - 1][rows, :, last].sum(1) * mask  # (B, T), layer c's, over heads
+    assert len(seen) == 1
+    hidden, weights = seen[0]
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)
+    real_tokens = mask.bool()
+    torch.testing.assert_close(hidden[real_tokens], out.hidden_states[compress_at][real_tokens], atol=1e-5, rtol=1e-4)
+
+
 def test_attention_bias_is_causal_only_and_none_for_sdpa():
     bias = attention_bias(torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.float32)
     assert bias.shape == (1, 1, 3, 3)  # shared by the batch

@@ -8,6 +8,7 @@ import torch
 from matryoshka_reranker import MatryoshkaReranker
 from matryoshka_reranker.model.modeling import MatryoshkaModel
 from matryoshka_reranker.model.packed import PackedForward, packed_problem
+from tests.fixtures import cpp_compiler
 
 PAIRS = [("what is panda?", "The giant panda is a bear native to China, eating bamboo."),
          ("what is panda?", "Paris."),
@@ -48,10 +49,10 @@ def test_unsupported_models_stay_on_the_default_forward(llama_dir, caplog):
     assert len(reranker.compute_score(PAIRS)) == len(PAIRS)
 
 
+@pytest.mark.skipif(not cpp_compiler(), reason="Inductor finds no C++ compiler (the eager fallback is tested apart)")
 def test_compiled_packed_forward_scores_as_eager(llama_dir):
     eager = MatryoshkaReranker(llama_dir, start_layer=2, packed=True)
     compiled = MatryoshkaReranker(llama_dir, start_layer=2, packed=True, compile=True)
-    if not compiled.packed.compiled:
-        pytest.skip("no working compiler here")
+    assert compiled.packed.compiled  # with a compiler, a silent fall back to eager is a failure, not a skip
     torch.testing.assert_close(torch.tensor(compiled.compute_score(PAIRS, cutoff_layers=[2, 4])),
                                torch.tensor(eager.compute_score(PAIRS, cutoff_layers=[2, 4])), atol=1e-4, rtol=1e-4)

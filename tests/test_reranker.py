@@ -12,6 +12,7 @@ from matryoshka_reranker import MatryoshkaReranker
 from matryoshka_reranker.model.adapters import target_pattern
 from matryoshka_reranker.model.inputs import InputFormat, InputFormatError
 from matryoshka_reranker.model.modeling import MatryoshkaModel
+from tests.fixtures import cpp_compiler
 
 PAIRS = [("what causes colds?", "Rhinoviruses cause most colds."), ("capital of France", "Paris is the capital."),
          ("q", "a much longer passage about vitamin D and sunlight and bones " * 3)]
@@ -240,17 +241,8 @@ def test_cli_score(llama_dir, tmp_path):
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output
 
 
-def _cpp_compiler() -> bool:
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return bool(get_cpp_compiler())
-    except Exception:  # noqa: BLE001
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _cpp_compiler(), reason="Inductor finds no C++ compiler (the fallback is tested below)")
+@pytest.mark.skipif(not cpp_compiler(), reason="Inductor finds no C++ compiler (the fallback is tested below)")
 def test_compiled_layers_score_as_eager_at_every_width(llama_dir):
     """``compile=True``: the same scores for every exit, ratio and batch shape (batch 1 included,
     which PyTorch compiles apart), from one reranker whose layers run through torch.compile, and
