@@ -476,6 +476,7 @@ def test_a_code_change_never_resumes_or_ships_the_earlier_codes_checkpoint(tmp_p
     losses.write_text(losses.read_text() + "\n# another loss\n")
     assert self_distill(params)["resumed_from"] is None
     (code / "pipeline" / "export.py").write_text("# not a dependency of training\n")
+    (code / "serving" / "server.py").write_text("# the HTTP server: not a dependency of training either\n")
     assert self_distill(params)["resumed_from"].endswith("checkpoint-2")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in ("self_distill", "compensate", "specialize"):  # the digest covers the code DVC re-runs them for

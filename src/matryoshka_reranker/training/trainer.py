@@ -53,7 +53,10 @@ FINGERPRINT_FILE = "fingerprint.json"
 SNAPSHOTS = "snapshots"  # under the checkpoint folder: the adapter at ``snapshot_steps``
 HEAD_INIT = "head_init.json"  # under the checkpoint folder: the probe's log, for a resumed run's summary
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the package; its training code enters the fingerprint
-TRAINING_CODE = ("config.py", "core", "model", "serving", "training")  # the training stages' code deps (dvc.yaml)
+# The training stages' code deps (dvc.yaml): serving's scoring API (the teacher and the specialist score with
+# MatryoshkaReranker), not its HTTP server, so a server change retrains nothing.
+TRAINING_CODE = ("config.py", "core", "model", "serving/__init__.py", "serving/ranking.py", "serving/reranker.py",
+                 "training")
 
 
 # ------------------------------------------------------------------------------ the training step
