@@ -27,6 +27,7 @@ from ..core.errors import InputError
 DEFAULT_PROMPT = "Predict whether passage B contains an answer to query A."
 FORMAT_FILE = "input_format.json"
 TEMPLATE = "[bos] A: {query}\\nB: {passage}\\n{prompt}"  # documentation of the layout below
+QUERY_PREFIX, PASSAGE_PREFIX = "A: ", "B: "  # the template's two prefixes, as PairEncoder writes them
 FORMAT_VERSION = 1
 
 
@@ -193,14 +194,28 @@ class PairEncoder:
         fmt = self.format
         queries = list(dict.fromkeys(query for query, _ in pairs))  # a ranking repeats one query
         heads = {query: self.bos + ids[: fmt.query_max_len] + self.sep
-                 for query, ids in zip(queries, self._ids_many([f"A: {q}" for q in queries]))}
-        bodies = self._ids_many([f"B: {passage}" for _, passage in pairs])
+                 for query, ids in zip(queries, self._ids_many([QUERY_PREFIX + q for q in queries]))}
+        bodies = self._ids_many([PASSAGE_PREFIX + passage for _, passage in pairs])
         encoded = []
         for (query, _), body in zip(pairs, bodies):
             head = heads[query]
             ids = head + body[: self.passage_room(len(head))] + self.prompt_ids
             encoded.append(EncodedPair(ids, len(head), len(self.prompt_ids)))
         return encoded
+
+    def over_budget(self, query: str, texts: Sequence[str]) -> tuple[str, str] | None:
+        """(field, why) for the first of ``query`` and ``texts[i]`` that ``encode_many`` would cut, else None: the
+        check of a caller that refuses long input instead (the server's ``truncate: false``). A long query leaves
+        a text less room (``passage_room``), exactly as encoding counts it."""
+        query_ids = self._ids(QUERY_PREFIX + query)
+        if len(query_ids) > self.format.query_max_len:
+            return "query", f"longer than the model's {self.format.query_max_len}-token query budget"
+        room = self.passage_room(len(self.bos) + len(query_ids) + len(self.sep))
+        for i, ids in enumerate(self._ids_many([PASSAGE_PREFIX + text for text in texts])):
+            if len(ids) > room:
+                return f"texts[{i}]", (f"longer than the {room}-token passage budget this query leaves "
+                                       f"(at most {self.format.passage_max_len})")
+        return None
 
     def collate_numpy(self, pairs: Sequence[EncodedPair]) -> dict[str, np.ndarray]:
         """Right-pads a batch: input_ids and attention_mask (B, T); query/prompt lengths (B,); int64."""

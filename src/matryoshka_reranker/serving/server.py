@@ -652,17 +652,11 @@ def check_unicode(texts: Sequence[str]) -> None:
 
 def check_lengths(encoder, query: str, texts: Sequence[str]) -> None:
     """With ``truncate: false``, a query or text over the model's token budget is refused, not cut: the
-    same budget ``PairEncoder.encode_many`` cuts at (a long query leaves a text less room)."""
-    fmt = encoder.format
-    query_ids = encoder._ids(f"A: {query}")
-    if len(query_ids) > fmt.query_max_len:
-        raise ServerInputError("query", f"longer than the model's {fmt.query_max_len}-token query budget; "
-                                        "send truncate: true to cut it")
-    room = encoder.passage_room(len(encoder.bos) + len(query_ids) + len(encoder.sep))
-    for i, ids in enumerate(encoder._ids_many([f"B: {text}" for text in texts])):
-        if len(ids) > room:
-            raise ServerInputError(f"texts[{i}]", f"longer than the {room}-token passage budget this query leaves "
-                                                  f"(at most {fmt.passage_max_len}); send truncate: true to cut it")
+    same budget ``PairEncoder.encode_many`` cuts at (``PairEncoder.over_budget``)."""
+    problem = encoder.over_budget(query, texts)
+    if problem:
+        field_name, why = problem
+        raise ServerInputError(field_name, f"{why}; send truncate: true to cut it")
 
 
 def probabilities(pool: Pool, key: tuple[int, int], scores: np.ndarray) -> np.ndarray:
