@@ -40,6 +40,8 @@ def _scalar_kinds(annotation) -> set:
     return {annotation} if isinstance(annotation, type) else set()
 
 
+TOKEN_ADAPTER_PREFIX = "token-ratio-"  # paths.compensation/token-ratio-<r>: one width's token adapter
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -474,9 +476,17 @@ class Params(Section):
 
     def adapter_stack(self, ratio: int) -> list[Path]:
         """Adapters for one width, in merge order: self-distillation, layer (vertical), token (ratio)."""
-        root = Path(self.paths.compensation)
-        stack = [Path(self.paths.self_distill), root / "layer"]
-        return stack + [root / f"token-ratio-{ratio}"] if ratio > 1 else stack
+        stack = [Path(self.paths.self_distill), self.layer_adapter_dir()]
+        return stack + [self.token_adapter_dir(ratio)] if ratio > 1 else stack
+
+    def layer_adapter_dir(self) -> Path:
+        """The vertical (depth) compensation adapter."""
+        return Path(self.paths.compensation) / "layer"
+
+    def token_adapter_dir(self, ratio: int) -> Path:
+        """The horizontal (width) compensation adapter for ``ratio``: ``token-ratio-<r>``, also its name in
+        ``compensate --only``."""
+        return Path(self.paths.compensation) / f"{TOKEN_ADAPTER_PREFIX}{ratio}"
 
     def specialist_dir(self, exit_layer: int) -> Path:
         """The exit-k specialist's adapter, trained on ``adapter_stack(1)`` cut after layer k."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..config import Params
+from ..config import TOKEN_ADAPTER_PREFIX, Params
 from ..model.adapters import adapter_digest, merge_adapters
 from ..model.losses import TrainMethod
 from .data import load_training_file
@@ -40,10 +40,6 @@ from .trainer import (
 log = logging.getLogger(__name__)
 
 
-def token_adapter_dir(params: Params, ratio: int) -> Path:
-    return Path(params.paths.compensation) / f"token-ratio-{ratio}"
-
-
 def _check_adapter(path: Path, what: str) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).exists():
@@ -57,18 +53,19 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
     Returns {adapter name: training log}.
     """
     comp, paths = params.compensation, params.paths
-    self_distill, layer_dir = Path(paths.self_distill), Path(paths.compensation) / "layer"
+    self_distill, layer_dir = Path(paths.self_distill), params.layer_adapter_dir()
     _check_adapter(self_distill, "self-distillation")
     data_file = Path(paths.teacher_scored)
     jobs = [("layer", comp.layer, [self_distill], CompressionPlan(), layer_dir)]
     for ratio in comp.token_ratios:
         plan = CompressionPlan(tuple(params.compression.layers), (ratio,), sample=False)
-        jobs.append((f"token-ratio-{ratio}", comp.token, [self_distill, layer_dir], plan, token_adapter_dir(params, ratio)))
+        token_dir = params.token_adapter_dir(ratio)
+        jobs.append((token_dir.name, comp.token, [self_distill, layer_dir], plan, token_dir))
     wanted = set(only) if only else {name for name, *_ in jobs}
     unknown = wanted - {name for name, *_ in jobs}
     if unknown:
         raise ValueError(f"unknown compensation adapter(s) {sorted(unknown)}")
-    if any(name.startswith("token-ratio") for name in wanted) and not params.compression.layers:
+    if any(name.startswith(TOKEN_ADAPTER_PREFIX) for name in wanted) and not params.compression.layers:
         raise ValueError("token adapters need compression.layers (where to compress)")
 
     needs_scores = any(TrainMethod(train.train_method).needs_teacher_scores for _, train, *_ in jobs)
@@ -94,6 +91,6 @@ def compensate(params: Params, callbacks: Sequence[TrainerCallback] = (), only: 
             base_name=params.model.name_or_path, callbacks=list(callbacks), trained_on=digests,
         ))
         del model
-    remove_stale_adapters(Path(paths.compensation), "token-ratio-*",
-                          {token_adapter_dir(params, r).name for r in comp.token_ratios})
+    remove_stale_adapters(Path(paths.compensation), f"{TOKEN_ADAPTER_PREFIX}*",
+                          {params.token_adapter_dir(r).name for r in comp.token_ratios})
     return results
