@@ -24,12 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from matryoshka_reranker.config import load_params  # noqa: E402
 from matryoshka_reranker.pipeline import repro  # noqa: E402
-from matryoshka_reranker.release.gate import read_metrics, run_gate  # noqa: E402
-from matryoshka_reranker.release.registry import (  # noqa: E402
-    ReleaseError,
-    artifacts_out_of_sync,
-    publish,
-)
+from matryoshka_reranker.release.gate import metrics_rows, read_metrics, run_gate  # noqa: E402
+from matryoshka_reranker.release.registry import check_artifacts_in_sync, publish  # noqa: E402
 
 
 class ReleaseRequest(BaseModel):
@@ -69,16 +65,11 @@ def reproduce_stage(repo: str, stage: str, force: bool) -> dict:
 @task(name="gate")
 def gate(repo: str, params_path: str) -> dict:
     params = load_params(Path(repo) / params_path)
-    metrics = read_metrics(Path(repo) / params.paths.metrics)
-    measures = params.evaluation.measures
-    rows = [{"config": name, "exit_layer": entry.get("exit_layer"), "ratio": entry.get("ratio"),
-             **{m: entry.get(m) for m in measures}, "latency_ms_per_query": entry.get("latency_ms_per_query")}
-            for name, entry in metrics["configs"].items()]
+    rows = metrics_rows(read_metrics(Path(repo) / params.paths.metrics), params.evaluation.measures)
     create_table_artifact(rows, key="per-layer-metrics", description="Quality per exit layer x ratio (this run)")
     report = run_gate(params, repo)
     create_markdown_artifact(report.to_markdown(), key="gate-report", description="Release gate vs last release")
-    if not report.passed:
-        raise ReleaseError(f"gate failed: regressed configs {', '.join(report.regressions)}; nothing published")
+    report.raise_if_failed(params.paths.gate_report)
     return report.to_dict()
 
 
@@ -86,8 +77,7 @@ def gate(repo: str, params_path: str) -> dict:
 def publish_release(repo: str, params_path: str, version: Optional[str], dry_run: bool) -> dict:
     result = publish(load_params(Path(repo) / params_path), repo, version=version, dry_run=dry_run)
     get_run_logger().info("publish: %s %s", result.status, result.version)
-    return {"status": result.status, "version": result.version, "commit": result.commit,
-            "remote": result.remote_url, "pushed": result.pushed}
+    return result.to_dict()
 
 
 @flow(name="release", persist_result=True)
@@ -97,10 +87,7 @@ def release(request: ReleaseRequest = ReleaseRequest()) -> dict:
     repo, params_path = request.repo, request.params
     params_file = Path(repo) / params_path
     with repro.overridden_params(params_file, request.overrides) as keep:  # bad overrides fail here, first
-        problems = artifacts_out_of_sync(load_params(params_file), repo)
-        if problems:
-            raise ReleaseError("dvc.yaml artifacts do not match params (run `matryoshka artifacts`): "
-                               + "; ".join(problems))
+        check_artifacts_in_sync(load_params(params_file), repo)
         pull_data(repo)
         runs = [reproduce_stage(repo, stage, request.force) for stage in repro.pipeline_stages(repo)]
         create_table_artifact(runs, key="stage-durations", description="dvc repro, one task per stage")

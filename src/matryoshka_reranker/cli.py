@@ -626,8 +626,7 @@ def publish(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, r
     p = _params(params, overrides)
     result = do_publish(p, repo, version=version, dry_run=dry_run, skip_gate=skip_gate, overrides=overrides or [],
                         params_file=str(params.resolve()))  # -p is relative to the working directory, not --repo
-    typer.echo(json.dumps({"status": result.status, "version": result.version, "commit": result.commit,
-                           "remote": result.remote_url, "tags": result.tags, "pushed": result.pushed}))
+    typer.echo(json.dumps(result.to_dict()))
 
 
 @app.command()

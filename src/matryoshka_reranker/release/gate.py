@@ -92,6 +92,13 @@ class GateReport:
     def improvements(self) -> list[str]:
         return list(dict.fromkeys(c.config for c in self.checks if c.verdict == "improved"))
 
+    def raise_if_failed(self, gate_report_dir: str | None = None) -> None:
+        """``GateFailed`` naming the regressed configs (and where the report is), when the gate did not pass."""
+        if not self.passed:
+            where = f"; see {gate_report_dir}/gate.md" if gate_report_dir else ""
+            raise GateFailed(f"gate failed: regressed configs {', '.join(self.regressions)}{where}. "
+                             "Nothing was published")
+
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for check in self.checks:
@@ -260,6 +267,13 @@ def check_metrics_are_releasable(metrics: dict) -> None:
     check = metrics.get("pytorch_check") or {}
     if check.get("enabled") and not check.get("passed"):
         raise GateError("the metrics' ONNX-vs-PyTorch check did not pass; refusing to gate or release them")
+
+
+def metrics_rows(metrics: dict, measures: list[str]) -> list[dict]:
+    """One row per config of an evaluation's metrics: exit, ratio, each measure, latency (a table artifact)."""
+    return [{"config": name, "exit_layer": entry.get("exit_layer"), "ratio": entry.get("ratio"),
+             **{m: entry.get(m) for m in measures}, "latency_ms_per_query": entry.get("latency_ms_per_query")}
+            for name, entry in metrics["configs"].items()]
 
 
 def read_metrics(path: str | Path) -> dict:

@@ -127,6 +127,14 @@ def expected_artifacts(params: Params) -> dict[str, dict]:
     } | specialists
 
 
+def check_artifacts_in_sync(params: Params, root: str | Path = ".") -> None:
+    """Raises ``ReleaseError`` naming every difference between dvc.yaml's exit-model artifacts and params."""
+    problems = artifacts_out_of_sync(params, root)
+    if problems:
+        raise ReleaseError("dvc.yaml artifacts do not match params.yaml (run `matryoshka artifacts`): "
+                           + "; ".join(problems))
+
+
 def artifacts_out_of_sync(params: Params, root: str | Path = ".") -> list[str]:
     """Differences between dvc.yaml's exit-model artifacts and params (empty when in sync)."""
     declared = (_load_dvc_yaml(Path(root) / "dvc.yaml").get("artifacts") or {})
@@ -197,6 +205,11 @@ class PublishResult:
     tags: list[str] = field(default_factory=list)
     pushed: int = 0
     gate: GateReport | None = None
+
+    def to_dict(self) -> dict:
+        """What ``matryoshka publish`` prints and the release flow returns."""
+        return {"status": self.status, "version": self.version, "commit": self.commit, "remote": self.remote_url,
+                "tags": self.tags, "pushed": self.pushed}
 
 
 def _dvc(root: Path, *args: str) -> str:
@@ -542,10 +555,7 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
     from .records import RecordStore
 
     remote_url = absolute_remote_url(params.release.remote_url, root)
-    problems = artifacts_out_of_sync(params, root)
-    if problems:
-        raise ReleaseError("dvc.yaml artifacts do not match params.yaml (run `matryoshka artifacts`): "
-                           + "; ".join(problems))
+    check_artifacts_in_sync(params, root)
     changes = pipeline_changes(root, params)
     head = rev_commit(root, "HEAD")
     head_releases = [t for t in release_versions(list_tags(root)) if rev_commit(root, t) == head]
@@ -576,9 +586,8 @@ def _publish(params: Params, root: Path, version: str | None, dry_run: bool, ski
                                        "alpha": params.gate.alpha, "confidence": params.evaluation.confidence},
                             eval={"error": str(err)})
     waived = not report.passed and skip_gate
-    if not report.passed and not skip_gate:
-        raise GateFailed(f"gate failed: regressed configs {', '.join(report.regressions)}; "
-                         f"see {params.paths.gate_report}/gate.md. Nothing was published")
+    if not skip_gate:
+        report.raise_if_failed(params.paths.gate_report)
     if waived:
         logger.warning("gate failed (%s) but --skip-gate waives it: recorded in the release", report.regressions)
     if dry_run:
