@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from matryoshka_reranker.model.adapters import adapter_digest
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
 from matryoshka_reranker.training.compensation import compensate
@@ -52,6 +53,8 @@ def test_adapters_train_on_the_stack_they_are_merged_onto(trained):
         ratio = int(name.removeprefix("token-ratio-")) if name.startswith("token") else 1
         assert log["compression"] == ({"layers": list(params.compression.layers), "ratios": [ratio], "sample": False}
                                       if ratio > 1 else {"layers": [], "ratios": [1], "sample": True})
+        below = [params.paths.self_distill] + ([params.layer_adapter_dir()] if ratio > 1 else [])
+        assert log["trained_on"] == [adapter_digest(p) for p in below]  # the stack it is merged onto
 
 
 def test_pipeline_api_picks_the_token_adapter_for_the_ratio(trained):
