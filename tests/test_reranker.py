@@ -222,6 +222,47 @@ def test_an_explicit_width_other_than_the_token_adapters_is_warned_about(llama_d
         assert MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token").compress_ratio == 1
 
 
+def test_another_ratio_than_the_token_adapters_compresses_at_its_layers(llama_dir, tmp_path, caplog):
+    """A ratio-2 token adapter (layers [2]) asked for compress_ratio=4 without compress_layers (``matryoshka score
+    --compress-ratio 4``): it scored with no compression layers, i.e. at full width, while the warning said
+    "ratio 4". The ratio asked is applied at the adapter's layers; the same layers in another order (or repeated)
+    are the adapter's width, not a warning."""
+    from matryoshka_reranker.model.adapters import TRAINING_LOG
+
+    base = MatryoshkaModel.from_pretrained(llama_dir, start_layer=2)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_pattern(["q_proj"]),
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "token")
+    log = {"exit_layers": [2, 3, 4], "compression": {"layers": [2, 3], "ratios": [2], "sample": False}}
+    (tmp_path / "token" / TRAINING_LOG).write_text(json.dumps(log))
+    with caplog.at_level("WARNING"):
+        four = MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token", compress_ratio=4)
+    assert (four.compress_layers, four.compress_ratio) == ((2, 3), 4) and "trained to score at ratio 2" in caplog.text
+    full = four.compute_score(PAIRS, cutoff_layers=4, compress_ratio=1)
+    assert four.compute_score(PAIRS, cutoff_layers=4) != pytest.approx(full, abs=1e-4)  # compressed, as asked
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token", compress_layers=[3, 2, 3])
+    assert "trained to score" not in caplog.text
+    # recorded layers this model does not have (a deeper model's adapter): the error says where they came from
+    (tmp_path / "token" / TRAINING_LOG).write_text(json.dumps({**log, "compression": {**log["compression"],
+                                                                                     "layers": [9]}}))
+    with pytest.raises(ValueError, match=r"outside \[1, 3\].*the token adapter was trained at"):
+        MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token")
+    assert MatryoshkaReranker(llama_dir, peft_path=tmp_path / "token", compress_ratio=1).compress_layers == ()
+
+
+def test_a_ratio_without_compression_layers_is_refused(llama_dir):
+    """compress_ratio=2 with no compress_layers (and no token adapter to take them from) compressed nothing and
+    scored at full width, silently; at construction and per call."""
+    with pytest.raises(ValueError, match="compress_ratio=2 needs compress_layers"):
+        MatryoshkaReranker(llama_dir, start_layer=2, compress_ratio=2)
+    reranker = MatryoshkaReranker(llama_dir, start_layer=2)
+    with pytest.raises(ValueError, match="compress_ratio=2 needs compress_layers"):
+        reranker.compute_score(PAIRS, compress_ratio=2)
+    assert len(reranker.compute_score(PAIRS, compress_ratio=2, compress_layers=[2])) == len(PAIRS)
+
+
 def test_cli_score(llama_dir, tmp_path):
     from typer.testing import CliRunner
 

@@ -36,7 +36,8 @@ class MatryoshkaReranker:
     trained with (its training log), else 4 and 1. ``compress_layers``
     and ``compress_ratio`` set the default width of ``compute_score`` and ``rank``; left out, the width the
     top token adapter of the stack was trained at (its training log: a ratio-2 stack scores at ratio 2 at its
-    layers), else full width; another width than the token adapter's is scored as asked, with a warning. ``dtype``
+    layers), else full width; another width than the token adapter's is scored as asked, with a warning (another
+    ratio > 1 without ``compress_layers`` compresses at the adapter's layers, not nowhere). ``dtype``
     ("auto" by default) is bfloat16 on CUDA and on CPUs with AMX-BF16 tiles (~3x fp32's speed there,
     ranking kept: README "Speed"), float32 on other CPUs; ``self.dtype`` says which. ``compile=True`` compiles the decoder layers with
     ``torch.compile`` at construction (one compile for every exit, ratio and batch shape; eager if
@@ -90,14 +91,22 @@ class MatryoshkaReranker:
         trained = next((w for w in map(trained_compression, reversed(adapters)) if w), None)  # the top token adapter's
         if compress_ratio is None:
             compress_ratio = trained[1] if trained else 1
-        if compress_layers is None:
-            compress_layers = trained[0] if trained and compress_ratio == trained[1] else ()
+        recorded = compress_layers is None and bool(trained) and compress_ratio > 1
+        if compress_layers is None:  # another ratio > 1 than the adapter's still compresses where it was trained to
+            compress_layers = trained[0] if recorded else ()
         compress_layers = tuple(compress_layers)
-        if trained and (compress_layers if compress_ratio > 1 else (), compress_ratio) != trained:
+        try:
+            width = (self.model.check_compression(compress_layers, compress_ratio), compress_ratio)  # layers sorted
+        except ValueError as err:
+            if recorded:  # e.g. the token adapter of a deeper model: say where the layers came from
+                raise ValueError(f"{err}: the compression layers the token adapter was trained at (its training "
+                                 "log); give compress_layers, or compress_ratio=1") from None
+            raise
+        _check_width(width[0], compress_ratio)
+        if trained and width != (tuple(sorted(set(trained[0]))), trained[1]):
             log.warning("the adapter stack was trained to score at ratio %d (compressed at layers %s); scoring at "
                         "ratio %d%s as asked", trained[1], list(trained[0]), compress_ratio,
                         f" (layers {list(compress_layers)})" if compress_ratio > 1 else "")
-        self.model.check_compression(compress_layers, compress_ratio)
         self.compress_layers, self.compress_ratio = compress_layers, compress_ratio
         self.model_path = Path(path)
         self.compiled = compile and self.model.compile_layers()
@@ -119,13 +128,13 @@ class MatryoshkaReranker:
         ratio 1 and adds ``token-ratio-<ratio>`` otherwise; scoring uses that ratio at
         ``compression.layers`` by default, as the adapters were trained.
         """
-        from ..config import Params, load_params
+        from ..config import TOKEN_ADAPTER_PREFIX, Params, load_params
 
         params = params if isinstance(params, Params) else load_params(params)
         stack = params.adapter_stack(ratio)
         missing = [str(p) for p in stack if not (Path(p) / "adapter_config.json").exists()]
         if missing:
-            trained = sorted(p.name for p in Path(params.paths.compensation).glob("token-ratio-*"))
+            trained = sorted(p.name for p in Path(params.paths.compensation).glob(f"{TOKEN_ADAPTER_PREFIX}*"))
             raise FileNotFoundError(f"no trained adapter at {', '.join(missing)} for ratio {ratio} "
                                     f"(token adapters present: {trained or 'none'})")
         m = params.model
@@ -165,7 +174,7 @@ class MatryoshkaReranker:
         ratio = self.compress_ratio if compress_ratio is None else compress_ratio
         layers_c = self.compress_layers if compress_layers is None else tuple(compress_layers)
         layers = self.model.check_cutoff_layers(cutoff_layers)
-        self.model.check_compression(layers_c, ratio)
+        _check_width(self.model.check_compression(layers_c, ratio), ratio)
         encoded = self.encoder.encode_many(pairs)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))  # length buckets
         scores = torch.empty(len(layers), len(encoded))
@@ -214,3 +223,11 @@ class MatryoshkaReranker:
 
 def _one_layer(cutoff_layers) -> bool:
     return cutoff_layers is None or isinstance(cutoff_layers, int) or len(cutoff_layers) == 1
+
+
+def _check_width(layers: tuple[int, ...], ratio: int) -> None:
+    """A ratio above 1 merges tokens only at compression layers: asked without any, it silently scored uncompressed
+    (training draws such steps on purpose; a caller asking for a ratio means it)."""
+    if ratio > 1 and not layers:
+        raise ValueError(f"compress_ratio={ratio} needs compress_layers (where to merge, e.g. [8]); "
+                         "without them nothing is compressed")

@@ -199,7 +199,8 @@ class MatryoshkaTeacher:
                                            batch_size=params.batch_size,
                                            input_format=matryoshka_format(params, input_format),
                                            start_layer=start_layer, layer_sep=layer_sep,
-                                           dtype=pick_dtype(None, pick_device()))
+                                           compress_ratio=1,  # a teacher scores at full width (its identity
+                                           dtype=pick_dtype(None, pick_device()))  # records no width)
         self.exit = params.exit_layer or self.reranker.exit_layers[-1]
         if self.exit not in self.reranker.exit_layers:
             raise ValueError(f"teacher.exit_layer {self.exit}: the teacher's exits are {self.reranker.exit_layers}")
