@@ -454,6 +454,8 @@ def test_other_weights_at_the_same_model_path_never_resume(tmp_path, scored, lla
     params = tiny_params(tmp_path, model_dir, self_distill__max_steps=2)
     assert self_distill(params)["resumed_from"] is None
     assert self_distill(params)["resumed_from"].endswith("checkpoint-2")  # same weights: resumes
+    (model_dir / "README.md").write_text("notes beside the model: not read by loading\n")
+    assert self_distill(params)["resumed_from"].endswith("checkpoint-2")
     other = make_tiny_model("llama", tokenizer, seed=1)
     other.save_pretrained(model_dir)
     assert (model_dir / "config.json").read_bytes() == (llama_dir / "config.json").read_bytes()

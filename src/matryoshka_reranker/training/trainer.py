@@ -662,14 +662,21 @@ def base_fingerprint(params: Params, model_path: Path, data_file: Path) -> dict:
     }
 
 
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+               "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tokenizer*", "special_tokens_map.json",
+               "vocab.*", "merges.txt", "*.model", "matryoshka.json", "score_heads.safetensors")
+
+
 def model_files_digest(model_path: Path) -> str | None:
-    """sha256 over the files at the top of the model folder (weights, config, tokenizer), each hashed once per
-    process while unchanged (``sha256_file``): new weights saved at the same path (a re-fine-tuned base, the
-    config unchanged) must not resume, or ship, the checkpoints trained on the old ones."""
+    """sha256 over the files of the model folder that loading reads (config, weights, tokenizer: ``MODEL_FILES``),
+    each hashed once per process while unchanged (``sha256_file``): new weights saved at the same path (a
+    re-fine-tuned base, the config unchanged) must not resume, or ship, the checkpoints trained on the old ones.
+    A README, a log or a GGUF copy beside them changes nothing. Hashing reads the weights once (~1 GB/s)."""
     if not model_path.is_dir():
         return None
+    files = sorted({f for pattern in MODEL_FILES for f in model_path.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
-    for file in sorted(f for f in model_path.iterdir() if f.is_file()):
+    for file in files:
         digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
