@@ -531,3 +531,22 @@ def test_folder_card_calls_an_identity_calibration_none():
     card = ratio_card(manifest)
     assert "| 2 | `exit-02.onnx` | none | nan | none (slope -0.3: identity) |" in card
     assert "| 4 | `exit-04.onnx` | none | nan | 0.7000, -1.2000 (40 pairs) |" in card
+
+
+def test_the_explicit_export_takes_the_token_adapters_width_by_default(tmp_path):
+    """``matryoshka export --model M --peft-path sd layer token-ratio-2 --layers ...`` exported ratio 1 (a model
+    the token adapter never trained as) while ``score`` with the same adapters compresses at ratio 2."""
+    from matryoshka_reranker.cli import _trained_width
+    from matryoshka_reranker.model.adapters import TRAINING_LOG
+
+    stack = []
+    for name, plan in (("sd", {"layers": [8], "ratios": [1, 2, 4], "sample": True}),
+                       ("token", {"layers": [8, 16], "ratios": [2], "sample": False})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / TRAINING_LOG).write_text(json.dumps({"compression": plan}))
+        stack.append(tmp_path / name)
+    assert _trained_width(stack, None, None) == ([2], [8, 16])
+    assert _trained_width(stack, [1, 2], None) == ([1, 2], [])  # given: as given
+    assert _trained_width(stack, None, [12]) == ([2], [12])
+    assert _trained_width(stack[:1], None, None) == ([1], [])  # self-distillation alone: every width, so ratio 1
+    assert _trained_width(None, None, None) == ([1], [])

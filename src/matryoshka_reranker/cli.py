@@ -99,8 +99,10 @@ def export(
     model: Annotated[Optional[str], typer.Option(help="explicit form: model folder or embedded:...")] = None,
     peft_path: Annotated[Optional[list[Path]], typer.Option(help="adapter folder(s), merged in order")] = None,
     layers: Annotated[Optional[list[int]], typer.Option(help="exit layers, e.g. --layers 8 16 30")] = None,
-    ratios: Annotated[Optional[list[int]], typer.Option(help="compression ratios (default 1)")] = None,
-    compress_layers: Annotated[Optional[list[int]], typer.Option(help="compression layers (ratios > 1)")] = None,
+    ratios: Annotated[Optional[list[int]], typer.Option(help="compression ratios (default: a token adapter's "
+                                                            "trained ratio, else 1)")] = None,
+    compress_layers: Annotated[Optional[list[int]], typer.Option(help="compression layers (ratios > 1; default: "
+                                                                     "the token adapter's)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder (replaced atomically)")] = None,
     dtype: Annotated[str, typer.Option(help="float32, or float16 for GPU serving")] = "float32",
     dynamo: Annotated[bool, typer.Option(help="--no-dynamo: TorchScript exporter (fallback)")] = True,
@@ -141,7 +143,8 @@ def export(
             options = ExportOptions(dtype=dtype, dynamo=dynamo, attn_implementation=attn_implementation,
                                     start_layer=start_layer, layer_sep=layer_sep,
                                     input_format=_input_format(prompt, query_max_len, passage_max_len))
-            index = export_models(model, out, layers, ratios or [1], compress_layers or [],
+            ratios, compress_layers = _trained_width(peft_path, ratios, compress_layers)
+            index = export_models(model, out, layers, ratios, compress_layers,
                                   adapters=lambda ratio: peft_path or [], options=options)
     except (ValueError, FileNotFoundError, ExportError) as err:
         _fail(err, 2 if not isinstance(err, ExportError) else 1)
@@ -158,6 +161,18 @@ def _input_format(prompt, query_max_len, passage_max_len):
     default = InputFormat()
     return InputFormat(prompt or default.prompt, query_max_len or default.query_max_len,
                        passage_max_len or default.passage_max_len)
+
+
+def _trained_width(peft_path, ratios, compress_layers) -> tuple[list[int], list[int]]:
+    """The explicit export's ratios and compression layers: as given, else the width the top token adapter of
+    ``peft_path`` was trained at (its training log), as ``MatryoshkaReranker`` and ``score`` take it, else ratio 1."""
+    if not ratios and peft_path:
+        from .model.adapters import trained_compression
+
+        trained = next((w for w in map(trained_compression, reversed(peft_path)) if w), None)
+        if trained:
+            return [trained[1]], list(compress_layers or trained[0])
+    return list(ratios or [1]), list(compress_layers or [])
 
 
 def _load_reranker(model: str, peft_path, start_layer, layer_sep, batch_size, input_format, compress_layers=(),
