@@ -108,6 +108,28 @@ def test_all_exits_model_gives_every_exit_in_one_pass(release):
             np.testing.assert_allclose(both[k], single, atol=1e-5, rtol=0)
 
 
+def test_all_exits_model_compute_score_gives_the_exit_asked_for(release, tmp_path):
+    """``OnnxReranker(folder, k, all_exits=True).compute_score`` is exit k's scores (and calibration), not the
+    deepest exit's: the all-exits graph outputs every exit, and compute_score must pick the one asked for."""
+    folder = shutil.copytree(release["out"] / "ratio-1", tmp_path / "ratio-1")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for model in manifest["models"]:  # a different Platt fit per exit
+        if model["kind"] == "exit":
+            model["calibration"] = {"method": "platt", "a": float(model["exit_layer"]), "b": -1.0, "pairs": 5,
+                                    "positives": 2}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for k in EXITS:
+        both = OnnxReranker(folder, k, all_exits=True)
+        single = OnnxReranker(folder, k)
+        assert both.exit_layer == k
+        np.testing.assert_allclose(both.compute_score(PAIRS), single.compute_score(PAIRS), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(both.compute_score(PAIRS, normalize=True),
+                                   single.compute_score(PAIRS, normalize=True), atol=1e-5, rtol=0)
+    shallow = OnnxReranker(folder, EXITS[0], all_exits=True).compute_score(PAIRS)
+    deep = OnnxReranker(folder, EXITS[-1], all_exits=True).compute_score(PAIRS)
+    assert np.max(np.abs(np.subtract(shallow, deep))) > 1e-3  # the exits differ, so a wrong pick shows
+
+
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_ort_scores_equal_pytorch_with_adapters(release, batch_size):
     for entry in release["index"]["models"]:
@@ -305,6 +327,29 @@ def test_parity_beyond_tolerance_fails_loudly(llama_model, tmp_path, monkeypatch
         export_models(llama_model, tmp_path / "out", [2], [1],
                       options=ExportOptions(start_layer=1, input_format=FORMAT))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("batch", [0, 3], ids=["ragged-batch", "one-pair-batch"])
+def test_parity_beyond_tolerance_in_any_one_batch_fails(llama_model, tmp_path, monkeypatch, batch):
+    """Parity is the worst difference over every validation batch (the ragged batch of all pairs, then each pair
+    alone): a graph wrong only with padding, or only for one pair, must fail as loudly as one wrong everywhere."""
+    from matryoshka_reranker.pipeline import export as export_module
+
+    real_reference = export_module._reference
+    calls = []
+
+    def shifted_once(*args):
+        result = real_reference(*args)
+        calls.append(None)
+        if len(calls) - 1 != batch:
+            return result
+        return {**result, "scores": {k: v + 1e-3 for k, v in result["scores"].items()}}
+
+    monkeypatch.setattr(export_module, "_reference", shifted_once)
+    with pytest.raises(ExportError, match=r"differ from PyTorch by 0\.001"):
+        export_models(llama_model, tmp_path / "out", [2], [1],
+                      options=ExportOptions(start_layer=1, input_format=FORMAT))
+    assert len(calls) > 3 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("options", [dict(dynamo=False), dict(dtype="float16"), dict(share_weights=False)],

@@ -280,6 +280,25 @@ def test_tampered_remote_files_are_refused_and_nothing_is_written(tmp_path):
     assert cli.exit_code == 1 and "does not match" in cli.output
 
 
+def test_a_tampered_manifest_alone_is_refused(tmp_path):
+    """The manifest is a released file like any other: one rewritten on the remote (here every model's Platt
+    calibration, so served probabilities would lie) with every other file intact still lists the right files
+    with the right hashes, so only the record's sha256 of manifest.json itself can refuse it."""
+    root, params = make_project(tmp_path)
+    repro(root)
+    publish(params, root)
+    folder = root / "models" / "onnx" / "ratio-1"
+    stored = remote_object(tmp_path, folder / "manifest.json")
+    forged = json.loads((folder / "manifest.json").read_text())
+    for model in forged["models"]:
+        model["calibration"] = {"method": "platt", "a": -50.0, "b": 10.0, "pairs": 5, "positives": 2}
+    stored.write_text(json.dumps(forged, indent=2))
+    out = tmp_path / "out"
+    with pytest.raises(ManifestError, match=r"manifest.json: sha256 .* does not match.*releases/v0.1.0.json"):
+        download("v0.1.0", 4, 1, repo=str(tmp_path / "origin.git"), out=out)
+    assert not out.exists() or not any(out.rglob("manifest.json"))
+
+
 def test_a_moved_tag_is_refused(tmp_path):
     root, params = make_project(tmp_path)
     repro(root)

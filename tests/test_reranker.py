@@ -369,3 +369,19 @@ def test_rank_of_no_documents_is_an_empty_list_as_in_sentence_transformers():
     assert rank_documents(never, "q", [], top_k=3, return_documents=True, first_stage_scores=[]) == []
     with pytest.raises(ValueError, match="first_stage_scores has 1 values"):
         rank_documents(never, "q", [], first_stage_scores=[1.0])
+
+
+def test_rank_ties_keep_the_documents_order():
+    """Equal scores keep the order the documents were given in (a stable sort), with and without top_k and
+    first-stage fusion, so a ranking is deterministic and a first stage's order breaks the re-ranker's ties."""
+    from matryoshka_reranker.serving.ranking import rank_documents
+
+    raw = [0.5, 2.0, 0.5, 2.0, 0.5]
+    documents = ["a", "b", "c", "d", "e"]
+    ranked = rank_documents(lambda pairs: raw, "q", documents, return_documents=True)
+    assert [r["corpus_id"] for r in ranked] == [1, 3, 0, 2, 4]
+    assert [r["text"] for r in ranked] == ["b", "d", "a", "c", "e"]
+    assert [r["corpus_id"] for r in rank_documents(lambda pairs: raw, "q", documents, top_k=3)] == [1, 3, 0]
+    flat = rank_documents(lambda pairs: [1.0] * 5, "q", documents, first_stage_scores=[7.0] * 5)
+    assert [r["corpus_id"] for r in flat] == [0, 1, 2, 3, 4]
+    assert [r["score"] for r in flat] == [0.5] * 5  # a constant list carries no order: min-max maps it to 0.5
