@@ -167,9 +167,9 @@ def _trained_width(peft_path, ratios, compress_layers) -> tuple[list[int], list[
     """The explicit export's ratios and compression layers: as given, else the width the top token adapter of
     ``peft_path`` was trained at (its training log), as ``MatryoshkaReranker`` and ``score`` take it, else ratio 1."""
     if not ratios and peft_path:
-        from .model.adapters import trained_compression
+        from .model.adapters import stack_compression
 
-        trained = next((w for w in map(trained_compression, reversed(peft_path)) if w), None)
+        trained = stack_compression(peft_path)
         if trained:
             return [trained[1]], list(compress_layers or trained[0])
     return list(ratios or [1]), list(compress_layers or [])

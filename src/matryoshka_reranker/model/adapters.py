@@ -128,6 +128,11 @@ def trained_compression(path: str | Path) -> tuple[tuple[int, ...], int] | None:
     return (tuple(int(c) for c in layers), int(ratios[0])) if int(ratios[0]) > 1 else None
 
 
+def stack_compression(adapter_paths: Sequence[str | Path]) -> tuple[tuple[int, ...], int] | None:
+    """The width a stack scores at by default: that of its top token adapter (``trained_compression``), or None."""
+    return next((w for w in map(trained_compression, reversed(list(adapter_paths))) if w), None)
+
+
 def check_stack(adapter_paths: Sequence[str | Path]) -> None:
     """Each adapter that records what it was trained on top of (``trained_on`` in its training log: the
     digests of the adapters below it) must sit on exactly those files. A stack mixing a new layer adapter

@@ -62,7 +62,7 @@ class MatryoshkaReranker:
         compile: bool = False,
         packed: bool = False,
     ):
-        from ..model.adapters import merge_adapters, trained_compression, trained_layout
+        from ..model.adapters import merge_adapters, stack_compression, trained_layout
         from ..model.modeling import MatryoshkaModel
 
         if batch_size < 1:
@@ -88,7 +88,7 @@ class MatryoshkaReranker:
         too_long = model.input_length_problem(self.encoder.longest)
         if too_long:
             raise ValueError(too_long)
-        trained = next((w for w in map(trained_compression, reversed(adapters)) if w), None)  # the top token adapter's
+        trained = stack_compression(adapters)  # the top token adapter's width, if any
         if compress_ratio is None:
             compress_ratio = trained[1] if trained else 1
         recorded = compress_layers is None and bool(trained) and compress_ratio > 1
