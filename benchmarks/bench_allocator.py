@@ -6,8 +6,8 @@ The allocator setting is per process, so two worker processes score the same bat
 (``--pairs`` SciFact pairs right-padded to the longest, exits 30 / 16 / 8 and ratio 4 at layer 8):
 
 * ``as it comes``: ``MATRYOSHKA_CPU_MALLOC=0``, i.e. what a PyTorch process gets without help. It runs
-  upstream-style eager attention (the (B, 1, T, T) mask FlagEmbedding's CostWiseMistral builds, as upstream
-  runs: its process is as glibc comes) and our default path (SDPA is_causal) on that batch, and
+  upstream-style eager attention (the (B, 1, T, T) mask FlagEmbedding's CostWiseMistral builds, and the deepest
+  layer for every token, as upstream runs: its process is as glibc comes) and our default path (SDPA is_causal) on that batch, and
   ``compute_score`` over ``--score-pairs`` other pairs (sorted batches of 16) in fp32 and, on AMX CPUs, bf16
   (the scoring default there);
 * ``kept``: the library's default since this change: the same, less upstream-style eager, plus with
@@ -33,6 +33,7 @@ import random
 import resource
 import statistics
 import time
+from contextlib import nullcontext
 
 CONFIGS = {"exit 30, ratio 1": (30, 1), "exit 16, ratio 1": (16, 1), "exit 8, ratio 1": (8, 1),
            "exit 30, ratio 4 at layer 8": (30, 4)}
@@ -44,7 +45,7 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
     import torch
 
     from benchmarks.bench_attention import gemm_gflops, padded_mask_bias
-    from benchmarks.common import padded_batch, scifact_pairs
+    from benchmarks.common import padded_batch, scifact_pairs, whole_last_layer
     from matryoshka_reranker.core.hardware import cpu_has_amx_bf16, keep_freed_memory
     from matryoshka_reranker.model import modeling
     from matryoshka_reranker.serving.reranker import MatryoshkaReranker
@@ -99,7 +100,7 @@ def worker(keep: bool, args: argparse.Namespace, conn) -> None:
         forward.config._attn_implementation = implementations.get(system, "sdpa")
         modeling.attention_bias = biases.get(system, real_bias)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), whole_last_layer() if "upstream" in system else nullcontext():
                 start = time.perf_counter()
                 forward(**batch, cutoff_layers=[exit_layer], compress_layers=compress, compress_ratio=ratio)
                 return time.perf_counter() - start

@@ -6,7 +6,9 @@ Every system scores the same real SciFact pairs in one right-padded batch (as th
 16 pairs padded to the longest), at the same exits and compression, round-robin in one run:
 
 * ``upstream-style eager``: eager attention with the full (B, 1, T, T) causal + padding float
-  mask, which is what FlagEmbedding's CostWiseMistral builds (transformers 4.41, eager);
+  mask, which is what FlagEmbedding's CostWiseMistral builds (transformers 4.41, eager), and the deepest
+  layer run for every token as upstream runs it (``common.whole_last_layer``; every other row runs it for
+  the last token only, as the library does since 2026-12-07);
 * ``sdpa + (B,1,T,T) mask``: our path before this change (transformers' SDPA given the float mask);
 * ``eager, causal only``: eager attention with one (1, 1, T, T) causal bias (right padding needs no
   padding mask: ``modeling.attention_bias``);
@@ -38,11 +40,12 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from contextlib import nullcontext
 
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks.common import interleaved_timing, machine_line, padded_batch
+from benchmarks.common import interleaved_timing, machine_line, padded_batch, whole_last_layer
 from matryoshka_reranker.core.hardware import cpu_has_amx_bf16, keep_freed_memory
 from matryoshka_reranker.model import modeling
 from matryoshka_reranker.serving.reranker import MatryoshkaReranker
@@ -130,7 +133,7 @@ def main() -> None:
             forward.config._attn_implementation = implementation
             modeling.attention_bias = bias
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), whole_last_layer() if system == "upstream-style eager" else nullcontext():
                     return forward(**batch, cutoff_layers=[exit_layer], compress_layers=[8] if ratio > 1 else [],
                                    compress_ratio=ratio)[0].float()
             finally:

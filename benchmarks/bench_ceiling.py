@@ -24,7 +24,10 @@ layer by its GEMMs alone; this script bounds the whole model, in one run, round-
   elementwise ops, q|k|v and gate|up as one GEMM each, the residual adds inside ``addmm``. Its scores
   match the default's to 1e-4 (checked here before timing);
 * with ``--compile``: the default model and the packed forward as they compile in the library
-  (``torch.compile``, dynamic shapes: one graph for every batch; Inductor fuses the elementwise work).
+  (``torch.compile``, dynamic shapes: one graph for every batch; Inductor fuses the elementwise work);
+* ``..., whole last layer``: the same path with its deepest layer run for every token, as before 2026-12-07
+  (since then the deepest layer runs for each row's last token only: ``modeling.last_token_layer``;
+  ``bench_last_token`` times that alone at every exit).
 
 Linear-layer FLOPs are counted on real tokens (as bench_attention counts them); the GEMM peak is the
 same-run fp32 GEMM of the model's MLP shape (real tokens x hidden x intermediate), timed in the same
@@ -113,14 +116,34 @@ def main() -> None:
                 return forward(batch["input_ids"], batch["attention_mask"], [depth])[0]
         return call
 
+    def whole_last_layer(call, forward):  # the same path with the deepest layer run for every token, as before 2026-12-07
+        def whole():
+            forward.last_token_only = False
+            try:
+                return call()
+            finally:
+                forward.last_token_only = True
+        return whole
+
+    def default_whole():  # the default forward with the deepest layer run for every token
+        with torch.inference_mode():
+            state = model.embed(batch["input_ids"], batch["attention_mask"], batch["query_lengths"],
+                                batch["prompt_lengths"])
+            return model.advance(state, depth, {depth})[1][depth]
+
+    packed = PackedForward(model)
     calls = {"GEMMs only": gemms_and(), "GEMMs + SDPA": gemms_and(sdpa_padded),
-             "GEMMs + SDPA per row": gemms_and(sdpa_per_row), "default": default(), "packed": packed_call(PackedForward(model))}
+             "GEMMs + SDPA per row": gemms_and(sdpa_per_row), "default": default(), "default, whole last layer": default_whole,
+             "packed": packed_call(packed),
+             "packed, whole last layer": whole_last_layer(packed_call(packed), packed)}
     reference = calls["default"]()
     torch.testing.assert_close(calls["packed"](), reference, atol=1e-4, rtol=1e-4)
     if args.compile:
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # no silent fall back to eager after recompiles
+        compiled = compiled_packed(model)
         for name, make in (("default + compile", lambda: default(torch.compile(model))),
-                           ("packed + compile", lambda: packed_call(compiled_packed(model)))):
+                           ("packed + compile", lambda: packed_call(compiled)),
+                           ("packed + compile, whole last layer", lambda: whole_last_layer(packed_call(compiled), compiled))):
             started = time.perf_counter()
             call = make()
             started = time.perf_counter()
@@ -151,6 +174,11 @@ def main() -> None:
         print(f"{name:30s} {value:8.3f} {size / value:8.2f} {rate:8.1f} {100 * rate / peak:7.1f}% "
               f"{seconds['default'] / value:9.2f}x")
     print(f"# linear layers {flops / 1e9:.1f} GFLOP per call, causal attention {attention_flops / 1e9:.1f} GFLOP")
+    last = projections[-1]  # the paths that run the deepest layer for each row's last token only skip q, o and the MLP
+    skipped = 2 * (real_tokens - size) * sum(w.numel() for i, w in enumerate(last) if i not in (1, 2))  # all but k, v
+    print(f"# 'GFLOP/s' and 'of peak' count every real token's linear work at every layer (the issue's effective "
+          f"throughput); default and packed (not the 'whole last layer' rows) skip {skipped / 1e9:.1f} GFLOP of it "
+          f"({100 * skipped / flops:.1f}%): on the work they do, their '% of peak' is {1 - skipped / flops:.3f}x the figure")
     gemm = seconds["GEMMs only"]
     attention = min(seconds["GEMMs + SDPA"], seconds["GEMMs + SDPA per row"]) - gemm
     budget = flops / (0.8 * peak * 1e9)  # seconds a full-depth call may take at 80% of the peak

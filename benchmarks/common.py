@@ -7,6 +7,7 @@ import platform
 import random
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from matryoshka_reranker.pipeline.beir import load_corpus, load_qrels, load_queries
@@ -38,6 +39,20 @@ def padded_batch(model: str, pairs: int, batch_size: int | None = None):
                                   batch_size=batch_size or pairs, dtype="float32")
     encoder = reranker.encoder
     return reranker, encoder.collate([encoder.encode(q, p) for q, p in scifact_pairs(pairs)])
+
+
+@contextmanager
+def whole_last_layer():
+    """Our forward as upstream's code runs it in one respect: the deepest layer for every token (ours runs it for
+    each row's last token only since 2026-12-07, ``modeling.last_token_layer``). For the upstream-style rows."""
+    from matryoshka_reranker.model import modeling
+
+    real = modeling.trim_problem
+    modeling.trim_problem = lambda layer: "upstream-style: the whole layer"
+    try:
+        yield
+    finally:
+        modeling.trim_problem = real
 
 
 def machine_line() -> str:

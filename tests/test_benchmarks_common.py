@@ -31,3 +31,24 @@ def test_interleaved_timing_times_every_system_once_per_round_after_one_warm_up(
     seconds = interleaved_timing(systems, 5)
     assert set(seconds) == set("abcd") and all(s >= 0 for s in seconds.values())
     assert calls[:4] == list("abcd") and sorted(calls[4:]) == sorted("abcd" * 5)
+
+
+def test_whole_last_layer_runs_the_deepest_layer_for_every_token_as_upstream(tiny_lm, tokenizer):
+    """The upstream-style rows must not get the library's last-token deepest layer (upstream has none)."""
+    import torch
+
+    from benchmarks.common import whole_last_layer
+    from matryoshka_reranker.model import modeling
+    from tests.test_modeling import PAIRS, batch, wrap
+
+    model, inputs = wrap(tiny_lm, tokenizer), batch(tokenizer, PAIRS)
+    seen = []
+    hook = model.decoder.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
+    with torch.no_grad():
+        trimmed = model(**inputs, cutoff_layers=2)[0]
+        with whole_last_layer():
+            whole = model(**inputs, cutoff_layers=2)[0]
+    hook.remove()
+    assert seen == [(len(PAIRS), 1), tuple(inputs["input_ids"].shape)]
+    assert modeling.trim_problem(model.decoder.layers[1]) is None  # restored
+    torch.testing.assert_close(whole, trimmed, atol=1e-5, rtol=1e-5)

@@ -492,3 +492,22 @@ def test_measures_count_the_tenth_rank_and_not_the_eleventh():
     assert {m: v["tenth"] for m, v in got.items()} == pytest.approx(
         {"nDCG@10": 1 / math.log2(11), "RR@10": 0.1, "R@10": 1.0}, abs=1e-9)
     assert {m: v["eleventh"] for m, v in got.items()} == {"nDCG@10": 0.0, "RR@10": 0.0, "R@10": 0.0}
+
+
+def test_exit_models_may_differ_from_the_all_exits_pass_by_float_rounding_only():
+    """Exit k's graph runs layer k for the last token alone, the all-exits graph for every token: the same
+    scores up to the order of float operations, judged relative to the score (exit logits reach tens)."""
+    from types import SimpleNamespace
+
+    from matryoshka_reranker.pipeline.evaluation import _check_same_scores
+
+    fp32, fp16 = SimpleNamespace(dtype="float32", fp16_tolerance=0.05), SimpleNamespace(dtype="float16", fp16_tolerance=0.05)
+    full = {"q1": [50.0, -0.5], "q2": [3.0]}
+    _check_same_scores("exit-08-ratio-1", {"q1": [50.04, -0.5009], "q2": [3.002]}, full, fp32)  # <= 1e-3 x max(1, |s|)
+    with pytest.raises(EvaluationCheckFailed, match="by 0.002"):
+        _check_same_scores("exit-08-ratio-1", {"q1": [50.1, -0.5], "q2": [3.0]}, full, fp32)
+    _check_same_scores("exit-08-ratio-1", {"q1": [51.0, -0.5], "q2": [3.0]}, full, fp16)
+    with pytest.raises(EvaluationCheckFailed, match="tolerance 0.05"):
+        _check_same_scores("exit-08-ratio-1", {"q1": [53.0, -0.5], "q2": [3.0]}, full, fp16)
+    with pytest.raises(EvaluationCheckFailed):
+        _check_same_scores("exit-08-ratio-1", {"q1": [math.nan, -0.5], "q2": [3.0]}, full, fp16)

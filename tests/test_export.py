@@ -234,6 +234,31 @@ def test_exits_of_a_ratio_share_one_weights_file_and_read_only_their_layers(rele
     assert (folder / "weights.bin").stat().st_size <= 1.2 * all_total  # stored once (plus alignment padding)
 
 
+@pytest.mark.parametrize("ratio", [1, 2])
+def test_an_exit_graph_runs_its_deepest_mlp_for_one_token_per_row_and_all_exits_for_every_token(release, ratio):
+    """Exit k's graph is cut from the last-token branch (export.py ``_AllExits``): layer k's MLP sees (B, 1, D);
+    the all-exits graph keeps the full layer k (deeper layers continue from it): (B, T, D)."""
+    import onnxruntime as ort
+
+    folder = release["out"] / f"ratio-{ratio}"
+    pairs = [("what is panda?", "The giant panda is a bear native to China."), ("capital", "Paris is the capital.")]
+    encoder = FORMAT.encoder(make_tokenizer())
+    batch = encoder.collate_numpy(encoder.encode_many(pairs))
+    width = batch["input_ids"].shape[1]
+    for name, exit_layer in (("exit-03.onnx", 3), ("all-exits.onnx", 4)):
+        proto = onnx.load(str(folder / name))  # with its weights: the copy below is self-contained
+        weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+        down = [n for n in proto.graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) == [64, 32]]
+        assert len(down) == exit_layer  # the tiny model's down projection (intermediate 64 -> hidden 32), per layer
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(down[-1].output[0]))
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {i.name: batch[i.name] for i in session.get_inputs()}
+        deepest = session.run([down[-1].output[0]], feed)[0]
+        expected_width = 1 if name.startswith("exit-") else (width if ratio == 1 else deepest.shape[1])
+        assert deepest.shape == (2, expected_width, 32)
+        assert ratio == 1 or name.startswith("exit-") or deepest.shape[1] < width  # compressed at layer 2
+
+
 def test_plan_applies_compression_only_before_the_exit():
     configs = plan_configs([8, 16], [1, 2], [8, 12])
     assert [(c.name, c.applied_layers, c.input_names[2:]) for c in configs] == [

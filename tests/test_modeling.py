@@ -46,14 +46,76 @@ def test_scores_equal_logit_lens_yes_logit(tiny_lm, tokenizer):
 
 
 @torch.no_grad()
-def test_early_exit_runs_only_needed_layers(tiny_lm, tokenizer):
+def test_early_exit_runs_only_needed_layers_and_the_last_for_one_token_per_row(tiny_lm, tokenizer):
     model = wrap(tiny_lm, tokenizer)
     calls = []
-    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: calls.append(n)) for n, layer in enumerate(model.decoder.layers)]
-    model(**batch(tokenizer, PAIRS[:1]), cutoff_layers=2)
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o, n=n: calls.append((n, tuple(i[0].shape[:-1]))))
+             for n, layer in enumerate(model.decoder.layers)]
+    inputs = batch(tokenizer, PAIRS[:3])
+    model(**inputs, cutoff_layers=2)
     for hook in hooks:
         hook.remove()
-    assert calls == [0, 1]
+    assert calls == [(0, tuple(inputs["input_ids"].shape)), (1, (3, 1))]  # layer 2's MLP: one token per row
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("compress", [dict(), dict(compress_layers=[1], compress_ratio=2),
+                                      dict(compress_layers=[3], compress_ratio=3)])  # 3: right before the last layer
+def test_the_last_layer_run_for_the_last_token_scores_as_the_full_layer(tiny_lm, tokenizer, implementation, compress):
+    model = wrap(tiny_lm, tokenizer)
+    model.config._attn_implementation = implementation
+    inputs = batch(tokenizer, PAIRS)
+    for exits in ([2], [2, 4], [4]):
+        trimmed = model(**inputs, cutoff_layers=exits, **compress)
+        state = model.embed(inputs["input_ids"], inputs["attention_mask"], inputs["query_lengths"],
+                            inputs["prompt_lengths"])
+        _, full = model.advance(state, max(exits), set(exits), compress.get("compress_layers", ()),
+                                compress.get("compress_ratio", 1))
+        for k, scores in zip(exits, trimmed):
+            torch.testing.assert_close(scores, full[k], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_last_token_layer_matches_a_qwen3_layer_with_per_head_norms(tokenizer):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from matryoshka_reranker.model.modeling import last_token_layer, trim_problem
+    from tests.fixtures import tiny_config
+
+    torch.manual_seed(0)
+    settings = tiny_config("qwen2", len(tokenizer)).to_dict()
+    lm = AutoModelForCausalLM.from_config(Qwen3Config(**{k: settings[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings")}, head_dim=8)).eval()
+    layer = lm.model.layers[2]
+    assert trim_problem(layer) is None and layer.self_attn.q_norm is not None
+    inputs = batch(tokenizer, PAIRS)
+    mask = inputs["attention_mask"]
+    out = lm(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=True)
+    last, rows = mask.sum(1) - 1, torch.arange(len(PAIRS))
+    got = last_token_layer(layer, out.hidden_states[2], mask, lm.model.rotary_emb)
+    torch.testing.assert_close(got, out.hidden_states[3][rows, last], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_layer_of_another_layout_runs_whole(tiny_lm, tokenizer):
+    """An extra sub-module (Gemma's extra norms, say) is a layout ``last_token_layer`` does not know: the layer runs whole."""
+    from matryoshka_reranker.model.modeling import trim_problem
+
+    model = wrap(tiny_lm, tokenizer)
+    inputs = batch(tokenizer, PAIRS)
+    before = model(**inputs, cutoff_layers=[2, 4])
+    for layer in model.decoder.layers:
+        layer.pre_feedforward_layernorm = torch.nn.Identity()
+    assert "not a pre-norm Llama-style layer" in trim_problem(model.decoder.layers[3])
+    calls = []
+    hook = model.decoder.layers[3].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    after = model(**inputs, cutoff_layers=[2, 4])
+    hook.remove()
+    assert calls == [inputs["input_ids"].shape + (model.config.hidden_size,)]
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compress", [dict(), dict(compress_layers=[2], compress_ratio=2), dict(compress_layers=[1, 3], compress_ratio=3)])

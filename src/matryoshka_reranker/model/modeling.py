@@ -8,7 +8,8 @@ norm, and own only the layer loop, so that we can
   ``range(start_layer, num_layers + 1, layer_sep)``; each reads the final-norm'd hidden state of the
   row's last real token. On a raw causal-LM checkpoint the heads start as the LM head's "Yes" row,
   so layer k's score is the logit-lens "Yes" logit at layer k. The loop stops after the deepest
-  requested exit.
+  requested exit, and that last layer runs for each row's last real token only (the one position
+  a head reads; its keys and values still come from every token): 1/k less work at exit k.
 * **compress width**: before layer ``c`` (0-based, i.e. after c layers) in ``compress_layers``, the
   passage tokens of each row are merged in consecutive groups of ``compress_ratio``: a weighted sum
   with weights = the last real token's attention probabilities over them at layer ``c - 1`` (summed
@@ -93,6 +94,7 @@ class MatryoshkaModel(nn.Module):
     def config(self):
         return self.decoder.config
 
+
     @property
     def max_sequence_length(self) -> int:
         """Longest input our full causal mask handles exactly (sliding-window attention is not modelled)."""
@@ -125,7 +127,8 @@ class MatryoshkaModel(nn.Module):
         if compress_layers and (query_lengths is None or prompt_lengths is None):
             raise ValueError("compression needs query_lengths and prompt_lengths (see PairEncoder)")
         state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
-        _, scores = self.advance(state, max(layers), set(layers), compress_layers, compress_ratio)
+        _, scores = self.advance(state, max(layers), set(layers), compress_layers, compress_ratio,
+                                 last_token_only=True)
         return [scores[k] for k in layers]
 
     def embed(self, input_ids, attention_mask, query_lengths=None, prompt_lengths=None) -> LayerState:
@@ -147,12 +150,16 @@ class MatryoshkaModel(nn.Module):
         compress_layers: Sequence[int] = (),
         compress_ratio: int = 1,
         states: bool = False,
+        last_token_only: bool = False,
     ) -> tuple[LayerState, dict[int, torch.Tensor]]:
         """Runs layers ``state.depth + 1 .. stop``, scoring at every layer in ``exits``.
 
         Training branches one state into a full-width and a compressed continuation, so the
         layers before the first compression layer run once per step. ``states=True`` returns
         each exit's final-norm'd last-token state (B, D) instead of its score (head fitting).
+        ``last_token_only=True`` (scoring, nothing continues from the returned state): layer ``stop``
+        runs for each row's last real token only (``last_token_layer``), and the returned state holds
+        that token alone, (B, 1, D).
         """
         scores: dict[int, torch.Tensor] = {}
         bias = cos_sin = None
@@ -165,11 +172,14 @@ class MatryoshkaModel(nn.Module):
                                       self.config._attn_implementation)  # None (SDPA is_causal) or (1, 1, T, T)
                 positions = torch.arange(state.hidden.shape[1], device=state.hidden.device)[None]
                 cos_sin = self.decoder.rotary_emb(state.hidden, positions)  # 2 x (1, T, head_dim)
-            layer_input = state.hidden
-            hidden = self.decoder.layers[index](
-                layer_input, attention_mask=bias, position_embeddings=cos_sin, position_ids=positions
-            )
-            state = replace(state, hidden=hidden, depth=index + 1, layer_input=layer_input)
+            layer_input, layer = state.hidden, self.decoder.layers[index]
+            if last_token_only and index + 1 == stop and trim_problem(layer) is None:
+                hidden = last_token_layer(layer, layer_input, state.attention_mask, self.decoder.rotary_emb)
+                ones = state.attention_mask.new_ones(hidden.shape[0], 1)  # (B, 1): the last token is all there is
+                state = replace(state, hidden=hidden[:, None], attention_mask=ones, depth=stop, layer_input=None)
+            else:
+                hidden = layer(layer_input, attention_mask=bias, position_embeddings=cos_sin, position_ids=positions)
+                state = replace(state, hidden=hidden, depth=index + 1, layer_input=layer_input)
             if index + 1 in exits:
                 scores[index + 1] = self.exit_state(state) if states else self.score(state)
         return state, scores
@@ -373,12 +383,53 @@ def last_token_attention(layer: nn.Module, layer_input: torch.Tensor, mask: torc
     Recomputes one query row per sequence from the layer's own norm and projections instead of
     asking the layer for full (T x T) attention matrices, so the layers themselves keep SDPA.
     """
+    x = layer.input_layernorm(layer_input)  # (B, T, D)
+    return _last_query_probs(layer.self_attn, x, mask, rotary_emb).sum(dim=(1, 2))  # (B, T)
+
+
+def last_token_layer(layer: nn.Module, layer_input: torch.Tensor, mask: torch.Tensor, rotary_emb) -> torch.Tensor:
+    """(B, D): ``layer``'s output at each row's last real token only, the one position a score reads.
+
+    At the deepest layer a call runs, every other position's output is thrown away, so this computes
+    keys and values for all tokens but the query, attention, output projection and MLP for one token
+    per row: ~6% of the layer's GEMM work on SmolLM2-135M (k and v are 6.25% of its multiply-adds per
+    token). The same layer as transformers runs it (eager attention: float32 softmax), for the layers
+    ``trim_problem`` accepts.
+    """
     attn = layer.self_attn
     batch, width, _ = layer_input.shape
-    head_dim = attn.head_dim
     x = layer.input_layernorm(layer_input)  # (B, T, D)
+    probs = _last_query_probs(attn, x, mask, rotary_emb)  # (B, Hkv, G, T) float32
+    value = attn.v_proj(x).view(batch, width, probs.shape[1], attn.head_dim)  # (B, T, Hkv, hd)
+    context = torch.einsum("bkgt,btkd->bkgd", probs.to(value.dtype), value).reshape(batch, 1, -1)  # (B, 1, H*hd)
+    # 3-D like the full layer's inputs, so that an ONNX export reads the same weight initializers (a 2-D
+    # Linear exports as a Gemm whose folded transposes would store each weight a second time)
+    hidden = gather_rows(layer_input, mask.sum(1) - 1)[:, None] + attn.o_proj(context)  # (B, 1, D)
+    return (hidden + layer.mlp(layer.post_attention_layernorm(hidden)))[:, 0]
+
+
+_TRIMMABLE_LAYER = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_TRIMMABLE_ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+
+
+def trim_problem(layer: nn.Module) -> str | None:
+    """Why ``last_token_layer`` would not reproduce ``layer``, or None: it knows the pre-norm Llama layout
+    (Llama, Mistral, Qwen2/3, SmolLM); anything else (extra norms, sinks, soft-capping) runs the full layer."""
+    children = {name for name, _ in layer.named_children()}
+    attention = {name for name, _ in getattr(layer, "self_attn", nn.Module()).named_children()}
+    if children != _TRIMMABLE_LAYER or not attention <= _TRIMMABLE_ATTENTION or not {"q_proj", "o_proj"} <= attention:
+        return f"{type(layer).__name__} is not a pre-norm Llama-style layer"
+    if getattr(layer.self_attn, "sinks", None) is not None or getattr(layer.self_attn.config, "attn_logit_softcapping", None):
+        return f"{type(layer).__name__} has attention sinks or soft-capping"
+    return None
+
+
+def _last_query_probs(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor, rotary_emb) -> torch.Tensor:
+    """(B, Hkv, G, T) float32: each row's last real token's attention probabilities (x: the normed layer input)."""
+    batch, width, _ = x.shape
+    head_dim = attn.head_dim
     last = mask.sum(1) - 1  # (B,)
-    query = attn.q_proj(gather_rows(x, last)).view(batch, -1, head_dim)  # (B, H, hd)
+    query = attn.q_proj(gather_rows(x, last)[:, None]).view(batch, -1, head_dim)  # (B, H, hd); 3-D: see last_token_layer
     key = attn.k_proj(x).view(batch, width, -1, head_dim)  # (B, T, Hkv, hd)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
         query, key = attn.q_norm(query), attn.k_norm(key)
@@ -391,7 +442,7 @@ def last_token_attention(layer: nn.Module, layer_input: torch.Tensor, mask: torc
     query = query.view(batch, key.shape[2], groups, head_dim)  # (B, Hkv, G, hd)
     logits = torch.einsum("bkgd,btkd->bkgt", query.float(), key.float()) * attn.scaling  # (B, Hkv, G, T)
     logits = logits.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-    return logits.softmax(-1).sum(dim=(1, 2))  # (B, T)
+    return logits.softmax(-1)
 
 
 def merge_passage_tokens(

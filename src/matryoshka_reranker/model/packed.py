@@ -105,6 +105,33 @@ def packed_layer(x, cos, sin_signed, rows, grid, qkv, qkv_bias, o, gate_up, down
     return torch.addmm(x, F.silu(gate).mul_(up), down.T)
 
 
+def packed_last_layer(x, cos, sin_signed, rows, grid, last, qkv, qkv_bias, o, gate_up, down, norm1, norm2, eps1, eps2,
+                      scaling, heads: int, kv: int, hd: int):
+    """``packed_layer`` for a call's deepest layer: x (N, D) -> (B, D), the output at each row's last real token
+    (``last`` (B,), its packed index) only, the one a score head reads. Keys and values for every token; the
+    query, attention, output projection and MLP for B tokens (``modeling.last_token_layer``, packed)."""
+    batch, width = grid.shape
+    normed = rms_norm(x, norm1, eps1)
+    q_rows = heads * hd
+    kv_w = qkv[q_rows:]  # (2 Hkv hd, D): k|v rows, a contiguous view
+    k, v = (normed @ kv_w.T if qkv_bias is None else torch.addmm(qkv_bias[q_rows:], normed, kv_w.T)).split(kv * hd, -1)
+    q = normed[last] @ qkv[:q_rows].T if qkv_bias is None else torch.addmm(qkv_bias[:q_rows], normed[last], qkv[:q_rows].T)
+    q = rope(q.view(batch, heads, hd), cos[last], sin_signed[last])  # (B, H, hd)
+    k = rope(k.view(-1, kv, hd), cos, sin_signed)
+
+    def padded(t):  # (N, kv, hd) -> (B, kv, T, hd), zeros at padding (masked below)
+        out = t.new_zeros(batch * width, kv, hd)
+        out[rows] = t
+        return out.view(batch, width, kv, hd).transpose(1, 2)
+
+    keys = grid.bool()[:, None, None, :]  # (B, 1, 1, T): the row's real tokens, all at or before its last
+    attn = F.scaled_dot_product_attention(q[:, :, None], padded(k), padded(v.view(-1, kv, hd)), attn_mask=keys,
+                                          enable_gqa=True, scale=scaling)  # (B, H, 1, hd)
+    x = torch.addmm(x[last], attn.reshape(batch, -1), o.T)  # (B, D)
+    gate, up = (rms_norm(x, norm2, eps2) @ gate_up.T).chunk(2, -1)
+    return torch.addmm(x, F.silu(gate).mul_(up), down.T)
+
+
 class PackedForward:
     """``model``'s scores at ratio 1 through the packed forward: ``self(input_ids, attention_mask, exits)``
     returns one (B,) float32 tensor per exit, as ``MatryoshkaModel.forward`` does."""
@@ -119,6 +146,7 @@ class PackedForward:
         self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.layer_fn = packed_layer
+        self.last_token_only = True  # the deepest layer for the last tokens only (False: whole, for benchmarks)
         self.compiled = compile and self._compile()
 
     def _compile(self) -> bool:
@@ -162,11 +190,16 @@ class PackedForward:
             grid = attention_mask.detach().clone()  # marked, not the caller's tensor
             torch._dynamo.mark_dynamic(grid, 0)
             torch._dynamo.mark_dynamic(grid, 1)
-        wanted, scores = set(exits), {}
-        for depth, w in enumerate(self.layers[: max(exits)], start=1):
-            x = self.layer_fn(x, cos_rows, sin_rows, rows, grid, w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
-                              w.norm1, w.norm2, w.eps1, w.eps2, w.scaling, self.heads, self.kv_heads, hd)
+        wanted, scores, stop = set(exits), {}, max(exits)
+        for depth, w in enumerate(self.layers[:stop], start=1):
+            weights = (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down, w.norm1, w.norm2, w.eps1, w.eps2, w.scaling,
+                       self.heads, self.kv_heads, hd)
+            if depth == stop and self.last_token_only:  # nothing reads the other tokens' outputs of the deepest layer
+                state = packed_last_layer(x, cos_rows, sin_rows, rows, grid, last, *weights)  # (B, D)
+            else:
+                x = self.layer_fn(x, cos_rows, sin_rows, rows, grid, *weights)
+                state = x[last]
             if depth in wanted:
                 head = model.score_heads[str(depth)]
-                scores[depth] = head(model.decoder.norm(x[last])).squeeze(-1).float()
+                scores[depth] = head(model.decoder.norm(state)).squeeze(-1).float()
         return [scores[k] for k in exits]
