@@ -12,7 +12,9 @@ fp32), at exits 8 / 16 / 24 / 30, ratio 1:
 * PyTorch packed: ``PackedForward`` with ``last_token_only`` True (shipped) vs False;
 * ONNX Runtime: the exported ``exit-KK.onnx`` (cut from the last-token branch) vs the same export's all-exits
   graph cut to ``scores_KK`` alone (the full layer k, what every exit graph was before), both reading the
-  same ``weights.bin``.
+  same ``weights.bin``; sessions built as the library builds them, except that idle threads sleep
+  (``--ort-spinning`` for ONNX Runtime's default): eight sessions' spinning pools would otherwise share the
+  two cores with whichever system is being timed.
 
 Each pair of systems is checked to give the same scores (1e-4) before timing. Expected: about 1/k faster at
 exit k (12% at exit 8, 3% at exit 30); the ratios printed are what this CPU gives.
@@ -37,7 +39,6 @@ from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.model.packed import PackedForward
 from matryoshka_reranker.pipeline.export import ExportOptions, export_models
 from matryoshka_reranker.serving.artifacts import ALL_EXITS_FILE, SCORES, exit_model_file, ratio_folder
-from matryoshka_reranker.serving.onnx_runtime import create_session
 
 MODEL = "embedded:smollm2-135m-instruct"
 EXITS = [8, 16, 24, 30]
@@ -61,11 +62,27 @@ def whole_layer_graph(all_exits: Path, exit_layer: int) -> Path:
     return target
 
 
+def ort_session(path: Path, threads: int, spinning: bool):
+    """As ``serving.onnx_runtime.create_session`` builds it (all graph optimisations, CPU), spinning as asked."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ort-spinning", action=argparse.BooleanOptionalAction, default=False,
+                        help="let ONNX Runtime's idle threads spin (its default): off by default here, since eight "
+                             "sessions' spinning pools share the 2 cores with the system being timed")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     torch.set_num_threads(args.threads)
@@ -73,7 +90,8 @@ def main() -> None:
     model, size = reranker.model, args.pairs
     mask = batch["attention_mask"]
     print(f"# {MODEL}: {size} SciFact pairs, {int(mask.sum())} real tokens padded to {mask.shape[1]}, fp32, "
-          f"{args.threads} threads, {args.rounds} rounds, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
+          f"{args.threads} threads, {args.rounds} rounds, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"ONNX Runtime spinning {'on' if args.ort_spinning else 'off'}", flush=True)
 
     def default(k: int, last_token_only: bool):
         def call():
@@ -98,7 +116,7 @@ def main() -> None:
         feed = {"input_ids": batch["input_ids"].numpy(), "attention_mask": mask.numpy()}
 
         def ort(path: Path):
-            session = create_session(path, threads=args.threads)
+            session = ort_session(path, args.threads, args.ort_spinning)
             return lambda: session.run([SCORES if path.name.startswith("exit-") else session.get_outputs()[0].name],
                                        feed)[0]
 
