@@ -99,6 +99,30 @@ def test_last_token_layer_matches_a_qwen3_layer_with_per_head_norms(tokenizer):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kind", ["granite", "smollm3"])
+def test_look_alike_layers_of_other_forwards_run_whole(tokenizer, kind):
+    """Granite (scaled residuals) and SmolLM3 (no RoPE every 4th layer) have a Llama layer's sub-modules but
+    another forward: the allowlist keeps them whole, so forward still equals the layer-by-layer scores."""
+    from transformers import AutoModelForCausalLM, GraniteConfig, SmolLM3Config
+
+    from matryoshka_reranker.model.modeling import trim_problem
+    from tests.fixtures import tiny_config
+
+    settings = {k: v for k, v in tiny_config("llama", len(tokenizer)).to_dict().items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    config = GraniteConfig(**settings, residual_multiplier=0.5) if kind == "granite" else SmolLM3Config(**settings)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    model = wrap(lm, tokenizer)
+    assert "not one of the layer classes" in trim_problem(model.decoder.layers[3])
+    inputs = batch(tokenizer, PAIRS)
+    state = model.embed(inputs["input_ids"], inputs["attention_mask"])
+    _, whole = model.advance(state, 4, {4})
+    torch.testing.assert_close(model(**inputs, cutoff_layers=4)[0], whole[4], atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
 def test_a_layer_of_another_layout_runs_whole(tiny_lm, tokenizer):
     """An extra sub-module (Gemma's extra norms, say) is a layout ``last_token_layer`` does not know: the layer runs whole."""
     from matryoshka_reranker.model.modeling import trim_problem
@@ -108,7 +132,7 @@ def test_a_layer_of_another_layout_runs_whole(tiny_lm, tokenizer):
     before = model(**inputs, cutoff_layers=[2, 4])
     for layer in model.decoder.layers:
         layer.pre_feedforward_layernorm = torch.nn.Identity()
-    assert "not a pre-norm Llama-style layer" in trim_problem(model.decoder.layers[3])
+    assert "other sub-modules" in trim_problem(model.decoder.layers[3])
     calls = []
     hook = model.decoder.layers[3].register_forward_hook(lambda m, i, o: calls.append(o.shape))
     after = model(**inputs, cutoff_layers=[2, 4])

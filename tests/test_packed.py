@@ -56,3 +56,35 @@ def test_compiled_packed_forward_scores_as_eager(llama_dir):
     assert compiled.packed.compiled  # with a compiler, a silent fall back to eager is a failure, not a skip
     torch.testing.assert_close(torch.tensor(compiled.compute_score(PAIRS, cutoff_layers=[2, 4])),
                                torch.tensor(eager.compute_score(PAIRS, cutoff_layers=[2, 4])), atol=1e-4, rtol=1e-4)
+
+
+def test_qwen3_per_head_norms_stay_on_the_default_forward(tokenizer):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from tests.fixtures import tiny_config
+
+    settings = {k: v for k, v in tiny_config("qwen2", len(tokenizer)).to_dict().items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings")}
+    lm = AutoModelForCausalLM.from_config(Qwen3Config(**settings, head_dim=8)).eval()
+    model = MatryoshkaModel(lm.base_model, 1, 1)
+    assert "q/k norms" in packed_problem(model)
+
+
+def test_the_compile_warm_up_runs_the_compiled_layer_even_when_the_first_exit_is_layer_1(llama_dir, monkeypatch):
+    """The deepest layer of a call runs eager (last token only): a warm-up at exit 1 must still run the compiled
+    layer, or the first request would compile outside the warm-up's fall back to eager."""
+    from matryoshka_reranker.model import packed as packed_module
+
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def counted(*args, **kw):
+            calls.append(1)
+            return fn(*args, **kw)
+        return counted
+
+    monkeypatch.setattr(packed_module.torch, "compile", fake_compile)
+    model = MatryoshkaModel.from_pretrained(llama_dir, start_layer=1)
+    forward = PackedForward(model, compile=True)
+    assert forward.compiled and calls and forward.last_token_only

@@ -408,19 +408,28 @@ def last_token_layer(layer: nn.Module, layer_input: torch.Tensor, mask: torch.Te
     return (hidden + layer.mlp(layer.post_attention_layernorm(hidden)))[:, 0]
 
 
-_TRIMMABLE_LAYER = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
-_TRIMMABLE_ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+# Layer classes whose forward is exactly: pre-norm attention (split-half RoPE on the whole head, per-head q/k
+# norms for Qwen3) + residual, pre-norm MLP + residual. An allowlist, not a shape check: look-alikes with the same
+# sub-modules differ in their forward (SmolLM3 skips RoPE every 4th layer, Granite scales the residuals, OLMo
+# clips q/k/v, Helium and Ernie 4.5 interleave RoPE, GLM and Nemotron rotate part of the head).
+TRIMMABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
 
 
 def trim_problem(layer: nn.Module) -> str | None:
-    """Why ``last_token_layer`` would not reproduce ``layer``, or None: it knows the pre-norm Llama layout
-    (Llama, Mistral, Qwen2/3, SmolLM); anything else (extra norms, sinks, soft-capping) runs the full layer."""
-    children = {name for name, _ in layer.named_children()}
-    attention = {name for name, _ in getattr(layer, "self_attn", nn.Module()).named_children()}
-    if children != _TRIMMABLE_LAYER or not attention <= _TRIMMABLE_ATTENTION or not {"q_proj", "o_proj"} <= attention:
-        return f"{type(layer).__name__} is not a pre-norm Llama-style layer"
-    if getattr(layer.self_attn, "sinks", None) is not None or getattr(layer.self_attn.config, "attn_logit_softcapping", None):
-        return f"{type(layer).__name__} has attention sinks or soft-capping"
+    """Why ``last_token_layer`` would not reproduce ``layer``, or None. Other layers run whole: the same
+    scores, without the saving."""
+    name = type(layer).__name__
+    if name not in TRIMMABLE_LAYERS:
+        return f"{name} is not one of the layer classes the last-token layer reproduces ({', '.join(TRIMMABLE_LAYERS)})"
+    attention = getattr(layer, "self_attn", None)
+    children = {child for child, _ in layer.named_children()}
+    if attention is None or children != _LAYER_CHILDREN or not {c for c, _ in attention.named_children()} <= _ATTENTION_CHILDREN:
+        return f"{name} has other sub-modules than a Llama-style layer"
+    config = getattr(attention, "config", None)
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0) or getattr(config, "clip_qkv", None):
+        return f"{name}: partial rotary or clipped q/k/v"
     return None
 
 

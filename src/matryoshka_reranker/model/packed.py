@@ -32,8 +32,16 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 def packed_problem(model) -> str | None:
     """Why ``model`` cannot take the packed forward, or None."""
+    from .modeling import trim_problem
+
     if next(model.parameters()).dtype != torch.float32:
         return "the packed forward is float32 only"
+    for layer in model.decoder.layers:  # the same layer forward the last-token layer reproduces, less q/k norms
+        problem = trim_problem(layer)
+        if problem:
+            return f"the packed forward needs Llama-style layers: {problem}"
+        if getattr(layer.self_attn, "q_norm", None) is not None:
+            return "the packed forward does not apply per-head q/k norms (Qwen3)"
     if getattr(model.config, "hidden_act", "silu") != "silu":
         return f"the packed forward needs a SiLU MLP, not {model.config.hidden_act}"
     for layer in model.decoder.layers:
@@ -158,6 +166,7 @@ class PackedForward:
         (PyTorch specialises size 1), so requests do not recompile."""
         self.layer_fn = torch.compile(packed_layer, dynamic=False)
         device = next(self.model.parameters()).device
+        self.last_token_only = False  # the compiled layer runs even where the first exit is layer 1
         try:
             with torch.inference_mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
                 for batch, length in ((2, 11), (3, 13), (1, 11)):  # 11, 13: no model dimension has these sizes
@@ -168,6 +177,8 @@ class PackedForward:
             log.warning("torch.compile failed for the packed forward, it stays eager: %s",
                         (str(error).splitlines() or [type(error).__name__])[0][:300])
             return False
+        finally:
+            self.last_token_only = True
         return True
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
