@@ -295,3 +295,24 @@ def test_invalid_arguments_are_rejected(tiny_lm, tokenizer):
         model(**inputs, compress_layers=[4], compress_ratio=2)
     with pytest.raises(ValueError, match="query_lengths"):
         model(inputs["input_ids"], inputs["attention_mask"], compress_layers=[2], compress_ratio=2)
+
+
+def test_an_architecture_whose_forward_does_more_than_our_loop_is_refused_at_load(tokenizer, tmp_path):
+    """Granite multiplies its embeddings (and residuals) inside its own forward: our embed -> layers -> norm loop
+    would score it wrongly, so loading it fails with a clear error instead."""
+    from transformers import AutoModelForCausalLM, GraniteConfig
+
+    from tests.fixtures import tiny_config
+
+    settings = {k: v for k, v in tiny_config("llama", len(tokenizer)).to_dict().items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GraniteConfig(**settings, embedding_multiplier=12.0)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="GraniteModel: this architecture's forward is not"):
+        MatryoshkaModel.from_pretrained(tmp_path, start_layer=1)
+
+
+def test_supported_architectures_pass_the_load_check(tiny_lm_dir):
+    MatryoshkaModel.from_pretrained(tiny_lm_dir, start_layer=1).check_architecture()  # Llama, Mistral, Qwen2

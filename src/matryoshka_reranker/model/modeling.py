@@ -292,7 +292,27 @@ class MatryoshkaModel(nn.Module):
             yes_row = lm.get_output_embeddings().weight[yes_token_id(tokenizer)].detach().clone()
             model = cls(lm.base_model, start_layer or 4, layer_sep or 1, head_init=yes_row)
         model.eval()
-        return model.to(device) if device is not None else model
+        model = model.to(device) if device is not None else model
+        model.check_architecture()
+        return model
+
+    @torch.no_grad()
+    def check_architecture(self) -> None:
+        """Raises ``ValueError`` when our layer loop (embed, decoder layers, final norm) does not reproduce the
+        decoder's own forward on a few tokens: an architecture whose base model does more than that (Granite
+        scales its embeddings, others their residuals in the model's forward) would be scored wrongly, silently.
+        Costs one forward of 6 tokens at load."""
+        weight = next(self.parameters())
+        ids = (torch.arange(6, device=weight.device) * 7 + 3)[None] % self.config.vocab_size  # (1, 6)
+        own = self.decoder(input_ids=ids).last_hidden_state[0, -1].float()  # (D,) final-norm'd
+        state, _ = self.advance(self.embed(ids, torch.ones_like(ids)), self.num_layers, ())
+        ours = self.decoder.norm(state.hidden[0, -1]).float()
+        tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
+        diff = (ours - own).abs().max().item() / max(1.0, own.abs().max().item())
+        if not diff <= tolerance:  # NaN too
+            raise ValueError(f"{type(self.decoder).__name__}: this architecture's forward is not the embed -> decoder "
+                             f"layers -> norm loop the Matryoshka model runs (relative difference {diff:.3g} on a "
+                             "6-token check); it is not supported (Llama, Mistral, Qwen2, Qwen3 and SmolLM are)")
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
         """Writes decoder (safetensors), heads and their layout atomically into ``path``."""
