@@ -37,8 +37,8 @@ import torch
 from benchmarks.common import interleaved_timing, machine_line, padded_batch
 from matryoshka_reranker.model.inputs import InputFormat
 from matryoshka_reranker.model.packed import PackedForward
-from matryoshka_reranker.pipeline.export import ExportOptions, export_models
-from matryoshka_reranker.serving.artifacts import ALL_EXITS_FILE, SCORES, exit_model_file, ratio_folder
+from matryoshka_reranker.pipeline.export import ExportOptions, _cut_outputs, export_models
+from matryoshka_reranker.serving.artifacts import ALL_EXITS_FILE, SCORES, WEIGHTS_FILE, exit_model_file, ratio_folder
 
 MODEL = "embedded:smollm2-135m-instruct"
 EXITS = [8, 16, 24, 30]
@@ -46,19 +46,9 @@ FORMAT = InputFormat(query_max_len=64, passage_max_len=160)  # padded_batch's
 
 
 def whole_layer_graph(all_exits: Path, exit_layer: int) -> Path:
-    """``all_exits`` cut to exit k's score alone, beside it (so it reads the same weights file)."""
-    import onnx_ir as ir
-    import onnx_ir.passes.common as passes
-
-    graph = ir.load(all_exits)
-    keep = [v for v in graph.graph.outputs if v.name == f"{SCORES}_{exit_layer}"]
-    graph.graph.outputs.clear()
-    graph.graph.outputs.extend(keep)
-    passes.RemoveUnusedNodesPass()(graph)
-    for value in [v for v in graph.graph.inputs if not v.uses()]:
-        graph.graph.inputs.remove(value)
+    """``all_exits`` cut to exit k's score alone, beside it (so it reads the same weights file), as the export cuts."""
     target = all_exits.with_name(f"whole-{exit_layer:02d}.onnx")
-    ir.save(graph, target)
+    _cut_outputs(all_exits, [f"{SCORES}_{exit_layer}"], target, weights=WEIGHTS_FILE)
     return target
 
 

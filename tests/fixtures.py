@@ -60,6 +60,14 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 4):
     raise ValueError(arch)
 
 
+def tiny_settings(vocab_size: int) -> dict:
+    """``tiny_config``'s sizes and special tokens as keyword arguments, for another architecture's config class
+    (Qwen3, Granite, SmolLM3 in the layer-layout tests)."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")
+    return {k: v for k, v in tiny_config("llama", vocab_size).to_dict().items() if k in keys}
+
+
 def make_tiny_model(arch: str, tokenizer, num_layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), num_layers))

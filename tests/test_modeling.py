@@ -81,13 +81,10 @@ def test_last_token_layer_matches_a_qwen3_layer_with_per_head_norms(tokenizer):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from matryoshka_reranker.model.modeling import last_token_layer, trim_problem
-    from tests.fixtures import tiny_config
+    from tests.fixtures import tiny_settings
 
     torch.manual_seed(0)
-    settings = tiny_config("qwen2", len(tokenizer)).to_dict()
-    lm = AutoModelForCausalLM.from_config(Qwen3Config(**{k: settings[k] for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings")}, head_dim=8)).eval()
+    lm = AutoModelForCausalLM.from_config(Qwen3Config(**tiny_settings(len(tokenizer)), head_dim=8)).eval()
     layer = lm.model.layers[2]
     assert trim_problem(layer) is None and layer.self_attn.q_norm is not None
     inputs = batch(tokenizer, PAIRS)
@@ -106,11 +103,9 @@ def test_look_alike_layers_of_other_forwards_run_whole(tokenizer, kind):
     from transformers import AutoModelForCausalLM, GraniteConfig, SmolLM3Config
 
     from matryoshka_reranker.model.modeling import trim_problem
-    from tests.fixtures import tiny_config
+    from tests.fixtures import tiny_settings
 
-    settings = {k: v for k, v in tiny_config("llama", len(tokenizer)).to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    settings = tiny_settings(len(tokenizer))
     config = GraniteConfig(**settings, residual_multiplier=0.5) if kind == "granite" else SmolLM3Config(**settings)
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
@@ -302,11 +297,9 @@ def test_an_architecture_whose_forward_does_more_than_our_loop_is_refused_at_loa
     would score it wrongly, so loading it fails with a clear error instead."""
     from transformers import AutoModelForCausalLM, GraniteConfig
 
-    from tests.fixtures import tiny_config
+    from tests.fixtures import tiny_settings
 
-    settings = {k: v for k, v in tiny_config("llama", len(tokenizer)).to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    settings = tiny_settings(len(tokenizer))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(GraniteConfig(**settings, embedding_multiplier=12.0)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -61,11 +61,9 @@ def test_compiled_packed_forward_scores_as_eager(llama_dir):
 def test_qwen3_per_head_norms_stay_on_the_default_forward(tokenizer):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from tests.fixtures import tiny_config
+    from tests.fixtures import tiny_settings
 
-    settings = {k: v for k, v in tiny_config("qwen2", len(tokenizer)).to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings")}
+    settings = tiny_settings(len(tokenizer))
     lm = AutoModelForCausalLM.from_config(Qwen3Config(**settings, head_dim=8)).eval()
     model = MatryoshkaModel(lm.base_model, 1, 1)
     assert "q/k norms" in packed_problem(model)
