@@ -115,6 +115,10 @@ def test_look_alike_layers_of_other_forwards_run_whole(tokenizer, kind):
     state = model.embed(inputs["input_ids"], inputs["attention_mask"])
     _, whole = model.advance(state, 4, {4})
     torch.testing.assert_close(model(**inputs, cutoff_layers=4)[0], whole[4], atol=1e-6, rtol=1e-6)
+    # compression's merge weights recompute a layer's attention the Llama way: refused, not silently wrong
+    with pytest.raises(ValueError, match="cannot compress at layer 2.*not one of the layer classes"):
+        model(**inputs, cutoff_layers=4, compress_layers=[2], compress_ratio=2)
+    assert model(**inputs, cutoff_layers=4, compress_layers=[2], compress_ratio=1)[0].shape == (len(PAIRS),)
 
 
 @torch.no_grad()

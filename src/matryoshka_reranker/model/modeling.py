@@ -251,7 +251,14 @@ class MatryoshkaModel(nn.Module):
         bad = [c for c in layers if not 1 <= c < self.num_layers]
         if bad:
             raise ValueError(f"compress layer(s) {bad} outside [1, {self.num_layers - 1}]")
-        return layers if compress_ratio > 1 else ()
+        if compress_ratio == 1:
+            return ()
+        for c in layers:  # the merge weights recompute layer c's attention (``last_token_attention``)
+            problem = trim_problem(self.decoder.layers[c - 1])
+            if problem is not None:
+                raise ValueError(f"cannot compress at layer {c}: the merge weights recompute that layer's attention, "
+                                 f"which is only reproduced for Llama-style layers; {problem}")
+        return layers
 
     # ------------------------------------------------------------ persistence
     @classmethod
@@ -401,7 +408,9 @@ def last_token_attention(layer: nn.Module, layer_input: torch.Tensor, mask: torc
     """(B, T): the last real token's attention probabilities at ``layer``, summed over heads.
 
     Recomputes one query row per sequence from the layer's own norm and projections instead of
-    asking the layer for full (T x T) attention matrices, so the layers themselves keep SDPA.
+    asking the layer for full (T x T) attention matrices, so the layers themselves keep SDPA. That
+    reproduces the layers ``trim_problem`` accepts (``check_compression`` refuses the others: SmolLM3's
+    RoPE-free layers, for one, would get RoPE here and silently wrong weights).
     """
     x = layer.input_layernorm(layer_input)  # (B, T, D)
     return _last_query_probs(layer.self_attn, x, mask, rotary_emb).sum(dim=(1, 2))  # (B, T)
