@@ -683,6 +683,66 @@ def test_latest_is_the_newest_finished_release_not_one_whose_publish_stopped(tmp
         == "v0.1.1"
 
 
+def test_an_interrupted_publish_is_abandoned_until_it_is_public(tmp_path, monkeypatch):
+    """``publish --abandon`` gives up a pending release whose commit HEAD has moved past (completing it is
+    refused then): the record stays, marked abandoned, so the version is never reused, the gate and
+    ``latest`` skip it and a download of it is refused; its local tags go. A release whose tags reached
+    the git remote is public and is not abandoned."""
+    from matryoshka_reranker.release import records, registry
+
+    root, params = make_project(tmp_path)
+    repro(root)
+    assert publish(params, root).version == "v0.1.0"
+    params_file = str(root / "params.yaml")
+    cli = CliRunner().invoke(app, ["publish", "--abandon", "--repo", str(root), "-p", params_file])
+    assert cli.exit_code != 0 and "nothing to abandon" in cli.output
+    set_knobs(root, model_seed=1)
+    repro(root)
+
+    def killed(*args, **kwargs):
+        raise registry.PublishInterrupted("publish interrupted by signal 15")
+
+    monkeypatch.setattr(registry, "push_release_data", killed)  # after the release commit, before its tags
+    with pytest.raises(registry.PublishInterrupted):
+        publish(params, root)
+    monkeypatch.undo()
+    release_commit = git(root, "rev-parse", "HEAD")
+    git(root, "tag", "v0.1.1", release_commit)  # as if it had tagged before the signal
+    (root / "NOTES.md").write_text("moved on\n")
+    git(root, "add", "NOTES.md")
+    git(root, "commit", "-q", "-m", "HEAD moves past the release commit")
+    with pytest.raises(ReleaseError, match="publish --abandon"):
+        publish(params, root)
+    cli = CliRunner().invoke(app, ["publish", "--abandon", "--repo", str(root), "-p", params_file])
+    assert cli.exit_code == 0, cli.output
+    result = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert result["status"] == "abandoned" and result["version"] == "v0.1.1" and result["commit"] == release_commit
+    record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.1.json").read_text())
+    assert record["status"] == "abandoned" and record["commit"] == release_commit
+    assert "v0.1.1" not in git(root, "tag").split() and git(root, "rev-parse", "HEAD") != release_commit
+    store = records.RecordStore.from_params(params, root)
+    assert store.latest_version() == "v0.1.0" and "v0.1.1" in store.taken_versions()
+    with pytest.raises(ReleaseError, match="no interrupted publish"):
+        registry.abandon(params, root)
+
+    # the next release takes the next number; the gate's baseline is v0.1.0, not the abandoned one
+    set_knobs(root, model_seed=2)
+    repro(root)
+    nxt = publish(params, root)
+    assert nxt.version == "v0.1.2" and nxt.gate.baseline_version == "v0.1.0"
+
+    # a release whose tags reached origin is public: refused, and publish still completes it
+    set_knobs(root, model_seed=3)
+    repro(root)
+    monkeypatch.setattr(records.RecordStore, "update", lambda self, *a, **k: killed())  # after the git push
+    with pytest.raises(registry.PublishInterrupted):
+        publish(params, root)
+    monkeypatch.undo()
+    with pytest.raises(ReleaseError, match="v0.1.3 is already pushed to origin: it is public"):
+        registry.abandon(params, root)
+    assert publish(params, root).version == "v0.1.3"
+
+
 def test_download_latest_is_the_newest_finished_release(published, tmp_path):
     """``matryoshka download --version latest`` (README: "`latest` is the newest release whose publish
     finished") resolves the version as ``serve --version latest`` does, and lands under its name."""

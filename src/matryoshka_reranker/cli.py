@@ -631,14 +631,23 @@ def publish(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, r
             version: Annotated[Optional[str], typer.Option(help="explicit version, e.g. v1.2.0")] = None,
             dry_run: Annotated[bool, typer.Option(help="check and gate only")] = False,
             skip_gate: Annotated[bool, typer.Option(help="publish despite a failed gate: an explicit waiver, recorded "
-                                                          "in the release record, commit and tags")] = False) -> None:
+                                                          "in the release record, commit and tags")] = False,
+            abandon: Annotated[bool, typer.Option(help="give up this checkout's interrupted publish instead of "
+                                                        "completing it (refused once it is public)")] = False) -> None:
     """Gate, commit the reproduced state, push the exit models to the DVC remote and tag the version.
 
-    The gate policy (gate.*, evaluation.*) is the committed one: -S overrides of it are refused.
+    The gate policy (gate.*, evaluation.*) is the committed one: -S overrides of it are refused. An
+    interrupted publish is completed by the next run, or given up with --abandon.
     """
+    from .release.registry import abandon as do_abandon
     from .release.registry import publish as do_publish
 
     p = _params(params, overrides)
+    if abandon:
+        if version or dry_run or skip_gate:
+            _fail(ValueError("--abandon takes no --version, --dry-run or --skip-gate"), 2)
+        typer.echo(json.dumps(do_abandon(p, repo).to_dict()))
+        return
     result = do_publish(p, repo, version=version, dry_run=dry_run, skip_gate=skip_gate, overrides=overrides or [],
                         params_file=str(params.resolve()))  # -p is relative to the working directory, not --repo
     typer.echo(json.dumps(result.to_dict()))

@@ -29,6 +29,7 @@ from .revisions import RECORDS_DIR, absolute_remote_url, is_local_path, list_tag
 from .versions import parse_version, release_versions
 
 RECORD_FORMAT_VERSION = 2
+UNRELEASED = ("claimed", "abandoned")  # record statuses of versions that are not releases (no baseline, no download)
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,15 @@ class RecordStore:
 
     def latest_version(self, params=None) -> str | None:
         """The last *published* version (the gate's baseline): a version whose record is still a publish's claim
-        (unfinished, or killed before its release commit) was never released and is skipped, as ``download
-        --version latest`` skips it; a known version whose record cannot be read raises (``read``)."""
+        (unfinished, or killed before its release commit) or was abandoned (``publish --abandon``) was never
+        released and is skipped, as ``download --version latest`` skips it; a known version whose record cannot
+        be read raises (``read``)."""
         for version in reversed(self.known_versions()):
-            if self.read(version).get("status") != "claimed":
+            status = self.read(version).get("status")
+            if status not in UNRELEASED:
                 return version
-            logger.warning("release %s: its publish has not finished (record still a claim); not a baseline", version)
+            logger.warning("release %s: its publish %s (record: %s); not a baseline", version,
+                           "was abandoned" if status == "abandoned" else "has not finished", status)
         return None
 
     def read(self, version: str) -> dict[str, Any]:

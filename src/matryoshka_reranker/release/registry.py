@@ -79,7 +79,7 @@ from .versions import check_new_version, next_version, parse_version, release_ve
 
 logger = logging.getLogger(__name__)
 
-from .records import RECORDS_DIR, RecordError  # noqa: E402  (releases/<version>.json: in the remote and in git)
+from .records import RECORDS_DIR, UNRELEASED, RecordError  # noqa: E402  (releases/<version>.json: in the remote and in git)
 
 ARTIFACT_RE = NAME_RE
 
@@ -198,7 +198,7 @@ def verify_manifest(folder: str | Path) -> dict:
 
 @dataclass
 class PublishResult:
-    status: str  # published | unchanged | dry_run
+    status: str  # published | unchanged | dry_run | abandoned
     version: str | None
     commit: str | None
     remote_url: str
@@ -658,8 +658,8 @@ def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | N
                            "removed: run publish again")
     if rev_commit(root, "HEAD") != commit:
         raise ReleaseError(f"an interrupted publish of {version} (commit {commit[:12]}) is pending but HEAD moved; "
-                           f"check out {commit[:12]} and run publish again to complete it, or delete {journal.path} "
-                           f"and the record releases/{version}.json in the release remote to abandon it")
+                           f"check out {commit[:12]} and run publish again to complete it, or give it up with "
+                           "`matryoshka publish --abandon`")
     logger.info("completing release %s (commit %s)", version, commit[:12])
     targets = targets or _release_targets(root, params)
     record = json.loads((root / RECORDS_DIR / f"{version}.json").read_text())
@@ -684,6 +684,57 @@ def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | N
     journal.clear()
     logger.info("published %s (commit %s) to %s: %d objects pushed", version, commit[:12], redact(remote_url), pushed)
     return PublishResult("published", version, commit, redact(remote_url), tags=tags, pushed=pushed, gate=report)
+
+
+def abandon(params: Params, repo: str | Path = ".") -> PublishResult:
+    """Gives up the interrupted publish this checkout's journal names, instead of completing it (``publish``
+    again completes it; this is for a release no longer wanted, or one whose commit HEAD has moved past).
+
+    Refused once any of it is public (its tags at ``release.git_remote``, or its record completed): a
+    published version stays. Otherwise the version's record in the release remote is marked ``abandoned``
+    (kept, so the number is never given to other files: ``taken_versions``; the gate, ``latest`` and
+    ``download`` skip or refuse it), the release's local tags are deleted and the journal is cleared. The
+    release commit, if one was made, stays in the history as a plain commit; data already pushed to the DVC
+    remote is content-addressed and harmless. A publish stopped before its commit is rolled back as the next
+    ``publish`` would (claim removed, files restored).
+    """
+    from .records import RecordStore
+
+    root = repo_root(repo)
+    with _publish_lock(root), _interruptible():
+        journal = Journal(root)
+        if not journal.data:
+            raise ReleaseError("no interrupted publish in this checkout: nothing to abandon")
+        store = RecordStore.from_params(params, root)
+        version, nonce = journal.data["version"], journal.data["nonce"]
+        remote_url = redact(absolute_remote_url(params.release.remote_url, root))
+        commit = journal.data.get("commit") or _unjournalled_commit(root, journal)
+        if commit is None:
+            _give_back(root, store, journal)
+            logger.info("abandoned the publish of %s (stopped before its commit): claim removed", version)
+            return PublishResult("abandoned", version, None, remote_url)
+        if store.git_remote_url and version in list_tags(store.git_remote_url):
+            raise ReleaseError(f"{version} is already pushed to {params.release.git_remote}: it is public and cannot "
+                               f"be abandoned; check out {commit[:12]} and run publish again to complete it")
+        try:
+            record = store.read(version)
+        except RecordError:
+            record = {}
+        if record.get("claim") == nonce and record.get("status") == "published":
+            raise ReleaseError(f"{version} is published (its record is complete): nothing to abandon; run publish "
+                               "again to finish the last steps")
+        if record.get("claim") == nonce:
+            store.update(version, nonce, {"status": "abandoned", "commit": commit,
+                                          "abandoned": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        else:
+            logger.warning("release %s: the remote record is not this publish's claim; left as it is", version)
+        ours = [t for t in list_tags(root) if (t == version or t.endswith(f"@{version}")) and rev_commit(root, t) == commit]
+        for tag in ours:
+            git(root, "tag", "-d", "--", tag)
+        journal.clear()
+        logger.info("abandoned the publish of %s: record marked abandoned, %d local tags deleted, commit %s kept",
+                    version, len(ours), commit[:12])
+        return PublishResult("abandoned", version, commit, remote_url, tags=ours)
 
 
 def _unjournalled_commit(root: Path, journal: Journal) -> str | None:
@@ -850,7 +901,7 @@ def _unfinished(repo: str | Path, version: str) -> bool:
     finally:
         fs.close()
     try:
-        return bool(url) and RecordStore(url).read(version).get("status") == "claimed"
+        return bool(url) and RecordStore(url).read(version).get("status") in UNRELEASED
     except RecordError:
         return False
 
@@ -884,6 +935,8 @@ def _check_tag_commit(repo: str, version: str, url: str | None) -> None:
         record = RecordStore(url).read(version)
     except RecordError as err:
         raise ReleaseError(str(err)) from None
+    if record.get("status") == "abandoned":
+        raise ReleaseError(f"release {version} was abandoned before it was published (`matryoshka publish --abandon`)")
     if record.get("status") == "claimed":
         raise ReleaseError(f"release {version} is not finished: its publish stopped before completing its record "
                            "in the release remote (the publisher's next `matryoshka publish` completes it)")
