@@ -4,8 +4,9 @@
                                         [--smoothing 0 0.75]
 
 For each exit (ratio 1), scheme and smoothing alpha, quantizes the exported exit model
-(``pipeline/quantize.py``; activation statistics from the calibration half of the eval queries, as
-the export does), scores the first N eval queries of the *other* half with both (``scheme:part+part``
+(``pipeline/quantize.py``; activation statistics from training pairs, as the export takes them:
+``quantization_pairs``; ``--calibration eval``: from the Platt half of the eval queries, the export's
+source until 2026-12-07), scores the first N eval queries of the *other* half with both (``scheme:part+part``
 keeps those parts in fp32 instead of the scheme's default), and prints the mean per-query Spearman
 correlation with the fp32 scores, nDCG@10 of both, and pairs/s of both timed round-robin in one run.
 ``--rounds 0 --queries 0``: agreement only, on every held-out query, with 95% bootstrap intervals
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import calibration_feeds, interleaved_timing, quantization_inputs
+from benchmarks.common import interleaved_timing, quantization_inputs
 from matryoshka_reranker.pipeline.calibration import in_calibration_half
 from matryoshka_reranker.pipeline.evaluation import per_query
+from matryoshka_reranker.pipeline.export import quantization_batches, quantization_pairs
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
 from matryoshka_reranker.pipeline.statistics import aligned, mean_interval, paired_difference
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
@@ -42,6 +44,8 @@ def main() -> None:
                         help="SmoothQuant alphas to compare (default: export.quantize_smoothing)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; 0: agreement and nDCG only")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", choices=["train", "eval"], default="train",
+                        help="activation statistics from training pairs (the export's) or the eval queries' Platt half")
     args = parser.parse_args()
     params, queries, qrels, calibration = quantization_inputs(args.params)
     queries = [q for q in queries if not in_calibration_half(q.query_id)][: args.queries or None]
@@ -67,7 +71,8 @@ def main() -> None:
         base = np.array(fp32.compute_score(pairs))
         ndcg_base_per_query = per_query(queries, by_query(base), qrels, ["nDCG@10"])["nDCG@10"]
         ndcg_base = np.mean(list(ndcg_base_per_query.values()))
-        feeds = calibration_feeds(fp32.encoder, calibration)
+        feeds = quantization_batches(fp32.encoder, quantization_pairs(params) if args.calibration == "train"
+                                     else calibration.pairs)
         runs = [(spec, alpha) for spec in args.schemes
                 for alpha in (smoothing if spec.partition(":")[0] in ("int8", "int8-token") else [0.0])]
         for spec, alpha in runs:

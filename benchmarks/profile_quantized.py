@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import calibration_feeds, quantization_inputs
+from benchmarks.common import quantization_inputs
+from matryoshka_reranker.pipeline.export import quantization_batches, quantization_pairs
 from matryoshka_reranker.pipeline.quantize import SCHEMES, quantize_model
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
 from matryoshka_reranker.serving.onnx_runtime import OnnxReranker
@@ -62,12 +63,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=14)
     args = parser.parse_args()
-    params, queries, _, calibration = quantization_inputs(args.params)
+    params, queries, _, _ = quantization_inputs(args.params)
     folder = Path(params.paths.onnx) / ratio_folder(1)
     fp32 = OnnxReranker(folder, args.exit, threads=args.threads, batch_size=args.batch)
     pairs = [p for q in queries for p in q.pairs][: args.batch]
     feed = fp32.encoder.collate_numpy(fp32.encoder.encode_many(pairs))
-    feeds = calibration_feeds(fp32.encoder, calibration)
+    feeds = quantization_batches(fp32.encoder, quantization_pairs(params))  # the export's own pairs
     print(f"# exit {args.exit}, {len(pairs)} pairs padded to {feed['input_ids'].shape[1]} tokens, {args.threads} threads")
     base = profile(folder / exit_model_file(args.exit), feed, args.threads, "fp32", args.top)
     with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:

@@ -23,9 +23,7 @@ import copy
 import numpy as np
 
 from matryoshka_reranker.config import load_params
-from matryoshka_reranker.pipeline.calibration import calibration_set
-from matryoshka_reranker.pipeline.evaluation import load_eval_set
-from matryoshka_reranker.pipeline.export import quantization_batches
+from matryoshka_reranker.pipeline.export import quantization_batches, quantization_pairs
 from matryoshka_reranker.pipeline.quantize import (
     DEFAULT_KEEP_FP32,
     _matmuls_to_keep,
@@ -68,11 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     alpha = params.export.quantize_smoothing if args.alpha is None else args.alpha
-    queries, qrels = load_eval_set(params)
-    calibration = calibration_set(queries, qrels, params.export.calibration_queries)
     encoder = params.model.input_format.encoder(AutoTokenizer.from_pretrained(resolve_model_path(
         params.model.name_or_path)))
-    feeds = quantization_batches(encoder, calibration)  # the export's own choice of pairs and batches
+    feeds = quantization_batches(encoder, quantization_pairs(params))  # the export's own pairs and batches
     path = f"{params.paths.onnx}/{ratio_folder(1)}/{exit_model_file(args.exit)}"
     keep = _matmuls_to_keep(path, DEFAULT_KEEP_FP32["int8-token"])
     model = onnx.load(path)

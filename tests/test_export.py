@@ -510,6 +510,30 @@ def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
 
 
 
+def test_quantization_statistics_come_from_training_pairs_not_eval_queries(llama_model, tmp_path):
+    """SmoothQuant's channel maxima are taken on training pairs (``quantization_pairs``: the prepared groups,
+    at most 4 pairs per query, positives first), never on the eval queries the quantized copies are scored on;
+    the export quantizes with exactly those pairs."""
+    from matryoshka_reranker.config import parse_params
+    from matryoshka_reranker.pipeline.export import quantization_pairs
+
+    groups = tmp_path / "train_groups.jsonl"
+    rows = [{"query_id": str(i), "query": f"train query {i}", "pos": [f"pos {i}"], "neg": [f"neg {i}.{j}" for j in range(6)]}
+            for i in range(12)]
+    groups.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = parse_params({"paths": {"train_groups": str(groups)}, "export": {"quantize_calibration_pairs": 30}})
+    pairs = quantization_pairs(params)
+    assert len(pairs) == 30 and pairs[:5] == (("train query 0", "pos 0"), ("train query 0", "neg 0.0"),
+                                              ("train query 0", "neg 0.1"), ("train query 0", "neg 0.2"),
+                                              ("train query 1", "pos 1"))
+    assert {q for q, _ in pairs} == {f"train query {i}" for i in range(8)}  # 4 per query: 30 pairs span 8 queries
+    index = export_models(llama_model, tmp_path / "out", [4], [1], options=ExportOptions(
+        start_layer=1, input_format=FORMAT, quantize=("int8-token",), quantize_smoothing=0.75, quantize_pairs=pairs))
+    assert len(index["models"]) == 2
+    smoothing = read_manifest(tmp_path / "out" / "exit-04-ratio-1-int8-token")["quantization"]["smoothing"]
+    assert smoothing["calibration_batches"] == 2  # 30 pairs in batches of 16 (the validation pairs would be 1)
+
+
 def test_a_quantized_copy_is_calibrated_on_its_own_scores(llama_model, tmp_path):
     """Quantization moves the scores: the copy's Platt (a, b) is fitted to them, not carried over from the float."""
     from matryoshka_reranker.pipeline.calibration import CalibrationSet, fit_platt

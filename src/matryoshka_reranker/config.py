@@ -293,6 +293,9 @@ class ExportParams(Section):
     # SmoothQuant alpha for int8 / int8-token (0 = off): activation outlier channels moved into the
     # weights, from per-channel maxima over the calibration pairs (docs/export.md)
     quantize_smoothing: float = Field(0.75, ge=0, le=1)
+    # training pairs (the prepared groups' query with its first positive and negatives, at most 4 per query)
+    # whose activations set those maxima: never eval queries, which the quantized configs are evaluated on
+    quantize_calibration_pairs: int = Field(128, ge=16)
 
     @model_validator(mode="after")
     def _quantize_needs_float32(self) -> ExportParams:

@@ -151,7 +151,8 @@ class ExportOptions:
     calibration: CalibrationSet | None = None  # labelled pairs: Platt (a, b) per config (calibration.py)
     quantize: tuple[str, ...] = ()  # quantized copies per config: int8 | int8-token | int8-weight-only | int4 (quantize.py)
     quantize_keep_fp32: tuple[str, ...] | None = None  # MatMuls left in fp32; None: per scheme (quantize.py)
-    quantize_smoothing: float = 0.0  # SmoothQuant alpha for int8 / int8-token, from the calibration pairs
+    quantize_smoothing: float = 0.0  # SmoothQuant alpha for int8 / int8-token, from ``quantize_pairs``
+    quantize_pairs: tuple[tuple[str, str], ...] = ()  # the quantizer's activation statistics; () = VALIDATION_PAIRS
     data_dir: str | None = None  # what the model was trained on (the model card states its license)
 
     @property
@@ -276,11 +277,31 @@ def export_from_params(params) -> dict:
         calibration=_calibration_from_params(params),
         data_dir=params.data.train_file or params.data.beir_dir,
         quantize=tuple(ex.quantize), quantize_smoothing=ex.quantize_smoothing,
+        quantize_pairs=quantization_pairs(params) if ex.quantize else (),
         quantize_keep_fp32=None if ex.quantize_keep_fp32 is None else tuple(ex.quantize_keep_fp32),
     )
     return export_models(m.name_or_path, params.paths.onnx, ex.exit_layers, ex.ratios, ex.compress_layers,
                          adapters=params.adapter_stack, options=options,
                          specialists={k: params.specialist_dir(k) for k in params.specialist.exits})
+
+
+def quantization_pairs(params) -> tuple[tuple[str, str], ...]:
+    """(query, passage) pairs for the quantizer's activation statistics (SmoothQuant's channel maxima): from
+    the prepared *training* groups (``paths.train_groups``, file order), each query's first positive and first
+    negatives, at most 4 pairs per query so that ``export.quantize_calibration_pairs`` spans many queries.
+    Not the eval queries: the quantized configs are evaluated and gated on those, and statistics taken from
+    them would let the test set shape the model it scores (until 2026-12-07 the Platt half of the eval
+    queries was used, which the benchmarks then excluded by hand)."""
+    from ..core.jsonl import read_jsonl
+
+    count = params.export.quantize_calibration_pairs
+    pairs: list[tuple[str, str]] = []
+    for _, group in read_jsonl(params.paths.train_groups, "training groups"):
+        passages = (group.get("pos") or [])[:1] + (group.get("neg") or [])
+        pairs += [(group["query"], passage) for passage in passages[:4]]
+        if len(pairs) >= count:
+            break
+    return tuple(pairs[:count])
 
 
 def _calibration_from_params(params) -> CalibrationSet | None:
@@ -466,7 +487,7 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
 
     target.mkdir()
     info = quantize_model(source.model_path, target / MODEL_FILE, scheme, options.quantize_keep_fp32,
-                          calibration=quantization_batches(options.input_format.encoder(tokenizer), options.calibration),
+                          calibration=quantization_batches(options.input_format.encoder(tokenizer), options.quantize_pairs),
                           smoothing=options.quantize_smoothing)
     folder_manifest = json.loads((source.path / MANIFEST).read_text())
     model = next(m for m in folder_manifest["models"] if m["model_file"] == source.model_file)
@@ -493,11 +514,11 @@ def _quantized_copy(source: ExportedConfig, target: Path, scheme: str, options: 
     write_json(target / MANIFEST, manifest)
 
 
-def quantization_batches(encoder, calibration: CalibrationSet | None) -> list[dict]:
-    """ONNX feeds (16 pairs each) for the quantizer's activation statistics: the calibration pairs (the
-    same held-out eval queries Platt scaling is fitted on), else the fixed validation pairs. Also what
-    ``benchmarks/quantize_layer_error.py`` measures on, so it sees the export's own statistics."""
-    pairs = list(calibration.pairs) if calibration is not None else list(VALIDATION_PAIRS)
+def quantization_batches(encoder, pairs: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """ONNX feeds (16 pairs each) for the quantizer's activation statistics: ``pairs`` (the pipeline's are
+    training pairs, ``quantization_pairs``), else the fixed validation pairs. Also what the quantization
+    benchmarks measure with, so they see the export's own statistics."""
+    pairs = list(pairs) or list(VALIDATION_PAIRS)
     encoded = encoder.encode_many(pairs)
     return [encoder.collate_numpy(encoded[start:start + 16]) for start in range(0, len(encoded), 16)]
 
