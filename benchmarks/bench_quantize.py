@@ -53,7 +53,8 @@ def main() -> None:
     qrels = {q.query_id: qrels[q.query_id] for q in queries}
     pairs = [p for q in queries for p in q.pairs]
     print(f"# {len(queries)} eval queries x {len(queries[0].candidates)} candidates ({len(pairs)} pairs), "
-          f"{args.threads} threads; Spearman = mean over queries of rank correlation with the fp32 scores")
+          f"{args.threads} threads; Spearman = mean over queries of rank correlation with the fp32 scores; "
+          f"activation statistics from {'training pairs' if args.calibration == 'train' else 'the eval Platt half'}")
     print(f"{'exit':>4} {'scheme':>24} {'alpha':>5} {'kept fp32':>10} {'Spearman':>9} {'nDCG fp32':>10} {'nDCG q':>7} "
           f"{'pairs/s fp32':>12} {'pairs/s q':>10} {'speed-up':>9}")
     from scipy.stats import spearmanr

@@ -7,7 +7,10 @@ the same LoRA model and batch:
   from the embedding up and both recording autograd, then backward; it runs both passes even
   when the step samples no compression;
 * ours: the layers before the compression layer once, the full-width continuation without
-  autograd, the compressed continuation with it; a single pass when nothing is compressed.
+  autograd, the compressed continuation with it; a single pass when nothing is compressed; every pass
+  runs its deepest layer for each row's last token only (``modeling.last_token_layer``, since 2026-12-07);
+* whole: ours with the deepest layer run for every token (the step before 2026-12-07), which upstream
+  does too, so ``naive`` runs it that way.
 
 Timings interleave ratios and variants (warm-up first) so machine load hits all alike; the
 figures use each variant's fastest step (least disturbed by other processes, as ``timeit`` does),
@@ -30,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures for --model tiny
 
+from benchmarks.common import whole_last_layer  # noqa: E402
 from matryoshka_reranker.config import LoraParams  # noqa: E402
 from matryoshka_reranker.model.adapters import lora_config  # noqa: E402
 from matryoshka_reranker.model.losses import TrainMethod, matryoshka_loss  # noqa: E402
@@ -57,7 +61,8 @@ def build(args):
         name, start, compress_layer = str(folder), 1, 4
     else:
         name, start, compress_layer = args.model, args.start_layer, args.compress_layer
-    params = parse_params({"model": {"name_or_path": name, "start_layer": start}, "export": {"exit_layers": []},
+    params = parse_params({"model": {"name_or_path": name, "start_layer": start},
+                           "export": {"exit_layers": [], "compress_layers": [compress_layer]},
                            "compression": {"layers": [compress_layer]}})
     model, tokenizer, _ = load_base(params, tokenizer=None)
     method = TrainMethod(args.train_method)
@@ -76,8 +81,14 @@ def ours(peft_model, batch, layers, ratio):
     return out["loss"].item()
 
 
+def whole(peft_model, batch, layers, ratio):
+    with whole_last_layer():
+        return ours(peft_model, batch, layers, ratio)
+
+
+@whole_last_layer()
 def naive(peft_model, batch, layers, ratio, method):
-    """Upstream: two complete forward passes with autograd, then the same loss."""
+    """Upstream: two complete forward passes with autograd (deepest layer whole), then the same loss."""
     model = peft_model.get_base_model()
     inputs = {k: v for k, v in batch.items() if k != "teacher_scores"}
     exits = model.exit_layers
@@ -107,26 +118,31 @@ def main() -> None:
     print(f"model {args.model}, batch {args.batch} x group {args.group_size}, tokens/row <= "
           f"{batch['input_ids'].shape[1]}, compress at layer {compress_layer}, method {method.name}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'ratio':>5} {'ours s':>8} {'naive s':>8} {'naive/ours':>10} {'(medians)':>10} {'loss diff':>10}")
-    times = {(ratio, name): [] for ratio in args.ratios for name in ("ours", "naive")}
+    print(f"{'ratio':>5} {'ours s':>8} {'whole s':>8} {'naive s':>8} {'naive/ours':>10} {'(medians)':>10} "
+          f"{'whole/ours':>10} {'(medians)':>10} {'loss diff':>10}")
+    variants = ("ours", "whole", "naive")
+    times = {(ratio, name): [] for ratio in args.ratios for name in variants}
     losses = {}
     for rep in range(args.reps + 1):  # rep 0 warms up; ratios and variants interleave so load hits all alike
         for ratio in args.ratios:
             layers = [compress_layer] if ratio > 1 else []
-            for name in (("ours", "naive") if rep % 2 else ("naive", "ours")):
+            for name in variants[rep % 3:] + variants[:rep % 3]:  # each variant in each position in turn
                 peft_model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 losses[ratio, name] = (ours(peft_model, batch, layers, ratio) if name == "ours"
+                                       else whole(peft_model, batch, layers, ratio) if name == "whole"
                                        else naive(peft_model, batch, layers, ratio, method))
                 if rep:
                     times[ratio, name].append(time.perf_counter() - start)
     best = {}
     for ratio in args.ratios:
-        t_ours, t_naive = min(times[ratio, "ours"]), min(times[ratio, "naive"])
-        m_ours, m_naive = statistics.median(times[ratio, "ours"]), statistics.median(times[ratio, "naive"])
-        best[ratio] = (t_ours, t_naive)
-        print(f"{ratio:>5} {t_ours:>8.3f} {t_naive:>8.3f} {t_naive / t_ours:>10.2f} {m_naive / m_ours:>10.2f} "
-              f"{abs(losses[ratio, 'ours'] - losses[ratio, 'naive']):>10.1e}")
+        t = {name: min(times[ratio, name]) for name in variants}
+        m = {name: statistics.median(times[ratio, name]) for name in variants}
+        best[ratio] = (t["ours"], t["naive"])
+        diff = max(abs(losses[ratio, "ours"] - losses[ratio, name]) for name in variants)
+        print(f"{ratio:>5} {t['ours']:>8.3f} {t['whole']:>8.3f} {t['naive']:>8.3f} {t['naive'] / t['ours']:>10.2f} "
+              f"{m['naive'] / m['ours']:>10.2f} {t['whole'] / t['ours']:>10.2f} {m['whole'] / m['ours']:>10.2f} "
+              f"{diff:>10.1e}")
     if 1 in best:  # training draws a ratio uniformly and the (one) compression layer on with p = 1/2
         off = (1 + 0.5 * (len(args.ratios) - 1)) / len(args.ratios)  # steps that run at full width
         weights = {r: off if r == 1 else 0.5 / len(args.ratios) for r in args.ratios}

@@ -110,8 +110,9 @@ def interleaved_timing(systems: dict, rounds: int, seed: int = 0) -> dict[str, f
 
 def quantization_inputs(params_path: str):
     """What the quantization benchmarks share: (params, eval queries, qrels, calibration set), after printing
-    the machine line. The calibration pairs are those the export takes (``pipeline/calibration.py``), from at
-    least 8 queries, so that a short eval set still gives SmoothQuant's channel maxima some spread."""
+    the machine line. The calibration set is the Platt half of the eval queries (``pipeline/calibration.py``, at
+    least 8 queries): the benchmarks score the other half, and ``bench_quantize --calibration eval`` smooths with
+    it (the export's source until 2026-12-07; it now takes training pairs, ``export.quantization_pairs``)."""
     from matryoshka_reranker.config import load_params
     from matryoshka_reranker.pipeline.calibration import calibration_set
     from matryoshka_reranker.pipeline.evaluation import load_eval_set
@@ -123,6 +124,6 @@ def quantization_inputs(params_path: str):
 
 
 def calibration_feeds(encoder, calibration, batch: int = 16) -> list[dict]:
-    """The calibration pairs as ONNX feed dicts of ``batch`` pairs (what ``quantize_model`` smooths with)."""
+    """The calibration pairs as ONNX feed dicts of ``batch`` pairs (for docs/results/quantize-lean/compare_rewrites.py)."""
     encoded = encoder.encode_many(list(calibration.pairs))
     return [encoder.collate_numpy(encoded[i:i + batch]) for i in range(0, len(encoded), batch)]

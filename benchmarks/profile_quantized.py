@@ -4,7 +4,7 @@ of its quantized copy, on one batch of eval pairs.
     python -m benchmarks.profile_quantized [--params params.yaml] [--exit 8] [--scheme int8-token] [--batch 16]
 
 The quantized copy is made by ``quantize_model`` as ``bench_quantize`` makes it (the scheme's default fp32
-parts, ``export.quantize_smoothing`` from the calibration pairs of at least 8 queries). Prints each graph's wall time per batch (mean
+parts, ``export.quantize_smoothing`` from the export's training pairs, ``quantization_pairs``). Prints each graph's wall time per batch (mean
 of 5 runs after 3 warm-up runs, with profiling on, so slightly slower than a plain run) and the share of
 kernel time per op type. Why: the speed-up of ``int8-token`` is bounded by the work around its integer
 GEMMs (the per-token quantization of each input, the row scale and centre applied to each output), and

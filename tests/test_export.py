@@ -510,7 +510,7 @@ def test_quantized_copies_are_plain_loadable_configs(llama_model, tmp_path):
 
 
 
-def test_quantization_statistics_come_from_training_pairs_not_eval_queries(llama_model, tmp_path):
+def test_quantization_statistics_come_from_training_pairs_not_eval_queries(llama_model, tmp_path, monkeypatch):
     """SmoothQuant's channel maxima are taken on training pairs (``quantization_pairs``: the prepared groups,
     at most 4 pairs per query, positives first), never on the eval queries the quantized copies are scored on;
     the export quantizes with exactly those pairs."""
@@ -532,6 +532,17 @@ def test_quantization_statistics_come_from_training_pairs_not_eval_queries(llama
     assert len(index["models"]) == 2
     smoothing = read_manifest(tmp_path / "out" / "exit-04-ratio-1-int8-token")["quantization"]["smoothing"]
     assert smoothing["calibration_batches"] == 2  # 30 pairs in batches of 16 (the validation pairs would be 1)
+
+    # the pipeline stage hands exactly those pairs to the export (and none when nothing is quantized)
+    from matryoshka_reranker.pipeline import export as export_module
+
+    seen = []
+    monkeypatch.setattr(export_module, "export_models", lambda *a, options, **k: seen.append(options))
+    for quantize in (["int8-token"], []):
+        export_module.export_from_params(parse_params({
+            "paths": {"train_groups": str(groups)},
+            "export": {"quantize_calibration_pairs": 30, "quantize": quantize, "calibration_queries": 0}}))
+    assert seen[0].quantize_pairs == pairs and seen[1].quantize_pairs == ()
 
 
 def test_a_quantized_copy_is_calibrated_on_its_own_scores(llama_model, tmp_path):

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from matryoshka_reranker.cli import app
-from matryoshka_reranker.release.gate import GateFailed
+from matryoshka_reranker.release.gate import GateError, GateFailed, run_gate
 from matryoshka_reranker.release.registry import (
     ManifestError,
     ReleaseError,
@@ -722,6 +722,14 @@ def test_an_interrupted_publish_is_abandoned_until_it_is_public(tmp_path, monkey
     assert "v0.1.1" not in git(root, "tag").split() and git(root, "rev-parse", "HEAD") != release_commit
     store = records.RecordStore.from_params(params, root)
     assert store.latest_version() == "v0.1.0" and "v0.1.1" in store.taken_versions()
+    with pytest.raises(GateError, match="v0.1.1 is not a release"):
+        run_gate(params, root, baseline="v0.1.1")
+    git(root, "tag", "v0.1.1", release_commit)
+    git(root, "push", "-q", "origin", "refs/tags/v0.1.1")  # a tag pushed by hand: the record still refuses it
+    with pytest.raises(ReleaseError, match="v0.1.1 was abandoned"):
+        download("v0.1.1", 4, 1, repo=str(tmp_path / "origin.git"), out=tmp_path / "out")
+    git(root, "push", "-q", "origin", ":refs/tags/v0.1.1")
+    git(root, "tag", "-d", "v0.1.1")
     with pytest.raises(ReleaseError, match="no interrupted publish"):
         registry.abandon(params, root)
 

@@ -96,6 +96,45 @@ def test_shared_prefix_step_equals_two_full_passes(tmp_path, scored, llama_dir, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["distill_fix_layer_teacher", "same_layer_mse", "normal"])
+@pytest.mark.parametrize("compress", [dict(), dict(compress_layers=[2], compress_ratio=2)])
+def test_the_step_runs_its_deepest_layer_for_the_last_token_with_the_same_loss_and_gradients(
+        tmp_path, scored, llama_dir, tokenizer, method, compress, monkeypatch):
+    """Training's passes that end at the deepest layer run it for each row's last token only (nothing else
+    there feeds a score): loss and every gradient equal the whole layer's (reference, full-width and
+    compressed branches alike)."""
+    from peft import get_peft_model
+
+    from matryoshka_reranker.model import modeling
+    from matryoshka_reranker.model.adapters import lora_config
+
+    params = tiny_params(tmp_path, llama_dir)
+    batch = fixed_batch(params, tokenizer)
+    model, _, _ = load_base(params)
+    step = MatryoshkaTrainingModel.from_model(model, TrainMethod(method), 3)
+    peft = get_peft_model(step, lora_config(params.self_distill.lora, model.exit_layers)).train()
+    generator = torch.Generator().manual_seed(0)
+    for name, p in peft.named_parameters():  # a non-zero adapter: same_layer's reference then differs
+        if "lora_B" in name:
+            p.data.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    results = []
+    for trimmed in (True, False):
+        if not trimmed:
+            monkeypatch.setattr(modeling, "trim_problem", lambda layer: "whole, for the comparison")
+        calls = []
+        hook = step.decoder.layers[-1].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+        out = peft(**batch, **compress)
+        hook.remove()
+        assert bool(calls) != trimmed  # the whole layer's forward runs only when trimming is off
+        out["loss"].backward()
+        results.append((out["loss"].item(), [p.grad.clone() for p in peft.parameters() if p.grad is not None]))
+        peft.zero_grad(set_to_none=True)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["same_layer", "same_layer_mse"])
 def test_same_layer_step_learns_the_model_without_the_adapter(name, tmp_path, scored, llama_dir, tokenizer):
     """Token compensation's step: compressed scores with the adapter on, targets with it off (soft
@@ -165,6 +204,25 @@ def test_settings_that_depend_on_the_model_fail_when_it_loads(tmp_path, llama_di
                 "self_distill.layer_weights [5]", "compensation.layer.lora.layer_ranks [9]",
                 "model.query_max_len + model.passage_max_len"):
         assert key in str(err.value), key
+
+
+def test_compression_on_a_layer_class_it_cannot_reproduce_fails_when_the_model_loads(tmp_path, tokenizer):
+    """SmolLM3 (RoPE-free layers among Llama-like ones) loads and trains at ratio 1, but compression's merge
+    weights would be wrong there: refused by ``load_base``, before any training, not at a sampled step."""
+    from transformers import AutoModelForCausalLM, SmolLM3Config
+
+    from matryoshka_reranker.core.errors import InputError
+    from tests.fixtures import tiny_settings
+
+    folder = tmp_path / "tiny-smollm3"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(SmolLM3Config(**tiny_settings(len(tokenizer)))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(InputError, match=r"compression.layers \[2\]: compression's merge weights.*SmolLM3DecoderLayer"):
+        load_base(tiny_params(tmp_path, folder))
+    model, _, _ = load_base(tiny_params(tmp_path, folder, compression__ratios=[1], export__ratios=[1],
+                                        compensation__token_ratios=[]))
+    assert model.num_layers == 4
 
 
 def test_layer_weights_weigh_the_step_loss_per_exit(tmp_path, scored, llama_dir, tokenizer):

@@ -291,7 +291,7 @@ class ExportParams(Section):
                 raise ValueError(f"{part!r}: layers @a-b need a <= b")
         return value
     # SmoothQuant alpha for int8 / int8-token (0 = off): activation outlier channels moved into the
-    # weights, from per-channel maxima over the calibration pairs (docs/export.md)
+    # weights, from per-channel maxima over training pairs (below; docs/export.md)
     quantize_smoothing: float = Field(0.75, ge=0, le=1)
     # training pairs (the prepared groups' query with its first positive and negatives, at most 4 per query)
     # whose activations set those maxima: never eval queries, which the quantized configs are evaluated on

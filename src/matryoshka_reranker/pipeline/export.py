@@ -301,6 +301,9 @@ def quantization_pairs(params) -> tuple[tuple[str, str], ...]:
         pairs += [(group["query"], passage) for passage in passages[:4]]
         if len(pairs) >= count:
             break
+    if len(pairs) < count:
+        log.warning("only %d training pairs for the quantizer's activation statistics (export.quantize_calibration_pairs: "
+                    "%d)", len(pairs), count)
     return tuple(pairs[:count])
 
 

@@ -313,7 +313,7 @@ def current_results(params: Params, repo: str | Path = ".") -> dict:
 
 def run_gate(params: Params, repo: str | Path = ".", baseline: str | None = None, write: bool = True) -> GateReport:
     """Compares this checkout's metrics with the last release (or ``baseline``) and writes the report."""
-    from .records import RecordStore
+    from .records import UNRELEASED, RecordStore
 
     repo = Path(repo)
     new = current_results(params, repo)
@@ -322,6 +322,8 @@ def run_gate(params: Params, repo: str | Path = ".", baseline: str | None = None
     old = commit = None
     if version is not None:
         record = store.read(version)
+        if record.get("status") in UNRELEASED:  # an explicit --baseline naming a claim or an abandoned publish
+            raise GateError(f"{version} is not a release (its record: {record['status']}); name a published version")
         old = {"metrics": record.get("metrics") or {}, "per_query": record.get("per_query") or {}}
         commit = record.get("commit")
     report = compare(new, old, params.evaluation.measures, params.gate, expected_configs=expected_configs(params),

@@ -663,7 +663,7 @@ def _resume(params: Params, root: Path, journal: Journal, targets: list[str] | N
     logger.info("completing release %s (commit %s)", version, commit[:12])
     targets = targets or _release_targets(root, params)
     record = json.loads((root / RECORDS_DIR / f"{version}.json").read_text())
-    older = [t for t in store.known_versions() if parse_version(t) < parse_version(version)]
+    older = [t for t in store.known_versions() if parse_version(t) < parse_version(version) and _released(store, t)]
     pushed = push_release_data(root, targets, params.release.remote_name, "HEAD", backfill=older)
     tags = [version] + [f"{name}@{version}" for name in expected_artifacts(params)]
     gate = record["gate"]
@@ -719,10 +719,13 @@ def abandon(params: Params, repo: str | Path = ".") -> PublishResult:
         try:
             record = store.read(version)
         except RecordError:
+            if store.fs.exists(store.path(version)):  # there but unreadable (network, permissions): keep the journal
+                raise
             record = {}
         if record.get("claim") == nonce and record.get("status") == "published":
-            raise ReleaseError(f"{version} is published (its record is complete): nothing to abandon; run publish "
-                               "again to finish the last steps")
+            journal.clear()  # the release finished; only clearing its journal was left
+            logger.info("%s was published (its record is complete): nothing to abandon; journal cleared", version)
+            return PublishResult("published", version, commit, remote_url)
         if record.get("claim") == nonce:
             store.update(version, nonce, {"status": "abandoned", "commit": commit,
                                           "abandoned": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
@@ -735,6 +738,14 @@ def abandon(params: Params, repo: str | Path = ".") -> PublishResult:
         logger.info("abandoned the publish of %s: record marked abandoned, %d local tags deleted, commit %s kept",
                     version, len(ours), commit[:12])
         return PublishResult("abandoned", version, commit, remote_url, tags=ours)
+
+
+def _released(store, version: str) -> bool:
+    """False for a version whose record is a claim or an abandoned publish (no data to back-fill at its tag)."""
+    try:
+        return store.read(version).get("status") not in UNRELEASED
+    except RecordError:
+        return True  # a tag without a readable record: back-filling reports it, as before
 
 
 def _unjournalled_commit(root: Path, journal: Journal) -> str | None:
@@ -838,7 +849,7 @@ def resolve_version(version: str, repo: str | Path = ".") -> str:
         for candidate in reversed(available):
             if not _unfinished(repo, candidate):
                 return candidate
-            logger.warning("release %s is tagged but its publish has not finished: latest skips it", candidate)
+            logger.warning("release %s is tagged but its publish has not finished (or was abandoned): latest skips it", candidate)
         raise ReleaseError(f"{repo} has no finished release; tagged: {', '.join(available)}")
     if version not in available:
         raise ReleaseError(f"{repo} has no release {version}; releases: {', '.join(available) or 'none'}")
@@ -891,8 +902,8 @@ def fetch_release(version: str = "latest", repo: str | Path = ".", exit_layers: 
 
 
 def _unfinished(repo: str | Path, version: str) -> bool:
-    """True when the release remote's record of ``version`` is still a publish's claim (tags pushed,
-    record not completed); where that cannot be read, ``download`` decides."""
+    """True when the release remote's record of ``version`` is still a publish's claim (tags pushed, record not
+    completed) or an abandoned publish; where that cannot be read, ``download`` decides."""
     from .records import RecordError, RecordStore
 
     fs = open_at(str(repo), version)

@@ -72,7 +72,8 @@ def check_new_version(version: str, existing: Iterable[str]) -> str:
         raise VersionError(f"version {version!r} must look like v1.2.3 (v + semantic version, no leading zeros)")
     existing = set(existing)
     if version in existing:
-        raise VersionError(f"version {version} is already released; released versions are immutable")
+        raise VersionError(f"version {version} is already taken (released, claimed or abandoned); versions are "
+                           "never reused")
     last = last_version(existing)
     if last is not None and parse_version(version) <= parse_version(last):
         raise VersionError(f"version {version} is not newer than the last release {last}")

@@ -47,7 +47,7 @@ def last_token_states(model: MatryoshkaModel, encoder: PairEncoder, pairs: Seque
         batch = {k: v.to(device) for k, v in encoder.collate([encoded[i] for i in rows]).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
             state = model.embed(batch["input_ids"], batch["attention_mask"])
-            _, found = model.advance(state, exits[-1], set(exits), states=True)
+            _, found = model.advance(state, exits[-1], set(exits), states=True, last_token_only=True)
         for j, k in enumerate(exits):
             out[rows, j] = found[k].float().cpu()
     return out

@@ -120,13 +120,16 @@ class MatryoshkaTrainingModel(MatryoshkaModel):
         """{"loss": scalar, "per_layer_loss": (L,) detached, deepest exit last}."""
         compress_layers = self.check_compression(compress_layers, compress_ratio)
         exits, depth = set(self.exit_layers), self.num_layers
+        # Every pass that ends at the deepest layer runs it for the last token only (its other positions feed
+        # no score; ``last_token_layer``): the same loss and gradients, ~1/L of the step's layer work less.
+        to_the_end = dict(last_token_only=True)
         state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
         if self.method.needs_reference:
             # Targets from the weights this adapter is stacked on: full width, adapters off, no grad.
             with torch.no_grad(), adapters_disabled(self):
                 reference_state = self.embed(input_ids, attention_mask, query_lengths, prompt_lengths)
-                _, reference = self.advance(reference_state, depth, exits)
-            _, student = self.advance(state, depth, exits, compress_layers, compress_ratio)
+                _, reference = self.advance(reference_state, depth, exits, **to_the_end)
+            _, student = self.advance(state, depth, exits, compress_layers, compress_ratio, **to_the_end)
             full = {k: v.detach() for k, v in reference.items()}
         elif compress_layers:
             # Shared prefix: layers 1..c (c = first compression layer) run once for both branches.
@@ -134,12 +137,12 @@ class MatryoshkaTrainingModel(MatryoshkaModel):
             full = None
             if self.method.needs_full_width:
                 with torch.no_grad():  # the full-width branch only supplies detached targets
-                    _, full = self.advance(state, depth, exits)
+                    _, full = self.advance(state, depth, exits, **to_the_end)
                 full = {**{k: v.detach() for k, v in prefix.items()}, **full}
-            _, student = self.advance(state, depth, exits, compress_layers, compress_ratio)
+            _, student = self.advance(state, depth, exits, compress_layers, compress_ratio, **to_the_end)
             student = {**prefix, **student}
         else:
-            _, student = self.advance(state, depth, exits)
+            _, student = self.advance(state, depth, exits, **to_the_end)
             full = None  # identical to the student: matryoshka_loss detaches it
         loss, per_layer = matryoshka_loss(
             self._grouped(student), self.method, self._grouped(full) if full else None, teacher_scores,
@@ -636,6 +639,14 @@ def check_against_model(params: Params, model: MatryoshkaModel, encoder: PairEnc
         outside = [c for c in layers if not 1 <= c < n]
         if outside:
             problems.append(f"{key} {outside} outside [1, {n - 1}] (the model has {n} layers)")
+        elif max([*params.compression.ratios, *params.export.ratios]) > 1:  # else refused at the first compressed step
+            from ..model.modeling import layout_problem
+
+            refused = {c: layout_problem(model.decoder.layers[c - 1]) for c in layers}
+            refused = {c: why for c, why in refused.items() if why}
+            if refused:
+                problems.append(f"{key} {sorted(refused)}: compression's merge weights recompute that layer's attention, "
+                                f"reproduced for Llama-style layers only ({next(iter(refused.values()))}); use ratios [1]")
     for key, train in (("self_distill", params.self_distill), ("compensation.layer", params.compensation.layer),
                        ("compensation.token", params.compensation.token)):
         unknown = sorted(set(train.layer_weights) - set(exits))
