@@ -52,3 +52,7 @@ def test_whole_last_layer_runs_the_deepest_layer_for_every_token_as_upstream(tin
     assert seen == [(len(PAIRS), 1), tuple(inputs["input_ids"].shape)]
     assert modeling.trim_problem(model.decoder.layers[1]) is None  # restored
     torch.testing.assert_close(whole, trimmed, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), whole_last_layer():  # the upstream-style ratio-4 rows compress as before
+        compressed = model(**inputs, cutoff_layers=4, compress_layers=[2], compress_ratio=4)[0]
+    torch.testing.assert_close(compressed, model(**inputs, cutoff_layers=4, compress_layers=[2], compress_ratio=4)[0],
+                               atol=1e-5, rtol=1e-5)
