@@ -261,7 +261,15 @@ def test_info_health_and_metrics(server):
            "version", "sha", "docker_label"}
     assert tei <= set(info), tei - set(info)
     assert info["max_batch_tokens"] == info["max_input_length"] * info["max_batch_pairs"]
-    assert httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}).status_code == 200  # one to count
+    assert isinstance(info["version"], str) and info["version"]  # TEI's is a string: the package's, no release here
+    ranked = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS})
+    assert ranked.status_code == 200  # one to count
+    # TEI's aliases for a reranker: POST / and /invocations rank, GET / and /ping are the health check
+    for path in ("/", "/invocations"):
+        assert httpx.post(f"{url}{path}", json={"query": QUERY, "texts": TEXTS}).json() == ranked.json()
+    assert httpx.get(f"{url}/ping").json() == httpx.get(f"{url}/").json() == {"status": "ok"}
+    left = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS, "truncation_direction": "Left"})
+    assert left.status_code == 422 and left.json()["error"].startswith("truncation_direction: 'Left': only Right")
     metrics = httpx.get(f"{url}/metrics").text
     assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="200"}' in metrics
     assert "matryoshka_request_seconds_bucket" in metrics
@@ -502,11 +510,53 @@ def test_a_failing_backend_is_a_424_json_error_and_the_queue_gauge_drains(export
         response = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=60)
         assert response.status_code == 424, response.text
         assert response.json()["error_type"] == "Backend" and message in response.json()["error"]
-        assert httpx.get(f"{url}/health").status_code == 200
+        health = httpx.get(f"{url}/health")  # TEI's 503 Unhealthy while the default model cannot load
+        assert health.status_code == (503 if failure == "load" else 200), health.text
+        if failure == "load":
+            assert health.json()["error_type"] == "Unhealthy" and "failed to load" in health.json()["error"]
         metrics = httpx.get(f"{url}/metrics").text
         assert 'matryoshka_requests_total{config="exit-03-ratio-1",status="424"} 1.0' in metrics
         if failure != "load":  # the request reached the batcher: its queue is empty again
             assert 'matryoshka_queue_depth{config="exit-03-ratio-1"} 0.0' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class OddPool(ModelPool):
+    """A backend that misbehaves in ways no handler names: a length check that raises a TypeError, and a
+    scorer that returns no list once."""
+
+    def __init__(self, folder, options):
+        super().__init__(folder, options)
+        self.calls = 0
+
+    def get(self, key):
+        reranker = super().get(key)
+        real = reranker.compute_score
+
+        def once_none(pairs, **kwargs):
+            self.calls += 1
+            return None if self.calls == 1 else real(pairs, **kwargs)
+
+        reranker.compute_score = once_none
+        reranker.encoder.over_budget = lambda query, texts: (_ for _ in ()).throw(TypeError("tokenizer exploded"))
+        return reranker
+
+
+def test_unforeseen_errors_are_json_and_leave_the_config_serving(exported):
+    """An unexpected exception is TEI's JSON error (500), not a plain-text page a client cannot parse; one inside
+    the batcher fails the requests in hand (424) and the config's queue goes on serving the next ones."""
+    options = ServerOptions()
+    server, thread, url = run_in_thread(create_app(OddPool(exported, options), options))
+    try:
+        body = {"query": QUERY, "texts": TEXTS}
+        odd = httpx.post(f"{url}/rerank", json=body, timeout=60)
+        assert odd.status_code == 424 and odd.json()["error_type"] == "Backend", odd.text
+        assert httpx.post(f"{url}/rerank", json=body, timeout=60).status_code == 200  # the batcher lives on
+        crash = httpx.post(f"{url}/rerank", json={**body, "truncate": False}, timeout=60)
+        assert crash.status_code == 500 and crash.json() == {
+            "error": "internal error (TypeError); see the server log", "error_type": "Backend"}
     finally:
         server.should_exit = True
         thread.join(30)

@@ -47,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -387,38 +386,51 @@ class Batcher:
         return future
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            size = len(jobs[0].pairs)
-            deadline = loop.time() + self.options.batch_window_ms / 1000
-            while size < self.options.max_batch_pairs:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
-                jobs.append(job)
-                size += len(job.pairs)
-            jobs = [job for job in jobs if not job.future.done()]  # a request whose client went away: not scored
-            if not jobs:
-                continue
-            pairs = [p for job in jobs for p in job.pairs]
+        while True:  # supervised: an unexpected error fails the requests in hand, never the config's queue
+            jobs: list[_Job] = []
             try:
-                reranker = await loop.run_in_executor(self.executor, self.pool.get, self.key)
-                scores = await loop.run_in_executor(self.executor, reranker.compute_score, pairs)
-            except Exception as err:  # noqa: BLE001 - delivered to every waiting request as a 500 with a message
+                await self._batch(jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                log.exception("batcher for %s: unexpected error", self.key)
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(err)
-                continue
-            offset = 0
+
+    async def _batch(self, jobs: list[_Job]) -> None:
+        """Collects one batch into ``jobs`` (the caller's list, so it can fail them), scores it, answers each."""
+        loop = asyncio.get_running_loop()
+        jobs.append(await self.queue.get())
+        size = len(jobs[0].pairs)
+        deadline = loop.time() + self.options.batch_window_ms / 1000
+        while size < self.options.max_batch_pairs:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                job = await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                break
+            jobs.append(job)
+            size += len(job.pairs)
+        jobs[:] = [job for job in jobs if not job.future.done()]  # a request whose client went away: not scored
+        if not jobs:
+            return
+        pairs = [p for job in jobs for p in job.pairs]
+        try:
+            reranker = await loop.run_in_executor(self.executor, self.pool.get, self.key)
+            scores = await loop.run_in_executor(self.executor, reranker.compute_score, pairs)
+        except Exception as err:  # noqa: BLE001 - delivered to every waiting request as a 424 with a message
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_result(scores[offset:offset + len(job.pairs)])
-                offset += len(job.pairs)
+                    job.future.set_exception(err)
+            return
+        offset = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(scores[offset:offset + len(job.pairs)])
+            offset += len(job.pairs)
 
 
 # --------------------------------------------------------------------------------- the app
@@ -431,7 +443,7 @@ class RerankRequest(BaseModel):
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     truncate: StrictBool | None = None  # TEI's Option<bool>: null = the server's auto_truncate
-    truncation_direction: Literal["Right", "right"] = "Right"
+    truncation_direction: StrictStr = "Right"  # TEI's Right | Left; Left is refused (``rerank``)
     exit_layer: StrictInt | None = None  # the Matryoshka extension: depth ...
     ratio: StrictInt | None = None  # ... and width, per request
     first_stage_scores: list[StrictFloat | StrictInt] | None = None  # fused with ours, as rank() does
@@ -485,10 +497,18 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
     async def refused(request: Request, exc: ServerInputError):
         return error(exc.status, f"{exc.field}: {exc}")
 
+    @app.exception_handler(Exception)  # anything unforeseen: TEI's JSON error shape, not a plain-text 500
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error(500, f"internal error ({type(exc).__name__}); see the server log", "Backend")
+
     @app.post("/rerank")
     async def rerank(body: RerankRequest, request: Request):
         if not body.texts:
             return error(400, "texts: `texts` cannot be empty", "Empty")
+        if body.truncation_direction not in ("Right", "right"):
+            raise ServerInputError("truncation_direction", f"{body.truncation_direction!r}: only Right (TEI's default) "
+                                   "is served: the model was trained on texts cut at their end", 422)
         if len(body.texts) > options.max_texts:
             raise ServerInputError("texts", f"{len(body.texts)} texts; this server takes at most {options.max_texts} "
                                             "per request (--max-texts)")
@@ -567,9 +587,22 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
                  **({"reranker_score": float(ours[i])} if body.first_stage_scores is not None else {}),
                  **({"text": body.texts[i]} if body.return_text else {})} for i in order]
 
+    # TEI's aliases: a reranker answers POST / and /invocations (Inference Endpoints, SageMaker) as /rerank
+    app.post("/", include_in_schema=False)(rerank)
+    app.post("/invocations", include_in_schema=False)(rerank)
+
     @app.get("/health")
     async def health():
+        """200 unless the default config's latest load failed (TEI's 503 Unhealthy); configs load on their first
+        request, and a failed load is retried by the next one."""
+        loading = state["loading"].get(pool.default)
+        if loading is not None and loading.done() and not loading.cancelled() and loading.exception() is not None:
+            return error(503, f"{config_name(*pool.default)}: the default model failed to load: see the server log",
+                         "Unhealthy")
         return {"status": "ok"}
+
+    app.get("/ping", include_in_schema=False)(health)
+    app.get("/", include_in_schema=False)(health)
 
     @app.get("/info")
     async def info():
@@ -586,7 +619,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
                 "max_concurrent_requests": options.max_queue * len(configs), "max_input_length": max_input_length,
                 "max_batch_tokens": max_input_length * options.max_batch_pairs, "max_batch_requests": None,
                 "max_client_batch_size": options.max_texts, "auto_truncate": options.auto_truncate,
-                "tokenization_workers": options.workers, "version": pool.version, "sha": None, "docker_label": None,
+                "tokenization_workers": options.workers, "version": pool.version or __version__, "sha": None, "docker_label": None,
                 "configs": configs, "default": {"exit_layer": pool.default[0], "ratio": pool.default[1]},
                 "max_queue": options.max_queue, "max_batch_pairs": options.max_batch_pairs,
                 "payload_limit": options.payload_limit, "server": f"matryoshka-reranker {__version__}",
