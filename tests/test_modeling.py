@@ -313,3 +313,18 @@ def test_an_architecture_whose_forward_does_more_than_our_loop_is_refused_at_loa
 
 def test_supported_architectures_pass_the_load_check(tiny_lm_dir):
     MatryoshkaModel.from_pretrained(tiny_lm_dir, start_layer=1).check_architecture()  # Llama, Mistral, Qwen2
+
+
+def test_a_decoder_without_the_llama_layout_is_refused_by_name(tmp_path, tokenizer):
+    """Phi-2's base model has ``final_layernorm``, not ``norm``: a clear ValueError at load, not an AttributeError
+    from the first forward (the CLI reports ValueErrors as errors, without a traceback)."""
+    from transformers import AutoModelForCausalLM, PhiConfig
+
+    from matryoshka_reranker.model.modeling import MatryoshkaModel
+
+    config = PhiConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
+    tokenizer.save_pretrained(tmp_path / "phi")
+    with pytest.raises(ValueError, match="PhiModel has no norm: not the Llama-family layout"):
+        MatryoshkaModel.from_pretrained(tmp_path / "phi", start_layer=1)

@@ -128,3 +128,40 @@ def test_an_empty_corpus_is_refused(tmp_path):
     (beir / "corpus.jsonl").write_text("\n")
     with pytest.raises(InputError, match="the corpus holds no document"):  # was "max() arg is an empty sequence"
         prepare(tiny_params(tmp_path, tmp_path))
+
+
+def test_settings_that_do_not_fit_the_models_depth_fail_before_any_data_work(tmp_path):
+    """A user's 24-layer model with the default exits [8, 16, 24, 30]: refused by prepare from its config.json,
+    naming the keys, before BM25 indexing (the data folder does not even exist here), not at self_distill."""
+    from matryoshka_reranker.core.errors import InputError
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 24}))
+    params = tiny_params(tmp_path, model, export__exit_layers=[8, 16, 24, 30], specialist__exits=[24],
+                         model__start_layer=4)
+    with pytest.raises(InputError, match=r"\(24 layers\): export.exit_layers \[30\].*specialist.exits \[24\]"):
+        prepare(params)
+    assert not (tmp_path / "beir").exists()
+
+
+@pytest.mark.parametrize("missing", ["train", "test"])
+def test_a_missing_split_is_named_before_indexing(tmp_path, missing):
+    """Most BEIR sets ship only qrels/test.tsv: the missing split is named with the key to change (and, for
+    training, data.train_file), before the corpus is indexed."""
+    beir = write_beir(tmp_path / "beir")
+    (beir / "qrels" / f"{missing}.tsv").unlink()
+    key = "data.train_split" if missing == "train" else "data.eval_split"
+    with pytest.raises(FileNotFoundError, match=rf"{key}: no qrels file .*{missing}.tsv \(splits here: "
+                                                 rf"{'test' if missing == 'train' else 'train'}\)"
+                                                 + ("; without a train split.*data.train_file" if missing == "train" else "")):
+        prepare(tiny_params(tmp_path, tmp_path))
+
+
+def test_a_gzipped_training_file_is_refused_by_name(tmp_path):
+    from matryoshka_reranker.core.errors import InputError
+
+    write_beir(tmp_path / "beir")
+    (tmp_path / "mine.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(InputError, match="data.train_file: .*mine.jsonl.gz is gzipped; decompress it"):
+        prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(tmp_path / "mine.jsonl.gz")))

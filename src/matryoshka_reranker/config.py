@@ -495,6 +495,34 @@ class Params(Section):
         """The exit-k specialist's adapter, trained on ``adapter_stack(1)`` cut after layer k."""
         return Path(self.paths.specialists) / f"exit-{exit_layer:02d}"
 
+    def depth_problems(self, num_layers: int, exits: list[int]) -> list[str]:
+        """The settings that must fit the model's depth (``num_layers``; score heads at ``exits``), each problem
+        naming its key. Checked from the model folder's config.json by ``prepare``, before any data work, and
+        again when training loads the model (``training.trainer.check_against_model``)."""
+        n, problems = num_layers, []
+        missing = [k for k in self.export.exit_layers if k not in exits]
+        if missing:
+            problems.append(f"export.exit_layers {missing}: the model has {n} layers, score heads at "
+                            f"{exits[0]}..{exits[-1]}" + (f" every {exits[1] - exits[0]}" if len(exits) > 1 else ""))
+        deepest = [k for k in self.specialist.exits if k >= n]
+        if deepest:
+            problems.append(f"specialist.exits {deepest}: a specialist learns from the deepest exit ({n}), so it must "
+                            "sit below it")
+        for key, layers in (("compression.layers", self.compression.layers),
+                            ("export.compress_layers", self.export.compress_layers)):
+            outside = [c for c in layers if not 1 <= c < n]
+            if outside:
+                problems.append(f"{key} {outside} outside [1, {n - 1}] (the model has {n} layers)")
+        for key, train in (("self_distill", self.self_distill), ("compensation.layer", self.compensation.layer),
+                           ("compensation.token", self.compensation.token)):
+            unknown = sorted(set(train.layer_weights) - set(exits))
+            if unknown:
+                problems.append(f"{key}.layer_weights {unknown}: no exit there (exits {exits})")
+            deep = sorted(k for k in train.lora.layer_ranks if k > n)
+            if deep:
+                problems.append(f"{key}.lora.layer_ranks {deep}: the model has {n} layers")
+        return problems
+
     def fingerprint(self) -> str:
         """sha256 of the canonical params, recorded in manifests."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()

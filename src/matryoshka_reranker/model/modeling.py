@@ -69,6 +69,11 @@ class MatryoshkaModel(nn.Module):
         head_init: torch.Tensor | None = None,
     ):
         super().__init__()
+        missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, name)]
+        if missing:  # e.g. Phi-2 (final_layernorm), GPT-2 / NeoX (wte, h): not a Llama-family decoder
+            raise ValueError(f"{type(decoder).__name__} has no {', '.join(missing)}: not the Llama-family layout "
+                             "(embed_tokens, layers, norm, rotary_emb) the Matryoshka model runs; it is not supported "
+                             "(Llama, Mistral, Qwen2, Qwen3 and SmolLM are)")
         warm_cpu_math()  # before any threaded cos/sin (the rotary embedding): see its docstring
         keep_freed_memory()  # no page faults for every activation (core/hardware.py)
         config = decoder.config

@@ -118,11 +118,49 @@ def _write_jsonl(path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def check_model_depth(params: Params) -> None:
+    """The settings that must fit the model's depth (``export.exit_layers``, compression layers, specialists, ...),
+    read from the model folder's config.json before any data work: a 24-layer model with the default exits
+    [8, 16, 24, 30] is refused here, not after BM25 mining and teacher scoring. The embedded default fits the
+    defaults and is checked when training loads it (``check_against_model``, which also checks positions)."""
+    name = str(params.model.name_or_path)
+    folder = Path(name)
+    if name.startswith("embedded:") or not (folder / "config.json").is_file():
+        return  # embedded, or not a model folder: refused with its own message where the model loads
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        meta = json.loads((folder / "matryoshka.json").read_text()) if (folder / "matryoshka.json").is_file() else {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"model.name_or_path: {folder}/config.json cannot be read ({err})") from None
+    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        return  # an unusual config: the load-time check decides
+    start, sep = meta.get("start_layer", params.model.start_layer), meta.get("layer_sep", params.model.layer_sep)
+    exits = list(range(start, layers + 1, sep))
+    problems = params.depth_problems(layers, exits) if exits else [f"model.start_layer {start}: the model has "
+                                                                    f"{layers} layers"]
+    if problems:
+        raise InputError(f"params do not fit the model {folder} ({layers} layers): " + "; ".join(problems))
+
+
 def prepare(params: Params) -> PrepareSummary:
     """Writes ``paths.train_groups`` and ``paths.eval_candidates`` (each atomically)."""
     data, paths = params.data, params.paths
     if data.train_split == data.eval_split and data.train_file is None:
         raise ValueError(f"train_split and eval_split are both {data.train_split!r}: evaluation would leak")
+    check_model_depth(params)
+    qrels = Path(data.beir_dir) / "qrels"
+    wanted = [(data.eval_split, "data.eval_split")] + ([] if data.train_file else [(data.train_split, "data.train_split")])
+    for split, key in wanted:  # before indexing the corpus: many BEIR sets ship only qrels/test.tsv
+        if not (qrels / f"{split}.tsv").is_file():
+            have = sorted(f.stem for f in qrels.glob("*.tsv")) if qrels.is_dir() else []
+            raise FileNotFoundError(
+                f"{key}: no qrels file {qrels / f'{split}.tsv'} (splits here: {', '.join(have) or 'none'})"
+                + ("; without a train split, bring your own training groups: data.train_file" if key == "data.train_split"
+                   else ""))
+    if data.train_file and str(data.train_file).endswith(".gz"):
+        raise InputError(f"data.train_file: {data.train_file} is gzipped; decompress it (the training file is copied "
+                         "as is and read as UTF-8 JSON lines)")
     corpus = load_corpus(data.beir_dir)
     queries = load_queries(data.beir_dir)
     if not corpus:

@@ -627,34 +627,18 @@ def check_against_model(params: Params, model: MatryoshkaModel, encoder: PairEnc
     too_long = model.input_length_problem(encoder.longest)
     if too_long:
         problems.append(f"model.query_max_len + model.passage_max_len: {too_long}")
-    missing = [k for k in params.export.exit_layers if k not in exits]
-    if missing:
-        problems.append(f"export.exit_layers {missing}: the model has {n} layers, score heads at {exits}")
-    deepest = [k for k in params.specialist.exits if k >= n]
-    if deepest:
-        problems.append(f"specialist.exits {deepest}: a specialist learns from the deepest exit ({n}), so it must "
-                        "sit below it")
-    for key, layers in (("compression.layers", params.compression.layers),
-                        ("export.compress_layers", params.export.compress_layers)):
-        outside = [c for c in layers if not 1 <= c < n]
-        if outside:
-            problems.append(f"{key} {outside} outside [1, {n - 1}] (the model has {n} layers)")
-        elif max([*params.compression.ratios, *params.export.ratios]) > 1:  # else refused at the first compressed step
-            from ..model.modeling import layout_problem
+    problems += params.depth_problems(n, exits)
+    if max([*params.compression.ratios, *params.export.ratios]) > 1:  # else refused at the first compressed step
+        from ..model.modeling import layout_problem
 
-            refused = {c: layout_problem(model.decoder.layers[c - 1]) for c in layers}
+        for key, layers in (("compression.layers", params.compression.layers),
+                            ("export.compress_layers", params.export.compress_layers)):
+            refused = {c: layout_problem(model.decoder.layers[c - 1]) for c in layers if 1 <= c < n}
             refused = {c: why for c, why in refused.items() if why}
             if refused:
                 problems.append(f"{key} {sorted(refused)}: compression's merge weights recompute that layer's attention, "
-                                f"reproduced for Llama-style layers only ({next(iter(refused.values()))}); use ratios [1]")
-    for key, train in (("self_distill", params.self_distill), ("compensation.layer", params.compensation.layer),
-                       ("compensation.token", params.compensation.token)):
-        unknown = sorted(set(train.layer_weights) - set(exits))
-        if unknown:
-            problems.append(f"{key}.layer_weights {unknown}: no exit there (exits {exits})")
-        deep = sorted(k for k in train.lora.layer_ranks if k > n)
-        if deep:
-            problems.append(f"{key}.lora.layer_ranks {deep}: the model has {n} layers")
+                                f"reproduced for Llama-style layers only ({next(iter(refused.values()))}); train and export "
+                                f"uncompressed: compression.ratios [1], export.ratios [1], compensation.token_ratios []")
     if problems:
         raise InputError(f"params do not fit the model {path}: " + "; ".join(problems))
 
