@@ -197,11 +197,14 @@ def test_settings_that_depend_on_the_model_fail_when_it_loads(tmp_path, llama_di
     params = tiny_params(tmp_path, llama_dir, export__exit_layers=[2, 6], compression__layers=[4],
                          export__compress_layers=[4], self_distill__layer_weights={5: 2.0},
                          compensation__layer__lora__layer_ranks={9: 8},
+                         compensation__token__lora__target_modules=["q_proj", "qkv_proj", "score_heads"],
                          model__passage_max_len=model.max_sequence_length)
     with pytest.raises(InputError) as err:
         load_base(params)
     for key in ("export.exit_layers [6]", "compression.layers [4] outside [1, 3]", "export.compress_layers [4]",
                 "self_distill.layer_weights [5]", "compensation.layer.lora.layer_ranks [9]",
+                "compensation.token.lora.target_modules ['qkv_proj']: no such linear layer in this model (its "
+                "linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
                 "model.query_max_len + model.passage_max_len"):
         assert key in str(err.value), key
 

@@ -90,11 +90,15 @@ def test_scored_data_pass_when_scores_are_required(tmp_path):
         # a lone surrogate escape is valid JSON but no tokenizer takes it: teacher_score would fail on it
         (edit(1, neg=["Berlin is the capital \ud83d of Germany.", "Rome is in Italy."]), "json_object",
          "expect_column_values_to_be_null", 2),
+        # lines training refuses (parse_example) must fail here, not at teacher_score
+        (edit(2, query="     "), "query_not_blank", "expect_column_values_to_be_in_set", 3),
+        (edit(1, neg_scores=DROP), "scores_paired", "expect_column_values_to_be_in_set", 2),
+        (edit(3, neg_ids=["d1"]), "neg_ids_aligned", "expect_column_values_to_be_in_set", 4),
     ],
     ids=["empty-neg", "empty-pos", "misaligned-scores", "nan-score", "positive-in-negatives", "missing-neg",
          "missing-query", "query-not-string", "pos-mixed-types", "query-too-long", "passage-too-short",
          "prompt-not-string", "prompt-not-model-prompt", "scores-not-list", "malformed-json", "not-an-object", "duplicates",
-         "lone-surrogate"],
+         "lone-surrogate", "blank-query", "scores-one-side", "ids-misaligned"],
 )
 def test_each_kind_of_bad_data_fails_its_check(tmp_path, rows, failed, expectation, bad_line):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)

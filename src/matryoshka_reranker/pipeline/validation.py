@@ -130,6 +130,7 @@ def derive_row(line: int, text: str, prompt: str | None = None) -> dict[str, Any
     query = obj.get("query", _MISSING)
     row["query_type"] = _type_tag(query)
     row["query_chars"] = len(query) if isinstance(query, str) else None
+    row["query_blank"] = None if not isinstance(query, str) else not query.strip()  # "   " passes a length bound
     row["prompt_type"] = _type_tag(obj.get("prompt", _MISSING))
     given = obj.get("prompt")
     row["prompt_matches"] = None if prompt is None or not isinstance(given, str) else given == prompt
@@ -152,6 +153,12 @@ def derive_row(line: int, text: str, prompt: str | None = None) -> dict[str, Any
         group = passages[passage_field]
         row[f"{name}_aligned"] = None if scores is None or group is None else len(scores) == len(group)
 
+    given = [row[f"{name}_type"] not in ("missing", "null") for name in SCORE_FIELDS]
+    paired = given[0] == given[1]  # training takes both or neither (one teacher, both sides)
+    row["scores_paired"] = None if passages["pos"] is None or passages["neg"] is None else paired  # reported there
+    for key, passage_field in (("pos_ids", "pos"), ("neg_ids", "neg")):
+        ids, group = obj.get(key), passages[passage_field]
+        row[f"{key}_aligned"] = None if ids is None or group is None else isinstance(ids, list) and len(ids) == len(group)
     pos, neg = passages["pos"], passages["neg"]
     row["positive_in_negatives"] = None if pos is None or neg is None else bool(set(pos) & set(neg))
     row["_duplicate_key"] = (query, tuple(sorted(pos))) if isinstance(query, str) and pos is not None else None
@@ -187,7 +194,7 @@ def build_checks(bounds: ValidationParams, require_scores: bool) -> list[Check]:
     """The expectations, in report order. ``require_scores``: teacher scores must be present."""
     in_set = "ExpectColumnValuesToBeInSet"
     between = "ExpectColumnValuesToBeBetween"
-    score_tags = ["list[number]"] if require_scores else ["list[number]", "missing"]
+    score_tags = ["list[number]"] if require_scores else ["list[number]", "missing", "null"]  # null: as absent
     checks = [
         Check("row_count", "ExpectTableRowCountToBeBetween", {"min_value": bounds.min_rows},
               f"the file holds at least {bounds.min_rows} training example(s)"),
@@ -204,6 +211,8 @@ def build_checks(bounds: ValidationParams, require_scores: bool) -> list[Check]:
                   f"`{name}` holds at least one passage"),
         ]
     checks += [
+        Check("query_not_blank", in_set, {"column": "query_blank", "value_set": [False]},
+              "`query` holds more than white space"),
         Check("query_length", between, {"column": "query_chars", "min_value": bounds.min_query_chars,
                                         "max_value": bounds.max_query_chars},
               f"query length within [{bounds.min_query_chars}, {bounds.max_query_chars}] characters"),
@@ -226,6 +235,11 @@ def build_checks(bounds: ValidationParams, require_scores: bool) -> list[Check]:
             Check(f"{name}_finite", in_set, {"column": f"{name}_finite", "value_set": [True]},
                   f"every `{name}` value is finite (no NaN or infinity)"),
         ]
+    checks.append(Check("scores_paired", in_set, {"column": "scores_paired", "value_set": [True]},
+                        "`pos_scores` and `neg_scores` are given together or not at all"))
+    for key, passage_field in (("pos_ids", "pos"), ("neg_ids", "neg")):
+        checks.append(Check(f"{key}_aligned", in_set, {"column": f"{key}_aligned", "value_set": [True]},
+                            f"`{key}`, when given, is a list with one id per `{passage_field}` passage"))
     duplicate = {"column": "is_duplicate", "value_set": [False]}
     if bounds.max_duplicate_fraction > 0:
         duplicate["mostly"] = 1.0 - bounds.max_duplicate_fraction
@@ -238,7 +252,8 @@ def build_checks(bounds: ValidationParams, require_scores: bool) -> list[Check]:
     return checks
 
 
-COLUMNS = ["line", "json_error", "query_type", "query_chars", "prompt_type", "prompt_matches", "pos_type", "n_pos", "neg_type",
+COLUMNS = ["line", "json_error", "query_type", "query_chars", "query_blank", "scores_paired", "pos_ids_aligned",
+           "neg_ids_aligned", "prompt_type", "prompt_matches", "pos_type", "n_pos", "neg_type",
            "n_neg", "passage_chars_min", "passage_chars_max", "pos_scores_type", "pos_scores_finite",
            "pos_scores_aligned", "neg_scores_type", "neg_scores_finite", "neg_scores_aligned",
            "positive_in_negatives", "is_duplicate"]
