@@ -60,9 +60,11 @@ def test_per_line_prompt_must_be_the_model_prompt(tmp_path):
     assert len(load_training_file(path)) == 2  # without a format to enforce, lines load as they are
 
 
-def test_groups_put_the_positive_first_with_aligned_scores(tmp_path):
+def test_groups_put_the_positive_first_with_aligned_scores(tmp_path, caplog):
     examples = load_training_file(write_jsonl(tmp_path / "t.jsonl", TRAIN_ROWS))
-    dataset = GroupDataset(examples, group_size=3, seed=1)
+    with caplog.at_level("WARNING"):
+        dataset = GroupDataset(examples, group_size=3, seed=1)
+    assert "negatives" not in caplog.text  # enough negatives everywhere: no warning
     group = dataset[0]
     row = TRAIN_ROWS[0]
     assert group.passages[0] == row["pos"][0] and len(group.passages) == 3
@@ -70,7 +72,9 @@ def test_groups_put_the_positive_first_with_aligned_scores(tmp_path):
     score_of = dict(zip(row["neg"], row["neg_scores"]))
     assert group.teacher_scores == [5.0] + [score_of[p] for p in group.passages[1:]]
     assert dataset[0] == group  # deterministic in (seed, epoch, index)
-    big = GroupDataset(examples, group_size=6, seed=1)[1]  # 2 negatives for 5 slots: with replacement
+    with caplog.at_level("WARNING"):
+        big = GroupDataset(examples, group_size=6, seed=1)[1]  # 2 negatives for 5 slots: with replacement
+    assert "fewer than train_group_size - 1 = 5 negatives" in caplog.text  # said, not silent
     assert len(big.passages) == 6 and set(big.passages[1:]) <= set(TRAIN_ROWS[1]["neg"])
     epochs = set()
     for epoch in range(6):

@@ -12,6 +12,7 @@ it never sees at serving time. Such lines are refused with their line number.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ import torch
 from ..core.errors import InputError
 from ..core.jsonl import read_jsonl
 from ..model.inputs import PairEncoder
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDataError(InputError):
@@ -135,6 +138,11 @@ class GroupDataset(torch.utils.data.Dataset):
         if group_size < 2:
             raise ValueError(f"train_group_size must be >= 2, got {group_size}")
         self.examples, self.group_size, self.seed, self.epoch = list(examples), group_size, seed, 0
+        short = sum(len(e.neg) < group_size - 1 for e in self.examples)
+        if short:  # repeated negatives: the listwise loss sees the same passage twice in those groups
+            log.warning("%d of %d training lines have fewer than train_group_size - 1 = %d negatives: theirs are "
+                        "drawn with repetition (raise data.negatives_per_query, or lower train_group_size)",
+                        short, len(self.examples), group_size - 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
