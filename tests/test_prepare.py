@@ -86,10 +86,16 @@ def test_mined_negatives_pass_validation_with_copies_and_odd_lengths_in_the_corp
     with gzip.open(beir / "corpus.jsonl.gz", "at") as handle:
         handle.write(json.dumps({"_id": "d8", "title": "France", "text": "Paris is the capital of France."}) + "\n")
         handle.write(json.dumps({"_id": "d9", "title": "", "text": "Paris?"}) + "\n")  # 6 characters < 10
+    # judged positives and queries out of bounds too: a short positive of q2, a query of 1,001 characters
+    with open(beir / "qrels" / "train.tsv", "a") as handle:
+        handle.write("q2\td9\t1\nq9\td4\t1\n")
+    with open(beir / "queries.jsonl", "a") as handle:
+        handle.write(json.dumps({"_id": "q9", "text": "x" * 1001}) + "\n")
     params = tiny_params(tmp_path, tmp_path)
     prepare(params)
     groups = {g["query_id"]: g for g in read(params.paths.train_groups)}
     assert groups["q2"]["neg_ids"] and not {"d8", "d9"} & set(groups["q2"]["neg_ids"])
+    assert groups["q2"]["pos_ids"] == ["d3"] and "q9" not in groups  # left out, not handed to `validate`
     assert all(len(set(g["neg"])) == len(g["neg"]) and not set(g["pos"]) & set(g["neg"]) for g in groups.values())
     report = validate_training_data(params.paths.train_groups, bounds=params.validation, prompt=params.model.prompt)
     assert report.success, report.failed

@@ -70,19 +70,29 @@ def mine_training_groups(params: Params, corpus, queries, index: BM25Index) -> l
     check_ids(data.beir_dir, data.train_split, qrels, corpus, queries)
     query_ids = sample_queries(qrels, queries, data.train_queries, data.seed)
     groups = []
-    positives = {q: [d for d, r in qrels[q].items() if r > 0 and d in corpus] for q in query_ids}
-    query_ids = [q for q in query_ids if positives[q]]
+    bounds = params.validation  # what `validate` refuses is left out here, counted, so validation passes what is mined
+    fits = lambda text: bounds.min_passage_chars <= len(text) <= bounds.max_passage_chars  # noqa: E731
+    judged_positives = {q: [d for d, r in qrels[q].items() if r > 0 and d in corpus] for q in query_ids}
+    positives = {q: [d for d in docs if fits(corpus[d])] for q, docs in judged_positives.items()}
+    outside = sum(len(judged_positives[q]) - len(positives[q]) for q in query_ids)
+    query_fits = {q: queries[q].strip() != "" and bounds.min_query_chars <= len(queries[q]) <= bounds.max_query_chars
+                  for q in query_ids}
+    dropped = [q for q in query_ids if judged_positives[q] and (not positives[q] or not query_fits[q])]
+    if outside or dropped:
+        log.warning("%s: %d positive passage(s) outside validation.min/max_passage_chars left out; %d query(ies) "
+                    "dropped (no positive left, or the query outside validation.min/max_query_chars)",
+                    data.train_split, outside, len(dropped))
+    query_ids = [q for q in query_ids if positives[q] and query_fits[q]]
     # Ask for enough documents that skipping the judged ones still leaves negatives_per_query.
     depth = data.negatives_per_query + max((len(qrels[q]) for q in query_ids), default=0)
     hits = index.search([queries[q] for q in query_ids], depth)
-    bounds = params.validation
     for q, ranked in zip(query_ids, hits):
         judged = set(qrels[q])  # any judgement, even 0, is not a safe negative
         seen = {corpus[d] for d in positives[q]}  # a copy of a positive's text is not a negative either
         neg_ids = []
         for d, _ in ranked:
             text = corpus[d]
-            if d in judged or text in seen or not bounds.min_passage_chars <= len(text) <= bounds.max_passage_chars:
+            if d in judged or text in seen or not fits(text):
                 continue  # what `validate` would refuse: a positive's text, a repeat, a length out of bounds
             seen.add(text)
             neg_ids.append(d)
