@@ -61,11 +61,18 @@ def test_query_subsets_are_seeded(tmp_path):
     assert [g["query_id"] for g in read(params.paths.train_groups)] == ids
 
 
-def test_user_training_file_is_copied_as_the_training_groups(tmp_path):
+def test_user_training_file_is_copied_as_the_training_groups(tmp_path, caplog):
+    from tests.train_fixtures import QUERIES
+
     write_beir(tmp_path / "beir")
     own = write_jsonl(tmp_path / "own.jsonl", TRAIN_ROWS)
     params = tiny_params(tmp_path, tmp_path, data__train_file=str(own))
     assert prepare(params).source == str(own)
+    assert "also in the training file" not in caplog.text
+    leaky = write_jsonl(tmp_path / "leaky.jsonl", TRAIN_ROWS + [{**TRAIN_ROWS[0], "query": "  " + QUERIES["q5"].upper()}])
+    prepare(tiny_params(tmp_path, tmp_path, data__train_file=str(leaky)))  # an eval query, trained on: said
+    assert "1 of 2 eval queries are also in the training file" in caplog.text
+    prepare(params)
     assert open(params.paths.train_groups).read() == own.read_text()
     # A bad file is copied as is: the validate stage reports every bad line at once (tests/test_pipeline.py).
     bad = write_jsonl(tmp_path / "bad.jsonl", [TRAIN_ROWS[0], {"query": "q", "pos": ["p"], "neg": []}])

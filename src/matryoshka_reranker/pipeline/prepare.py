@@ -185,6 +185,7 @@ def prepare(params: Params) -> PrepareSummary:
         _copy_atomic(data.train_file, paths.train_groups)
         with open(paths.train_groups, "rb") as handle:
             count, source = sum(1 for line in handle if line.strip()), data.train_file
+        warn_eval_overlap(paths.train_groups, candidates)
     else:
         groups = mine_training_groups(params, corpus, queries, index)
         if not groups:
@@ -194,6 +195,27 @@ def prepare(params: Params) -> PrepareSummary:
     _write_jsonl(paths.eval_candidates, candidates)
     log.info("wrote %d training groups (%s) and %d eval queries", count, source, len(candidates))
     return PrepareSummary(count, len(candidates), source)
+
+
+def warn_eval_overlap(train_file, candidates: list[dict]) -> int:
+    """How many eval queries also appear (same text, case and spacing aside) in the user's training file, with a
+    warning when any do: trained on, they inflate every quality figure. (Mined groups come from another split;
+    a bad line is left for `validate` to report.)"""
+    from ..core.jsonl import read_jsonl
+
+    norm = lambda text: " ".join(str(text).lower().split())  # noqa: E731
+    trained = set()
+    try:
+        for _, row in read_jsonl(train_file, "training file"):
+            if isinstance(row, dict) and isinstance(row.get("query"), str):
+                trained.add(norm(row["query"]))
+    except InputError:
+        return 0
+    overlap = sum(norm(c["query"]) in trained for c in candidates)
+    if overlap:
+        log.warning("%d of %d eval queries are also in the training file %s: the evaluation of those is not held out",
+                    overlap, len(candidates), train_file)
+    return overlap
 
 
 def _copy_atomic(src, dst) -> None:
