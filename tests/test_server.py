@@ -620,11 +620,52 @@ class SlowToFailPool(ModelPool):
 
     def get(self, key):
         if key == (2, 1):
-            with self._lock:
+            with self._lock(key):
                 time.sleep(self.delay)
                 self.events.append("failed")
                 raise RuntimeError("sha256 mismatch in model.onnx")
         return super().get(key)
+
+
+class BlockedPool(ModelPool):
+    """The real pool, whose exit-2 ratio-1 load holds its lock until released, then fails."""
+
+    def __init__(self, folder, options):
+        super().__init__(folder, options)
+        self.release = threading.Event()
+
+    def get(self, key):
+        if key == (2, 1):
+            with self._lock(key):
+                self.release.wait(60)
+                raise RuntimeError("sha256 mismatch in model.onnx")
+        return super().get(key)
+
+
+def test_a_config_loads_while_another_configs_load_hangs(exported):
+    """Loads take a lock per config: a config's first load (hashing its files, a session) proceeds while another
+    config's load hangs, instead of queueing behind one lock for the whole pool."""
+    options = ServerOptions()
+    pool = BlockedPool(exported, options)
+    server, thread, url = run_in_thread(create_app(pool, options))
+    try:
+        async def both():
+            async with httpx.AsyncClient(timeout=120) as client:
+                hung = asyncio.create_task(client.post(f"{url}/rerank", json={
+                    "query": QUERY, "texts": TEXTS, "exit_layer": 2, "ratio": 1}))
+                await asyncio.sleep(0.3)  # its load holds (2, 1)'s lock
+                healthy = await client.post(f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=30)
+                assert not hung.done()
+                pool.release.set()
+                return healthy, await hung
+
+        healthy, hung = asyncio.run(both())
+        assert healthy.status_code == 200 and pool.default not in [(2, 1)]
+        assert hung.status_code == 424 and "sha256 mismatch" in hung.json()["error"]
+    finally:
+        pool.release.set()
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_a_model_failing_to_load_does_not_stall_the_other_configs(exported):

@@ -174,14 +174,19 @@ class ModelPool(Pool):
         self.configs: dict[tuple[int, int], ExportedConfig] = choose_variant(configs, variant, folder)
         self._loaded: dict[tuple[int, int], object] = {}
         self._shared: dict[Path, dict] = {}  # folder -> name -> OrtValue (memory-mapped, shared by its exits)
-        self._lock = threading.Lock()
+        self._locks: dict[object, threading.Lock] = {}  # one per config and one per shared weights file
+        self._guard = threading.Lock()  # guards _locks only: loads of different configs run side by side
         self.default = self.default_key(self.configs)
+
+    def _lock(self, name: object) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(name, threading.Lock())
 
     def get(self, key: tuple[int, int]):
         """The key's ``OnnxReranker`` (loaded once; concurrent first requests load it once)."""
         if key in self._loaded:
             return self._loaded[key]
-        with self._lock:
+        with self._lock(key):  # a config that is slow to load (or to fail) holds up only its own requests
             if key not in self._loaded:
                 from .onnx_runtime import OnnxReranker
 
@@ -201,7 +206,11 @@ class ModelPool(Pool):
         manifest = read_manifest(config.path, verify=False)
         if not manifest.get("shared_weights"):
             return None
-        if config.path not in self._shared:  # per folder: a specialist is ratio 1 with weights of its own
+        with self._lock(config.path):  # per folder: a specialist is ratio 1 with weights of its own
+            return self._shared_of(config, manifest)
+
+    def _shared_of(self, config: ExportedConfig, manifest: dict) -> dict | None:
+        if config.path not in self._shared:
             widest = ALL_EXITS_FILE if ALL_EXITS_FILE in manifest["files"] else config.model_file
             try:
                 self._shared[config.path] = mapped_initializers(config.path / widest)
