@@ -56,7 +56,7 @@ def test_date_versions_count_up_within_a_day_and_stay_semver():
 
 def test_explicit_versions_must_be_new_newer_and_well_formed():
     assert check_new_version("v1.0.0", ["v0.9.9"]) == "v1.0.0"
-    with pytest.raises(VersionError, match="already released"):
+    with pytest.raises(VersionError, match="already taken"):
         check_new_version("v0.9.9", ["v0.9.9"])
     with pytest.raises(VersionError, match="not newer"):
         check_new_version("v0.9.0", ["v0.9.9"])
@@ -318,11 +318,11 @@ def test_republishing_a_version_is_refused_even_if_the_local_tag_is_gone(tmp_pat
     assert publish(params, root).version == "v0.1.0"
     set_knobs(root, quality=0.6)
     repro(root)
-    with pytest.raises(VersionError, match="v0.1.0 is already released"):
+    with pytest.raises(VersionError, match="v0.1.0 is already taken"):
         publish(params, root, version="v0.1.0")
     for tag in git(root, "tag").splitlines():
         git(root, "tag", "-d", tag)  # the remote's record still knows v0.1.0
-    with pytest.raises(VersionError, match="v0.1.0 is already released"):
+    with pytest.raises(VersionError, match="v0.1.0 is already taken"):
         publish(params, root, version="v0.1.0")
     assert publish(params, root).version == "v0.1.1"
 
@@ -511,7 +511,7 @@ def test_two_concurrent_publishes_give_exactly_one_release(tmp_path):
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 1], outputs
     loser = outputs[codes.index(1)]
-    assert "already claimed" in loser or "already released" in loser, loser
+    assert "already claimed" in loser or "already taken" in loser, loser
     record = json.loads((tmp_path / "dvc-remote" / "releases" / "v0.1.0.json").read_text())
     assert record["status"] == "published"  # the winner's record survived the loser's rollback
     winner, other = (root, clone) if codes[0] == 0 else (clone, root)
