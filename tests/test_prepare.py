@@ -154,8 +154,11 @@ def test_settings_that_do_not_fit_the_models_depth_fail_before_any_data_work(tmp
     params = tiny_params(tmp_path, model, export__exit_layers=[8, 16, 24, 30], specialist__exits=[24],
                          model__start_layer=4)
     with pytest.raises(InputError, match=r"\(24 layers\): export.exit_layers \[30\].*specialist.exits \[24\]"):
-        prepare(params)
-    assert not (tmp_path / "beir").exists()
+        prepare(params)  # an InputError about depth, not the missing data folder's FileNotFoundError: checked first
+    # a saved Matryoshka model keeps its own layer layout, which training refuses to change: said here too
+    (model / "matryoshka.json").write_text(json.dumps({"start_layer": 2, "layer_sep": 1}))
+    with pytest.raises(InputError, match=r"model.start_layer 4: the saved Matryoshka model was trained with 2"):
+        prepare(tiny_params(tmp_path, model, export__exit_layers=[8, 16, 24], model__start_layer=4))
 
 
 @pytest.mark.parametrize("missing", ["train", "test"])

@@ -197,14 +197,14 @@ def test_settings_that_depend_on_the_model_fail_when_it_loads(tmp_path, llama_di
     params = tiny_params(tmp_path, llama_dir, export__exit_layers=[2, 6], compression__layers=[4],
                          export__compress_layers=[4], self_distill__layer_weights={5: 2.0},
                          compensation__layer__lora__layer_ranks={9: 8},
-                         compensation__token__lora__target_modules=["q_proj", "qkv_proj", "score_heads"],
+                         compensation__token__lora__target_modules=["q_proj", "qkv_proj", "mlp.down_proj", "score_heads"],
                          model__passage_max_len=model.max_sequence_length)
     with pytest.raises(InputError) as err:
         load_base(params)
     for key in ("export.exit_layers [6]", "compression.layers [4] outside [1, 3]", "export.compress_layers [4]",
                 "self_distill.layer_weights [5]", "compensation.layer.lora.layer_ranks [9]",
                 "compensation.token.lora.target_modules ['qkv_proj']: no such linear layer in this model (its "
-                "linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
+                "linear and embedding layers: down_proj, embed_tokens, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
                 "model.query_max_len + model.passage_max_len"):
         assert key in str(err.value), key
 
@@ -351,7 +351,7 @@ def test_bf16_autocast_trains_fp32_weights_with_bf16_compute(tmp_path, scored, l
     bf16 autocast; LoRA weights and heads stay fp32 (not DeepSpeed's bf16 mode, which casts them),
     the decoder's GEMMs run in bf16, the heads' logits in fp32, and the run learns."""
     params = tiny_params(tmp_path, llama_dir, self_distill__deepspeed=deepspeed, self_distill__max_steps=6,
-                         self_distill__save_steps=6, self_distill__learning_rate=0.05,
+                         self_distill__save_steps=6, self_distill__learning_rate=0.02,
                          self_distill__per_device_batch_size=3, self_distill__bf16_autocast=True,
                          self_distill__head_init="probe")
     batch = fixed_batch(params, tokenizer)
@@ -367,7 +367,9 @@ def test_bf16_autocast_trains_fp32_weights_with_bf16_compute(tmp_path, scored, l
     assert capture.dtypes == {torch.float32}  # and put back before the other callbacks' on_train_end
     reloaded = merge_adapters(load_base(params)[0], [params.paths.self_distill])
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
-    # fp32 reaches 0.55-0.97x of the loss in this setup depending on the seed, bf16 autocast 0.58-0.96x
+    # At lr 0.05 (until 2026-12-07) the probe's heads made this 6-step run diverge or not by bf16 rounding alone (the
+    # deepest layer run for the last token only, equal within bf16 noise, took it from 0.6x to 2x the loss); at
+    # 0.02 it learns with a margin either way: 0.37x with that layer for the last token, 0.31x whole
     assert ranking_loss(reloaded, params, batch) < 0.9 * before
 
 

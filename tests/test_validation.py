@@ -111,6 +111,16 @@ def test_each_kind_of_bad_data_fails_its_check(tmp_path, rows, failed, expectati
     assert check.sample_rows and check.sample_rows[0].startswith(f"{data}:{bad_line}: ")
 
 
+def test_null_score_lists_count_as_absent_as_training_reads_them(tmp_path):
+    rows = [{**row, "pos_scores": None, "neg_scores": None} for row in GOOD]
+    report = validate_training_data(write_jsonl(tmp_path / "null.jsonl", rows), bounds=ValidationParams(),
+                                    prompt=DEFAULT_PROMPT)
+    assert report.success, report.failed
+    report = validate_training_data(write_jsonl(tmp_path / "null.jsonl", rows), bounds=ValidationParams(),
+                                    prompt=DEFAULT_PROMPT, require_scores=True)
+    assert {c.name for c in report.failed} == {"pos_scores_type", "neg_scores_type"}
+
+
 def test_scores_required_after_teacher_scoring(tmp_path):
     data = write_jsonl(tmp_path / "groups.jsonl", GOOD)
     report = validate_training_data(data, require_scores=True)

@@ -145,10 +145,12 @@ def check_model_depth(params: Params) -> None:
     layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         return  # an unusual config: the load-time check decides
-    start, sep = meta.get("start_layer", params.model.start_layer), meta.get("layer_sep", params.model.layer_sep)
+    start, sep = params.model.start_layer, params.model.layer_sep
+    saved = [f"model.{key} {value}: the saved Matryoshka model was trained with {meta[key]}"
+             for key, value in (("start_layer", start), ("layer_sep", sep)) if key in meta and meta[key] != value]
     exits = list(range(start, layers + 1, sep))
-    problems = params.depth_problems(layers, exits) if exits else [f"model.start_layer {start}: the model has "
-                                                                    f"{layers} layers"]
+    problems = saved + (params.depth_problems(layers, exits) if exits else [f"model.start_layer {start}: the model "
+                                                                            f"has {layers} layers"])
     if problems:
         raise InputError(f"params do not fit the model {folder} ({layers} layers): " + "; ".join(problems))
 
@@ -201,16 +203,16 @@ def warn_eval_overlap(train_file, candidates: list[dict]) -> int:
     """How many eval queries also appear (same text, case and spacing aside) in the user's training file, with a
     warning when any do: trained on, they inflate every quality figure. (Mined groups come from another split;
     a bad line is left for `validate` to report.)"""
-    from ..core.jsonl import read_jsonl
-
     norm = lambda text: " ".join(str(text).lower().split())  # noqa: E731
     trained = set()
-    try:
-        for _, row in read_jsonl(train_file, "training file"):
+    with open(train_file, "rb") as handle:
+        for raw in handle:
+            try:
+                row = json.loads(raw)
+            except ValueError:  # not JSON, not UTF-8: `validate` reports it
+                continue
             if isinstance(row, dict) and isinstance(row.get("query"), str):
                 trained.add(norm(row["query"]))
-    except InputError:
-        return 0
     overlap = sum(norm(c["query"]) in trained for c in candidates)
     if overlap:
         log.warning("%d of %d eval queries are also in the training file %s: the evaluation of those is not held out",

@@ -12,7 +12,10 @@ Endpoints (text-embeddings-inference's rerank API, plus the Matryoshka extension
   by their fusion with the re-ranker, as ``rank(first_stage_scores=...)`` does (``serving.ranking``):
   ``score`` is then the fused value and each item adds ``reranker_score``. Not in TEI: a first
   stage's scores are what makes a small re-ranker beat the first stage (README, "Quality").
-* ``GET /health``, ``GET /info`` (model, version, exits x ratios, calibration, limits),
+  ``POST /`` and ``POST /invocations`` answer as ``/rerank``, as TEI routes them for a reranker.
+* ``GET /health`` (also ``GET /`` and ``GET /ping``, as TEI): 200, or TEI's 503 ``Unhealthy`` while the
+  default config's latest load failed (the check itself retries that load, at most every 10 s);
+  ``GET /info`` (model, version, exits x ratios, calibration, limits),
   ``GET /metrics`` (Prometheus text: requests and latency histogram per config, queue depth).
 
 Two backends behind the same API. ``ModelPool`` (``--models`` / ``--version``): the exported ONNX graphs,
@@ -507,8 +510,7 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         return error(exc.status, f"{exc.field}: {exc}")
 
     @app.exception_handler(Exception)  # anything unforeseen: TEI's JSON error shape, not a plain-text 500
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
+    async def unexpected(request: Request, exc: Exception):  # Starlette logs the traceback itself
         return error(500, f"internal error ({type(exc).__name__}); see the server log", "Backend")
 
     @app.post("/rerank")
@@ -606,6 +608,10 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         request, and a failed load is retried by the next one."""
         loading = state["loading"].get(pool.default)
         if loading is not None and loading.done() and not loading.cancelled() and loading.exception() is not None:
+            now = time.monotonic()  # behind a readiness probe no request may come to retry it: the check does
+            if now >= state.get("health_retry", 0.0):
+                state["health_retry"] = now + 10.0
+                state["loading"][pool.default] = asyncio.get_running_loop().run_in_executor(None, pool.get, pool.default)
             return error(503, f"{config_name(*pool.default)}: the default model failed to load: see the server log",
                          "Unhealthy")
         return {"status": "ok"}

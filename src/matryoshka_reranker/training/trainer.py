@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -628,14 +629,18 @@ def check_against_model(params: Params, model: MatryoshkaModel, encoder: PairEnc
     if too_long:
         problems.append(f"model.query_max_len + model.passage_max_len: {too_long}")
     problems += params.depth_problems(n, exits)
-    linears = sorted({name.rsplit(".", 1)[-1] for name, module in model.decoder.named_modules()
-                      if isinstance(module, torch.nn.Linear)})
+    from ..model.adapters import target_pattern
+
+    adaptable = [name for name, module in model.decoder.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))]  # what PEFT's LoRA takes here
+    linears = sorted({name.rsplit(".", 1)[-1] for name in adaptable})
     for key, train in (("self_distill", params.self_distill), ("compensation.layer", params.compensation.layer),
                        ("compensation.token", params.compensation.token)):
-        unmatched = [t for t in train.lora.target_modules if t != "score_heads" and t not in linears]
+        unmatched = [t for t in train.lora.target_modules if t != "score_heads"
+                     and not any(re.fullmatch(target_pattern([t]), name) for name in adaptable)]
         if unmatched:  # PEFT adapts the names that match and silently skips the rest (Phi-3 fuses q/k/v)
             problems.append(f"{key}.lora.target_modules {unmatched}: no such linear layer in this model "
-                            f"(its linear layers: {', '.join(linears)})")
+                            f"(its linear and embedding layers: {', '.join(linears)})")
     if max([*params.compression.ratios, *params.export.ratios]) > 1:  # else refused at the first compressed step
         from ..model.modeling import layout_problem
 
