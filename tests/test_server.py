@@ -741,3 +741,24 @@ def test_every_limit_the_readme_names_is_a_serve_option(tmp_path):
         assert result.exit_code == 2 and name in result.output, result.output
     result = CliRunner().invoke(app, ["serve", "--models", str(tmp_path), "--no-auto-truncate", "--max-queue", "0"])
     assert result.exit_code == 2 and "max_queue" in result.output, result.output  # the flag parsed
+
+
+def test_an_api_key_guards_everything_but_the_health_checks(exported):
+    """TEI's --api-key: without `Authorization: Bearer <key>` (or with a wrong one) a request is a 401 JSON error;
+    the health checks stay open for load balancers."""
+    options = ServerOptions(api_key="s3cret")
+    assert "s3cret" not in repr(options)  # not in logs of the options
+    server, thread, url = run_in_thread(create_app(ModelPool(exported, options), options))
+    try:
+        body = {"query": QUERY, "texts": TEXTS}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = httpx.post(f"{url}/rerank", json=body, headers=headers)
+            assert refused.status_code == 401 and refused.json()["error_type"] == "Unauthorized", refused.text
+        assert httpx.get(f"{url}/info").status_code == 401 and httpx.get(f"{url}/metrics").status_code == 401
+        for path in ("/health", "/ping", "/"):
+            assert httpx.get(f"{url}{path}").status_code == 200
+        ok = httpx.post(f"{url}/rerank", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()) == len(TEXTS)
+    finally:
+        server.should_exit = True
+        thread.join(30)

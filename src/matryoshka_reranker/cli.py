@@ -716,6 +716,9 @@ def serve(
     variant: Annotated[Optional[str], typer.Option(
         help="serve this variant in place of the shared-weight model where there is one: specialist (an exit "
              "specialist, specialist.exits)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="API_KEY", show_default=False,
+        help="require `Authorization: Bearer <key>` on every request but the health checks (TEI's --api-key)")] = None,
 ) -> None:
     """Serve exported models over HTTP: TEI-compatible POST /rerank, with exit_layer and ratio per request."""
     from .serving.server import ServerOptions, pipeline_pool
@@ -730,7 +733,7 @@ def serve(
                          "shared-weight PyTorch model")
     options = ServerOptions(max_texts=max_texts, max_queue=max_queue, batch_window_ms=batch_window_ms,
                             threads=threads, workers=workers, max_batch_pairs=max_batch_pairs,
-                            payload_limit=payload_limit, auto_truncate=auto_truncate)
+                            payload_limit=payload_limit, auto_truncate=auto_truncate, api_key=api_key or None)
     if pipeline is not None:
         pool = pipeline_pool(pipeline, ratios=ratios, exit_layers=layers, options=options, dtype=dtype)
         run_server(pool, host=host, port=port, options=options)

@@ -85,6 +85,7 @@ class ServerOptions:
     verify: bool = True  # sha256 of every file before loading
     auto_truncate: bool = True  # TEI's --auto-truncate: what `truncate` left out or null means (TEI >= 1.9: true)
     payload_limit: int = 2_000_000  # TEI's --payload-limit: request bodies over this many bytes are a 413
+    api_key: str | None = field(default=None, repr=False)  # TEI's --api-key: `Authorization: Bearer <key>`, else 401
 
     def __post_init__(self):  # asyncio reads a queue size of 0 as unbounded: --max-queue 0 would never answer 429
         for name in ("max_texts", "max_queue", "max_batch_pairs", "workers", "payload_limit"):
@@ -493,6 +494,8 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
 
     app = FastAPI(title="matryoshka-reranker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(PayloadLimit, limit=options.payload_limit)
+    if options.api_key:
+        app.add_middleware(BearerKey, key=options.api_key)  # added last: it runs first, before any body is read
 
     def error(status: int, message: str, kind: str = "Validation") -> JSONResponse:
         return JSONResponse({"error": message, "error_type": kind}, status_code=status)
@@ -645,6 +648,33 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class BearerKey:
+    """ASGI middleware, TEI's ``--api-key``: every request but the health checks (``GET /health``, ``/ping``, ``/``:
+    what load balancers and orchestrators poll without credentials) needs ``Authorization: Bearer <key>``; any
+    other is a 401 JSON error, compared in constant time."""
+
+    OPEN = {("GET", "/health"), ("GET", "/ping"), ("GET", "/")}
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.OPEN:
+            return await self.app(scope, receive, send)
+        import hmac
+
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)",
+                                 "error_type": "Unauthorized"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 class PayloadLimit:
