@@ -748,6 +748,8 @@ def test_an_api_key_guards_everything_but_the_health_checks(exported):
     the health checks stay open for load balancers."""
     options = ServerOptions(api_key="s3cret")
     assert "s3cret" not in repr(options)  # not in logs of the options
+    with pytest.raises(ValueError, match="white space"):
+        ServerOptions(api_key="s3cret\n")
     server, thread, url = run_in_thread(create_app(ModelPool(exported, options), options))
     try:
         body = {"query": QUERY, "texts": TEXTS}
@@ -759,6 +761,11 @@ def test_an_api_key_guards_everything_but_the_health_checks(exported):
             assert httpx.get(f"{url}{path}").status_code == 200
         ok = httpx.post(f"{url}/rerank", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
         assert ok.status_code == 200 and len(ok.json()) == len(TEXTS)
+        assert httpx.post(f"{url}/", json=body, headers={"Authorization": "bearer s3cret"}, timeout=60).json() == ok.json()
+        assert httpx.post(f"{url}/", json=body).status_code == 401  # the rerank alias is guarded too
+        big = {"query": QUERY, "texts": ["x" * 4000] * 700}  # over --payload-limit: 401 before the body is read
+        assert httpx.post(f"{url}/rerank", json=big).status_code == 401
+        assert httpx.post(f"{url}/rerank", json=big, headers={"Authorization": "Bearer s3cret"}).status_code == 413
     finally:
         server.should_exit = True
         thread.join(30)

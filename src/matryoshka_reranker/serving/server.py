@@ -91,6 +91,8 @@ class ServerOptions:
         for name in ("max_texts", "max_queue", "max_batch_pairs", "workers", "payload_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+            raise ValueError("api_key is empty or has leading/trailing white space (a newline from a file?)")
 
 
 class ServerInputError(ValueError):
@@ -661,8 +663,12 @@ class BearerKey:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.OPEN:
+        if scope["type"] == "lifespan" or (scope["type"] == "http" and (scope["method"], scope["path"]) in self.OPEN):
             return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # no websocket routes: anything else is closed, never passed through unchecked
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return None
         import hmac
 
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -751,6 +757,9 @@ def serve(models: str | os.PathLike | Pool, host: str = "127.0.0.1", port: int =
     import uvicorn
 
     pool = models if isinstance(models, Pool) else ModelPool(models, options, version, exit_layers, variant)
+    if options.api_key:
+        log.info("requests need `Authorization: Bearer <key>` (--api-key or API_KEY in the environment); health "
+                 "checks stay open")
     log.info("serving %d configs from %s on http://%s:%d (default exit %d, ratio %d)", len(pool.configs),
              pool.folder if isinstance(models, Pool) else models, host, port, *pool.default)
     uvicorn.run(create_app(pool, options), host=host, port=port, log_level="info",
