@@ -121,9 +121,3 @@ def quantization_inputs(params_path: str):
     params = load_params(params_path)
     queries, qrels = load_eval_set(params)
     return params, queries, qrels, calibration_set(queries, qrels, max(params.export.calibration_queries, 8))
-
-
-def calibration_feeds(encoder, calibration, batch: int = 16) -> list[dict]:
-    """The calibration pairs as ONNX feed dicts of ``batch`` pairs (for docs/results/quantize-lean/compare_rewrites.py)."""
-    encoded = encoder.encode_many(list(calibration.pairs))
-    return [encoder.collate_numpy(encoded[i:i + batch]) for i in range(0, len(encoded), batch)]

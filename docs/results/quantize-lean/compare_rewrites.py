@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path.cwd()))  # benchmarks/ of the checkout it runs in
 import numpy as np
 from scipy.stats import spearmanr
 
-from benchmarks.common import calibration_feeds, interleaved_timing, quantization_inputs
+from benchmarks.common import interleaved_timing, quantization_inputs
+from matryoshka_reranker.pipeline.export import quantization_batches
 from matryoshka_reranker.pipeline import quantize
 from matryoshka_reranker.pipeline.calibration import in_calibration_half
 from matryoshka_reranker.serving.artifacts import exit_model_file, ratio_folder
@@ -60,7 +61,7 @@ def main() -> None:
         folder = Path(params.paths.onnx) / ratio_folder(1)
         fp32 = OnnxReranker(folder, k, threads=args.threads, batch_size=len(queries[0].candidates))
         encoded = fp32.encoder.encode_many(pairs)
-        feeds = calibration_feeds(fp32.encoder, calibration)
+        feeds = quantization_batches(fp32.encoder, calibration.pairs)
         sessions = {"fp32": fp32.session}
         with tempfile.TemporaryDirectory(dir=folder.parent.parent) as work:
             for name, rewrite in rewrites.items():

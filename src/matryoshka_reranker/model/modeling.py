@@ -261,8 +261,8 @@ class MatryoshkaModel(nn.Module):
         for c in layers:  # the merge weights recompute layer c's attention (``last_token_attention``)
             problem = layout_problem(self.decoder.layers[c - 1])
             if problem is not None:
-                raise ValueError(f"cannot compress at layer {c}: the merge weights recompute that layer's attention, "
-                                 f"which is only reproduced for Llama-style layers; {problem}")
+                raise CompressionLayoutError(f"cannot compress at layer {c}: the merge weights recompute that layer's "
+                                             f"attention, which is only reproduced for Llama-style layers; {problem}")
         return layers
 
     # ------------------------------------------------------------ persistence
@@ -402,6 +402,11 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str =
 def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, T, D), (B,) -> (B, D): one position per row."""
     return hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+
+class CompressionLayoutError(ValueError):
+    """Compression asked for at a layer whose attention ``last_token_attention`` does not reproduce (any width > 1
+    is refused there; ratio 1 runs)."""
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -133,9 +133,11 @@ def check_model_depth(params: Params) -> None:
     read from the model folder's config.json before any data work: a 24-layer model with the default exits
     [8, 16, 24, 30] is refused here, not after BM25 mining and teacher scoring. The embedded default fits the
     defaults and is checked when training loads it (``check_against_model``, which also checks positions)."""
+    from ..core.assets import EMBEDDED_PREFIX
+
     name = str(params.model.name_or_path)
     folder = Path(name)
-    if name.startswith("embedded:") or not (folder / "config.json").is_file():
+    if name.startswith(EMBEDDED_PREFIX) or not (folder / "config.json").is_file():
         return  # embedded, or not a model folder: refused with its own message where the model loads
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -185,9 +187,8 @@ def prepare(params: Params) -> PrepareSummary:
         if not Path(data.train_file).is_file():
             raise FileNotFoundError(f"data.train_file: {data.train_file} does not exist")
         _copy_atomic(data.train_file, paths.train_groups)
-        with open(paths.train_groups, "rb") as handle:
-            count, source = sum(1 for line in handle if line.strip()), data.train_file
-        warn_eval_overlap(paths.train_groups, candidates)
+        count, _ = read_user_groups(paths.train_groups, candidates)
+        source = data.train_file
     else:
         groups = mine_training_groups(params, corpus, queries, index)
         if not groups:
@@ -199,14 +200,17 @@ def prepare(params: Params) -> PrepareSummary:
     return PrepareSummary(count, len(candidates), source)
 
 
-def warn_eval_overlap(train_file, candidates: list[dict]) -> int:
-    """How many eval queries also appear (same text, case and spacing aside) in the user's training file, with a
-    warning when any do: trained on, they inflate every quality figure. (Mined groups come from another split;
-    a bad line is left for `validate` to report.)"""
+def read_user_groups(train_file, candidates: list[dict]) -> tuple[int, int]:
+    """(non-blank lines, eval queries also in the file) of a user's training file, warning when any eval query
+    appears there (same text, case and spacing aside): trained on, it inflates every quality figure. (Mined groups
+    come from another split; a bad line is counted and left for `validate` to report.)"""
     norm = lambda text: " ".join(str(text).lower().split())  # noqa: E731
-    trained = set()
+    trained, lines = set(), 0
     with open(train_file, "rb") as handle:
         for raw in handle:
+            if not raw.strip():
+                continue
+            lines += 1
             try:
                 row = json.loads(raw)
             except ValueError:  # not JSON, not UTF-8: `validate` reports it
@@ -217,7 +221,7 @@ def warn_eval_overlap(train_file, candidates: list[dict]) -> int:
     if overlap:
         log.warning("%d of %d eval queries are also in the training file %s: the evaluation of those is not held out",
                     overlap, len(candidates), train_file)
-    return overlap
+    return lines, overlap
 
 
 def _copy_atomic(src, dst) -> None:

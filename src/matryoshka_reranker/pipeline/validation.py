@@ -153,8 +153,8 @@ def derive_row(line: int, text: str, prompt: str | None = None) -> dict[str, Any
         group = passages[passage_field]
         row[f"{name}_aligned"] = None if scores is None or group is None else len(scores) == len(group)
 
-    given = [row[f"{name}_type"] not in ("missing", "null") for name in SCORE_FIELDS]
-    paired = given[0] == given[1]  # training takes both or neither (one teacher, both sides)
+    scores_given = [row[f"{name}_type"] not in ("missing", "null") for name in SCORE_FIELDS]
+    paired = scores_given[0] == scores_given[1]  # training takes both or neither (one teacher, both sides)
     row["scores_paired"] = None if passages["pos"] is None or passages["neg"] is None else paired  # reported there
     for key, passage_field in (("pos_ids", "pos"), ("neg_ids", "neg")):
         ids, group = obj.get(key), passages[passage_field]

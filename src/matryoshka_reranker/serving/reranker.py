@@ -98,7 +98,9 @@ class MatryoshkaReranker:
         try:
             width = (self.model.check_compression(compress_layers, compress_ratio), compress_ratio)  # layers sorted
         except ValueError as err:
-            if recorded and "cannot compress at layer" not in str(err):  # e.g. the token adapter of a deeper model
+            from ..model.modeling import CompressionLayoutError  # loaded with the model above
+
+            if recorded and not isinstance(err, CompressionLayoutError):  # e.g. the token adapter of a deeper model
                 raise ValueError(f"{err}: the compression layers the token adapter was trained at (its training "
                                  "log); give compress_layers, or compress_ratio=1") from None
             raise

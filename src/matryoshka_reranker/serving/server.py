@@ -502,6 +502,14 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
     def error(status: int, message: str, kind: str = "Validation") -> JSONResponse:
         return JSONResponse({"error": message, "error_type": kind}, status_code=status)
 
+    def load_failed(loading) -> bool:
+        return loading is not None and loading.done() and not loading.cancelled() and loading.exception() is not None
+
+    def start_load(key: tuple[int, int]) -> asyncio.Future:
+        """A config's load off the event loop (sha256 of its files, a session), shared by whoever waits for it."""
+        state["loading"][key] = asyncio.get_running_loop().run_in_executor(None, pool.get, key)
+        return state["loading"][key]
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         problems = []
@@ -549,8 +557,8 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
             return overloaded()
         loop = asyncio.get_running_loop()
         loading = state["loading"].get(key)  # one load per config at a time, shared by the requests waiting
-        if loading is None or (loading.done() and (loading.cancelled() or loading.exception() is not None)):
-            loading = state["loading"][key] = loop.run_in_executor(None, pool.get, key)  # a failed one is retried
+        if loading is None or loading.cancelled() or load_failed(loading):
+            loading = start_load(key)  # a failed one is retried
         try:  # a config's first request loads it (sha256 of its files, a session): off the event loop
             encoder = (await asyncio.shield(loading)).encoder
         except Exception as err:  # noqa: BLE001 - the model cannot load (e.g. a damaged file): TEI's 424
@@ -611,12 +619,11 @@ def create_app(pool: Pool, options: ServerOptions = ServerOptions()):
     async def health():
         """200 unless the default config's latest load failed (TEI's 503 Unhealthy); configs load on their first
         request, and a failed load is retried by the next one."""
-        loading = state["loading"].get(pool.default)
-        if loading is not None and loading.done() and not loading.cancelled() and loading.exception() is not None:
+        if load_failed(state["loading"].get(pool.default)):
             now = time.monotonic()  # behind a readiness probe no request may come to retry it: the check does
             if now >= state.get("health_retry", 0.0):
                 state["health_retry"] = now + 10.0
-                state["loading"][pool.default] = asyncio.get_running_loop().run_in_executor(None, pool.get, pool.default)
+                start_load(pool.default)
             return error(503, f"{config_name(*pool.default)}: the default model failed to load: see the server log",
                          "Unhealthy")
         return {"status": "ok"}
